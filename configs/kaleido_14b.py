@@ -1,0 +1,17 @@
+"""Kaleido-14B (Wan2.1-T2V-14B + references + R-RoPE): the released architecture and fine-tune recipe.
+
+Never instantiated on CPU: build it abstractly (`nnx.eval_shape`) or compile it for a TPU slice with
+`python -m kaleido_jax.tools.aot --config configs/kaleido_14b.py --topology v5p:2x2x2`.
+"""
+
+from kaleido_jax import config as kcfg
+
+
+def get_config():
+  config = kcfg.base_config()
+  config.model = kcfg.model_config(**kcfg.WAN_14B, dtype='bfloat16', remat_policy='full')
+  # Training resolution of the public recipe: 480x832, 81 frames, <= 3 references.
+  config.data.update(num_frames=81, height=480, width=832, max_refs=3, source='tfds',
+                     precomputed_latents=True)
+  config.mesh.update(data=1, fsdp=-1)
+  return config

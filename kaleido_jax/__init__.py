@@ -1,0 +1,3 @@
+"""kaleido_jax: Kaleido subject-to-video generation in JAX / Flax NNX."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,225 @@
+"""The one configuration schema every config file starts from.
+
+Config files under ``configs/`` are big_vision style: ``get_config()`` returns an
+``ml_collections.ConfigDict``. They start from :func:`base_config` and override what differs, so every
+key that exists anywhere exists everywhere and ``--config.a.b=value`` on an unknown key fails loudly.
+
+Sections (each owned by one part of the package):
+  model         KaleidoDiT architecture (kaleido_jax/model/dit.py)
+  vae           Wan2.1 causal 3D VAE (kaleido_jax/model/vae.py)
+  text_encoder  umT5 encoder + tokenizer (kaleido_jax/model/text_encoder.py)
+  data          synthetic set, construction pipeline, Grain loader (kaleido_jax/data/)
+  diffusion     flow-matching objective (kaleido_jax/diffusion/)
+  sample        sampler / guidance (kaleido_jax/diffusion/sampler.py, kaleido_jax/generate.py)
+  train         optimiser, schedule, checkpoints, logging (kaleido_jax/train/)
+  mesh          device mesh and logical axis rules (kaleido_jax/train/mesh.py)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Wan2.1 / diffusers `WanTransformer3DModel` 14B values (see shared DESIGN.md, table in section 1).
+WAN_14B = dict(num_heads=40, head_dim=128, ffn_dim=13824, num_layers=40)
+WAN_1_3B = dict(num_heads=12, head_dim=128, ffn_dim=8960, num_layers=30)
+
+
+def model_config(**overrides) -> ml_collections.ConfigDict:
+  """The DiT section. Defaults are the Kaleido-14B architecture."""
+  cfg = ml_collections.ConfigDict(dict(
+      # Architecture (names follow diffusers' WanTransformer3DModel where one exists).
+      patch_size=(1, 2, 2),
+      in_channels=16,
+      out_channels=16,
+      num_heads=WAN_14B['num_heads'],
+      head_dim=WAN_14B['head_dim'],
+      ffn_dim=WAN_14B['ffn_dim'],
+      num_layers=WAN_14B['num_layers'],
+      text_dim=4096,           # umT5-XXL hidden size
+      freq_dim=256,            # sinusoidal timestep features
+      eps=1e-6,
+      cross_attn_norm=True,    # affine LayerNorm before cross-attention (Wan: True)
+      # R-RoPE (kaleido_jax/model/rope.py).
+      rope_scheme='kaleido',   # kaleido | temporal | none
+      rope_ref_shift=80,       # Kaleido's (80, 80) h/w offset for reference tokens
+      rope_theta=10000.0,
+      max_refs=3,              # Kaleido's released limit; inputs with more are rejected
+      # Numerics and execution.
+      dtype='float32',         # activations / matmuls: float32 | bfloat16
+      param_dtype='float32',   # master weights
+      scan_layers=True,        # nnx.vmap-built, nnx.scan-run layers (flat compile time in depth)
+      remat_policy='none',     # none | full | dots_no_batch
+      attention='xla',         # xla | cudnn | splash
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def vae_config(**overrides) -> ml_collections.ConfigDict:
+  """The Wan2.1 VAE section. Defaults are the released Wan2.1 VAE (diffusers AutoencoderKLWan)."""
+  cfg = ml_collections.ConfigDict(dict(
+      base_dim=96,
+      z_dim=16,
+      dim_mult=(1, 2, 4, 4),
+      num_res_blocks=2,
+      attn_scales=(),
+      temporal_downsample=(False, True, True),
+      # Per-channel latent statistics of the released VAE (diffusers AutoencoderKLWan config).
+      latents_mean=(-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921),
+      latents_std=(2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                   3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160),
+      dtype='float32',
+      decode_chunk_frames=1,   # latent frames per jitted decode step (causal cache carries the rest)
+      tile_size=None,          # spatial tiling (pixels) for large frames; None = no tiling
+      tile_overlap=32,
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def text_encoder_config(**overrides) -> ml_collections.ConfigDict:
+  """The umT5 encoder section. Defaults are umT5-XXL as used by Wan2.1."""
+  cfg = ml_collections.ConfigDict(dict(
+      vocab_size=256384,
+      d_model=4096,
+      d_kv=64,
+      d_ff=10240,
+      num_layers=24,
+      num_heads=64,
+      relative_attention_num_buckets=32,
+      relative_attention_max_distance=128,
+      eps=1e-6,
+      max_length=512,          # Wan pads / trims every prompt to 512 tokens
+      dtype='float32',
+      tokenizer_path='',       # directory or file with the sentencepiece model
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+  """Data section: synthetic set, construction pipeline (prepare) and the Grain loader."""
+  cfg = ml_collections.ConfigDict(dict(
+      source='synthetic',      # synthetic (in-memory, procedural) | tfds (prepared ArrayRecord shards)
+      data_dir='',             # TFDS data_dir for source='tfds'
+      dataset_name='kaleido_s2v',
+      split='train',
+      num_frames=17,           # pixel frames per clip (1 + 4k)
+      height=128,
+      width=128,
+      max_refs=3,              # reference slots per sample; unused slots are padded and masked
+      num_identities=64,       # synthetic: distinct subject identities
+      num_clips=512,           # synthetic: clips in the set
+      heldout_identities=8,    # synthetic: identities never seen in training (evaluation split)
+      batch_size=1,            # global batch size
+      shuffle=True,
+      worker_count=0,          # grain worker processes (needs absl.app.run)
+      prefetch=2,
+      precomputed_latents=False,  # read VAE latents / text embeddings instead of pixels / captions
+      prepare=ml_collections.ConfigDict(dict(
+          input_dir='', annotations='', output_dir='',
+          min_height=64, min_width=64, min_frames=17,
+          min_blur_var=20.0,            # Laplacian variance below this = blurry
+          min_motion=0.5,               # mean |frame diff| (0..255) below this = static
+          max_shake=40.0,               # mean |frame diff| above this = shaky / cut
+          min_subject_area=0.02, max_subject_area=0.8,
+          max_border_touch=0.5,         # fraction of frames a subject box touches the border
+          dedup_threshold=4,            # perceptual-hash Hamming distance for near-duplicates
+          cutout_margin=0.1,
+          synth_per_clip=1,             # extra synthesised variants per kept clip
+          shard_size=64,
+      )),
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def diffusion_config(**overrides) -> ml_collections.ConfigDict:
+  """Flow-matching objective as Kaleido trains it (DESIGN.md, 'Sampling and training')."""
+  cfg = ml_collections.ConfigDict(dict(
+      logit_mean=0.0,           # sigma ~ logit-normal(mean, std) ...
+      logit_std=1.0,
+      shift_base=0.5,           # ... then shifted by e^mu, mu linear in token count
+      shift_max=1.15,
+      base_tokens=256,
+      max_tokens=4096,
+      use_resolution_shift=True,
+      timestep_scale=1000.0,    # model timestep = 1000 * sigma
+      text_dropout=0.1,         # probability of the empty-prompt embedding
+      ref_dropout=0.0,          # probability of dropping each reference (masked out)
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def sample_config(**overrides) -> ml_collections.ConfigDict:
+  """Sampler defaults: released Kaleido (Euler, 50 steps, shift 7, text CFG 6)."""
+  cfg = ml_collections.ConfigDict(dict(
+      solver='euler',           # euler | unipc
+      num_steps=50,
+      shift=7.0,
+      guidance_scale=6.0,       # text classifier-free guidance; same references in both branches
+      image_guidance_scale=0.0, # optional third branch without references (0 = off)
+      negative_prompt='',       # '' = Wan's default negative prompt (kaleido_jax/generate.py)
+      num_frames=81,
+      height=480,
+      width=832,
+      fps=16,
+      seed=0,
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+  """Optimiser and loop. Defaults are Kaleido's public fine-tune recipe."""
+  cfg = ml_collections.ConfigDict(dict(
+      num_steps=1000,
+      learning_rate=5e-6,
+      schedule='constant',      # constant | warmup_constant | cosine
+      warmup_steps=0,
+      b1=0.9,
+      b2=0.95,
+      weight_decay=1e-4,
+      grad_clip=0.1,
+      grad_accum=1,
+      ema_decay=0.0,            # 0 = no EMA
+      log_every=10,
+      checkpoint_every=500,
+      keep_checkpoints=3,
+      keep_every=0,             # also keep every K-th step forever (0 = off)
+      async_checkpointing=True,
+      profile_steps=0,          # clu Profile for this many steps (0 = off)
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def mesh_config(**overrides) -> ml_collections.ConfigDict:
+  """Device mesh (maxdiffusion axes). -1 fills with the remaining devices."""
+  cfg = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
+  cfg.update(overrides)
+  return cfg
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key the package reads, with the released-Kaleido values where one exists."""
+  config = ml_collections.ConfigDict()
+  config.mode = 'train'         # train | sample | export | eval | prepare | demo
+  config.seed = 0
+  config.model = model_config()
+  config.vae = vae_config()
+  config.text_encoder = text_encoder_config()
+  config.data = data_config()
+  config.diffusion = diffusion_config()
+  config.sample = sample_config()
+  config.train = train_config()
+  config.mesh = mesh_config()
+  # Where weights come from. '' = random init (tests, demo) or the workdir's own checkpoints.
+  config.init_from = ml_collections.ConfigDict(dict(
+      transformer='', transformer_format='diffusers',
+      vae='', vae_format='diffusers',
+      text_encoder='', text_encoder_format='transformers',
+  ))
+  return config

@@ -1,0 +1,342 @@
+"""What every converter shares: streaming checkpoint reading, key-plan filling, atomic saving.
+
+A converter is a *plan*: for each leaf of our NNX state, which source tensor(s) it comes from and how
+they are transformed (transpose, stack over layers, ...). :func:`fill_from_plan` executes a plan one
+tensor at a time against a lazy :class:`CheckpointReader`, so a 14B checkpoint is never held twice: the
+only full copy in memory is the output state being filled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import ml_collections
+import numpy as np
+
+
+class ConversionError(ValueError):
+  """A checkpoint does not match the architecture it is being converted into."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+class CheckpointReader:
+  """Lazy access to the tensors of a PyTorch-side checkpoint.
+
+  Accepts a single ``*.safetensors`` file, a directory holding a ``*.safetensors.index.json``
+  (sharded diffusers / transformers layout), a directory of ``*.safetensors`` shards, or a
+  ``*.pth`` / ``*.pt`` file (original Wan release; read with torch, which is then required).
+  Tensors are read one at a time, on demand, as float32/bfloat16 numpy arrays.
+  """
+
+  def __init__(self, path: str, *, subfolder: str | None = None):
+    if subfolder:
+      path = os.path.join(path, subfolder)
+    self.path = path
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"checkpoint not found: {path!r} (give a .safetensors file, a directory "
+                              "with .safetensors shards / an index json, or a .pth file)")
+    self._where: dict[str, str] = {}     # tensor name -> file
+    self._torch_state: dict[str, Any] | None = None
+    if os.path.isdir(path):
+      files = self._shards_in_dir(path)
+    elif path.endswith((".pth", ".pt", ".bin")):
+      files = []
+      self._torch_state = _torch_load(path)
+      for k in self._torch_state:
+        self._where[k] = path
+    else:
+      files = [path]
+    for f in files:
+      for k in _safetensors_keys(f):
+        if k in self._where:
+          raise ConversionError(f"tensor {k!r} appears in two shards: {self._where[k]} and {f}")
+        self._where[k] = f
+
+  @staticmethod
+  def _shards_in_dir(path: str) -> list[str]:
+    indexes = sorted(f for f in os.listdir(path) if f.endswith(".safetensors.index.json"))
+    if indexes:
+      with open(os.path.join(path, indexes[0])) as fh:
+        weight_map = json.load(fh)["weight_map"]
+      files = sorted({os.path.join(path, f) for f in weight_map.values()})
+      missing = [f for f in files if not os.path.exists(f)]
+      if missing:
+        raise FileNotFoundError(f"{indexes[0]} in {path!r} lists shards that are missing: {missing}")
+      return files
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+      raise FileNotFoundError(f"no .safetensors files (and no index json) in {path!r}")
+    return files
+
+  def keys(self) -> list[str]:
+    return sorted(self._where)
+
+  def __contains__(self, key: str) -> bool:
+    return key in self._where
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    if self._torch_state is not None:
+      return tuple(self._torch_state[key].shape)
+    from safetensors import safe_open
+    with safe_open(self._where[key], framework="flax") as f:
+      return tuple(f.get_slice(key).get_shape())
+
+  def get(self, key: str) -> np.ndarray:
+    """One tensor as a numpy array (bfloat16 stays bfloat16 through ml_dtypes)."""
+    if key not in self._where:
+      raise ConversionError(f"checkpoint {self.path!r} has no tensor {key!r}")
+    if self._torch_state is not None:
+      t = self._torch_state[key]
+      if str(t.dtype) == "torch.bfloat16":
+        import ml_dtypes
+        return t.float().numpy().astype(ml_dtypes.bfloat16)
+      return t.numpy()
+    from safetensors import safe_open
+    # framework="flax" because safetensors' numpy backend cannot represent bfloat16.
+    with safe_open(self._where[key], framework="flax") as f:
+      return np.asarray(f.get_tensor(key))
+
+
+def _safetensors_keys(file: str) -> list[str]:
+  from safetensors import safe_open
+  try:
+    with safe_open(file, framework="flax") as f:
+      return list(f.keys())
+  except Exception as e:  # safetensors raises its own error types for truncated / non-safetensors files
+    raise ConversionError(f"cannot read {file!r} as safetensors ({e}); is the file complete?") from e
+
+
+def _torch_load(path: str) -> dict[str, Any]:
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(f"{path!r} is a PyTorch pickle; reading it needs torch (pip install "
+                      "'kaleido_jax[test]'), or convert it to safetensors first") from e
+  state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+  if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+    state = state["state_dict"]
+  if isinstance(state, dict) and "module" in state and isinstance(state["module"], dict):
+    state = state["module"]  # DeepSpeed / SAT style wrapper
+  return state
+
+
+# --------------------------------------------------------------------------------------------------
+# Plans
+# --------------------------------------------------------------------------------------------------
+
+# Transforms use only array methods (.T, .transpose, .reshape) so that they also run on abstract
+# values: shapes are checked with jax.eval_shape before any tensor is read.
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def identity(x: np.ndarray) -> np.ndarray:
+  return x
+
+
+def linear_weight(x: np.ndarray) -> np.ndarray:
+  """torch Linear (out, in) -> our (in, out)."""
+  return x.T
+
+
+def conv_weight(x: np.ndarray) -> np.ndarray:
+  """torch Conv{1,2,3}d (out, in, *k) -> channels-last kernel (*k, in, out)."""
+  nd = x.ndim - 2
+  return x.transpose(tuple(range(2, 2 + nd)) + (1, 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where one target leaf comes from.
+
+  ``keys`` holds one source key, or one per layer when the target is stacked over layers
+  (``nnx.vmap``-built scan layers): those are transformed one by one and stacked on axis 0.
+  """
+  keys: tuple[str, ...]
+  transform: Transform = identity
+  stacked: bool = False
+
+
+def one(key: str, transform: Transform = identity) -> Source:
+  return Source((key,), transform, stacked=False)
+
+
+def stacked(keys: Sequence[str], transform: Transform = identity) -> Source:
+  return Source(tuple(keys), transform, stacked=True)
+
+
+def fill_from_plan(
+    reader: CheckpointReader,
+    targets: Mapping[str, Any],
+    plan: Mapping[str, Source],
+    *,
+    dtype: Any = None,
+    ignore_unused: Iterable[str] = (),
+    what: str = "checkpoint",
+) -> dict[str, np.ndarray]:
+  """Fills every target leaf from the reader according to the plan.
+
+  Args:
+    reader: the source checkpoint.
+    targets: flat ``{'a/b/c': ShapeDtypeStruct-like}`` of the state to produce (from ``nnx.eval_shape``).
+    plan: flat ``{'a/b/c': Source}`` for every target.
+    dtype: cast every leaf to this dtype (None keeps the target's dtype).
+    ignore_unused: source keys (prefix match) that may be present without being used.
+    what: a name for the checkpoint in error messages.
+
+  Raises ConversionError listing *all* missing / unexpected keys and shape mismatches at once, before
+  reading any tensor, so a wrong checkpoint fails in seconds rather than after minutes of reading.
+  """
+  problems: list[str] = []
+  missing_plan = sorted(set(targets) - set(plan))
+  if missing_plan:
+    problems.append(f"the converter has no source for parameters: {missing_plan}")
+  needed = {k for src in plan.values() for k in src.keys}
+  available = set(reader.keys())
+  missing = sorted(needed - available)
+  if missing:
+    problems.append(f"missing keys in {what}: {_short(missing)}")
+  unused = sorted(k for k in available - needed if not any(k.startswith(p) for p in ignore_unused))
+  if unused:
+    problems.append(f"unexpected keys in {what} (another architecture or config?): {_short(unused)}")
+  # Shape checks from metadata only (no tensor read yet).
+  if not missing:
+    for name, src in plan.items():
+      if name not in targets:
+        continue
+      want = tuple(targets[name].shape)
+      shapes = [reader.shape(k) for k in src.keys]
+      if len(set(shapes)) > 1:
+        problems.append(f"{name}: per-layer source tensors differ in shape: {sorted(set(shapes))}")
+        continue
+      got = _transformed_shape(shapes[0], len(shapes), src)
+      if got is not None and got != want:
+        problems.append(f"{name}: expected shape {want} but {what} gives {got} from {list(src.keys)[:2]}"
+                        f"{'...' if len(src.keys) > 2 else ''} with shapes {shapes[:2]}")
+  if problems:
+    raise ConversionError("cannot convert " + what + ":\n  - " + "\n  - ".join(problems))
+
+  out: dict[str, np.ndarray] = {}
+  for name, target in targets.items():
+    src = plan[name]
+    want_dtype = dtype or target.dtype
+    if src.stacked:
+      buf = np.empty(tuple(target.shape), dtype=want_dtype)
+      for i, k in enumerate(src.keys):
+        buf[i] = src.transform(reader.get(k)).astype(want_dtype)
+      out[name] = buf
+    else:
+      arr = src.transform(reader.get(src.keys[0]))
+      if tuple(arr.shape) != tuple(target.shape):
+        raise ConversionError(f"{name}: expected shape {tuple(target.shape)}, got {arr.shape} from "
+                              f"{src.keys[0]!r} in {what}")
+      out[name] = np.asarray(arr, dtype=want_dtype)
+  return out
+
+
+def _transformed_shape(shape: tuple[int, ...], count: int, src: Source) -> tuple[int, ...]:
+  """Shape after ``src.transform`` (traced abstractly: no tensor is read or allocated)."""
+  import jax
+  one_shape = tuple(jax.eval_shape(src.transform, jax.ShapeDtypeStruct(shape, np.float32)).shape)
+  return (count,) + one_shape if src.stacked else one_shape
+
+
+def _short(keys: list[str], n: int = 12) -> str:
+  return str(keys[:n]) + (f" ... and {len(keys) - n} more" if len(keys) > n else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Flat <-> nested state helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def flatten_paths(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{'a': {'b': x}} -> {'a/b': x}; works on nnx.to_pure_dict() output (int keys become strings)."""
+  flat: dict[str, Any] = {}
+  for k, v in tree.items():
+    path = f"{prefix}/{k}" if prefix else str(k)
+    if isinstance(v, Mapping):
+      flat.update(flatten_paths(v, path))
+    else:
+      flat[path] = v
+  return flat
+
+
+def unflatten_paths(flat: Mapping[str, Any], like: Mapping[str, Any]) -> dict[str, Any]:
+  """Inverse of :func:`flatten_paths`, taking key types (int vs str) from ``like``."""
+  out: dict[Any, Any] = {}
+  for k, v in like.items():
+    if isinstance(v, Mapping):
+      sub = {p[len(str(k)) + 1:]: x for p, x in flat.items() if p.startswith(f"{k}/")}
+      out[k] = unflatten_paths(sub, v)
+    else:
+      out[k] = flat[str(k)]
+  return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving / loading converted checkpoints
+# --------------------------------------------------------------------------------------------------
+
+CONFIG_FILE = "config.json"
+STATE_DIR = "state"
+
+
+def save_converted(output_dir: str, pure_state: Mapping[str, Any], config: ml_collections.ConfigDict,
+                   *, component: str, source: str = "") -> str:
+  """Writes an orbax checkpoint of ``pure_state`` plus the component config, atomically.
+
+  Everything is written into a temporary sibling directory which is renamed into place only when
+  complete: an interrupted conversion leaves no partial ``output_dir`` behind.
+  """
+  import orbax.checkpoint as ocp
+  output_dir = os.path.abspath(output_dir)
+  if os.path.exists(output_dir):
+    raise FileExistsError(f"{output_dir!r} already exists; choose a new --output or remove it")
+  parent = os.path.dirname(output_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".converting-", dir=parent)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, STATE_DIR), dict(pure_state))
+      ckptr.wait_until_finished()
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as fh:
+      json.dump({"component": component, "source": source, "config": config.to_dict()}, fh, indent=1,
+                default=list)
+    os.rename(tmp, output_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return output_dir
+
+
+def load_converted(path: str, *, component: str) -> tuple[dict[str, Any], ml_collections.ConfigDict]:
+  """Reads what :func:`save_converted` wrote: (pure state dict of numpy arrays, component config)."""
+  import orbax.checkpoint as ocp
+  cfg_file = os.path.join(path, CONFIG_FILE)
+  if not os.path.exists(cfg_file):
+    raise FileNotFoundError(f"{path!r} is not a converted kaleido_jax checkpoint (no {CONFIG_FILE}); "
+                            "run `python -m kaleido_jax.convert` on the PyTorch checkpoint first")
+  with open(cfg_file) as fh:
+    meta = json.load(fh)
+  if meta.get("component") != component:
+    raise ConversionError(f"{path!r} holds a {meta.get('component')!r} checkpoint, not a {component!r}")
+  with ocp.StandardCheckpointer() as ckptr:
+    state = ckptr.restore(os.path.join(os.path.abspath(path), STATE_DIR))
+  return state, ml_collections.ConfigDict(_lists_to_tuples(meta["config"]))
+
+
+def _lists_to_tuples(d: Any) -> Any:
+  if isinstance(d, dict):
+    return {k: _lists_to_tuples(v) for k, v in d.items()}
+  if isinstance(d, list):
+    return tuple(_lists_to_tuples(v) for v in d)
+  return d

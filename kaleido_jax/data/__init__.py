@@ -1,0 +1,1 @@
+"""Synthetic multi-subject videos, reference preprocessing, the construction pipeline and Grain loading."""

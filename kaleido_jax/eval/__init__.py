@@ -1,0 +1,1 @@
+"""Offline subject-to-video metrics and the benchmark runner."""

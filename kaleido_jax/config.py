@@ -191,6 +191,10 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       keep_every=0,             # also keep every K-th step forever (0 = off)
       async_checkpointing=True,
       profile_steps=0,          # clu Profile for this many steps (0 = off)
+      input='synthetic_latents',  # synthetic_latents (in-memory latents) | pipeline (data.make_dataset)
+      model_factory='',         # 'module:Class' called as Class(config.model, rngs=...); '' = KaleidoDiT
+      stop_on_nan=True,         # non-finite loss -> stop, naming the step; no checkpoint of that state
+      peak_tflops_per_device=0.0,  # for MFU; 0 = look up jax.devices()[0].device_kind (unknown -> no MFU)
   ))
   cfg.update(overrides)
   return cfg

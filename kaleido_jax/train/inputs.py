@@ -1,0 +1,109 @@
+"""Training inputs in latent space, one process-local slice of every global batch.
+
+The trainer consumes `video_latents (B, F, H, W, C)`, `ref_latents (B, R, h, w, C)`, `ref_mask (B, R)` and
+`text_embedding (B, L, D)` (CONTRIBUTING: the precomputed-latents form of a data example).
+
+- `train.input = 'pipeline'`: `kaleido_jax.data.pipeline.make_dataset(config.data, ...)` with
+  `data.precomputed_latents=True` (the data issue's Grain iterator; it yields these keys).
+- `train.input = 'synthetic_latents'`: `SyntheticLatents`, an in-memory, procedural source behind the same
+  checkpointable-iterator protocol (get_state / set_state), used by tests, the demo and benchmarks until
+  VAE-encoded data exists. Example i is a pure function of (seed, i): a per-identity latent pattern plus
+  noise, the identity's text embedding, and 1..R references cut from the pattern (padded slots masked).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+
+
+def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
+  """(F, H, W, C) latents of a `data.num_frames x height x width` clip under the configured VAE."""
+  t = 2 ** sum(bool(x) for x in config.vae.temporal_downsample)
+  s = 2 ** (len(config.vae.dim_mult) - 1)
+  return (1 + (config.data.num_frames - 1) // t, config.data.height // s, config.data.width // s,
+          config.model.in_channels)
+
+
+class SyntheticLatents:
+  """Deterministic, checkpointable iterator of process-local latent batches."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, seed: int, process_index: int = 0,
+               process_count: int = 1, text_len: int = 8):
+    b = config.data.batch_size
+    if b % process_count:
+      raise ValueError(f'global batch {b} not divisible by {process_count} processes')
+    self.local_batch = b // process_count
+    self.offset = process_index * self.local_batch
+    self.global_batch = b
+    self.shape = latent_shape(config)
+    self.refs = config.data.max_refs
+    self.text_len, self.text_dim = text_len, config.model.text_dim
+    self.ids = max(1, config.data.num_identities)
+    self.seed = seed
+    table_rng = np.random.default_rng([seed, 0xC0FFEE])
+    self.patterns = table_rng.standard_normal((self.ids,) + self.shape).astype(np.float32)
+    self.texts = table_rng.standard_normal((self.ids, text_len, self.text_dim)).astype(np.float32)
+    self.index = 0  # batches consumed
+
+  def _example(self, i: int) -> dict:
+    rng = np.random.default_rng([self.seed, i])
+    ident = int(rng.integers(self.ids))
+    video = self.patterns[ident] + 0.1 * rng.standard_normal(self.shape).astype(np.float32)
+    n = int(rng.integers(1, self.refs + 1)) if self.refs else 0
+    refs = np.zeros((self.refs,) + self.shape[1:], np.float32)
+    frames = rng.integers(self.shape[0], size=max(n, 1))
+    for j in range(n):
+      refs[j] = self.patterns[ident, frames[j]]
+    return {'video_latents': video, 'ref_latents': refs, 'ref_mask': np.arange(self.refs) < n,
+            'text_embedding': self.texts[ident]}
+
+  def __iter__(self) -> Iterator[dict]:
+    return self
+
+  def __next__(self) -> dict:
+    start = self.index * self.global_batch + self.offset
+    ex = [self._example(start + k) for k in range(self.local_batch)]
+    self.index += 1
+    return {k: np.stack([e[k] for e in ex]) for k in ex[0]}
+
+  # grain's orbax CheckpointHandler protocol (bytes state for non-DatasetIterator iterators).
+  def get_state(self) -> bytes:
+    return json.dumps({'index': self.index, 'seed': self.seed}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    d = json.loads(state)
+    if d['seed'] != self.seed:
+      raise ValueError(f'data state is for seed {d["seed"]}, this run uses {self.seed}')
+    self.index = int(d['index'])
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+def make_input(config: ml_collections.ConfigDict, *, seed: int):
+  """The process-local training iterator named by `config.train.input`."""
+  pi, pc = jax.process_index(), jax.process_count()
+  if config.train.input == 'synthetic_latents':
+    return SyntheticLatents(config, seed=seed, process_index=pi, process_count=pc)
+  if config.train.input == 'pipeline':
+    if not config.data.precomputed_latents:
+      raise ValueError("train.input='pipeline' needs data.precomputed_latents=True (the trainer reads "
+                       'video_latents / ref_latents / text_embedding)')
+    from kaleido_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.make_dataset(config.data, split=config.data.split, seed=seed, process_index=pi,
+                                 process_count=pc)
+  raise ValueError(f"unknown train.input {config.train.input!r}; use 'synthetic_latents' | 'pipeline'")
+
+
+def to_global(batch: dict, shardings: dict, global_batch: int) -> dict:
+  """Process-local numpy slices → global jax.Arrays with the step's input shardings."""
+  out = {}
+  for k, s in shardings.items():
+    x = np.asarray(batch[k])
+    out[k] = jax.make_array_from_process_local_data(s, x, (global_batch,) + x.shape[1:])
+  return out

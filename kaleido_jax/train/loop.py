@@ -1,0 +1,222 @@
+"""`run(config, workdir)`: the training loop (`python -m kaleido_jax.main --mode train`).
+
+Order of a step: next batch → jitted step → loss check → metrics/hooks → checkpoint. Because the
+data-iterator state, the train state and the per-step key (`fold_in(seed key, step)`) all advance together
+and are saved together, a resumed run reproduces the uninterrupted run bit for bit (same mesh).
+
+- Multi-host: `jax.distributed.initialize` when JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+  JAX_PROCESS_ID are set (CPU: gloo collectives), or with no arguments on a multi-worker TPU slice
+  (TPU_WORKER_HOSTNAMES lists several hosts). Every process feeds its slice of the global batch.
+- Logs: clu metric_writers (TensorBoard under workdir + stdout) on process 0 only; ReportProgress
+  (steps/s, ETA) and Profile (if train.profile_steps) hooks.
+- SIGTERM (TPU preemption): finish the current step, save a checkpoint of it, exit cleanly.
+- Non-finite loss: stop with `TrainingDiverged` naming the step; that state is never saved, so the last
+  good checkpoint is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from kaleido_jax.train import checkpoint as ckpt_lib
+from kaleido_jax.train import flops as flops_lib
+from kaleido_jax.train import inputs as inputs_lib
+from kaleido_jax.train import mesh as mesh_lib
+from kaleido_jax.train import state as state_lib
+from kaleido_jax.train import step as step_lib
+
+
+class TrainingDiverged(RuntimeError):
+  """Loss became NaN/inf; the message names the step."""
+
+
+def maybe_initialize_distributed() -> None:
+  """Join the multi-process job described by the environment, if any (before any JAX computation)."""
+  addr = os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if addr and int(os.environ.get('JAX_NUM_PROCESSES', '1')) > 1:
+    if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(addr, int(os.environ['JAX_NUM_PROCESSES']),
+                               int(os.environ['JAX_PROCESS_ID']))
+  elif len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1:
+    jax.distributed.initialize()
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Fail fast, before anything is built, on a config that cannot train."""
+  t = config.train
+  problems = []
+  if t.num_steps <= 0:
+    problems.append(f'train.num_steps must be > 0, got {t.num_steps}')
+  if t.schedule not in ('constant', 'warmup_constant', 'cosine'):
+    problems.append(f'train.schedule {t.schedule!r} not in constant | warmup_constant | cosine')
+  if t.grad_accum < 1:
+    problems.append(f'train.grad_accum must be >= 1, got {t.grad_accum}')
+  if not 0.0 <= t.ema_decay < 1.0:
+    problems.append(f'train.ema_decay must be in [0, 1), got {t.ema_decay}')
+  if t.checkpoint_every <= 0:
+    problems.append(f'train.checkpoint_every must be > 0, got {t.checkpoint_every}')
+  try:
+    shape = mesh_lib.mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    problems.append(str(e))
+  else:
+    dp = shape[0] * shape[1]
+    b = config.data.batch_size
+    if b % (dp * t.grad_accum):
+      problems.append(f'data.batch_size={b} must be divisible by data*fsdp={dp} times '
+                      f'grad_accum={t.grad_accum}')
+    if b % jax.process_count():
+      problems.append(f'data.batch_size={b} must be divisible by {jax.process_count()} processes')
+  if config.model.dtype not in ('float32', 'bfloat16'):
+    problems.append(f'model.dtype {config.model.dtype!r} not in float32 | bfloat16')
+  if problems:
+    raise ValueError('invalid training config:\n  ' + '\n  '.join(problems))
+
+
+def load_init_params(config: ml_collections.ConfigDict) -> dict | None:
+  """Parameters of `config.init_from.transformer` (a converted checkpoint directory), or None."""
+  path = config.init_from.transformer
+  if not path:
+    return None
+  try:
+    from kaleido_jax.convert import transformer as conv  # pylint: disable=g-import-not-at-top
+    loaded = conv.load_transformer(path)
+  except ImportError:
+    from kaleido_jax.convert import common  # pylint: disable=g-import-not-at-top
+    loaded = common.load_converted(path, component='transformer')
+  if isinstance(loaded, tuple):
+    loaded = loaded[0]
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  if isinstance(loaded, nnx.Module):
+    loaded = nnx.state(loaded, nnx.Param)
+  if isinstance(loaded, nnx.State):
+    loaded = nnx.to_pure_dict(loaded)
+  return loaded
+
+
+def _tokens_per_step(config, batch) -> tuple[int, int, int]:
+  shape = batch['video_latents'].shape
+  video, _ = flops_lib.tokens(shape[1:4], 0, (0, 0), config.model.patch_size)
+  refs = batch.get('ref_latents')
+  ref = 0 if refs is None else flops_lib.tokens(shape[1:4], refs.shape[1], refs.shape[2:4],
+                                                config.model.patch_size)[1]
+  return video, ref, batch['text_embedding'].shape[1]
+
+
+class _Preempted:
+  def __init__(self):
+    self.flag = False
+    self._old = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del signum, frame
+      logging.warning('SIGTERM: will checkpoint after the current step and exit')
+      self.flag = True
+    try:
+      self._old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+      self._old = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Train; returns the last step, its loss, the losses of this run's steps, whether preempted, the state."""
+  maybe_initialize_distributed()
+  validate(config, jax.device_count())
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top  (imports TF)
+
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  mesh = mesh_lib.make_mesh(config.mesh)
+  spec = state_lib.build_spec(config, mesh)
+  data = inputs_lib.make_input(config, seed=config.seed)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.train)
+
+  start = ckpt.latest_step()
+  if start is not None:
+    logging.info('resuming from step %d', start)
+    state = ckpt.restore(start, spec.abstract_state, data)
+  else:
+    start = 0
+    state = state_lib.init_state(config, spec, mesh, params=load_init_params(config))
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  if start == 0 and is_main:
+    writer.write_hparams({k: v for k, v in config.train.to_dict().items()
+                          if isinstance(v, (int, float, str, bool))})
+  hooks = []
+  if is_main:
+    hooks.append(periodic_actions.ReportProgress(num_train_steps=config.train.num_steps, writer=writer))
+    if config.train.profile_steps:
+      hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.train.profile_steps))
+
+  rng = jax.random.key(config.seed)
+  train_step = None
+  flops_per_step = tokens_per_step = None
+  peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind,
+                                         config.train.peak_tflops_per_device)
+  last_log_time, last_log_step = time.time(), start
+  step = start
+  loss = float('nan')
+  losses = []
+  preempted = False
+  with _Preempted() as sig:
+    try:
+      while step < config.train.num_steps:
+        local = next(data)
+        if train_step is None:
+          shapes = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + np.shape(v)[1:], np.asarray(v).dtype)
+                    for k, v in local.items() if k in step_lib.BATCH_KEYS + ('empty_text_embedding',)}
+          train_step, b_sh = step_lib.make_train_step(config, spec, mesh, shapes)
+          v_tok, r_tok, t_len = _tokens_per_step(config, shapes)
+          tokens_per_step = config.data.batch_size * v_tok
+          flops_per_step = flops_lib.train_step_flops(config.model, config.data.batch_size, v_tok, r_tok,
+                                                      t_len)
+        batch = inputs_lib.to_global(local, b_sh, config.data.batch_size)
+        with jax.set_mesh(mesh):
+          state, metrics = train_step(state, batch, rng)
+        step += 1
+        loss = float(metrics['loss'])
+        losses.append(loss)
+        if config.train.stop_on_nan and not np.isfinite(loss):
+          raise TrainingDiverged(
+              f'loss is {loss} at step {step}; stopping without saving. Last good checkpoint: '
+              f'step {ckpt.latest_step()} in {os.path.join(workdir, "checkpoints")}')
+        for h in hooks:
+          h(step)
+        if step % config.train.log_every == 0 or step == config.train.num_steps:
+          now = time.time()
+          steps_per_s = (step - last_log_step) / max(now - last_log_time, 1e-9)
+          scalars = {k: float(v) for k, v in metrics.items()}
+          scalars.update(steps_per_s=steps_per_s, tokens_per_s=steps_per_s * tokens_per_step,
+                         tflops_per_device=steps_per_s * flops_per_step / jax.device_count() / 1e12)
+          if peak:
+            scalars['mfu'] = steps_per_s * flops_per_step / (peak * jax.device_count())
+          writer.write_scalars(step, scalars)
+          last_log_time, last_log_step = now, step
+        if sig.flag:
+          ckpt.save(step, state, data, config, force=True)
+          preempted = True
+          logging.warning('preempted: saved step %d, exiting', step)
+          break
+        if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
+          ckpt.save(step, state, data, config)
+    finally:
+      ckpt.close()
+      writer.flush()
+  return {'step': step, 'loss': loss, 'losses': losses, 'preempted': preempted, 'state': state}

@@ -1,0 +1,146 @@
+"""Train state: a plain pytree of fp32 master parameters, optimiser state, step and (optionally) EMA.
+
+The model is split once (`nnx.split`) into a static graphdef and its parameters; the state holds the
+parameters as a pure nested dict (`nnx.to_pure_dict`) so optax, orbax and jit shardings all see one simple
+structure. The step function rebuilds the module with `nnx.merge` inside the loss.
+
+State layout: {'step': int32 scalar, 'params': dict, 'opt_state': optax state, ['ema': dict]}.
+The model is built abstractly (`nnx.eval_shape`) and then materialised by a jitted init whose outputs
+already carry their NamedShardings, so a 14B model never exists unsharded on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from kaleido_jax.train import mesh as mesh_lib
+
+DEFAULT_MODEL_FACTORY = 'kaleido_jax.model.dit:KaleidoDiT'
+
+
+def model_factory(config: ml_collections.ConfigDict) -> Callable[..., nnx.Module]:
+  """`factory(config.model, rngs=...)` named by `config.train.model_factory` ('module:attr')."""
+  spec = config.train.get('model_factory', '') or DEFAULT_MODEL_FACTORY
+  module, attr = spec.split(':')
+  return getattr(importlib.import_module(module), attr)
+
+
+def make_schedule(train_cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  """constant | warmup_constant (linear warmup) | cosine (linear warmup, cosine decay to 0)."""
+  lr, warm, n = train_cfg.learning_rate, int(train_cfg.warmup_steps), int(train_cfg.num_steps)
+  if train_cfg.schedule == 'constant':
+    return optax.constant_schedule(lr)
+  if train_cfg.schedule == 'warmup_constant':
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(warm, 1)), optax.constant_schedule(lr)], [warm])
+  if train_cfg.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(n, warm + 1), end_value=0.0)
+  raise ValueError(f'unknown schedule {train_cfg.schedule!r}; use constant | warmup_constant | cosine')
+
+
+def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Global-norm clip (if grad_clip > 0), then AdamW (Kaleido: betas 0.9/0.95, wd 1e-4)."""
+  tx = optax.adamw(make_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
+                   weight_decay=train_cfg.weight_decay)
+  if train_cfg.grad_clip and train_cfg.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), tx)
+  return tx
+
+
+@dataclasses.dataclass
+class StateSpec:
+  """What the step needs besides the arrays: the static graph, templates and shardings."""
+  graphdef: Any
+  abstract_params: nnx.State        # nnx State template of the Param variables (shapes only)
+  rest: nnx.State                   # non-Param variables (empty for the DiT), kept constant
+  abstract_state: dict              # ShapeDtypeStructs of the train state, with .sharding set
+  shardings: dict                   # NamedSharding pytree matching the train state
+  tx: optax.GradientTransformation
+
+
+def _param_shardings(abstract_params: nnx.State, mesh: Mesh) -> dict:
+  return nnx.to_pure_dict(mesh_lib.state_shardings(abstract_params, mesh))
+
+
+def _opt_shardings(abstract_opt, params_sh: dict, abstract_pure: dict, mesh: Mesh):
+  """Optimiser leaves that mirror a parameter (Adam mu/nu) get its sharding; the rest is replicated."""
+  by_path = {}
+  for path, sh in jax.tree_util.tree_flatten_with_path(params_sh)[0]:
+    by_path[tuple(path)] = sh
+  shapes = {tuple(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(abstract_pure)[0]}
+
+  def f(path, leaf):
+    path = tuple(path)
+    for i in range(len(path)):
+      suffix = path[i:]
+      if suffix in by_path and shapes[suffix] == leaf.shape:
+        return by_path[suffix]
+    return NamedSharding(mesh, P())
+  return jax.tree_util.tree_map_with_path(f, abstract_opt)
+
+
+def build_spec(config: ml_collections.ConfigDict, mesh: Mesh,
+               factory: Callable[..., nnx.Module] | None = None) -> StateSpec:
+  """Abstract model → graphdef, templates and the train state's shardings (nothing is allocated)."""
+  factory = factory or model_factory(config)
+  with nnx.use_eager_sharding(False):
+    abstract_model = nnx.eval_shape(lambda: factory(config.model, rngs=nnx.Rngs(config.seed)))
+  graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
+  tx = make_optimizer(config.train)
+  abstract_pure = nnx.to_pure_dict(abstract_params)
+  abstract_pure = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_pure)
+  params_sh = _param_shardings(abstract_params, mesh)
+  abstract_opt = jax.eval_shape(tx.init, abstract_pure)
+  rep = NamedSharding(mesh, P())
+  shardings = {'step': rep, 'params': params_sh,
+               'opt_state': _opt_shardings(abstract_opt, params_sh, abstract_pure, mesh)}
+  abstract = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract_pure, 'opt_state': abstract_opt}
+  if config.train.ema_decay > 0:
+    shardings['ema'] = params_sh
+    abstract['ema'] = abstract_pure
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  return StateSpec(graphdef, abstract_params, rest, abstract, shardings, tx)
+
+
+def init_state(config: ml_collections.ConfigDict, spec: StateSpec, mesh: Mesh,
+               factory: Callable[..., nnx.Module] | None = None,
+               params: dict | None = None) -> dict:
+  """Materialise the train state directly into its shardings (random init, or given `params`)."""
+  factory = factory or model_factory(config)
+
+  def init(params):
+    if params is None:
+      with nnx.use_eager_sharding(False):
+        model = factory(config.model, rngs=nnx.Rngs(config.seed))
+      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating)
+                          else x, params)
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': spec.tx.init(params)}
+    if config.train.ema_decay > 0:
+      state['ema'] = jax.tree.map(jnp.copy, params)
+    return state
+
+  with jax.set_mesh(mesh):
+    if params is None:
+      return jax.jit(lambda: init(None), out_shardings=spec.shardings)()
+    return jax.jit(init, out_shardings=spec.shardings)(params)
+
+
+def merge_model(spec: StateSpec, params: dict) -> nnx.Module:
+  """nnx.merge of the graphdef with a pure-dict of parameters (used inside jit)."""
+  template = jax.tree.map(lambda x: x, spec.abstract_params)
+  nnx.replace_by_pure_dict(template, params)
+  return nnx.merge(spec.graphdef, template, spec.rest)
+
+
+def count_params(abstract_params: dict) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(abstract_params))

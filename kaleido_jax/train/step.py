@@ -1,0 +1,123 @@
+"""The functional training step: pure dict params → nnx.merge inside the loss → grads → AdamW.
+
+`make_train_step` returns a `jax.jit`-ed `step(state, batch, rng) -> (state, metrics)` with explicit
+in/out NamedShardings (train state per `StateSpec.shardings`, batch over `(data, fsdp)` with the latent
+frame axis over `context` when it divides, metrics replicated) and the state donated.
+
+Numerics: master weights stay float32; when `config.model.dtype` is bfloat16 the parameters are cast to
+bf16 inside the loss (so the cast is differentiated and gradients arrive in fp32) and the inputs too.
+Gradient accumulation scans over `grad_accum` micro-batches of the per-step batch and averages.
+The per-step key is `fold_in(rng, step)`, so a resumed run draws the same noise as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from kaleido_jax.diffusion import flow
+from kaleido_jax.train import mesh as mesh_lib
+from kaleido_jax.train import state as state_lib
+
+BATCH_KEYS = ('video_latents', 'ref_latents', 'ref_mask', 'text_embedding')
+
+
+def batch_shardings(batch_shapes: Mapping[str, Any], mesh: Mesh) -> dict:
+  """Batch dim over (data, fsdp); the latent-frame dim of `video_latents` over context if it divides."""
+  out = {}
+  dp = mesh_lib.data_parallel_size(mesh)
+  for k, x in batch_shapes.items():
+    spec = [None] * len(x.shape)
+    if x.shape and x.shape[0] % dp == 0 and dp > 1:
+      spec[0] = ('data', 'fsdp')
+    if k == 'video_latents' and mesh.shape['context'] > 1 and x.shape[1] % mesh.shape['context'] == 0:
+      spec[1] = 'context'
+    out[k] = NamedSharding(mesh, P(*spec))
+  return out
+
+
+def _cast_floats(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, spec: state_lib.StateSpec) -> Callable:
+  """loss(params, batch, rng) -> (loss, aux): the flow-matching objective of the merged model."""
+  compute_dtype = jnp.dtype(config.model.dtype)
+  patch = tuple(config.model.patch_size)
+
+  def loss_fn(params, batch, rng):
+    if compute_dtype != jnp.float32:
+      params = _cast_floats(params, compute_dtype)
+    model = state_lib.merge_model(spec, params)
+    empty = batch.get('empty_text_embedding')
+    batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
+    return flow.flow_matching_loss(model, batch, rng, config.diffusion, patch_size=patch,
+                                   empty_text=None if empty is None else empty[0],
+                                   compute_dtype=None if compute_dtype == jnp.float32 else compute_dtype)
+  return loss_fn
+
+
+def train_step_fn(config: ml_collections.ConfigDict, spec: state_lib.StateSpec) -> Callable:
+  """The un-jitted step (also what tools/aot.py lowers)."""
+  loss_fn = make_loss_fn(config, spec)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  accum = int(config.train.grad_accum)
+  schedule = state_lib.make_schedule(config.train)
+  ema_decay = float(config.train.ema_decay)
+
+  def step(state, batch, rng):
+    rng = jax.random.fold_in(rng, state['step'])
+    params = state['params']
+    if accum == 1:
+      (loss, _), grads = grad_fn(params, batch, rng)
+    else:
+      def micro(x):
+        b = x.shape[0]
+        if b % accum:
+          raise ValueError(f'batch {b} is not divisible by grad_accum={accum}')
+        # Strided split keeps each micro-batch spread over the batch shards.
+        return jnp.moveaxis(x.reshape((b // accum, accum) + x.shape[1:]), 1, 0)
+      micro_batches = jax.tree.map(micro, batch)
+
+      def body(carry, xs):
+        g_sum, l_sum = carry
+        i, mb = xs
+        (l, _), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        return (jax.tree.map(jnp.add, g_sum, g), l_sum + l), None
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (g_sum, l_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
+                                       (jnp.arange(accum), micro_batches))
+      grads = jax.tree.map(lambda g: g / accum, g_sum)
+      loss = l_sum / accum
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = spec.tx.update(grads, state['opt_state'], params)
+    new_params = optax.apply_updates(params, updates)
+    new_state = {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state}
+    if 'ema' in state:
+      new_state['ema'] = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                                      state['ema'], new_params)
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': jnp.asarray(schedule(state['step']), jnp.float32)}
+    return new_state, metrics
+  return step
+
+
+def make_train_step(config: ml_collections.ConfigDict, spec: state_lib.StateSpec, mesh: Mesh,
+                    batch_shapes: Mapping[str, Any], donate: bool = True):
+  """jax.jit of the step with explicit in/out shardings; returns (jitted_fn, batch_shardings)."""
+  b_sh = batch_shardings(batch_shapes, mesh)
+  rep = NamedSharding(mesh, P())
+  metric_sh = {'loss': rep, 'grad_norm': rep, 'lr': rep}
+  step = train_step_fn(config, spec)
+
+  def wrapped(state, batch, rng):
+    with nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
+      return step(state, batch, rng)
+  jitted = jax.jit(wrapped, in_shardings=(spec.shardings, b_sh, rep),
+                   out_shardings=(spec.shardings, metric_sh), donate_argnums=(0,) if donate else ())
+  return jitted, b_sh

@@ -29,15 +29,22 @@ BATCH_KEYS = ('video_latents', 'ref_latents', 'ref_mask', 'text_embedding')
 
 
 def batch_shardings(batch_shapes: Mapping[str, Any], mesh: Mesh) -> dict:
-  """Batch dim over (data, fsdp); the latent-frame dim of `video_latents` over context if it divides."""
+  """Batch dim over (data, fsdp); `video_latents` over context on the first of F, H, W it divides.
+
+  (Wan's 21 latent frames are odd, so frames alone would rarely shard; the DiT's own activation
+  constraints on `activation_length` then keep the token sequence split over `context`.)
+  """
   out = {}
   dp = mesh_lib.data_parallel_size(mesh)
   for k, x in batch_shapes.items():
     spec = [None] * len(x.shape)
     if x.shape and x.shape[0] % dp == 0 and dp > 1:
       spec[0] = ('data', 'fsdp')
-    if k == 'video_latents' and mesh.shape['context'] > 1 and x.shape[1] % mesh.shape['context'] == 0:
-      spec[1] = 'context'
+    if k == 'video_latents' and mesh.shape['context'] > 1:
+      for axis in (1, 2, 3):
+        if x.shape[axis] % mesh.shape['context'] == 0:
+          spec[axis] = 'context'
+          break
     out[k] = NamedSharding(mesh, P(*spec))
   return out
 

@@ -1,0 +1,156 @@
+"""The loop end to end: checkpoints + resume, SIGTERM, NaN stop, kill -9 exact resume, two processes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from kaleido_jax.train import checkpoint as ckpt_lib, inputs, loop
+from tests.train.common import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _worker(args, env_extra=None):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  env.update(env_extra or {})
+  return subprocess.Popen([sys.executable, '-m', 'tests.train.worker', json.dumps(args)], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _steps(workdir):
+  d = os.path.join(workdir, 'checkpoints')
+  return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
+
+
+def _wait_for_step(workdir, step, proc, timeout=120):
+  t = time.time()
+  while time.time() - t < timeout:
+    if any(s >= step for s in _steps(workdir)):
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f'worker exited early:\n{proc.stdout.read()}')
+    time.sleep(0.05)
+  raise AssertionError('timed out waiting for a checkpoint')
+
+
+def _final_params(workdir):
+  step = max(_steps(workdir))
+  with ocp.StandardCheckpointer() as c:
+    return step, c.restore(os.path.join(workdir, 'checkpoints', str(step), 'state'))
+
+
+def test_run_checkpoints_resumes_and_keeps_policy(tmp_path):
+  config = tiny_config(num_steps=6, checkpoint_every=2, keep_checkpoints=1, keep_every=4)
+  out = loop.run(config, str(tmp_path))
+  assert out['step'] == 6 and len(out['losses']) == 6 and np.all(np.isfinite(out['losses']))
+  assert _steps(str(tmp_path)) == [4, 6]  # newest + every 4th
+  # Continue to 8: resumes from 6, runs 2 steps, restoring the data iterator position.
+  config.train.num_steps = 8
+  out = loop.run(config, str(tmp_path))
+  assert out['step'] == 8 and len(out['losses']) == 2
+  state_dir = os.path.join(str(tmp_path), 'checkpoints', '8', 'data', 'process_0-of-1.json')
+  assert json.load(open(state_dir))['index'] == 8
+  assert os.listdir(os.path.join(str(tmp_path)))  # tensorboard events written
+  assert any(f.startswith('events') for f in os.listdir(str(tmp_path)))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  make = inputs.make_input
+
+  def poisoned(config, *, seed):
+    it = make(config, seed=seed)
+    orig = it.__class__.__next__
+
+    class P(it.__class__):
+      def __next__(self):
+        b = orig(self)
+        if self.index == 5:
+          b['video_latents'] = b['video_latents'] * np.nan
+        return b
+    it.__class__ = P
+    return it
+  monkeypatch.setattr(inputs, 'make_input', poisoned)
+  config = tiny_config(num_steps=8, checkpoint_every=2)
+  with pytest.raises(loop.TrainingDiverged, match='at step 5'):
+    loop.run(config, str(tmp_path))
+  assert _steps(str(tmp_path)) == [2, 4]
+  step, state = _final_params(str(tmp_path))
+  assert step == 4 and int(state['step']) == 4
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
+
+
+def test_sigterm_saves_reached_step_and_exits_cleanly(tmp_path):
+  wd = str(tmp_path)
+  p = _worker(dict(workdir=wd, train=dict(num_steps=200, checkpoint_every=4), sleep=0.1,
+                   out=os.path.join(wd, 'out.json')))
+  _wait_for_step(wd, 4, p)
+  time.sleep(0.3)
+  p.send_signal(signal.SIGTERM)
+  log = p.communicate(timeout=120)[0]
+  assert p.returncode == 0, log
+  out = json.load(open(os.path.join(wd, 'out.json')))
+  assert out['preempted'] and 4 <= out['step'] < 200
+  assert max(_steps(wd)) == out['step']
+  _, state = _final_params(wd)
+  assert int(state['step']) == out['step']
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_is_bitwise_identical(tmp_path):
+  ref, wd = str(tmp_path / 'ref'), str(tmp_path / 'killed')
+  train = dict(num_steps=12, checkpoint_every=3)
+  p = _worker(dict(workdir=ref, train=train))
+  assert p.wait(timeout=300) == 0, p.stdout.read()
+  p = _worker(dict(workdir=wd, train=train, sleep=0.15))
+  _wait_for_step(wd, 6, p)
+  time.sleep(0.2)
+  p.kill()  # SIGKILL: no handler, no final save
+  p.wait()
+  reached = max(_steps(wd))
+  assert 6 <= reached < 12
+  p = _worker(dict(workdir=wd, train=train))
+  assert p.wait(timeout=300) == 0, p.stdout.read()
+  (s1, a), (s2, b) = _final_params(ref), _final_params(wd)
+  assert s1 == s2 == 12
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+  train = dict(num_steps=3, checkpoint_every=3, log_every=1)
+  mesh = dict(data=2, fsdp=2)
+  one = os.path.join(str(tmp_path), 'one.json')
+  p = _worker(dict(workdir=str(tmp_path / 'one'), train=train, mesh=mesh, out=one),
+              {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  assert p.wait(timeout=300) == 0, p.stdout.read()
+  port = _free_port()
+  two = os.path.join(str(tmp_path), 'two.json')
+  procs = [_worker(dict(workdir=str(tmp_path / 'two'), train=train, mesh=mesh, out=two),
+                   {'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+                    'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAX_NUM_PROCESSES': '2',
+                    'JAX_PROCESS_ID': str(i)}) for i in range(2)]
+  for q in procs:
+    assert q.wait(timeout=300) == 0, q.stdout.read()
+  a, b = json.load(open(one)), json.load(open(two))
+  assert len(a['losses']) == 3
+  np.testing.assert_allclose(b['losses'], a['losses'], rtol=1e-5)
+  # Each process saved its own data-iterator state.
+  data_dir = os.path.join(str(tmp_path / 'two'), 'checkpoints', '3', 'data')
+  assert sorted(f for f in os.listdir(data_dir) if f.endswith('.json')) == [
+      'process_0-of-2.json', 'process_1-of-2.json']

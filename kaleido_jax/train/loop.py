@@ -5,8 +5,8 @@ data-iterator state, the train state and the per-step key (`fold_in(seed key, st
 and are saved together, a resumed run reproduces the uninterrupted run bit for bit (same mesh).
 
 - Multi-host: `jax.distributed.initialize` when JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-  JAX_PROCESS_ID are set (CPU: gloo collectives), or with no arguments on a multi-worker TPU slice
-  (TPU_WORKER_HOSTNAMES lists several hosts). Every process feeds its slice of the global batch.
+  JAX_PROCESS_ID are set (CPU: gloo collectives), or with no arguments on a TPU slice when
+  KALEIDO_DISTRIBUTED=auto (launch/tpu.py sets it) or TPU_WORKER_HOSTNAMES lists several hosts. Every process feeds its slice of the global batch.
 - Logs: clu metric_writers (TensorBoard under workdir + stdout) on process 0 only; ReportProgress
   (steps/s, ETA) and Profile (if train.profile_steps) hooks.
 - SIGTERM (TPU preemption): finish the current step, save a checkpoint of it, exit cleanly.
@@ -47,8 +47,9 @@ def maybe_initialize_distributed() -> None:
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(addr, int(os.environ['JAX_NUM_PROCESSES']),
                                int(os.environ['JAX_PROCESS_ID']))
-  elif len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1:
-    jax.distributed.initialize()
+  elif (os.environ.get('KALEIDO_DISTRIBUTED') == 'auto' or
+        len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1):
+    jax.distributed.initialize()  # Cloud TPU: hosts discovered from the slice's metadata
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:

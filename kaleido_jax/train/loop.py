@@ -84,17 +84,39 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ValueError('invalid training config:\n  ' + '\n  '.join(problems))
 
 
-def load_init_params(config: ml_collections.ConfigDict) -> dict | None:
-  """Parameters of `config.init_from.transformer` (a converted checkpoint directory), or None."""
+def _align(loaded: Any, template: Any, path: str = '') -> Any:
+  """Re-key `loaded` (orbax turns int keys into str) onto `template`'s structure, checking shapes."""
+  if isinstance(template, dict):
+    if not isinstance(loaded, dict):
+      raise ValueError(f'init_from: expected a dict at {path or "/"}, got {type(loaded).__name__}')
+    by_str = {str(k): v for k, v in loaded.items()}
+    missing = [str(k) for k in template if str(k) not in by_str]
+    extra = sorted(set(by_str) - {str(k) for k in template})
+    if missing or extra:
+      raise ValueError(f'init_from: parameter names differ at {path or "/"}: missing {missing[:8]}, '
+                       f'unexpected {extra[:8]}')
+    return {k: _align(by_str[str(k)], v, f'{path}/{k}') for k, v in template.items()}
+  if tuple(np.shape(loaded)) != tuple(template.shape):
+    raise ValueError(f'init_from: {path} has shape {np.shape(loaded)}, the model wants {template.shape}')
+  return loaded
+
+
+def load_init_params(config: ml_collections.ConfigDict, template: dict) -> dict | None:
+  """Parameters of `config.init_from.transformer` aligned to the model's `template`, or None.
+
+  Uses `kaleido_jax.convert.transformer.load_transformer(path, format, config.model)` (converted
+  directory or PyTorch-side checkpoint) when that module exists, else reads a converted directory.
+  """
   path = config.init_from.transformer
   if not path:
     return None
   try:
     from kaleido_jax.convert import transformer as conv  # pylint: disable=g-import-not-at-top
-    loaded = conv.load_transformer(path)
   except ImportError:
     from kaleido_jax.convert import common  # pylint: disable=g-import-not-at-top
     loaded = common.load_converted(path, component='transformer')
+  else:
+    loaded = conv.load_transformer(path, config.init_from.transformer_format, config.model)
   if isinstance(loaded, tuple):
     loaded = loaded[0]
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -102,7 +124,7 @@ def load_init_params(config: ml_collections.ConfigDict) -> dict | None:
     loaded = nnx.state(loaded, nnx.Param)
   if isinstance(loaded, nnx.State):
     loaded = nnx.to_pure_dict(loaded)
-  return loaded
+  return _align(loaded, template)
 
 
 def _tokens_per_step(config, batch) -> tuple[int, int, int]:
@@ -154,7 +176,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state = ckpt.restore(start, spec.abstract_state, data)
   else:
     start = 0
-    state = state_lib.init_state(config, spec, mesh, params=load_init_params(config))
+    state = state_lib.init_state(config, spec, mesh, params=load_init_params(config, spec.abstract_state['params']))
 
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   if start == 0 and is_main:

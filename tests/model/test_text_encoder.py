@@ -134,6 +134,26 @@ def test_tokenizer_eos_padding_and_trimming(tokenizer):
   np.testing.assert_array_equal(ids[0, :15], full[:15])  # pieces trimmed, EOS kept last
 
 
+@pytest.mark.torch
+def test_tokenizer_matches_transformers_t5_tokenizer(tmp_path):
+  """Wan's HuggingfaceTokenizer wraps transformers' tokenizer with padding='max_length', truncation."""
+  import json
+  from transformers import AutoTokenizer
+  ft.train_sentencepiece(str(tmp_path))
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer",
+                                                               "extra_ids": 0}))
+  hf = AutoTokenizer.from_pretrained(str(tmp_path))
+  ours = te.Tokenizer(str(tmp_path))
+  prompts = ["A red cat jumps over the lazy dog.", "  Two   birds, zebra!  ", "ünïcode 漢字 test",
+             " ".join(["camera slowly pans"] * 30)]
+  for max_length in (64, 16):
+    ref = hf(prompts, padding="max_length", truncation=True, max_length=max_length,
+             add_special_tokens=True, return_tensors="np")
+    ids, mask = ours(prompts, max_length)
+    np.testing.assert_array_equal(ids, ref["input_ids"])
+    np.testing.assert_array_equal(mask, ref["attention_mask"])
+
+
 # ------------------------------------------------------------------------------------------------
 # Wan's padding and the prompt cache
 # ------------------------------------------------------------------------------------------------

@@ -172,14 +172,12 @@ def _module_from_state(cfg: ml_collections.ConfigDict, pure: dict[str, Any]):
   from flax import nnx
   from kaleido_jax.model.text_encoder import UMT5Encoder
   graphdef, state = nnx.split(nnx.eval_shape(lambda: UMT5Encoder(cfg, rngs=nnx.Rngs(0))))
-  nnx.replace_by_pure_dict(state, _to_jnp(pure, jnp))
+  like = nnx.to_pure_dict(state)
+  flat = common.flatten_paths(pure)
+  # Cast to the module's dtype (a converted fp32 directory loaded with dtype='bfloat16' halves memory).
+  cast = {k: jnp.asarray(flat[k], dtype=v.dtype) for k, v in common.flatten_paths(like).items()}
+  nnx.replace_by_pure_dict(state, common.unflatten_paths(cast, like))
   return nnx.merge(graphdef, state)
-
-
-def _to_jnp(tree, jnp):
-  if isinstance(tree, dict):
-    return {k: _to_jnp(v, jnp) for k, v in tree.items()}
-  return jnp.asarray(tree)
 
 
 def _is_converted(path: str) -> bool:

@@ -103,6 +103,11 @@ def test_cli_round_trip_with_tokenizer(hf_model, inputs, reference, tmp_path):
   assert Tokenizer(out).path == os.path.join(out, "tokenizer", "spiece.model")
   enc = conv.load_text_encoder(out)  # converted directory detected
   assert _err(enc, inputs, reference) < 1e-5
+  enc16 = conv.load_text_encoder(out, dtype="bfloat16")
+  assert enc16.blocks.q.kernel[...].dtype.name == "bfloat16"
+  assert np.abs(np.asarray(enc16(*inputs), np.float32) - reference).max() < 0.05 * np.abs(reference).max()
+  from kaleido_jax.convert import load_text_encoder  # the package-level entry point named in the issue
+  assert load_text_encoder is conv.load_text_encoder
   with pytest.raises(FileExistsError, match="already exists"):
     conv.convert_cli(args)
 

@@ -157,6 +157,7 @@ def sample_config(**overrides) -> ml_collections.ConfigDict:
   """Sampler defaults: released Kaleido (Euler, 50 steps, shift 7, text CFG 6)."""
   cfg = ml_collections.ConfigDict(dict(
       solver='euler',           # euler | unipc
+      unipc_order=2,            # UniPC-BH2 order (Wan: 2); 1 | 2
       num_steps=50,
       shift=7.0,
       guidance_scale=6.0,       # text classifier-free guidance; same references in both branches

@@ -1,0 +1,150 @@
+"""Jitted flow-matching samplers: Euler (Kaleido) and UniPC-BH2 (Wan), with classifier-free guidance.
+
+The whole denoising loop is one `jax.lax.scan` inside one `jax.jit`: the model is traced once, whatever the
+number of steps, and the sigma grid / solver coefficients are *arguments* (computed in numpy by
+schedules.py), so changing the shift reuses the compiled sampler; only the step count (an array length) and
+the guidance branch count (a batch size) are static. Each step feeds the model timestep = 1000·σ
+(diffusers' grid: float for Euler, truncated to an integer for UniPC, see schedules.py) broadcast to (B,).
+
+Solvers (both checked step by step against diffusers in tests/diffusion/test_sampler.py):
+  euler  x_{i+1} = x_i + (σ_{i+1} − σ_i)·v_i                      (FlowMatchEulerDiscreteScheduler)
+  unipc  UniPC-BH2 multistep, order 2, data prediction m_i = x_i − σ_i·v_i, corrector on every step but the
+         first, first-order last step (UniPCMultistepScheduler, flow_prediction, use_flow_sigmas,
+         lower_order_final), coefficients from schedules.unipc_coefficients.
+
+Public API:
+  latent_shape(num_frames, height, width, *, z_dim=16, temporal_stride=4, spatial_stride=8)
+      -> (F, H, W, C) of the Wan VAE latent (F = (num_frames − 1)/4 + 1); raises on bad sizes.
+  initial_noise(seeds, shape, dtype=float32) -> (B, *shape)  one independent N(0, 1) draw per seed, so a
+      sample does not depend on what else is in the batch (a batch of prompts = a list of seeds).
+  sample_fn(denoise_fn, noise, text_cond, text_uncond=None, refs=None, ref_mask=None, *, cfg,
+            return_trajectory=False) -> latents (B, F, H, W, C) float32 [, trajectory (steps, B, ...)]
+      `denoise_fn(x, timestep, text, refs, ref_mask) -> velocity` is any JAX-traceable callable (it is a
+      static argument of the jit: pass the same object to reuse the compilation).
+  sample(graphdef, state, noise, text_cond, text_uncond=None, refs=None, ref_mask=None, *, cfg,
+         return_trajectory=False)
+      the same for an NNX model split with `nnx.split(model)`: the model call is
+      `nnx.merge(graphdef, state)(x, timestep, text, refs=refs, ref_mask=ref_mask)` (CONTRIBUTING.md DiT
+      signature), so the weights are a jit argument (shardable, exportable with jax.export).
+  `cfg` is the `sample` config section (kaleido_jax.config.sample_config): solver ('euler' | 'unipc'),
+  num_steps, shift, guidance_scale (text CFG; 1 = one branch), image_guidance_scale (0 = off; see
+  guidance.py for the formula), unipc_order (1 | 2).
+  `text_uncond` is the negative-prompt embedding, batch B or 1; `refs (B, N, h, w, C)`, `ref_mask (B, N)`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from kaleido_jax.diffusion import guidance, schedules
+
+DenoiseFn = Callable[..., jax.Array]
+
+
+def latent_shape(num_frames: int, height: int, width: int, *, z_dim: int = 16, temporal_stride: int = 4,
+                 spatial_stride: int = 8) -> tuple[int, int, int, int]:
+  """(F, H, W, C) of the latent of a `num_frames × height × width` video (Wan VAE: 4× time, 8× space)."""
+  if num_frames < 1 or (num_frames - 1) % temporal_stride:
+    raise ValueError(f'num_frames must be 1 + {temporal_stride}k, got {num_frames}')
+  if height % spatial_stride or width % spatial_stride or height <= 0 or width <= 0:
+    raise ValueError(f'height and width must be positive multiples of {spatial_stride}, '
+                     f'got {height}x{width}')
+  return ((num_frames - 1) // temporal_stride + 1, height // spatial_stride, width // spatial_stride, z_dim)
+
+
+def initial_noise(seeds, shape, dtype=jnp.float32) -> jax.Array:
+  """(len(seeds), *shape) standard normal, sample b drawn from `jax.random.key(seeds[b])` alone."""
+  seeds = np.atleast_1d(np.asarray(seeds, np.uint32))
+  keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+  return jax.vmap(lambda k: jax.random.normal(k, tuple(shape), dtype))(keys)
+
+
+def _solver_args(cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """The per-step arrays the jitted loop scans over (numpy, so shift changes do not recompile)."""
+  sched = schedules.make_schedule(cfg.solver, int(cfg.num_steps), float(cfg.shift))
+  args = dict(timesteps=sched.timesteps, sigma=sched.sigmas[:-1],
+              dt=(sched.sigmas[1:] - sched.sigmas[:-1]).astype(np.float32))
+  if cfg.solver == 'unipc':
+    args.update(schedules.unipc_coefficients(sched.sigmas, order=int(cfg.get('unipc_order', 2))))
+  return args
+
+
+def _loop(denoise_fn: DenoiseFn, solver: str, text_scale: float, image_scale: float, return_trajectory: bool,
+          steps: dict[str, jax.Array], noise, text_cond, text_uncond, refs, ref_mask):
+  """The scan over steps (traced once). Carry for UniPC: (x, last corrected x, m_{i−1}, m_{i−2})."""
+  x0 = noise.astype(jnp.float32)
+  b = x0.shape[0]
+
+  def velocity(x, t):
+    return guidance.guided_velocity(denoise_fn, x, jnp.full((b,), t, jnp.float32), text_cond, text_uncond,
+                                    refs, ref_mask, text_scale=text_scale, image_scale=image_scale)
+
+  if solver == 'euler':
+    def body(x, s):
+      x = x + s['dt'] * velocity(x, s['timesteps'])
+      return x, (x if return_trajectory else None)
+    x, traj = jax.lax.scan(body, x0, steps)
+  elif solver == 'unipc':
+    def body(carry, s):
+      x, last, m1, m2 = carry
+      m = x - s['sigma'] * velocity(x, s['timesteps'])  # data prediction from the uncorrected sample
+      corrected = (s['c_a'] * last - s['c_m'] * m1 - s['c_f'] * (m2 - m1) - s['c_g'] * (m - m1))
+      x = jnp.where(s['use_corr'] > 0, corrected, x)
+      x_next = s['p_a'] * x - s['p_m'] * m - s['p_f'] * (m1 - m)
+      return (x_next, x, m, m1), (x_next if return_trajectory else None)
+    zeros = jnp.zeros_like(x0)
+    (x, _, _, _), traj = jax.lax.scan(body, (x0, x0, zeros, zeros), steps)
+  else:
+    raise ValueError(f'unknown solver {solver!r}; expected one of {schedules.SOLVERS}')
+  return (x, traj) if return_trajectory else x
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _jit_callable(denoise_fn, solver, text_scale, image_scale, return_trajectory, steps, noise, text_cond,
+                  text_uncond, refs, ref_mask):
+  return _loop(denoise_fn, solver, text_scale, image_scale, return_trajectory, steps, noise, text_cond,
+               text_uncond, refs, ref_mask)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4, 5))
+def _jit_nnx(graphdef, state, solver, text_scale, image_scale, return_trajectory, steps, noise, text_cond,
+             text_uncond, refs, ref_mask):
+  model = nnx.merge(graphdef, state)
+
+  def denoise_fn(x, t, text, r, m):
+    return model(x, t, text, refs=r, ref_mask=m)
+
+  return _loop(denoise_fn, solver, text_scale, image_scale, return_trajectory, steps, noise, text_cond,
+               text_uncond, refs, ref_mask)
+
+
+def _static(cfg: ml_collections.ConfigDict) -> tuple[str, float, float]:
+  if cfg.solver not in schedules.SOLVERS:
+    raise ValueError(f'unknown solver {cfg.solver!r}; expected one of {schedules.SOLVERS}')
+  return cfg.solver, float(cfg.guidance_scale), float(cfg.get('image_guidance_scale', 0.0))
+
+
+def sample_fn(denoise_fn: DenoiseFn, noise: jax.Array, text_cond: jax.Array, text_uncond: jax.Array | None = None,
+              refs: jax.Array | None = None, ref_mask: jax.Array | None = None, *,
+              cfg: ml_collections.ConfigDict, return_trajectory: bool = False) -> Any:
+  """Denoise `noise` (B, F, H, W, C) from σ = 1 to 0 with a plain callable model (see module docstring)."""
+  solver, g_t, g_i = _static(cfg)
+  return _jit_callable(denoise_fn, solver, g_t, g_i, bool(return_trajectory), _solver_args(cfg), noise,
+                       text_cond, text_uncond, refs, ref_mask)
+
+
+def sample(graphdef: nnx.GraphDef, state: nnx.State, noise: jax.Array, text_cond: jax.Array,
+           text_uncond: jax.Array | None = None, refs: jax.Array | None = None,
+           ref_mask: jax.Array | None = None, *, cfg: ml_collections.ConfigDict,
+           return_trajectory: bool = False) -> Any:
+  """Denoise `noise` with an NNX model given as `nnx.split(model)` (weights are a jit argument)."""
+  solver, g_t, g_i = _static(cfg)
+  return _jit_nnx(graphdef, state, solver, g_t, g_i, bool(return_trajectory), _solver_args(cfg), noise,
+                  text_cond, text_uncond, refs, ref_mask)

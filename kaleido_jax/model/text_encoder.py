@@ -260,8 +260,11 @@ def encode_prompts(encoder: UMT5Encoder, tokenizer: Tokenizer, prompts: Sequence
   """
   if isinstance(prompts, str):
     prompts = [prompts]
-  ids, mask = tokenizer(prompts, max_length)
   n = len(prompts)
+  if n == 0:
+    d_model = encoder.embed.features
+    return jnp.zeros((0, max_length, d_model), encoder.embed.embedding[...].dtype)
+  ids, mask = tokenizer(prompts, max_length)
   if not batch_size or batch_size >= n:
     return _encode_masked(encoder, jnp.asarray(ids), jnp.asarray(mask))
   out = []

@@ -182,6 +182,9 @@ def test_encode_prompts_trims_at_max_length(encoder, tokenizer):
   assert out.shape == (2, 24, 32)
   assert np.all(np.abs(out[0]).sum(-1) > 0)  # every row used, nothing zeroed
   assert te.prompt_lengths(tokenizer, [long_prompt], 24) == [24]
+  assert te.encode_prompts(encoder, tokenizer, [], 24).shape == (0, 24, 32)
+  empty = np.asarray(te.encode_prompts(encoder, tokenizer, [""], 24))  # the CFG / dropout prompt: EOS only
+  assert np.all(np.abs(empty[0, :1]).sum(-1) > 0) and np.all(empty[0, 1:] == 0)
 
 
 def test_encode_prompts_chunked_equals_single_batch(encoder, tokenizer):

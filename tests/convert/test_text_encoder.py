@@ -110,6 +110,8 @@ def test_cli_round_trip_with_tokenizer(hf_model, inputs, reference, tmp_path):
   assert load_text_encoder is conv.load_text_encoder
   with pytest.raises(FileExistsError, match="already exists"):
     conv.convert_cli(args)
+  parsed = conv._parse_args(["--format", "wan", "--input", "x.pth", "--output", "o", "--dtype", "bfloat16"])
+  assert (parsed.format, parsed.input, parsed.output, parsed.dtype) == ("wan", "x.pth", "o", "bfloat16")
 
 
 def test_missing_and_misshaped_tensors_are_named(hf_model, tmp_path):

@@ -174,8 +174,9 @@ def _module_from_state(cfg: ml_collections.ConfigDict, pure: dict[str, Any]):
   graphdef, state = nnx.split(nnx.eval_shape(lambda: UMT5Encoder(cfg, rngs=nnx.Rngs(0))))
   like = nnx.to_pure_dict(state)
   flat = common.flatten_paths(pure)
+  del pure  # host copies are released one by one below, so peak memory stays near one model
   # Cast to the module's dtype (a converted fp32 directory loaded with dtype='bfloat16' halves memory).
-  cast = {k: jnp.asarray(flat[k], dtype=v.dtype) for k, v in common.flatten_paths(like).items()}
+  cast = {k: jnp.asarray(flat.pop(k), dtype=v.dtype) for k, v in common.flatten_paths(like).items()}
   nnx.replace_by_pure_dict(state, common.unflatten_paths(cast, like))
   return nnx.merge(graphdef, state)
 
@@ -209,20 +210,19 @@ def load_text_encoder(path: str, format: str = "transformers",  # noqa: A002 (ma
   """
   if _is_converted(path):
     pure, saved_cfg = common.load_converted(path, component=COMPONENT)
-    cfg = config if config is not None else saved_cfg
-  else:
-    _check_format(format)
-    reader = common.CheckpointReader(path)
-    cfg = resolve_config(reader, path, format, config)
-    if dtype:
-      cfg = ml_collections.ConfigDict(cfg.to_dict())
-      cfg.dtype = dtype
-    pure = convert_state(reader, cfg, format)
-    return _module_from_state(cfg, pure)
-  if dtype:
-    cfg = ml_collections.ConfigDict(cfg.to_dict())
-    cfg.dtype = dtype
-  return _module_from_state(cfg, pure)
+    return _module_from_state(_with_dtype(config if config is not None else saved_cfg, dtype), pure)
+  _check_format(format)
+  reader = common.CheckpointReader(path)
+  cfg = _with_dtype(resolve_config(reader, path, format, config), dtype)
+  return _module_from_state(cfg, convert_state(reader, cfg, format))
+
+
+def _with_dtype(cfg: ml_collections.ConfigDict, dtype: str | None) -> ml_collections.ConfigDict:
+  if not dtype:
+    return cfg
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.dtype = dtype
+  return cfg
 
 
 def _find_tokenizer_near(path: str) -> str | None:
@@ -241,10 +241,7 @@ def convert(input_path: str, output_dir: str, format: str = "transformers",  # n
   """Converts and writes an orbax directory (+ config.json, + tokenizer/spiece.model when found)."""
   _check_format(format)
   reader = common.CheckpointReader(input_path)
-  cfg = resolve_config(reader, input_path, format, config)
-  if dtype:
-    cfg = ml_collections.ConfigDict(cfg.to_dict())
-    cfg.dtype = dtype
+  cfg = _with_dtype(resolve_config(reader, input_path, format, config), dtype)
   pure = convert_state(reader, cfg, format)
   out = common.save_converted(output_dir, pure, cfg, component=COMPONENT, source=os.path.abspath(input_path))
   tok = _find_tokenizer_near(input_path)

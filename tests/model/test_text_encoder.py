@@ -234,3 +234,12 @@ def test_encode_prompts_matches_wan_pipeline_on_transformers(hf_pair, tokenizer)
   err = np.abs(ours - wan).max()
   print(f"umT5 prompt pipeline max |err| = {err:.2e}")
   assert err < 1e-5
+
+
+def test_default_config_is_umt5_xxl_size():
+  """Abstract build of the real encoder: 5.68B parameters (1.05B embedding + 24 x 193M layers)."""
+  abstract = nnx.eval_shape(lambda: te.UMT5Encoder(text_encoder_config(), rngs=nnx.Rngs(0)))
+  leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+  total = sum(int(np.prod(x.shape)) for x in leaves)
+  layer = 4 * 4096 * 4096 + 3 * 4096 * 10240 + 2 * 4096 + 32 * 64
+  assert total == 256384 * 4096 + 24 * layer + 4096

@@ -58,7 +58,8 @@ def combine(v_cond: jax.Array, v_uncond: jax.Array | None, v_noref: jax.Array | 
   return v
 
 
-def batch_branches(x, timestep, text_cond, text_uncond, refs, ref_mask, branches: int):
+def batch_branches(x: jax.Array, timestep: jax.Array, text_cond: jax.Array, text_uncond: jax.Array | None,
+                   refs: jax.Array | None, ref_mask: jax.Array | None, branches: int) -> tuple:
   """Stack the c / u / n branches on the batch axis (see module docstring)."""
   b = x.shape[0]
   if branches == 1:
@@ -73,7 +74,7 @@ def batch_branches(x, timestep, text_cond, text_uncond, refs, ref_mask, branches
   ts = jnp.concatenate([timestep] * branches, axis=0)
   text = jnp.concatenate(texts, axis=0)
   if refs is None:
-    return xs, ts, text, None, None if ref_mask is None else jnp.concatenate([ref_mask] * branches, 0)
+    return xs, ts, text, None, None
   refs_b = jnp.concatenate([refs] * branches, axis=0)
   masks = [ref_mask, ref_mask] + ([jnp.zeros_like(ref_mask)] if branches == 3 else [])
   return xs, ts, text, refs_b, jnp.concatenate(masks, axis=0)

@@ -180,3 +180,21 @@ def test_initial_noise_per_seed_and_latent_shape():
     sampler.latent_shape(80, 480, 832)
   with pytest.raises(ValueError, match='multiples'):
     sampler.latent_shape(81, 481, 832)
+
+
+def test_nnx_sampler_exports_with_jax_export():
+  # The exported sampler (issue 6) wraps `sample` with the weights as a pure-dict argument.
+  model = _TinyDiT(4, 6, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  cfg = kcfg.sample_config(solver='unipc', num_steps=4, shift=5.0, guidance_scale=6.0)
+
+  def run(weights, noise, text_c, text_u, refs, mask):
+    st = nnx.clone(state)
+    nnx.replace_by_pure_dict(st, weights)
+    return sampler.sample(graphdef, st, noise, text_c, text_u, refs, mask, cfg=cfg)
+
+  weights = nnx.to_pure_dict(state)
+  args = (weights, jnp.ones(SHAPE), jnp.ones((2, 5, 6)), jnp.zeros((1, 5, 6)), jnp.ones((2, 2, 4, 4, 4)),
+          jnp.array([[True, False], [True, True]]))
+  exported = jax.export.deserialize(jax.export.export(jax.jit(run))(*args).serialize())
+  np.testing.assert_allclose(np.asarray(exported.call(*args)), np.asarray(run(*args)), rtol=1e-6, atol=1e-6)

@@ -69,7 +69,10 @@ class RMSNorm(nnx.Module):
     xf = x.astype(_F32)
     var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
     y = xf * jax.lax.rsqrt(var + self.eps)
-    return (self.weight[...].astype(_F32) * y).astype(x.dtype)
+    w = self.weight[...]
+    # As the references: normalised values are cast to the weight's dtype before the scale (one bf16
+    # rounding each, like transformers / Wan), exact in fp32.
+    return (w * y.astype(w.dtype)).astype(x.dtype)
 
 
 def _linear(din: int, dout: int, names: tuple[str, str], dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
@@ -103,7 +106,7 @@ class UMT5Block(nnx.Module):
     h = self.attn_norm(x)
     split = lambda t: t.reshape(b, l, self.num_heads, self.d_kv)
     q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
-    # No 1/sqrt(d_kv) scaling (umT5 folds it into the initialisation).
+    # No 1/sqrt(d_kv) scaling (T5 / umT5: Mesh TF folds it into q's initialisation, std (d*d_kv)^-0.5).
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=_F32)
     pos_bias = jnp.take(self.relative_bias[...].astype(_F32), buckets, axis=0)  # (L, L, H)
     scores = scores + jnp.transpose(pos_bias, (2, 0, 1))[None] + mask_bias

@@ -39,7 +39,7 @@ def hf_pair(tmp_path_factory):
   model = ft.tiny_hf_umt5(seed=1)
   d = str(tmp_path_factory.mktemp("hf"))
   model.save_pretrained(d)
-  return model, load_text_encoder(d, format="transformers")
+  return model, load_text_encoder(d, format="transformers"), d
 
 
 @pytest.mark.torch
@@ -59,7 +59,7 @@ def test_relative_buckets_match_transformers(buckets, max_distance):
 
 @pytest.mark.torch
 def test_parity_with_transformers_padded_batch(hf_pair):
-  model, enc = hf_pair
+  model, enc, _ = hf_pair
   rng = np.random.RandomState(0)
   ids = rng.randint(0, ft.TINY_UMT5["vocab_size"], (3, 160)).astype(np.int32)
   mask = np.ones_like(ids)
@@ -74,6 +74,26 @@ def test_parity_with_transformers_padded_batch(hf_pair):
   ids2 = ids.copy()
   ids2[1, 37:] = (ids2[1, 37:] + 5) % ft.TINY_UMT5["vocab_size"]
   np.testing.assert_allclose(np.asarray(enc(ids2, mask))[1, :37], ours[1, :37], atol=1e-6)
+
+
+@pytest.mark.torch
+def test_bfloat16_error_comparable_to_transformers_bfloat16(hf_pair):
+  """In bf16 we stay as close to the fp32 reference as transformers' own bf16 run does."""
+  import copy
+  import torch
+  from kaleido_jax.convert.text_encoder import load_text_encoder
+  model, _, path = hf_pair
+  rng = np.random.RandomState(4)
+  ids = rng.randint(0, ft.TINY_UMT5["vocab_size"], (2, 64)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 30:] = 0
+  ref = ft.hf_last_hidden(model, ids, mask)
+  hf16 = ft.hf_last_hidden(copy.deepcopy(model).to(torch.bfloat16), ids, mask)
+  ours16 = np.asarray(load_text_encoder(path, dtype="bfloat16")(ids, mask), np.float32)
+  scale = np.abs(ref).max()
+  hf_err, our_err = np.abs(hf16 - ref).max() / scale, np.abs(ours16 - ref).max() / scale
+  print(f"bf16 relative max error: ours {our_err:.3%}, transformers {hf_err:.3%}")
+  assert our_err < max(2 * hf_err, 0.02)
 
 
 def test_encoder_no_mask_equals_full_mask(encoder):
@@ -223,7 +243,7 @@ def test_pad_embedding():
 @pytest.mark.torch
 def test_encode_prompts_matches_wan_pipeline_on_transformers(hf_pair, tokenizer):
   """Wan: padded ids + mask through the torch encoder, keep [:len], zero-pad; vs ours end to end."""
-  model, enc = hf_pair
+  model, enc, _ = hf_pair
   ids, mask = tokenizer(PROMPTS, MAXLEN)
   ref = ft.hf_last_hidden(model, ids, mask)
   lengths = mask.sum(1)

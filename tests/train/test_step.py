@@ -104,3 +104,29 @@ def test_mesh_fill_and_rules():
   assert mesh_lib.logical_to_spec(('batch', 'embed'), (4, 8), mesh) == jax.sharding.PartitionSpec(('data', 'fsdp'), None)
   assert mesh_lib.logical_to_spec(('embed', 'heads'), (3, 5), mesh) == jax.sharding.PartitionSpec(None, None)
   assert mesh_lib.logical_to_spec(('layers', 'embed', 'kv'), (2, 4, 4), mesh) == jax.sharding.PartitionSpec(None, 'fsdp', None)
+
+
+def test_grad_accumulation_averages_strided_microbatches():
+  import optax
+  config = tiny_config(grad_accum=2, grad_clip=0.0)
+  config.data.batch_size = 4
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+  spec = state_lib.build_spec(config, mesh)
+  state = state_lib.init_state(config, spec, mesh)
+  batch = jax.tree.map(jnp.asarray, next(inputs.SyntheticLatents(config, seed=0)))
+  key = jax.random.key(0)
+  new_state, m = jax.jit(step_lib.train_step_fn(config, spec))(state, batch, key)
+  loss_fn = step_lib.make_loss_fn(config, spec)
+  rng = jax.random.fold_in(key, 0)
+  grads, losses = [], []
+  for i in range(2):
+    micro = jax.tree.map(lambda x: x[i::2], batch)  # examples i, i+2: the strided split
+    (l, _), g = jax.value_and_grad(loss_fn, has_aux=True)(state['params'], micro, jax.random.fold_in(rng, i))
+    grads.append(g)
+    losses.append(l)
+  g = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
+  updates, _ = spec.tx.update(g, state['opt_state'], state['params'])
+  want = optax.apply_updates(state['params'], updates)
+  assert float(m['loss']) == pytest.approx(float(sum(losses) / 2), rel=1e-5)
+  for a, b in zip(jax.tree.leaves(new_state['params']), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, atol=1e-6)

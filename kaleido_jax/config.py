@@ -112,23 +112,32 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       num_identities=64,       # synthetic: distinct subject identities
       num_clips=512,           # synthetic: clips in the set
       heldout_identities=8,    # synthetic: identities never seen in training (evaluation split)
+      heldout_clips=64,        # synthetic: clips in the 'heldout' split
+      max_subjects=4,          # synthetic: subjects per clip are 1..max_subjects
+      synthetic_seed=0,        # synthetic: content seed (the loader's `seed` only shuffles / augments)
       batch_size=1,            # global batch size
       shuffle=True,
       worker_count=0,          # grain worker processes (needs absl.app.run)
       prefetch=2,
       precomputed_latents=False,  # read VAE latents / text embeddings instead of pixels / captions
+      ref_flip=0.5,            # loader augmentation: probability of mirroring each reference
+      max_bad_records=100,     # loader: records that fail to decode are skipped; more than this is fatal
+      read_threads=2,          # loader: grain read threads per process (or per worker)
+      num_epochs=0,            # loader: 0 = repeat forever
       prepare=ml_collections.ConfigDict(dict(
           input_dir='', annotations='', output_dir='',
           min_height=64, min_width=64, min_frames=17,
           min_blur_var=20.0,            # Laplacian variance below this = blurry
           min_motion=0.5,               # mean |frame diff| (0..255) below this = static
           max_shake=40.0,               # mean |frame diff| above this = shaky / cut
-          min_subject_area=0.02, max_subject_area=0.8,
+          min_subject_area=0.01, max_subject_area=0.8,
           max_border_touch=0.5,         # fraction of frames a subject box touches the border
           dedup_threshold=4,            # perceptual-hash Hamming distance for near-duplicates
           cutout_margin=0.1,
           synth_per_clip=1,             # extra synthesised variants per kept clip
           shard_size=64,
+          split='train',                # TFDS split name the prepared examples are written to
+          fps=8,                        # synthetic export frame rate
       )),
   ))
   cfg.update(overrides)

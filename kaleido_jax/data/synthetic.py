@@ -1,0 +1,361 @@
+"""A procedural multi-subject video set: the embedded default for the demo, tests and evaluation.
+
+No downloads are possible here, yet the cross-paired pipeline needs subjects that recur across clips. Every
+identity (shape, pattern, two colours) is fixed by the table seed; a clip is a pure function of
+(seed, split, clip index): 1..max_subjects identities from its split's pool, each moving along its own path
+(translation, circling, zoom, spin) over a panning procedural background, with an optional occluding bar.
+Rendering is vectorised numpy over (frames, H, W), so the trainer can generate clips on the fly.
+
+Splits: identities ``[0, N - heldout)`` are 'train', the last ``heldout`` identities are 'heldout' (never seen
+in training). :func:`export_clips` writes clips in the `prepare` input format (mp4 + mask npz + jsonl), so the
+real construction path is the tested path; :class:`SyntheticSource` serves cross-paired records in memory in
+the same record format the prepared TFDS shards hold.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+SHAPES = ('circle', 'square', 'triangle', 'star', 'ring', 'diamond', 'cross', 'hexagon')
+PATTERNS = ('plain', 'striped', 'checkered', 'dotted', 'banded')
+COLOURS = {
+    'red': (220, 40, 40), 'orange': (245, 140, 20), 'yellow': (240, 215, 30), 'green': (40, 170, 60),
+    'teal': (20, 160, 160), 'blue': (40, 80, 220), 'purple': (140, 50, 190), 'pink': (240, 110, 180),
+    'brown': (120, 70, 30), 'black': (25, 25, 25),
+}
+MOTIONS = ('moves right', 'moves left', 'moves down', 'moves up', 'circles around', 'zooms in',
+           'shrinks away', 'spins in place')
+SPLITS = {'train': 0, 'heldout': 1}
+
+
+def identity_table(num_identities: int, seed: int = 0) -> list[dict[str, Any]]:
+  """The fixed identity of every subject id: distinct (shape, pattern, colour, colour) combinations."""
+  names = list(COLOURS)
+  combos = [c for c in itertools.product(range(len(SHAPES)), range(len(PATTERNS)), range(len(names)),
+                                         range(len(names))) if c[2] != c[3]]
+  if num_identities > len(combos):
+    raise ValueError(f'at most {len(combos)} distinct identities, asked for {num_identities}')
+  order = np.random.default_rng([seed, 0x1D]).permutation(len(combos))[:num_identities]
+  table = []
+  for k, j in enumerate(order):
+    s, p, c1, c2 = combos[j]
+    name = f'{names[c1]} {SHAPES[s]}' if PATTERNS[p] == 'plain' else \
+        f'{names[c1]} {SHAPES[s]} {PATTERNS[p]} with {names[c2]}'
+    table.append(dict(id=k, shape=SHAPES[s], pattern=PATTERNS[p], colour=np.array(COLOURS[names[c1]]),
+                      colour2=np.array(COLOURS[names[c2]]), name=name))
+  return table
+
+
+def split_identities(num_identities: int, heldout: int, split: str) -> np.ndarray:
+  """Identity ids of a split; 'train' and 'heldout' are disjoint by construction."""
+  if not 0 <= heldout < num_identities:
+    raise ValueError(f'heldout_identities={heldout} must be in [0, {num_identities})')
+  if split == 'train':
+    return np.arange(num_identities - heldout)
+  if split == 'heldout':
+    return np.arange(num_identities - heldout, num_identities)
+  raise ValueError(f'unknown split {split!r}; use one of {sorted(SPLITS)}')
+
+
+def clip_plan(seed: int, split: str, index: int, pool: np.ndarray, max_subjects: int) -> dict[str, Any]:
+  """Everything random about one clip (cheap: no pixels), a pure function of (seed, split, index)."""
+  rng = np.random.default_rng([seed, SPLITS[split], index])
+  n = int(rng.integers(1, min(max_subjects, len(pool)) + 1))
+  ids = rng.choice(pool, size=n, replace=False).astype(np.int32)
+  subjects = []
+  for _ in range(n):
+    motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
+    p0 = rng.uniform(0.25, 0.75, 2)
+    p1, s0, s1, rot, amp = p0.copy(), rng.uniform(0.13, 0.2), None, rng.uniform(-0.5, 0.5), 0.0
+    d = rng.uniform(0.2, 0.35)
+    if motion == 'moves right':
+      p0[0], p1[0] = 0.5 - d / 2, 0.5 + d / 2
+    elif motion == 'moves left':
+      p0[0], p1[0] = 0.5 + d / 2, 0.5 - d / 2
+    elif motion == 'moves down':
+      p0[1], p1[1] = 0.5 - d / 2, 0.5 + d / 2
+    elif motion == 'moves up':
+      p0[1], p1[1] = 0.5 + d / 2, 0.5 - d / 2
+    elif motion == 'circles around':
+      amp = rng.uniform(0.08, 0.15)
+    s1 = s0 * (1.6 if motion == 'zooms in' else 0.6 if motion == 'shrinks away' else rng.uniform(0.9, 1.1))
+    spin = rng.choice([-1, 1]) * rng.uniform(2.0, 4.0) if motion == 'spins in place' else rng.uniform(-0.4, 0.4)
+    subjects.append(dict(motion=motion, p0=p0, p1=p1, s0=s0, s1=s1, rot=rot, spin=spin, amp=amp,
+                         phase=rng.uniform(0, 2 * np.pi)))
+  bg = dict(c0=rng.uniform(60, 230, 3), c1=rng.uniform(60, 230, 3), angle=rng.uniform(0, 2 * np.pi),
+            freq=rng.uniform(2, 6, 2), amp=rng.uniform(8, 25), pan=rng.uniform(-0.15, 0.15, 2),
+            noise_seed=int(rng.integers(2**31)))
+  occluder = None
+  if rng.random() < 0.3:
+    occluder = dict(x0=rng.uniform(-0.1, 0.2), x1=rng.uniform(0.8, 1.1), w=rng.uniform(0.06, 0.12),
+                    grey=rng.uniform(90, 160))
+  return dict(index=index, split=split, ids=ids, subjects=subjects, bg=bg, occluder=occluder)
+
+
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+  r = np.sqrt(u * u + v * v)
+  if shape == 'circle':
+    return r <= 1.0
+  if shape == 'square':
+    return (np.abs(u) <= 0.85) & (np.abs(v) <= 0.85)
+  if shape == 'triangle':
+    return (v <= 0.8) & (v >= -0.9 + 1.7 * np.abs(u) * 1.1)
+  if shape == 'star':
+    a = np.arctan2(v, u)
+    return r <= 0.55 + 0.4 * np.cos(5 * a) ** 2
+  if shape == 'ring':
+    return (r <= 1.0) & (r >= 0.55)
+  if shape == 'diamond':
+    return np.abs(u) + np.abs(v) <= 1.0
+  if shape == 'cross':
+    return ((np.abs(u) <= 0.3) & (np.abs(v) <= 0.95)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 0.95))
+  if shape == 'hexagon':
+    au, av = np.abs(u), np.abs(v)
+    return (av <= 0.85) & (0.5 * av + 0.866 * au <= 0.9)
+  raise ValueError(shape)
+
+
+def _pattern(pattern: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+  """True where the identity's second colour shows."""
+  if pattern == 'plain':
+    return np.zeros(u.shape, bool)
+  if pattern == 'striped':
+    return np.floor((u + 2) * 3.0).astype(np.int32) % 2 == 1
+  if pattern == 'checkered':
+    return (np.floor((u + 2) * 2.5).astype(np.int32) + np.floor((v + 2) * 2.5).astype(np.int32)) % 2 == 1
+  if pattern == 'dotted':
+    fu, fv = (u + 2) * 2.5 % 1 - 0.5, (v + 2) * 2.5 % 1 - 0.5
+    return fu * fu + fv * fv < 0.08
+  if pattern == 'banded':
+    return np.floor(np.sqrt(u * u + v * v) * 4).astype(np.int32) % 2 == 1
+  raise ValueError(pattern)
+
+
+def subject_pose(sub: dict[str, Any], t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(x, y, scale, angle) of one subject at normalised times t (0 = first frame, 1 = last)."""
+  x = sub['p0'][0] + (sub['p1'][0] - sub['p0'][0]) * t + sub['amp'] * np.cos(2 * np.pi * t + sub['phase'])
+  y = sub['p0'][1] + (sub['p1'][1] - sub['p0'][1]) * t + sub['amp'] * np.sin(2 * np.pi * t + sub['phase'])
+  s = sub['s0'] * (sub['s1'] / sub['s0']) ** t
+  a = sub['rot'] + sub['spin'] * t
+  return x, y, s, a
+
+
+def render_plan(plan: dict[str, Any], table: Sequence[dict[str, Any]], num_frames: int, height: int,
+                width: int, frames: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+  """Pixels of a planned clip (optionally only some frames).
+
+  Returns video (T, H, W, 3) uint8, masks (T, S, H, W) bool (visible part of each subject after occlusion),
+  full_masks (T, S, H, W) bool (the whole subject), subject_ids (S,) int32.
+  """
+  fr = np.arange(num_frames) if frames is None else np.asarray(frames)
+  t = (fr / max(num_frames - 1, 1)).astype(np.float32)[:, None, None]
+  aspect = width / height
+  yy = ((np.arange(height, dtype=np.float32) + 0.5) / height)[None, :, None]
+  xx = ((np.arange(width, dtype=np.float32) + 0.5) / width)[None, None, :]
+  bg = plan['bg']
+  # Background: a two-colour gradient with low-frequency waves that pans over time, plus fixed grain noise.
+  bx, by = xx + bg['pan'][0] * t, yy + bg['pan'][1] * t
+  g = np.clip(0.5 + 0.5 * (np.cos(bg['angle']) * (bx - 0.5) + np.sin(bg['angle']) * (by - 0.5)) * 1.4, 0, 1)
+  wave = bg['amp'] * np.sin(2 * np.pi * bg['freq'][0] * bx) * np.cos(2 * np.pi * bg['freq'][1] * by)
+  img = (bg['c0'] * (1 - g[..., None]) + bg['c1'] * g[..., None] + wave[..., None]).astype(np.float32)
+  noise = np.random.default_rng(bg['noise_seed']).normal(0, 6, (height, width, 3)).astype(np.float32)
+  img = img + noise
+  full = []
+  for sid, sub in zip(plan['ids'], plan['subjects']):
+    ident = table[int(sid)]
+    x, y, s, a = (np.asarray(q, np.float32) for q in subject_pose(sub, t))
+    dx, dy = (xx - x) * aspect / s, (yy - y) / s
+    ca, sa = np.cos(a), np.sin(a)
+    u, v = ca * dx + sa * dy, -sa * dx + ca * dy
+    m = _shape_mask(ident['shape'], u, v)
+    second = _pattern(ident['pattern'], u, v)
+    col = np.where(second[..., None], ident['colour2'].astype(np.float32), ident['colour'].astype(np.float32))
+    img = np.where(m[..., None], col, img)
+    full.append(m)
+  full_masks = np.stack(full, 1) if full else np.zeros((len(fr), 0, height, width), bool)
+  vis = full_masks.copy()
+  for i in range(vis.shape[1] - 1):  # later subjects are drawn on top
+    vis[:, i] &= ~np.any(full_masks[:, i + 1:], axis=1)
+  occ = plan['occluder']
+  if occ is not None:
+    ox = occ['x0'] + (occ['x1'] - occ['x0']) * t
+    bar = np.broadcast_to(np.abs(xx - ox) <= occ['w'] / 2, (len(fr), height, width))
+    img = np.where(bar[..., None], np.float32(occ['grey']), img)
+    vis &= ~bar[:, None]
+  video = np.clip(np.round(img), 0, 255).astype(np.uint8)
+  return dict(video=video, masks=vis, full_masks=full_masks, subject_ids=plan['ids'].astype(np.int32))
+
+
+def caption(plan: dict[str, Any], table: Sequence[dict[str, Any]]) -> str:
+  """Names every subject and its motion (and the occluder when there is one)."""
+  parts = [f'a {table[int(i)]["name"]} {s["motion"]}' for i, s in zip(plan['ids'], plan['subjects'])]
+  text = parts[0] if len(parts) == 1 else ', '.join(parts[:-1]) + ' and ' + parts[-1]
+  text = text[0].upper() + text[1:]
+  if plan['occluder'] is not None:
+    text += ', partly hidden by a passing grey bar'
+  return text + '.'
+
+
+def cutout(frame: np.ndarray, mask: np.ndarray, size: tuple[int, int], margin: float) -> np.ndarray:
+  """Subject on white: crop the mask's box plus `margin` (fraction of the box side), square it, resize.
+
+  Shared with the construction pipeline, so synthetic references and prepared references look alike.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  h, w = mask.shape
+  out = np.full(frame.shape, 255, np.uint8)
+  out[mask] = frame[mask]
+  ys, xs = np.nonzero(mask)
+  if len(ys) == 0:
+    return np.full(size + (3,), 255, np.uint8)
+  y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+  side = max(y1 - y0, x1 - x0) * (1 + 2 * margin)
+  cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+  half = max(side / 2, 1)
+  t, l = int(np.floor(cy - half)), int(np.floor(cx - half))
+  b, r = int(np.ceil(cy + half)), int(np.ceil(cx + half))
+  canvas = np.full((b - t, r - l, 3), 255, np.uint8)
+  st, sl, sb, sr = max(t, 0), max(l, 0), min(b, h), min(r, w)
+  canvas[st - t:sb - t, sl - l:sr - l] = out[st:sb, sl:sr]
+  return np.asarray(Image.fromarray(canvas).resize((size[1], size[0]), Image.BILINEAR))
+
+
+class SyntheticSet:
+  """Plans of every clip of a split plus the identity → clips index used for cross-pairing."""
+
+  def __init__(self, *, num_clips: int, num_identities: int, heldout_identities: int, split: str,
+               num_frames: int, height: int, width: int, seed: int = 0, max_subjects: int = 4):
+    self.table = identity_table(num_identities, seed)
+    self.pool = split_identities(num_identities, heldout_identities, split)
+    self.split, self.seed = split, seed
+    self.num_frames, self.height, self.width = num_frames, height, width
+    self.plans = [clip_plan(seed, split, i, self.pool, max_subjects) for i in range(num_clips)]
+    self.clips_of: dict[int, list[int]] = {}
+    for p in self.plans:
+      for sid in p['ids']:
+        self.clips_of.setdefault(int(sid), []).append(p['index'])
+
+  def __len__(self) -> int:
+    return len(self.plans)
+
+  def clip(self, index: int) -> dict[str, Any]:
+    out = render_plan(self.plans[index], self.table, self.num_frames, self.height, self.width)
+    out['caption'] = caption(self.plans[index], self.table)
+    return out
+
+
+def _best_frame(rendered: dict[str, np.ndarray], slot: int) -> int:
+  return int(np.argmax(rendered['masks'][:, slot].sum((1, 2))))
+
+
+class SyntheticSource:
+  """In-memory `grain.RandomAccessDataSource`: cross-paired records in the prepared-shard format.
+
+  Record i: video (F, H, W, 3) uint8, refs (n, H, W, 3) uint8 subject-on-white cut-outs, subject_ids (n,),
+  caption (str), clip_id, ref_clip_ids (n,) and ref_frames (n,) (pairing provenance; a reference comes from
+  another clip containing the same identity, never from clip i; -1 frame-mode fallback when no other clip
+  has the identity: the target clip's frame farthest from its middle, mirrored).
+  """
+
+  def __init__(self, *, num_clips: int, num_identities: int, heldout_identities: int, split: str,
+               num_frames: int, height: int, width: int, seed: int = 0, max_subjects: int = 4,
+               cutout_margin: float = 0.1, probe_frames: int = 3):
+    self.set = SyntheticSet(num_clips=num_clips, num_identities=num_identities,
+                            heldout_identities=heldout_identities, split=split, num_frames=num_frames,
+                            height=height, width=width, seed=seed, max_subjects=max_subjects)
+    self.margin, self.probe = cutout_margin, probe_frames
+
+  def __len__(self) -> int:
+    return len(self.set)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    s = self.set
+    index = int(index)
+    clip = s.clip(index)
+    rng = np.random.default_rng([s.seed, SPLITS[s.split], index, 0xC2])
+    refs, ref_clips, ref_frames = [], [], []
+    for slot, sid in enumerate(clip['subject_ids']):
+      others = [c for c in s.clips_of[int(sid)] if c != index]
+      if others:
+        src = int(rng.choice(others))
+        plan = s.plans[src]
+        frames = np.sort(rng.choice(s.num_frames, size=min(self.probe, s.num_frames), replace=False))
+        r = render_plan(plan, s.table, s.num_frames, s.height, s.width, frames=frames)
+        j = int(np.nonzero(plan['ids'] == sid)[0][0])
+        k = _best_frame(r, j)
+        ref = cutout(r['video'][k], r['masks'][k, j], (s.height, s.width), self.margin)
+        ref_clips.append(src)
+        ref_frames.append(int(frames[k]))
+      else:
+        k = 0 if clip['masks'][0, slot].sum() >= clip['masks'][-1, slot].sum() else s.num_frames - 1
+        ref = cutout(clip['video'][k], clip['masks'][k, slot], (s.height, s.width), self.margin)[:, ::-1]
+        ref_clips.append(-1)
+        ref_frames.append(k)
+      refs.append(ref)
+    return dict(video=clip['video'], refs=np.stack(refs), subject_ids=clip['subject_ids'],
+                caption=clip['caption'], clip_id=np.int32(index),
+                ref_clip_ids=np.asarray(ref_clips, np.int32), ref_frames=np.asarray(ref_frames, np.int32))
+
+
+def write_example(out_dir: str, name: str, video: np.ndarray, masks: np.ndarray | None,
+                  subject_ids: Sequence[int], caption_text: str, *, fps: int = 8,
+                  boxes: np.ndarray | None = None) -> dict[str, Any]:
+  """Write one clip in the `prepare` input format; returns its annotation line (not yet appended).
+
+  video.mp4 + `name.masks.npz` (masks (F, S, H, W) bool, bit-packed) or per-frame boxes (F, S, 4) x0,y0,x1,y1.
+  """
+  import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  f, h, w = video.shape[:3]
+  writer = imageio_ffmpeg.write_frames(os.path.join(out_dir, f'{name}.mp4'), (w, h), fps=fps, codec='libx264',
+                                       pix_fmt_out='yuv444p', output_params=['-crf', '10'], macro_block_size=1,
+                                       ffmpeg_log_level='error')
+  writer.send(None)
+  for frame in video:
+    writer.send(np.ascontiguousarray(frame))
+  writer.close()
+  subjects = [dict(id=int(i), index=k) for k, i in enumerate(subject_ids)]
+  line = dict(video=f'{name}.mp4', caption=caption_text, subjects=subjects)
+  if masks is not None:
+    np.savez_compressed(os.path.join(out_dir, f'{name}.masks.npz'), shape=np.asarray(masks.shape),
+                        bits=np.packbits(masks.astype(bool).ravel()))
+    line['masks'] = f'{name}.masks.npz'
+  if boxes is not None:
+    for k, sub in enumerate(subjects):
+      sub['boxes'] = np.asarray(boxes)[:, k].round(2).tolist()
+  return line
+
+
+def export_clips(out_dir: str, *, num_clips: int, num_identities: int, heldout_identities: int,
+                 split: str, num_frames: int, height: int, width: int, seed: int = 0,
+                 max_subjects: int = 4, fps: int = 8) -> str:
+  """Render a split to mp4 + masks + `annotations.jsonl` (the `prepare` input); returns the jsonl path."""
+  s = SyntheticSet(num_clips=num_clips, num_identities=num_identities, heldout_identities=heldout_identities,
+                   split=split, num_frames=num_frames, height=height, width=width, seed=seed,
+                   max_subjects=max_subjects)
+  lines = []
+  for i in range(len(s)):
+    c = s.clip(i)
+    lines.append(write_example(out_dir, f'{split}_{i:05d}', c['video'], c['masks'], c['subject_ids'],
+                               c['caption'], fps=fps))
+  path = os.path.join(out_dir, 'annotations.jsonl')
+  with open(path + '.tmp', 'w') as f:
+    for line in lines:
+      f.write(json.dumps(line) + '\n')
+  os.replace(path + '.tmp', path)
+  return path
+
+
+def make_source(data_config: Any, split: str) -> SyntheticSource:
+  """The synthetic source a `config.data` section describes."""
+  n = data_config.num_clips if split == 'train' else data_config.heldout_clips
+  return SyntheticSource(num_clips=n, num_identities=data_config.num_identities,
+                         heldout_identities=data_config.heldout_identities, split=split,
+                         num_frames=data_config.num_frames, height=data_config.height, width=data_config.width,
+                         seed=data_config.synthetic_seed, max_subjects=data_config.max_subjects,
+                         cutout_margin=data_config.prepare.cutout_margin)

@@ -1,0 +1,97 @@
+"""The TFDS dataset builder that writes prepared examples as ArrayRecord shards.
+
+TFDS gives us what the pipeline needs for free: atomic writes (the version directory is written under an
+`incomplete` name and renamed when every shard is complete), a `dataset_info.json` with the shard list, and
+`as_data_source` random access for Grain. Frames are stored as `Tensor` uint8 features (not `Image`), which
+the array_record reader decodes without TF image ops.
+
+Features: video (F, H, W, 3) uint8, refs (n, H, W, 3) uint8, subject_ids (n,) int32, caption, clip_id,
+pairing (json: per reference subject_id / clip / frame / mode), synthesis (json: ops applied), and optionally
+video_latents, ref_latents, text_embedding float32 when encoders were plugged into `prepare`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable
+
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+
+NAME = 'kaleido_s2v'
+VERSION = '1.0.0'
+
+
+def features(num_frames: int, height: int, width: int,
+             latent_shapes: dict[str, tuple] | None = None) -> tfds.features.FeaturesDict:
+  zlib = tfds.features.Encoding.ZLIB
+  spec = dict(
+      video=tfds.features.Tensor(shape=(num_frames, height, width, 3), dtype=np.uint8, encoding=zlib),
+      refs=tfds.features.Tensor(shape=(None, height, width, 3), dtype=np.uint8, encoding=zlib),
+      subject_ids=tfds.features.Tensor(shape=(None,), dtype=np.int32),
+      caption=tfds.features.Text(),
+      clip_id=tfds.features.Text(),
+      pairing=tfds.features.Text(),
+      synthesis=tfds.features.Text(),
+  )
+  for k, shape in (latent_shapes or {}).items():
+    spec[k] = tfds.features.Tensor(shape=shape, dtype=np.float32)
+  return tfds.features.FeaturesDict(spec)
+
+
+class KaleidoS2V(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Cross-paired subject-to-video examples; the examples come from `prepare` (an iterable of dicts)."""
+
+  name = NAME
+  VERSION = tfds.core.Version(VERSION)
+  RELEASE_NOTES = {str(VERSION): 'Cross-paired, filtered, synthesised subject-to-video examples.'}
+
+  # TFDS' default code_path probes `importlib_resources`, which this environment lacks; the file is known.
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    return epath.Path(__file__)
+
+  def __init__(self, *, feature_dict: tfds.features.FeaturesDict, splits: dict[str, Callable[[], Iterable]],
+               **kwargs: Any):
+    self._feature_dict = feature_dict
+    self._splits = splits
+    super().__init__(file_format='array_record', **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(features=self._feature_dict)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {name: self._generate_examples(fn) for name, fn in self._splits.items()}
+
+  def _generate_examples(self, fn):
+    for key, ex in fn():
+      yield key, ex
+
+
+def dataset_dir(data_dir: str, name: str = NAME) -> str:
+  return os.path.join(data_dir, name, VERSION)
+
+
+def write(data_dir: str, feature_dict: tfds.features.FeaturesDict, splits: dict[str, Callable[[], Iterable]],
+          num_shards: int) -> str:
+  """Write the splits as ArrayRecord shards under data_dir/kaleido_s2v/1.0.0 (atomically); returns that dir."""
+  b = KaleidoS2V(feature_dict=feature_dict, splits=splits, data_dir=data_dir)
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=max(1, num_shards)))
+  return dataset_dir(data_dir)
+
+
+def open_source(data_dir: str, split: str, name: str = NAME):
+  """Random-access source of a prepared split; a missing dataset or shard is a clear error."""
+  d = dataset_dir(data_dir, name)
+  if not os.path.exists(os.path.join(d, 'dataset_info.json')):
+    raise FileNotFoundError(f'no prepared dataset at {d} (run `python -m kaleido_jax.data.prepare`)')
+  builder = tfds.builder_from_directory(d)
+  if split not in builder.info.splits:
+    raise ValueError(f'split {split!r} not in {d}; it has {sorted(builder.info.splits)}')
+  missing = [f for f in builder.info.splits[split].filenames if not os.path.exists(os.path.join(d, f))]
+  if missing:
+    raise FileNotFoundError(f'{len(missing)} shard(s) of {name}/{split} missing under {d}: {missing[:3]}')
+  return builder.as_data_source(split=split)

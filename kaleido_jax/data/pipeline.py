@@ -22,7 +22,8 @@ sampling (the record's cross-paired references in a random order, a random subse
 `worker_count > 0` (needs absl flags parsed: run under `absl.app.run`).
 
 Every random choice is grain's per-element rng (a function of seed and position), so restoring a state
-reproduces exactly the batches an uninterrupted run would have produced. A record that fails to decode is
+reproduces exactly the batches an uninterrupted run would have produced (for a given `worker_count`: grain
+interleaves worker slices, so the element order depends on it; every epoch still holds each record once). A record that fails to decode is
 skipped and counted (`bad_record_count()`, per process; more than `max_bad_records` is fatal); a missing
 dataset or shard raises FileNotFoundError before the first batch.
 """

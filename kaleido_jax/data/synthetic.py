@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from kaleido_jax.data import pairing
+
 SHAPES = ('circle', 'square', 'triangle', 'star', 'ring', 'diamond', 'cross', 'hexagon')
 PATTERNS = ('plain', 'striped', 'checkered', 'dotted', 'banded')
 COLOURS = {
@@ -259,7 +261,8 @@ class SyntheticSource:
   Record i: video (F, H, W, 3) uint8, refs (n, H, W, 3) uint8 subject-on-white cut-outs, subject_ids (n,),
   caption (str), clip_id, ref_clip_ids (n,) and ref_frames (n,) (pairing provenance; a reference comes from
   another clip containing the same identity, never from clip i; -1 frame-mode fallback when no other clip
-  has the identity: the target clip's frame farthest from its middle, mirrored).
+  has the identity: the target clip's end frame with the most visible subject, augmented by
+  `pairing.augment_reference`).
   """
 
   def __init__(self, *, num_clips: int, num_identities: int, heldout_identities: int, split: str,
@@ -293,7 +296,8 @@ class SyntheticSource:
         ref_frames.append(int(frames[k]))
       else:
         k = 0 if clip['masks'][0, slot].sum() >= clip['masks'][-1, slot].sum() else s.num_frames - 1
-        ref = cutout(clip['video'][k], clip['masks'][k, slot], (s.height, s.width), self.margin)[:, ::-1]
+        ref = pairing.augment_reference(
+            cutout(clip['video'][k], clip['masks'][k, slot], (s.height, s.width), self.margin), rng)
         ref_clips.append(-1)
         ref_frames.append(k)
       refs.append(ref)

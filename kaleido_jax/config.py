@@ -134,6 +134,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
           max_border_touch=0.5,         # fraction of frames a subject box touches the border
           dedup_threshold=4,            # perceptual-hash Hamming distance for near-duplicates
           cutout_margin=0.1,
+          refs_per_subject=2,           # cross-paired reference candidates per subject (loader picks one)
           synth_per_clip=1,             # extra synthesised variants per kept clip
           shard_size=64,
           split='train',                # TFDS split name the prepared examples are written to

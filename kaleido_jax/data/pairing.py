@@ -22,18 +22,20 @@ def build_index(clip_subjects: dict[str, Sequence[int]]) -> dict[int, list[str]]
 
 
 def pick_references(target: str, subject_ids: Sequence[int], index: dict[int, list[str]],
-                    rng: np.random.Generator) -> list[dict[str, Any]]:
-  """One reference source per subject: {'subject_id', 'clip', 'mode'}; mode 'cross' or 'far_frame'.
+                    rng: np.random.Generator, per_subject: int = 1) -> list[dict[str, Any]]:
+  """Reference sources: {'slot', 'subject_id', 'clip', 'mode'}; mode 'cross' or 'far_frame'.
 
-  Never returns the target clip in 'cross' mode.
+  Up to `per_subject` distinct other clips per subject (the loader samples one per epoch); never the target
+  clip in 'cross' mode; one 'far_frame' entry for a subject no other clip holds.
   """
   out = []
-  for sid in subject_ids:
+  for slot, sid in enumerate(subject_ids):
     others = [c for c in index.get(int(sid), []) if c != target]
     if others:
-      out.append(dict(subject_id=int(sid), clip=str(others[int(rng.integers(len(others)))]), mode='cross'))
+      for j in rng.choice(len(others), size=min(per_subject, len(others)), replace=False):
+        out.append(dict(slot=slot, subject_id=int(sid), clip=str(others[int(j)]), mode='cross'))
     else:
-      out.append(dict(subject_id=int(sid), clip=target, mode='far_frame'))
+      out.append(dict(slot=slot, subject_id=int(sid), clip=target, mode='far_frame'))
   return out
 
 

@@ -16,15 +16,15 @@ subject_ids; no pixels.
 Stages: source (`data.source`: 'tfds' = tfds ArrayRecord data source under data.data_dir, 'synthetic' =
 synthetic.SyntheticSource behind the same random-access interface) -> grain.MapDataset -> per-process slice
 (`process_index::process_count`, disjoint) -> seeded shuffle (reshuffled every epoch) -> repeat -> cross-pair
-sampling (the record's cross-paired references in a random order, a random subset when there are more than
-`max_refs`) -> augmentation (each reference mirrored with probability `ref_flip`) -> to_iter_dataset
+sampling (subjects in a random order, a random subset when there are more than `max_refs`, and for each
+one of its cross-paired reference candidates) -> augmentation (each reference mirrored with probability `ref_flip`) -> to_iter_dataset
 (`read_threads`, `prefetch`) -> batch (references padded to `max_refs`, mask) -> mp_prefetch when
 `worker_count > 0` (needs absl flags parsed: run under `absl.app.run`).
 
 Every random choice is grain's per-element rng (a function of seed and position), so restoring a state
 reproduces exactly the batches an uninterrupted run would have produced (for a given `worker_count`: grain
-interleaves worker slices, so the element order depends on it; every epoch still holds each record once). A record that fails to decode is
-skipped and counted (`bad_record_count()`, per process; more than `max_bad_records` is fatal); a missing
+interleaves worker slices, so the element order depends on it; every epoch still holds each record once).
+A record that fails to decode is skipped and counted (`bad_record_count()`, per process; more than `max_bad_records` is fatal); a missing
 dataset or shard raises FileNotFoundError before the first batch.
 """
 
@@ -96,6 +96,8 @@ class PairAndAugment(grain.transforms.RandomMap):
     ids = np.asarray(rec['subject_ids'], np.int32)
     n = min(len(ids), self.max_refs)
     order = rng.permutation(len(ids))[:n]
+    slots = np.asarray(rec['ref_slots'] if 'ref_slots' in rec else np.arange(len(ids)), np.int32)
+    pick = np.asarray([rng.choice(np.nonzero(slots == s)[0]) for s in order], np.int64)  # one candidate each
     r = self.max_refs
     out = dict(ref_mask=np.arange(r) < n, subject_ids=np.full((r,), -1, np.int32),
                caption=_text(rec['caption']), clip_id=_text(rec['clip_id']))
@@ -106,11 +108,11 @@ class PairAndAugment(grain.transforms.RandomMap):
           raise KeyError(f'data.precomputed_latents=True but the records have no {k!r} (prepare with encoders)')
       rl = np.asarray(rec['ref_latents'], np.float32)
       out['ref_latents'] = np.zeros((r,) + rl.shape[1:], np.float32)
-      out['ref_latents'][:n] = rl[order]
+      out['ref_latents'][:n] = rl[pick]
       out['video_latents'] = np.asarray(rec['video_latents'], np.float32)
       out['text_embedding'] = np.asarray(rec['text_embedding'], np.float32)
       return out
-    refs = np.asarray(rec['refs'])[order]
+    refs = np.asarray(rec['refs'])[pick]
     flips = rng.random(n) < self.flip
     refs = np.where(flips[:, None, None, None], refs[:, :, ::-1], refs)
     video = np.asarray(rec['video'])

@@ -15,8 +15,9 @@ Stages (counts in the final report, `output_dir/report.json`; input == kept + su
      subject too small / too large / truncated at the border; then near-duplicates (perceptual hash);
   2. subject cut-out on white with margins (synthetic.cutout) from the best frame of the training window and
      from the frame farthest from it;
-  3. cross-pairing (pairing.py): each subject's reference comes from another kept clip with that subject id,
-     never the target clip; fallback: the far frame, augmented;
+  3. cross-pairing (pairing.py): each subject's references (up to `refs_per_subject` candidates; the loader
+     samples one per epoch) come from other kept clips with that subject id, never the target clip;
+     fallback: the far frame, augmented;
   4. diverse synthesis (synthesis.py): `synth_per_clip` variants per kept clip (background, geometry, colour,
      multi-subject composition), cross-paired the same way (never from the clips they were built from);
   5. output: ArrayRecord shards through the TFDS builder (tfds_builder.py), optional precomputed latents /
@@ -152,9 +153,10 @@ def _load_cached(path: str) -> dict[str, Any]:
 
 
 def _references(target: str, ids: np.ndarray, index: dict[int, list[str]], clips: dict[str, dict],
-                rng: np.random.Generator, exclude: tuple[str, ...] = ()) -> tuple[np.ndarray, list[dict]]:
+                rng: np.random.Generator, exclude: tuple[str, ...] = (),
+                per_subject: int = 1) -> tuple[np.ndarray, list[dict]]:
   picks = pairing.pick_references(target, ids, {k: [c for c in v if c not in exclude] for k, v in index.items()},
-                                  rng)
+                                  rng, per_subject)
   refs, prov = [], []
   for p in picks:
     if p['mode'] == 'far_frame':  # the clip the subject's pixels came from (a composed subject's own clip)
@@ -269,8 +271,9 @@ def prepare(data_cfg: ml_collections.ConfigDict, *, output_dir: str, input_dir: 
       ex = synthesis.synthesize(c, rng, o, max_subjects=data_cfg.max_subjects)
       if 'compose' in ex['ops']:
         exclude = (other,)
-    refs, prov = _references(name, ex['subject_ids'], index, clips, rng, exclude)
-    out = dict(video=ex['video'], refs=refs, subject_ids=np.asarray(ex['subject_ids'], np.int32),
+    refs, prov = _references(name, ex['subject_ids'], index, clips, rng, exclude, cfg.refs_per_subject)
+    out = dict(video=ex['video'], refs=refs, ref_slots=np.asarray([p['slot'] for p in prov], np.int32),
+               subject_ids=np.asarray(ex['subject_ids'], np.int32),
                caption=ex['caption'], clip_id=key, pairing=json.dumps(prov), synthesis=json.dumps(ex['ops']))
     if video_encoder is not None:
       out['video_latents'] = np.asarray(video_encoder(ex['video'].astype(np.float32) / 127.5 - 1), np.float32)

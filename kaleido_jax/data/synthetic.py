@@ -258,16 +258,19 @@ def _best_frame(rendered: dict[str, np.ndarray], slot: int) -> int:
 class SyntheticSource:
   """In-memory `grain.RandomAccessDataSource`: cross-paired records in the prepared-shard format.
 
-  Record i: video (F, H, W, 3) uint8, refs (n, H, W, 3) uint8 subject-on-white cut-outs, subject_ids (n,),
-  caption (str), clip_id, ref_clip_ids (n,) and ref_frames (n,) (pairing provenance; a reference comes from
-  another clip containing the same identity, never from clip i; -1 frame-mode fallback when no other clip
-  has the identity: the target clip's end frame with the most visible subject, augmented by
+  Record i: video (F, H, W, 3) uint8, subject_ids (n,), caption (str), clip_id, and reference candidates:
+  refs (C, H, W, 3) uint8 subject-on-white cut-outs, ref_slots (C,) (which subject each one shows),
+  ref_clip_ids (C,) and ref_frames (C,) (pairing provenance). Each subject gets up to `refs_per_subject`
+  candidates from distinct other clips containing the identity, never from clip i (the loader samples one);
+  -1 = fallback when no other clip has the identity: the target clip's end frame with the most visible
+  subject, augmented by
   `pairing.augment_reference`).
   """
 
   def __init__(self, *, num_clips: int, num_identities: int, heldout_identities: int, split: str,
                num_frames: int, height: int, width: int, seed: int = 0, max_subjects: int = 4,
-               cutout_margin: float = 0.1, probe_frames: int = 3):
+               cutout_margin: float = 0.1, probe_frames: int = 3, refs_per_subject: int = 2):
+    self.per_subject = refs_per_subject
     self.set = SyntheticSet(num_clips=num_clips, num_identities=num_identities,
                             heldout_identities=heldout_identities, split=split, num_frames=num_frames,
                             height=height, width=width, seed=seed, max_subjects=max_subjects)
@@ -281,28 +284,29 @@ class SyntheticSource:
     index = int(index)
     clip = s.clip(index)
     rng = np.random.default_rng([s.seed, SPLITS[s.split], index, 0xC2])
-    refs, ref_clips, ref_frames = [], [], []
+    refs, slots, ref_clips, ref_frames = [], [], [], []
     for slot, sid in enumerate(clip['subject_ids']):
       others = [c for c in s.clips_of[int(sid)] if c != index]
       if others:
-        src = int(rng.choice(others))
-        plan = s.plans[src]
-        frames = np.sort(rng.choice(s.num_frames, size=min(self.probe, s.num_frames), replace=False))
-        r = render_plan(plan, s.table, s.num_frames, s.height, s.width, frames=frames)
-        j = int(np.nonzero(plan['ids'] == sid)[0][0])
-        k = _best_frame(r, j)
-        ref = cutout(r['video'][k], r['masks'][k, j], (s.height, s.width), self.margin)
-        ref_clips.append(src)
-        ref_frames.append(int(frames[k]))
+        for src in rng.choice(others, size=min(self.per_subject, len(others)), replace=False):
+          plan = s.plans[int(src)]
+          frames = np.sort(rng.choice(s.num_frames, size=min(self.probe, s.num_frames), replace=False))
+          r = render_plan(plan, s.table, s.num_frames, s.height, s.width, frames=frames)
+          j = int(np.nonzero(plan['ids'] == sid)[0][0])
+          k = _best_frame(r, j)
+          refs.append(cutout(r['video'][k], r['masks'][k, j], (s.height, s.width), self.margin))
+          slots.append(slot)
+          ref_clips.append(int(src))
+          ref_frames.append(int(frames[k]))
       else:
         k = 0 if clip['masks'][0, slot].sum() >= clip['masks'][-1, slot].sum() else s.num_frames - 1
-        ref = pairing.augment_reference(
-            cutout(clip['video'][k], clip['masks'][k, slot], (s.height, s.width), self.margin), rng)
+        refs.append(pairing.augment_reference(
+            cutout(clip['video'][k], clip['masks'][k, slot], (s.height, s.width), self.margin), rng))
+        slots.append(slot)
         ref_clips.append(-1)
         ref_frames.append(k)
-      refs.append(ref)
-    return dict(video=clip['video'], refs=np.stack(refs), subject_ids=clip['subject_ids'],
-                caption=clip['caption'], clip_id=np.int32(index),
+    return dict(video=clip['video'], refs=np.stack(refs), ref_slots=np.asarray(slots, np.int32),
+                subject_ids=clip['subject_ids'], caption=clip['caption'], clip_id=np.int32(index),
                 ref_clip_ids=np.asarray(ref_clips, np.int32), ref_frames=np.asarray(ref_frames, np.int32))
 
 
@@ -362,4 +366,5 @@ def make_source(data_config: Any, split: str) -> SyntheticSource:
                          heldout_identities=data_config.heldout_identities, split=split,
                          num_frames=data_config.num_frames, height=data_config.height, width=data_config.width,
                          seed=data_config.synthetic_seed, max_subjects=data_config.max_subjects,
-                         cutout_margin=data_config.prepare.cutout_margin)
+                         cutout_margin=data_config.prepare.cutout_margin,
+                         refs_per_subject=data_config.prepare.refs_per_subject)

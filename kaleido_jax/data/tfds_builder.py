@@ -5,7 +5,8 @@ TFDS gives us what the pipeline needs for free: atomic writes (the version direc
 `as_data_source` random access for Grain. Frames are stored as `Tensor` uint8 features (not `Image`), which
 the array_record reader decodes without TF image ops.
 
-Features: video (F, H, W, 3) uint8, refs (n, H, W, 3) uint8, subject_ids (n,) int32, caption, clip_id,
+Features: video (F, H, W, 3) uint8, subject_ids (n,) int32, refs (C, H, W, 3) uint8 reference candidates and
+ref_slots (C,) int32 (the subject each candidate shows), caption, clip_id,
 pairing (json: per reference subject_id / clip / frame / mode), synthesis (json: ops applied), and optionally
 video_latents, ref_latents, text_embedding float32 when encoders were plugged into `prepare`.
 """
@@ -30,6 +31,7 @@ def features(num_frames: int, height: int, width: int,
       video=tfds.features.Tensor(shape=(num_frames, height, width, 3), dtype=np.uint8, encoding=zlib),
       refs=tfds.features.Tensor(shape=(None, height, width, 3), dtype=np.uint8, encoding=zlib),
       subject_ids=tfds.features.Tensor(shape=(None,), dtype=np.int32),
+      ref_slots=tfds.features.Tensor(shape=(None,), dtype=np.int32),
       caption=tfds.features.Text(),
       clip_id=tfds.features.Text(),
       pairing=tfds.features.Text(),

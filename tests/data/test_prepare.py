@@ -131,13 +131,19 @@ def test_output_is_cross_paired_tfds(prepared):
   for i in range(len(src)):
     ex = src[i]
     assert ex['video'].shape == (F, H, W, 3) and ex['video'].dtype == np.uint8
-    assert ex['refs'].shape[1:] == (H, W, 3) and len(ex['refs']) == len(ex['subject_ids'])
+    assert ex['refs'].shape[1:] == (H, W, 3) and len(ex['refs']) == len(ex['ref_slots'])
+    assert set(ex['ref_slots'].tolist()) == set(range(len(ex['subject_ids'])))
     key = ex['clip_id'].decode() if isinstance(ex['clip_id'], bytes) else str(ex['clip_id'])
     target = key.split('~')[0]
     ops = json.loads(ex['synthesis'])
-    for p, sid in zip(json.loads(ex['pairing']), ex['subject_ids']):
+    pairs = json.loads(ex['pairing'])
+    assert [p['slot'] for p in pairs] == ex['ref_slots'].tolist()
+    for slot in set(ex['ref_slots'].tolist()):  # candidates of one subject come from distinct clips
+      clips = [p['clip'] for p in pairs if p['slot'] == slot]
+      assert len(clips) == len(set(clips)) <= cfg.prepare.refs_per_subject
+    for p in pairs:
       n_refs[p['mode']] += 1
-      assert p['subject_id'] == int(sid)
+      assert p['subject_id'] == int(ex['subject_ids'][p['slot']])
       if p['mode'] == 'cross':
         assert p['clip'] != target
         assert p['clip'] not in r['dropped_clips']

@@ -19,7 +19,7 @@ def test_same_seed_same_bytes_other_seed_differs():
   a, b, c = _source(seed=3), _source(seed=3), _source(seed=4)
   for i in (0, 5):
     ra, rb, rc = a[i], b[i], c[i]
-    for k in ('video', 'refs', 'subject_ids', 'ref_clip_ids', 'ref_frames'):
+    for k in ('video', 'refs', 'subject_ids', 'ref_slots', 'ref_clip_ids', 'ref_frames'):
       assert ra[k].tobytes() == rb[k].tobytes(), k
     assert ra['caption'] == rb['caption']
     assert ra['video'].tobytes() != rc['video'].tobytes()
@@ -37,8 +37,10 @@ def test_cross_pairing_never_picks_the_target_clip():
   src = _source()
   for i in range(len(src)):
     r = src[i]
-    assert len(r['refs']) == len(r['subject_ids']) >= 1
-    for sid, c, f in zip(r['subject_ids'], r['ref_clip_ids'], r['ref_frames']):
+    assert len(r['refs']) == len(r['ref_slots']) >= len(r['subject_ids']) >= 1
+    assert set(r['ref_slots'].tolist()) == set(range(len(r['subject_ids'])))  # every subject has a reference
+    for slot, c, f in zip(r['ref_slots'], r['ref_clip_ids'], r['ref_frames']):
+      sid = r['subject_ids'][slot]
       if c >= 0:
         assert c != i
         assert sid in src.set.plans[c]['ids']

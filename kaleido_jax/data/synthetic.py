@@ -160,24 +160,32 @@ def render_plan(plan: dict[str, Any], table: Sequence[dict[str, Any]], num_frame
   yy = ((np.arange(height, dtype=np.float32) + 0.5) / height)[None, :, None]
   xx = ((np.arange(width, dtype=np.float32) + 0.5) / width)[None, None, :]
   bg = plan['bg']
+  f32 = lambda q: np.asarray(q, np.float32)
   # Background: a two-colour gradient with low-frequency waves that pans over time, plus fixed grain noise.
-  bx, by = xx + bg['pan'][0] * t, yy + bg['pan'][1] * t
-  g = np.clip(0.5 + 0.5 * (np.cos(bg['angle']) * (bx - 0.5) + np.sin(bg['angle']) * (by - 0.5)) * 1.4, 0, 1)
-  wave = bg['amp'] * np.sin(2 * np.pi * bg['freq'][0] * bx) * np.cos(2 * np.pi * bg['freq'][1] * by)
-  img = (bg['c0'] * (1 - g[..., None]) + bg['c1'] * g[..., None] + wave[..., None]).astype(np.float32)
+  bx, by = xx + f32(bg['pan'][0]) * t, yy + f32(bg['pan'][1]) * t
+  g = np.clip(0.5 + 0.7 * (f32(np.cos(bg['angle'])) * (bx - 0.5) + f32(np.sin(bg['angle'])) * (by - 0.5)), 0, 1)
+  wave = f32(bg['amp']) * np.sin(f32(2 * np.pi * bg['freq'][0]) * bx) * np.cos(f32(2 * np.pi * bg['freq'][1]) * by)
+  c0, c1 = f32(bg['c0']), f32(bg['c1'])
   noise = np.random.default_rng(bg['noise_seed']).normal(0, 6, (height, width, 3)).astype(np.float32)
-  img = img + noise
+  img = c0 + (c1 - c0) * g[..., None] + (wave[..., None] + noise)
   full = []
   for sid, sub in zip(plan['ids'], plan['subjects']):
     ident = table[int(sid)]
-    x, y, s, a = (np.asarray(q, np.float32) for q in subject_pose(sub, t))
-    dx, dy = (xx - x) * aspect / s, (yy - y) / s
-    ca, sa = np.cos(a), np.sin(a)
-    u, v = ca * dx + sa * dy, -sa * dx + ca * dy
-    m = _shape_mask(ident['shape'], u, v)
-    second = _pattern(ident['pattern'], u, v)
-    col = np.where(second[..., None], ident['colour2'].astype(np.float32), ident['colour'].astype(np.float32))
-    img = np.where(m[..., None], col, img)
+    x, y, sc, a = (f32(q) for q in subject_pose(sub, t))
+    # Only the box the subject can reach over these frames (local radius <= 1.25) is evaluated.
+    ry, rx = 1.25 * sc.max(), 1.25 * sc.max() / aspect
+    y0, y1 = int(np.clip(np.floor((y.min() - ry) * height), 0, height)), int(np.clip(np.ceil((y.max() + ry) * height), 0, height))
+    x0, x1 = int(np.clip(np.floor((x.min() - rx) * width), 0, width)), int(np.clip(np.ceil((x.max() + rx) * width), 0, width))
+    m = np.zeros((len(fr), height, width), bool)
+    if y1 > y0 and x1 > x0:
+      dx, dy = (xx[:, :, x0:x1] - x) * f32(aspect) / sc, (yy[:, y0:y1] - y) / sc
+      ca, sa = np.cos(a), np.sin(a)
+      u, v = ca * dx + sa * dy, -sa * dx + ca * dy
+      mc = _shape_mask(ident['shape'], u, v)
+      second = _pattern(ident['pattern'], u[mc], v[mc])
+      crop = img[:, y0:y1, x0:x1]
+      crop[mc] = np.where(second[:, None], f32(ident['colour2']), f32(ident['colour']))
+      m[:, y0:y1, x0:x1] = mc
     full.append(m)
   full_masks = np.stack(full, 1) if full else np.zeros((len(fr), 0, height, width), bool)
   vis = full_masks.copy()
@@ -187,7 +195,7 @@ def render_plan(plan: dict[str, Any], table: Sequence[dict[str, Any]], num_frame
   if occ is not None:
     ox = occ['x0'] + (occ['x1'] - occ['x0']) * t
     bar = np.broadcast_to(np.abs(xx - ox) <= occ['w'] / 2, (len(fr), height, width))
-    img = np.where(bar[..., None], np.float32(occ['grey']), img)
+    img[bar] = np.float32(occ['grey'])
     vis &= ~bar[:, None]
   video = np.clip(np.round(img), 0, 255).astype(np.uint8)
   return dict(video=video, masks=vis, full_masks=full_masks, subject_ids=plan['ids'].astype(np.int32))
@@ -252,7 +260,10 @@ class SyntheticSet:
 
 
 def _best_frame(rendered: dict[str, np.ndarray], slot: int) -> int:
-  return int(np.argmax(rendered['masks'][:, slot].sum((1, 2))))
+  """The probed frame showing most of the subject: visible area weighted by the unoccluded fraction."""
+  vis = rendered['masks'][:, slot].sum((1, 2)).astype(np.float64)
+  full = np.maximum(rendered['full_masks'][:, slot].sum((1, 2)), 1)
+  return int(np.argmax(vis * (vis / full) ** 4))
 
 
 class SyntheticSource:
@@ -269,7 +280,7 @@ class SyntheticSource:
 
   def __init__(self, *, num_clips: int, num_identities: int, heldout_identities: int, split: str,
                num_frames: int, height: int, width: int, seed: int = 0, max_subjects: int = 4,
-               cutout_margin: float = 0.1, probe_frames: int = 3, refs_per_subject: int = 2):
+               cutout_margin: float = 0.1, probe_frames: int = 5, refs_per_subject: int = 2):
     self.per_subject = refs_per_subject
     self.set = SyntheticSet(num_clips=num_clips, num_identities=num_identities,
                             heldout_identities=heldout_identities, split=split, num_frames=num_frames,

@@ -6,7 +6,7 @@ Loader: synthetic source at 17 x 128 x 128 with 3 reference slots, batch 4, read
 (worker start-up) is excluded; samples/s and the ratio against the 0-worker run of the same invocation.
 Prepare: `num_clips` synthetic clips exported to mp4 + masks, then the whole construction pipeline
 (read, filter, cut-out, cross-pair, one synthesised variant per clip, TFDS ArrayRecord write); export time is
-reported separately. Runs under absl.app.run (grain worker processes need parsed flags).
+reported separately; then the loader (0 workers) reading those ArrayRecord shards. Runs under absl.app.run (grain worker processes need parsed flags).
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ def _cfg():
   return c
 
 
-def bench_loader(workers: int, batches: int) -> float:
+def bench_loader(workers: int, batches: int, **overrides) -> float:
   from kaleido_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   c = _cfg()
   c.worker_count = workers
+  c.update(overrides)
   it = pipeline.make_dataset(c, split='train', seed=0)
   next(it)
   t = time.perf_counter()
@@ -48,7 +49,8 @@ def bench_loader(workers: int, batches: int) -> float:
   return batches * c.batch_size / dt
 
 
-def bench_prepare(n: int) -> tuple[float, float, dict]:
+def bench_prepare(n: int, batches: int) -> tuple[float, float, dict, float]:
+  """Export + prepare `n` clips, then time the loader on the prepared shards (0 workers)."""
   from kaleido_jax.data import prepare, synthetic  # pylint: disable=g-import-not-at-top
   c = _cfg()
   c.num_clips = n
@@ -61,7 +63,8 @@ def bench_prepare(n: int) -> tuple[float, float, dict]:
     t = time.perf_counter()
     r = prepare.prepare(c, output_dir=os.path.join(d, 'out'), input_dir=os.path.join(d, 'in'), verbose=False)
     prep_s = time.perf_counter() - t
-  return n / export_s, n / prep_s, r
+    tfds_sps = bench_loader(0, batches, source='tfds', data_dir=os.path.join(d, 'out'))
+  return n / export_s, n / prep_s, r, tfds_sps
 
 
 def main(argv):
@@ -72,7 +75,8 @@ def main(argv):
     sps = bench_loader(w, _BATCHES.value)
     base = base or sps
     rows.append((f'loader, {w} worker(s)', f'{sps:.1f} samples/s', f'{sps / base:.2f}x'))
-  exp, prep, r = bench_prepare(_PREP.value)
+  exp, prep, r, tfds_sps = bench_prepare(_PREP.value, _BATCHES.value)
+  rows.append(('loader, 0 workers, prepared TFDS shards', f'{tfds_sps:.1f} samples/s', f'{tfds_sps / base:.2f}x'))
   rows.append(('synthetic export (mp4 + masks)', f'{exp:.1f} clips/s', ''))
   rows.append((f'prepare ({r["kept"]}/{r["input"]} kept, {r["examples"]} examples)', f'{prep:.1f} clips/s', ''))
   print(f'cpu cores: {os.cpu_count()}; 17x128x128, 3 refs, batch 4')

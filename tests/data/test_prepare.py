@@ -178,3 +178,27 @@ def test_precomputed_latents_through_encoders(tmp_path, prepared):
   np.testing.assert_allclose(ex['video_latents'], enc(ex['video'].astype(np.float32) / 127.5 - 1), atol=1e-6)
   assert ex['text_embedding'].shape == (4, 8)
   assert r2['examples'] == r['examples']
+
+
+def test_command_line_entry(tmp_path):
+  import subprocess
+  import sys
+  cfg = tmp_path / 'tiny.py'
+  cfg.write_text(
+      'from kaleido_jax import config\n'
+      'def get_config():\n'
+      '  c = config.base_config()\n'
+      f'  c.data.num_frames, c.data.height, c.data.width = {F}, {H}, {W}\n'
+      '  c.data.num_clips, c.data.num_identities, c.data.heldout_identities, c.data.max_subjects = 6, 6, 1, 2\n'
+      f'  c.data.prepare.min_frames, c.data.prepare.min_height, c.data.prepare.min_width = {F}, 40, 40\n'
+      '  return c\n')
+  out = tmp_path / 'out'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.getcwd())
+  p = subprocess.run([sys.executable, '-m', 'kaleido_jax.data.prepare', f'--config={cfg}',
+                      f'--config.data.prepare.output_dir={out}'], capture_output=True, text=True, timeout=300,
+                     env=env)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert 'examples written' in p.stdout
+  report = json.load(open(out / 'report.json'))
+  assert report['input'] == 6 == report['kept'] + sum(report['dropped'].values())
+  assert len(tfds_builder.open_source(str(out), 'train')) == report['examples']

@@ -72,7 +72,10 @@ def clip_plan(seed: int, split: str, index: int, pool: np.ndarray, max_subjects:
   subjects = []
   for _ in range(n):
     motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
-    p0 = rng.uniform(0.25, 0.75, 2)
+    for _ in range(20):  # spread the subjects' starting points so that occlusion is partial, not total
+      p0 = rng.uniform(0.25, 0.75, 2)
+      if all(np.abs(p0 - q['p0']).max() > 0.22 for q in subjects):
+        break
     p1, s0, s1, rot, amp = p0.copy(), rng.uniform(0.13, 0.2), None, rng.uniform(-0.5, 0.5), 0.0
     d = rng.uniform(0.2, 0.35)
     if motion == 'moves right':

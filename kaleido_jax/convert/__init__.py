@@ -8,7 +8,7 @@ ready NNX modules, either from a PyTorch checkpoint or from a converted director
 import importlib as _importlib
 
 # `kaleido_jax.convert.load_*` without importing every converter (and jax/flax) up front.
-_LAZY = {"load_text_encoder": "text_encoder"}
+_LAZY = {"load_text_encoder": "text_encoder", "load_transformer": "transformer", "load_vae": "vae"}
 
 
 def __getattr__(name):

@@ -1,0 +1,42 @@
+"""``python -m kaleido_jax.convert --component C --format F --input PATH --output DIR``.
+
+Writes an orbax checkpoint of the component's NNX state plus its config (atomically: an interrupted or
+failed conversion leaves no output directory). Errors are one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMPONENTS = {
+    "transformer": ("kaleido_jax.convert.transformer", ("diffusers", "wan", "kaleido")),
+    "vae": ("kaleido_jax.convert.vae", ("diffusers", "wan")),
+    "text_encoder": ("kaleido_jax.convert.text_encoder", ("transformers", "wan")),
+}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m kaleido_jax.convert", description=__doc__)
+  p.add_argument("--component", choices=sorted(COMPONENTS), default="transformer")
+  p.add_argument("--format", required=True, help="diffusers | wan | kaleido (transformer); diffusers | wan "
+                 "(vae); transformers | wan (text_encoder)")
+  p.add_argument("--input", required=True, help="checkpoint file or directory")
+  p.add_argument("--output", required=True, help="new directory for the converted checkpoint")
+  args = p.parse_args(argv)
+  module, formats = COMPONENTS[args.component]
+  if args.format not in formats:
+    print(f"error: --format {args.format} is not a {args.component} format; choose one of {formats}",
+          file=sys.stderr)
+    return 2
+  try:
+    importlib.import_module(module).convert_cli(args)
+  except (FileNotFoundError, FileExistsError, ValueError) as e:  # ConversionError is a ValueError
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,281 @@
+"""KaleidoDiT: the Wan2.1 diffusion transformer with clean reference latents in front of the video.
+
+Architecture facts (diffusers ``WanTransformer3DModel``, the parity reference; shared DESIGN.md §1):
+- patch embed = 3D conv with kernel = stride = patch; here a matmul over patchified tokens with the conv's
+  (pt, ph, pw, C_in, dim) kernel, which is the same operation;
+- time: sinusoid of ``freq_dim`` ordered [cos, sin] -> Linear-SiLU-Linear (temb); a shared
+  Linear(dim, 6 dim) on SiLU(temb) gives each block's modulation, added to its learned (1, 6, dim) table;
+- text: Linear(text_dim, dim)-GELU(tanh)-Linear(dim, dim);
+- block: LayerNorm (no affine) * (1 + scale) + shift -> self-attention (q/k RMSNorm over all heads, eps
+  1e-6, 3D RoPE) -> gated residual; affine LayerNorm -> cross-attention to text (q/k RMSNorm) -> *ungated*
+  residual; LayerNorm * (1 + scale) + shift -> FFN (GELU tanh) -> gated residual;
+- head: (1, 2, dim) table + temb -> shift / scale, LayerNorm, Linear(dim, prod(patch) * C_out), unpatchify.
+Norms, modulation and the time embedding run in float32; matmuls in ``config.dtype``.
+
+Kaleido: reference latents (clean, never noised) are patch-embedded by the same kernel and put in front of
+the video tokens, ``[ref_0 | ... | ref_{N-1} | video]``; they get the video's modulation, attend to the
+text, carry R-RoPE position ids (``rope.py``) and are dropped before unpatchify. ``ref_mask`` hides padded
+reference slots as attention keys, so a padded slot influences nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from kaleido_jax.model import attention as attention_lib
+from kaleido_jax.model import rope as rope_lib
+from kaleido_jax.model.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+_ACT = ("batch", "activation_length", "embed")
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+def _linear(din: int, dout: int, names: tuple, cfg, rngs: nnx.Rngs) -> nnx.Linear:
+  """Linear with logical axis names on kernel and bias (torch-like uniform init is irrelevant here)."""
+  return nnx.Linear(
+      din, dout, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
+      kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[-1:]), rngs=rngs)
+
+
+def _layer_norm(x: jax.Array, eps: float) -> jax.Array:
+  """LayerNorm without affine, in float32."""
+  x = x.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm over the last dim (all heads together, as Wan's ``rms_norm_across_heads``)."""
+
+  def __init__(self, dim: int, eps: float, names: tuple, param_dtype):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=names)
+
+  def __call__(self, x):
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + self.eps)
+    return (x * self.scale.value.astype(jnp.float32)).astype(dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with q/k RMSNorm; self-attention applies RoPE, cross-attention does not."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    dim = cfg.num_heads * cfg.head_dim
+    self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+    self.implementation = cfg.attention
+    self.to_q = _linear(dim, dim, ("embed", "heads"), cfg, rngs)
+    self.to_k = _linear(dim, dim, ("embed", "heads"), cfg, rngs)
+    self.to_v = _linear(dim, dim, ("embed", "heads"), cfg, rngs)
+    self.to_out = _linear(dim, dim, ("heads", "embed"), cfg, rngs)
+    self.norm_q = RMSNorm(dim, cfg.eps, ("heads",), _dtype(cfg.param_dtype))
+    self.norm_k = RMSNorm(dim, cfg.eps, ("heads",), _dtype(cfg.param_dtype))
+
+  def __call__(self, x, context=None, rope=None, mask=None):
+    context = x if context is None else context
+    b, lq, _ = x.shape
+    q = self.norm_q(self.to_q(x)).reshape(b, lq, self.num_heads, self.head_dim)
+    k = self.norm_k(self.to_k(context)).reshape(b, context.shape[1], self.num_heads, self.head_dim)
+    v = self.to_v(context).reshape(b, context.shape[1], self.num_heads, self.head_dim)
+    if rope is not None:
+      cos, sin = rope
+      q, k = rope_lib.apply_rope(q, cos, sin), rope_lib.apply_rope(k, cos, sin)
+    out = attention_lib.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+    return self.to_out(out.reshape(b, lq, -1))
+
+
+class FeedForward(nnx.Module):
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    dim = cfg.num_heads * cfg.head_dim
+    self.proj_in = _linear(dim, cfg.ffn_dim, ("embed", "mlp"), cfg, rngs)
+    self.proj_out = _linear(cfg.ffn_dim, dim, ("mlp", "embed"), cfg, rngs)
+
+  def __call__(self, x):
+    return self.proj_out(jax.nn.gelu(self.proj_in(x), approximate=True))
+
+
+class WanBlock(nnx.Module):
+  """One transformer block; ``mod`` is the (B, 6, dim) float32 time projection shared by all blocks."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    dim = cfg.num_heads * cfg.head_dim
+    self.eps = cfg.eps
+    self.dtype = _dtype(cfg.dtype)
+    self.self_attn = Attention(cfg, rngs=rngs)
+    self.cross_attn = Attention(cfg, rngs=rngs)
+    self.ffn = FeedForward(cfg, rngs=rngs)
+    self.cross_attn_norm = cfg.cross_attn_norm
+    pdt = _dtype(cfg.param_dtype)
+    if cfg.cross_attn_norm:
+      self.norm2_scale = nnx.Param(jnp.ones((dim,), pdt), out_sharding=("embed",))
+      self.norm2_bias = nnx.Param(jnp.zeros((dim,), pdt), out_sharding=("embed",))
+    # diffusers initialises the table as randn / sqrt(dim).
+    self.scale_shift_table = nnx.Param(
+        jax.random.normal(rngs.params(), (1, 6, dim), pdt) / math.sqrt(dim),
+        out_sharding=(None, None, "embed"))
+
+  def __call__(self, x, mod, text, rope, mask):
+    m = self.scale_shift_table.value.astype(jnp.float32) + mod
+    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (m[:, i:i + 1] for i in range(6))
+    h = (_layer_norm(x, self.eps) * (1 + scale_sa) + shift_sa).astype(self.dtype)
+    x = (x.astype(jnp.float32) + self.self_attn(h, rope=rope, mask=mask).astype(jnp.float32) * gate_sa)
+    x = constrain(x.astype(self.dtype), _ACT)
+    h = _layer_norm(x, self.eps)
+    if self.cross_attn_norm:
+      h = h * self.norm2_scale.value.astype(jnp.float32) + self.norm2_bias.value.astype(jnp.float32)
+    x = x + self.cross_attn(h.astype(self.dtype), context=text).astype(self.dtype)
+    h = (_layer_norm(x, self.eps) * (1 + scale_ff) + shift_ff).astype(self.dtype)
+    x = x.astype(jnp.float32) + self.ffn(h).astype(jnp.float32) * gate_ff
+    return constrain(x.astype(self.dtype), _ACT)
+
+
+def timestep_features(t: jax.Array, dim: int) -> jax.Array:
+  """Sinusoidal features [cos, sin] of dim ``dim`` (diffusers Timesteps, flip_sin_to_cos=True, shift 0)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], -1)
+
+
+class KaleidoDiT(nnx.Module):
+  """``model(video, timestep, text, refs=None, ref_mask=None) -> velocity`` (channels-last, float32)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    # Logical axis names are metadata only; the trainer maps them to mesh axes and places the arrays.
+    with nnx.use_eager_sharding(False):
+      self._build(config, rngs)
+
+  def _build(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    cfg = config
+    self.config = cfg
+    self.dim = dim = cfg.num_heads * cfg.head_dim
+    self.patch = tuple(cfg.patch_size)
+    self.dtype = _dtype(cfg.dtype)
+    pdt = _dtype(cfg.param_dtype)
+    if cfg.rope_scheme not in rope_lib.SCHEMES:
+      raise ValueError(f"config.model.rope_scheme={cfg.rope_scheme!r}; choose one of {rope_lib.SCHEMES}")
+    if cfg.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"config.model.remat_policy={cfg.remat_policy!r}; choose one of "
+                       f"{sorted(REMAT_POLICIES)}")
+    fan_in = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2, 3),
+                                               out_axis=4)
+    self.patch_kernel = nnx.Param(fan_in(rngs.params(), self.patch + (cfg.in_channels, dim), pdt),
+                                  out_sharding=(None, None, None, None, "embed"))
+    self.patch_bias = nnx.Param(jnp.zeros((dim,), pdt), out_sharding=("embed",))
+    f32 = cfg.copy_and_resolve_references()
+    f32.dtype = "float32"  # time embedding and modulation run in float32
+    self.time_linear_1 = _linear(cfg.freq_dim, dim, (None, "embed"), f32, rngs)
+    self.time_linear_2 = _linear(dim, dim, ("embed", None), f32, rngs)
+    self.time_proj = _linear(dim, 6 * dim, ("embed", None), f32, rngs)
+    self.text_linear_1 = _linear(cfg.text_dim, dim, (None, "embed"), cfg, rngs)
+    self.text_linear_2 = _linear(dim, dim, ("embed", None), cfg, rngs)
+    self.scan_layers = cfg.scan_layers
+    if cfg.scan_layers:
+      @nnx.split_rngs(splits=cfg.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make_blocks(r):
+        return WanBlock(cfg, rngs=r)
+      self.blocks = make_blocks(rngs)
+    else:
+      self.blocks = nnx.List([WanBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.head_table = nnx.Param(jax.random.normal(rngs.params(), (1, 2, dim), pdt) / math.sqrt(dim),
+                                out_sharding=(None, None, "embed"))
+    self.proj_out = _linear(dim, int(np.prod(self.patch)) * cfg.out_channels, ("embed", None), cfg, rngs)
+
+  # ---------------------------------------------------------------------------------------------
+
+  def _patchify(self, x):
+    """(B, F, H, W, C) -> (B, f*h*w, dim) tokens and the (f, h, w) token grid."""
+    b, f, h, w, c = x.shape
+    pt, ph, pw = self.patch
+    if f % pt or h % ph or w % pw:
+      raise ValueError(f"latent shape (F, H, W) = {(f, h, w)} is not divisible by the patch {self.patch}")
+    x = x.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c).astype(self.dtype)
+    tokens = jnp.einsum("bfthpwqc,tpqcd->bfhwd", x, self.patch_kernel.value.astype(self.dtype))
+    tokens = tokens + self.patch_bias.value.astype(self.dtype)
+    grid = (f // pt, h // ph, w // pw)
+    return tokens.reshape(b, -1, self.dim), grid
+
+  def _unpatchify(self, tokens, grid):
+    b = tokens.shape[0]
+    f, h, w = grid
+    pt, ph, pw = self.patch
+    x = tokens.reshape(b, f, h, w, pt, ph, pw, -1)
+    x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(b, f * pt, h * ph, w * pw, -1)
+
+  def _run_blocks(self, x, mod, text, rope, mask):
+    if not self.scan_layers:
+      for block in self.blocks:
+        x = block(x, mod, text, rope, mask)
+      return x
+
+    def body(carry, block):
+      return block(carry, mod, text, rope, mask), None
+
+    policy = REMAT_POLICIES[self.config.remat_policy]
+    if self.config.remat_policy != "none":
+      body = nnx.remat(body, policy=policy, prevent_cse=False)
+    x, _ = nnx.scan(body, length=self.config.num_layers, in_axes=(nnx.Carry, 0),
+                    out_axes=(nnx.Carry, 0))(x, self.blocks)
+    return x
+
+  def __call__(self, video, timestep, text, refs=None, ref_mask=None):
+    cfg = self.config
+    b = video.shape[0]
+    x, grid = self._patchify(video)
+    ref_grids: list[tuple[int, int]] = []
+    mask = None
+    if refs is not None and refs.shape[1] > 0:
+      n = refs.shape[1]
+      if cfg.max_refs and n > cfg.max_refs:
+        raise ValueError(f"{n} references given but config.model.max_refs={cfg.max_refs}; pass fewer "
+                         "references or raise model.max_refs")
+      r = refs.reshape((b * n, 1) + refs.shape[2:])
+      ref_tokens, (_, rh, rw) = self._patchify(r)
+      ref_grids = [(rh, rw)] * n
+      x = jnp.concatenate([ref_tokens.reshape(b, n * rh * rw, self.dim), x], axis=1)
+      if ref_mask is not None:
+        key_mask = jnp.repeat(jnp.asarray(ref_mask, bool), rh * rw, axis=1)
+        mask = jnp.concatenate([key_mask, jnp.ones((b, x.shape[1] - key_mask.shape[1]), bool)], 1)
+    x = constrain(x, _ACT)
+    ids = rope_lib.position_ids(grid, ref_grids, scheme=cfg.rope_scheme, ref_shift=cfg.rope_ref_shift)
+    rope = rope_lib.rope_tables(ids, cfg.head_dim, cfg.rope_theta)
+
+    temb = self.time_linear_2(jax.nn.silu(self.time_linear_1(
+        timestep_features(jnp.asarray(timestep).reshape(b), cfg.freq_dim))))
+    mod = self.time_proj(jax.nn.silu(temb)).astype(jnp.float32).reshape(b, 6, self.dim)
+    ctx = self.text_linear_2(jax.nn.gelu(self.text_linear_1(text.astype(self.dtype)), approximate=True))
+
+    x = self._run_blocks(x, mod, ctx, rope, mask)
+    x = x[:, x.shape[1] - int(np.prod(grid)):]   # drop reference tokens
+    shift, scale = jnp.split(self.head_table.value.astype(jnp.float32) + temb.astype(jnp.float32)[:, None], 2,
+                             axis=1)
+    x = (_layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(self.dtype)
+    out = self.proj_out(x)
+    return self._unpatchify(out, grid).astype(jnp.float32)
+
+
+def param_count(module: Any) -> int:
+  """Number of parameters of a (possibly abstract) module."""
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))

@@ -1,0 +1,155 @@
+"""KaleidoDiT equals diffusers' WanTransformer3DModel; references behave as Kaleido's."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kaleido_jax import config as kcfg
+from kaleido_jax.convert import transformer as convert_tf
+from kaleido_jax.model.dit import KaleidoDiT, param_count
+from tests.model import dit_reference as ref
+
+TINY = dict(num_heads=2, head_dim=16, in_channels=4, out_channels=4, text_dim=32, freq_dim=16, ffn_dim=64,
+            num_layers=2)
+
+
+def _inputs(rng, b=2, f=3, h=8, w=12, c=4, text_len=7, text_dim=32):
+  video = rng.normal(size=(b, f, h, w, c)).astype(np.float32)
+  t = rng.uniform(0, 1000, size=(b,)).astype(np.float32)
+  text = rng.normal(size=(b, text_len, text_dim)).astype(np.float32)
+  return video, t, text
+
+
+def _scale_atol(expected, rel=2e-5):
+  return rel * max(1.0, float(np.abs(expected).max()))
+
+
+PARITY_CASES = [
+    # (diffusers kwargs, input kwargs)
+    (dict(heads=2, head_dim=16, layers=2, patch=(1, 2, 2)), dict(b=2, f=3, h=8, w=12)),
+    (dict(heads=3, head_dim=12, layers=3, patch=(1, 2, 2), ffn=48), dict(b=1, f=2, h=6, w=4, text_len=5)),
+    (dict(heads=2, head_dim=24, layers=1, patch=(2, 2, 2), in_ch=3, out_ch=5), dict(b=3, f=4, h=4, w=8, c=3)),
+]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("case", range(len(PARITY_CASES)))
+@pytest.mark.parametrize("scan", [True, False])
+def test_parity_with_diffusers(tmp_path, case, scan):
+  dkw, ikw = PARITY_CASES[case]
+  torch_model = ref.make_diffusers_model(**dkw, seed=case)
+  path = ref.save_diffusers(torch_model, str(tmp_path / "wan"))
+  cfg = kcfg.model_config(rope_scheme="none")
+  state, cfg = convert_tf.convert_state(path, "diffusers", None)
+  cfg.scan_layers = scan
+  model = convert_tf.load_transformer(path, "diffusers", cfg)
+  rng = np.random.default_rng(case)
+  video, t, text = _inputs(rng, **ikw)
+  expected = ref.run_diffusers(torch_model, video, t, text)
+  got = np.asarray(model(jnp.asarray(video), jnp.asarray(t), jnp.asarray(text)))
+  assert got.shape == expected.shape and got.dtype == np.float32
+  err = np.abs(got - expected).max()
+  assert err <= _scale_atol(expected), f"max abs err {err:.2e} (output scale {np.abs(expected).max():.2f})"
+
+
+def _model(**kw):
+  cfg = kcfg.model_config(**{**TINY, **kw})
+  return KaleidoDiT(cfg, rngs=nnx.Rngs(0))
+
+
+def test_references_change_the_output_and_their_order_matters():
+  model = _model()
+  rng = np.random.default_rng(1)
+  video, t, text = _inputs(rng)
+  refs = jnp.asarray(rng.normal(size=(2, 2, 8, 12, 4)).astype(np.float32))
+  plain = model(video, t, text)
+  with_refs = model(video, t, text, refs=refs)
+  swapped = model(video, t, text, refs=refs[:, ::-1])
+  assert with_refs.shape == plain.shape
+  assert np.abs(with_refs - plain).max() > 1e-3
+  assert np.abs(with_refs - swapped).max() > 1e-4
+
+
+def test_swapping_references_is_invisible_without_rope_ids():
+  """With the `none` scheme references are an unordered set: swapping them changes nothing."""
+  model = _model(rope_scheme="none")
+  rng = np.random.default_rng(2)
+  video, t, text = _inputs(rng)
+  refs = jnp.asarray(rng.normal(size=(2, 2, 8, 12, 4)).astype(np.float32))
+  np.testing.assert_allclose(model(video, t, text, refs=refs), model(video, t, text, refs=refs[:, ::-1]),
+                             atol=1e-5)
+
+
+def test_a_masked_reference_slot_influences_nothing():
+  model = _model()
+  rng = np.random.default_rng(3)
+  video, t, text = _inputs(rng)
+  real = rng.normal(size=(2, 1, 8, 12, 4)).astype(np.float32)
+  junk = rng.normal(size=(2, 1, 8, 12, 4)).astype(np.float32) * 5
+  one = model(video, t, text, refs=jnp.asarray(real))
+  padded = model(video, t, text, refs=jnp.asarray(np.concatenate([real, junk], 1)),
+                 ref_mask=jnp.asarray([[True, False], [True, False]]))
+  np.testing.assert_allclose(padded, one, atol=2e-5)
+  none = model(video, t, text, refs=jnp.asarray(junk), ref_mask=jnp.zeros((2, 1), bool))
+  np.testing.assert_allclose(none, model(video, t, text), atol=2e-5)
+
+
+def test_too_many_references_is_a_clear_error():
+  model = _model(max_refs=2)
+  video, t, text = _inputs(np.random.default_rng(0))
+  with pytest.raises(ValueError, match="3 references given but config.model.max_refs=2"):
+    model(video, t, text, refs=jnp.zeros((2, 3, 8, 12, 4)))
+
+
+def test_bf16_matches_fp32_within_bf16_tolerance():
+  rng = np.random.default_rng(4)
+  video, t, text = _inputs(rng)
+  refs = jnp.asarray(rng.normal(size=(2, 1, 8, 12, 4)).astype(np.float32))
+  fp32 = _model()
+  bf16 = _model(dtype="bfloat16")
+  nnx.update(bf16, nnx.state(fp32))
+  a = np.asarray(fp32(video, t, text, refs=refs))
+  b = np.asarray(bf16(video, t, text, refs=refs))
+  assert b.dtype == np.float32
+  rel = np.abs(a - b).max() / np.abs(a).max()
+  assert rel < 5e-2, rel
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_no_batch"])
+def test_remat_policies_give_the_same_gradients(policy):
+  rng = np.random.default_rng(5)
+  video, t, text = _inputs(rng, b=1)
+  base = _model()
+  remat = _model(remat_policy=policy)
+
+  def loss(m):
+    return jnp.mean(m(video, t, text) ** 2)
+  g0 = nnx.grad(loss)(base)
+  g1 = nnx.grad(loss)(remat)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_parameters_carry_logical_axis_names():
+  model = nnx.eval_shape(lambda: _model())
+  names = {}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    names["/".join(map(str, path))] = var.get_metadata().get("out_sharding")
+  assert names["blocks/self_attn/to_q/kernel"] == ("layers", "embed", "heads")
+  assert names["blocks/ffn/proj_in/kernel"] == ("layers", "embed", "mlp")
+  assert names["patch_kernel"][-1] == "embed"
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name,sizes", [("14B", kcfg.WAN_14B), ("1.3B", kcfg.WAN_1_3B)])
+def test_real_configs_count_what_diffusers_counts(name, sizes):
+  import torch
+  from diffusers import WanTransformer3DModel
+  cfg = kcfg.model_config(**sizes)
+  ours = param_count(nnx.eval_shape(lambda: KaleidoDiT(cfg, rngs=nnx.Rngs(0))))
+  with torch.device("meta"):
+    theirs = WanTransformer3DModel(num_attention_heads=sizes["num_heads"], attention_head_dim=128,
+                                   ffn_dim=sizes["ffn_dim"], num_layers=sizes["num_layers"])
+  assert ours == sum(p.numel() for p in theirs.parameters()), name

@@ -84,6 +84,9 @@ class CheckpointReader:
     return key in self._where
 
   def shape(self, key: str) -> tuple[int, ...]:
+    if key not in self._where:
+      raise ConversionError(f"checkpoint {self.path!r} has no tensor {key!r}: is it of another format or "
+                            f"architecture? (it has {len(self._where)} tensors, e.g. {self.keys()[:3]})")
     if self._torch_state is not None:
       return tuple(self._torch_state[key].shape)
     from safetensors import safe_open
@@ -93,7 +96,8 @@ class CheckpointReader:
   def get(self, key: str) -> np.ndarray:
     """One tensor as a numpy array (bfloat16 stays bfloat16 through ml_dtypes)."""
     if key not in self._where:
-      raise ConversionError(f"checkpoint {self.path!r} has no tensor {key!r}")
+      raise ConversionError(f"checkpoint {self.path!r} has no tensor {key!r}: is it of another format or "
+                            "architecture?")
     if self._torch_state is not None:
       t = self._torch_state[key]
       if str(t.dtype) == "torch.bfloat16":
@@ -207,20 +211,19 @@ def fill_from_plan(
   unused = sorted(k for k in available - needed if not any(k.startswith(p) for p in ignore_unused))
   if unused:
     problems.append(f"unexpected keys in {what} (another architecture or config?): {_short(unused)}")
-  # Shape checks from metadata only (no tensor read yet).
-  if not missing:
-    for name, src in plan.items():
-      if name not in targets:
-        continue
-      want = tuple(targets[name].shape)
-      shapes = [reader.shape(k) for k in src.keys]
-      if len(set(shapes)) > 1:
-        problems.append(f"{name}: per-layer source tensors differ in shape: {sorted(set(shapes))}")
-        continue
-      got = _transformed_shape(shapes[0], len(shapes), src)
-      if got is not None and got != want:
-        problems.append(f"{name}: expected shape {want} but {what} gives {got} from {list(src.keys)[:2]}"
-                        f"{'...' if len(src.keys) > 2 else ''} with shapes {shapes[:2]}")
+  # Shape checks from metadata only (no tensor read yet), for every leaf whose sources exist.
+  for name, src in plan.items():
+    if name not in targets or any(k not in available for k in src.keys):
+      continue
+    want = tuple(targets[name].shape)
+    shapes = [reader.shape(k) for k in src.keys]
+    if len(set(shapes)) > 1:
+      problems.append(f"{name}: per-layer source tensors differ in shape: {sorted(set(shapes))}")
+      continue
+    got = _transformed_shape(shapes[0], len(shapes), src)
+    if got is not None and got != want:
+      problems.append(f"{name}: expected shape {want} but {what} gives {got} from {list(src.keys)[:2]}"
+                      f"{'...' if len(src.keys) > 2 else ''} with shapes {shapes[:2]}")
   if problems:
     raise ConversionError("cannot convert " + what + ":\n  - " + "\n  - ".join(problems))
 

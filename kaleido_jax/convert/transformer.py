@@ -187,6 +187,10 @@ def config_from_checkpoint(path: str, fmt: str, reader: common.CheckpointReader,
       raise common.ConversionError(f"{path!r} is an image-to-video Wan model (image_dim / added_kv_proj_dim); "
                                    "Kaleido builds on the text-to-video model")
     return cfg
+  wan_heads = None
+  if fmt == "wan" and cfg_file and os.path.exists(cfg_file):
+    with open(cfg_file) as fh:
+      wan_heads = json.load(fh).get("num_heads")  # Wan2.1 release config.json: dim, num_heads, ...
   top = _TOP[fmt]
   dim, cin, pt, ph, pw = reader.shape(top["patch"] + ".weight")
   text_dim = reader.shape(top["text_linear_1"] + ".weight")[1]
@@ -197,7 +201,14 @@ def config_from_checkpoint(path: str, fmt: str, reader: common.CheckpointReader,
   layer_prefix = {"diffusers": "blocks.", "wan": "blocks.", "kaleido": SAT + "transformer.layers."}[fmt]
   layers = {int(k[len(layer_prefix):].split(".")[0]) for k in reader.keys() if k.startswith(layer_prefix)}
   out_dim = reader.shape(top["proj_out"] + ".weight")[0]
-  head_dim = cfg.head_dim if dim % cfg.head_dim == 0 else dim // cfg.num_heads
+  if wan_heads:
+    head_dim = dim // wan_heads
+  elif dim % cfg.head_dim == 0:
+    head_dim = cfg.head_dim  # 128 in every released Wan / Kaleido model
+  else:
+    raise common.ConversionError(
+        f"cannot infer the head count of {path!r} (dim {dim} is not a multiple of head_dim {cfg.head_dim}); "
+        "pass a model config with num_heads / head_dim")
   cfg.update(num_heads=dim // head_dim, head_dim=head_dim, in_channels=cin, out_channels=out_dim // (pt * ph * pw),
              text_dim=text_dim, freq_dim=freq_dim, ffn_dim=ffn_dim, num_layers=len(layers),
              patch_size=(pt, ph, pw))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -66,4 +67,9 @@ def save_wan(model, directory: str) -> str:
   from safetensors.torch import save_file
   os.makedirs(directory, exist_ok=True)
   save_file(to_wan_state_dict(model), os.path.join(directory, "diffusion_pytorch_model.safetensors"))
+  c = model.config
+  with open(os.path.join(directory, "config.json"), "w") as fh:  # the Wan2.1 release's config keys
+    json.dump({"_class_name": "WanModel", "model_type": "t2v", "dim": c.num_attention_heads * c.attention_head_dim,
+               "num_heads": c.num_attention_heads, "num_layers": c.num_layers, "ffn_dim": c.ffn_dim,
+               "freq_dim": c.freq_dim, "in_dim": c.in_channels, "out_dim": c.out_channels, "eps": c.eps}, fh)
   return directory

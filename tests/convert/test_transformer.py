@@ -1,0 +1,134 @@
+"""The transformer converter: diffusers, Wan2.1 and Kaleido SAT layouts give the same model; bad input fails
+early with every problem named and no output left behind."""
+
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kaleido_jax import config as kcfg
+from kaleido_jax.convert import common
+from kaleido_jax.convert import transformer as convert_tf
+from tests.model import dit_reference as ref
+
+pytestmark = pytest.mark.torch
+
+
+@pytest.fixture(scope="module")
+def torch_model():
+  return ref.make_diffusers_model(heads=2, head_dim=16, layers=2, seed=7)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+  rng = np.random.default_rng(0)
+  return (rng.normal(size=(2, 3, 8, 8, 4)).astype(np.float32), np.array([3.0, 700.0], np.float32),
+          rng.normal(size=(2, 5, 32)).astype(np.float32))
+
+
+def _check(model, torch_model, inputs):
+  expected = ref.run_diffusers(torch_model, *inputs)
+  got = np.asarray(model(*(jnp.asarray(x) for x in inputs)))
+  assert np.abs(got - expected).max() <= 2e-5 * max(1.0, np.abs(expected).max())
+
+
+def _to_sat(wan: dict, num_layers: int) -> dict:
+  """The Wan -> SAT renaming of Kaleido's convert_ckpt_init_wan2sat.py (fused q|k|v and k|v)."""
+  import torch
+  p = "model.diffusion_model."
+  sat = {p + "mixins.patch_embed.proj.weight": wan["patch_embedding.weight"],
+         p + "mixins.patch_embed.proj.bias": wan["patch_embedding.bias"],
+         p + "mixins.final_layer.adaLN_modulation": wan["head.modulation"],
+         p + "mixins.final_layer.linear.weight": wan["head.head.weight"],
+         p + "mixins.final_layer.linear.bias": wan["head.head.bias"],
+         p + "adaln_projection.1.weight": wan["time_projection.1.weight"],
+         p + "adaln_projection.1.bias": wan["time_projection.1.bias"]}
+  for a, b in (("text_embedding", "text_embedding"), ("time_embedding", "time_embed")):
+    for j in ("0", "2"):
+      for w in ("weight", "bias"):
+        sat[f"{p}{b}.{j}.{w}"] = wan[f"{a}.{j}.{w}"]
+  for i in range(num_layers):
+    L, B, A = f"{p}transformer.layers.{i}.", f"blocks.{i}.", f"{p}mixins.adaln_layer."
+    for w in ("weight", "bias"):
+      sat[L + f"attention.query_key_value.{w}"] = torch.cat([wan[B + f"self_attn.{x}.{w}"] for x in "qkv"])
+      sat[L + f"attention.dense.{w}"] = wan[B + f"self_attn.o.{w}"]
+      sat[L + f"mlp.dense_h_to_4h.{w}"] = wan[B + f"ffn.0.{w}"]
+      sat[L + f"mlp.dense_4h_to_h.{w}"] = wan[B + f"ffn.2.{w}"]
+      sat[L + f"cross_attention.dense.{w}"] = wan[B + f"cross_attn.o.{w}"]
+      sat[L + f"cross_attention.query.{w}"] = wan[B + f"cross_attn.q.{w}"]
+      sat[L + f"cross_attention.key_value.{w}"] = torch.cat([wan[B + f"cross_attn.{x}.{w}"] for x in "kv"])
+      sat[L + f"post_cross_attention_layernorm.{w}"] = wan[B + f"norm3.{w}"]
+    sat[A + f"query_layernorm_list.{i}.weight"] = wan[B + "self_attn.norm_q.weight"]
+    sat[A + f"key_layernorm_list.{i}.weight"] = wan[B + "self_attn.norm_k.weight"]
+    sat[A + f"cross_query_layernorm_list.{i}.weight"] = wan[B + "cross_attn.norm_q.weight"]
+    sat[A + f"cross_key_layernorm_list.{i}.weight"] = wan[B + "cross_attn.norm_k.weight"]
+    sat[A + f"adaLN_modulations.{i}"] = wan[B + "modulation"]
+  return sat
+
+
+def test_wan_layout(tmp_path, torch_model, inputs):
+  path = ref.save_wan(torch_model, str(tmp_path / "wan"))
+  _check(convert_tf.load_transformer(path, "wan"), torch_model, inputs)
+
+
+def test_kaleido_sat_layout(tmp_path, torch_model, inputs):
+  import torch
+  d = tmp_path / "sat"
+  (d / "1").mkdir(parents=True)
+  torch.save({"module": _to_sat(ref.to_wan_state_dict(torch_model), 2)}, d / "1" / "mp_rank_00_model_states.pt")
+  (d / "latest").write_text("1")
+  with pytest.raises(common.ConversionError, match="cannot infer the head count"):
+    convert_tf.load_transformer(str(d), "kaleido")  # dim 32 is no multiple of Wan's head_dim 128
+  cfg = convert_tf.config_from_checkpoint(str(d / "1" / "mp_rank_00_model_states.pt"), "kaleido",
+                                          common.CheckpointReader(str(d / "1" / "mp_rank_00_model_states.pt")),
+                                          base=kcfg.model_config(head_dim=16))
+  assert (cfg.num_heads, cfg.num_layers, cfg.ffn_dim) == (2, 2, 64)
+  _check(convert_tf.load_transformer(str(d), "kaleido", cfg), torch_model, inputs)
+
+
+def test_sharded_diffusers_checkpoint_with_index(tmp_path, torch_model, inputs):
+  path = str(tmp_path / "sharded")
+  torch_model.save_pretrained(path, safe_serialization=True, max_shard_size="20KB")
+  assert any(f.endswith(".index.json") for f in os.listdir(path))
+  assert len([f for f in os.listdir(path) if f.endswith(".safetensors")]) > 1
+  _check(convert_tf.load_transformer(path, "diffusers"), torch_model, inputs)
+
+
+def test_cli_writes_a_loadable_checkpoint_and_refuses_to_overwrite(tmp_path, torch_model, inputs):
+  src = ref.save_diffusers(torch_model, str(tmp_path / "src"))
+  out = tmp_path / "converted"
+  cmd = [sys.executable, "-m", "kaleido_jax.convert", "--component", "transformer", "--format", "diffusers",
+         "--input", src, "--output", str(out)]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  subprocess.run(cmd, check=True, capture_output=True, env=env)
+  _check(convert_tf.load_transformer(str(out)), torch_model, inputs)
+  again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_wrong_architecture_names_keys_and_shapes_and_leaves_nothing(tmp_path, torch_model):
+  src = ref.save_diffusers(torch_model, str(tmp_path / "src"))
+  bigger = convert_tf.config_from_checkpoint(src, "diffusers", common.CheckpointReader(src))
+  bigger.num_layers = 3
+  bigger.ffn_dim = 96
+  bigger.scan_layers = False
+  with pytest.raises(common.ConversionError) as e:
+    convert_tf.convert_state(src, "diffusers", bigger)
+  msg = str(e.value)
+  assert "missing keys" in msg and "blocks.2.attn1.to_q.weight" in msg
+  assert "blocks/0/ffn/proj_in/kernel: expected shape (32, 96)" in msg
+  out = tmp_path / "out"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, "-m", "kaleido_jax.convert", "--format", "wan", "--input", src,
+                      "--output", str(out)], capture_output=True, text=True, env=env)
+  assert r.returncode == 2 and "has no tensor 'text_embedding.0.weight'" in r.stderr
+  assert "Traceback" not in r.stderr
+  assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".converting")]
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    convert_tf.load_transformer(str(tmp_path / "nope"), "diffusers")

@@ -6,7 +6,8 @@ r"""Training throughput on CPU (1 vs 8 virtual devices) and the AOT fit table fo
 Throughput: each device count runs in a fresh subprocess (the virtual device count is fixed at JAX
 start-up) with the config's mesh data=-1; the first step (compile) is excluded. Printed: steps/s,
 tokens/s (video tokens), and the ratio against the 1-device run of the same invocation.
-AOT: `kaleido_jax.tools.aot.analyse` per config × slice (fsdp = all chips, batch 1 per data shard).
+AOT: `kaleido_jax.tools.aot.analyse` per config × slice, trying fsdp = all chips, then fsdp × tensor
+(tensor 2/4/8 where it divides the heads) until one fits; batch = one sample per data-parallel shard.
 """
 
 from __future__ import annotations
@@ -83,22 +84,54 @@ def throughput(args) -> None:
           f"{r['steps_per_s'] / base:.2f}x |")
 
 
+def _meshes(chips: int, heads: int):
+  """fsdp over all chips, then fsdp x tensor splits (tensor divides the heads) up to tensor=8."""
+  out = [dict(fsdp=chips, tensor=1)]
+  for t in (2, 4, 8):
+    if chips % t == 0 and heads % t == 0 and chips // t >= 1:
+      out.append(dict(fsdp=chips // t, tensor=t))
+  return out
+
+
 def aot_table(args) -> None:
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from kaleido_jax.tools import aot  # pylint: disable=g-import-not-at-top
   print('| config | slice | mesh | remat | params (B) | args GiB | temp GiB | total GiB | HBM GiB | '
         'XLA TFLOP/chip | analytic TFLOP/chip | verdict |')
   print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+  chips = {'v5p-8': 4, 'v5p-16': 8, 'v5p-32': 16, 'v6e-16': 16, 'v6e-64': 64}
   for path in args.aot_configs.split(','):
     for name, topo in SLICES:
-      config = _load_config(path, args.model_factory)
-      config.mesh.update(data=1, fsdp=-1, context=1, tensor=1)
+      if args.slices and name not in args.slices.split(','):
+        continue
+      heads = _load_config(path, args.model_factory).model.num_heads
+      for m in _meshes(chips[name], heads):
+        config = _load_config(path, args.model_factory)
+        for o in args.override:
+          k, v = o.split('=', 1)
+          node = config
+          for part in k.split('.')[:-1]:
+            node = node[part]
+          node[k.split('.')[-1]] = type(node[k.split('.')[-1]])(v)
+        config.mesh.update(data=1, context=1, **m)
+        _aot_row(aot, config, path, name, topo)
+        if not args.all_meshes and _LAST.get('fits'):
+          break
+
+
+_LAST = {}
+
+
+def _aot_row(aot, config, path, name, topo):
+  _LAST.clear()
+  if True:
       try:
         r = aot.analyse(config, topo)
       except Exception as e:  # pylint: disable=broad-except
         print(f'| {os.path.basename(path)} | {name} | | | | | | | | | | error: {type(e).__name__}: '
               f'{str(e).splitlines()[0][:120]} |', flush=True)
-        continue
+        return
+      _LAST.update(r)
       g = lambda x: x / aot.GIB
       mesh = 'x'.join(f'{k}{v}' for k, v in r['mesh'].items() if v > 1)
       print(f"| {os.path.basename(path)} | {name} | {mesh} | {r['remat']} | {r['params'] / 1e9:.2f} | "
@@ -114,6 +147,9 @@ def main():
   p.add_argument('--model_factory', default='')
   p.add_argument('--aot', action='store_true')
   p.add_argument('--aot_configs', default='configs/wan_1_3b.py,configs/kaleido_14b.py')
+  p.add_argument('--slices', default='', help='comma list of slice names (default: all)')
+  p.add_argument('--override', action='append', default=[], help='config key=value, e.g. model.attention=xla')
+  p.add_argument('--all_meshes', action='store_true', help='print every mesh, not just the first that fits')
   p.add_argument('--_child', action='store_true')
   args = p.parse_args()
   if args._child:  # pylint: disable=protected-access

@@ -15,6 +15,7 @@ their total against the chip's HBM capacity; XLA's FLOP count per step beside th
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -34,6 +35,9 @@ _REFS = flags.DEFINE_integer('num_refs', -1, 'References per sample; -1 = data.m
 # HBM per chip in GiB (Cloud TPU documentation).
 HBM_GIB = {'v4': 32, 'v5e': 16, 'v5litepod': 16, 'v5p': 95, 'v6e': 32}
 GIB = 1024 ** 3
+# XLA TPU's refusal, e.g. "... HLO temporaries (360.64G) exceeds available HBM (95.74G)".
+_OOM = re.compile(r'RESOURCE_EXHAUSTED.*?\(([0-9.]+)([KMGT])\) exceeds', re.S)
+_UNIT = {'K': 1024, 'M': 1024 ** 2, 'G': GIB, 'T': 1024 ** 4}
 
 
 def topology_devices(topology: str):
@@ -75,8 +79,25 @@ def analyse(config, topology: str, batch_size: int = 0, num_refs: int = -1) -> d
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_sh[k]) for k, v in shapes.items()}
   key = jax.eval_shape(lambda: jax.random.key(0))
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=jax.sharding.NamedSharding(mesh, jax.P()))
+  v_tok, r_tok = flops_lib.tokens((f, h, w), r, (h, w), config.model.patch_size)
+  analytic = flops_lib.train_step_flops(config.model, b, v_tok, r_tok, text_len)
+  base = dict(topology=topology, chips=len(devices), mesh=dict(mesh.shape), batch=b, refs=r,
+              video_tokens=v_tok, ref_tokens=r_tok,
+              params=state_lib.count_params(spec.abstract_state['params']),
+              remat=config.model.get('remat_policy', 'none'), attention=config.model.get('attention', ''),
+              capacity=hbm_bytes(topology), analytic_flops_per_chip=analytic / len(devices))
   with jax.set_mesh(mesh):
-    compiled = jitted.lower(spec.abstract_state, batch, key).compile()
+    lowered = jitted.lower(spec.abstract_state, batch, key)
+    try:
+      compiled = lowered.compile()
+    except Exception as e:  # pylint: disable=broad-except
+      # The TPU compiler refuses programs that cannot fit: report its numbers as "does not fit".
+      m = _OOM.search(str(e))
+      if m is None:
+        raise
+      need = float(m.group(1)) * _UNIT[m.group(2)]
+      return dict(base, args=float('nan'), temp=need, out=float('nan'), total=need, xla_flops=float('nan'),
+                  compile_s=time.time() - t0, fits=False, note=str(e).splitlines()[0][:200])
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -85,22 +106,17 @@ def analyse(config, topology: str, batch_size: int = 0, num_refs: int = -1) -> d
   temp = mem.temp_size_in_bytes
   out = max(mem.output_size_in_bytes - mem.alias_size_in_bytes, 0)
   total = args + temp + out + mem.generated_code_size_in_bytes
-  v_tok, r_tok = flops_lib.tokens((f, h, w), r, (h, w), config.model.patch_size)
-  analytic = flops_lib.train_step_flops(config.model, b, v_tok, r_tok, text_len)
-  return dict(topology=topology, chips=len(devices), mesh=dict(mesh.shape), batch=b, refs=r,
-              video_tokens=v_tok, ref_tokens=r_tok,
-              params=state_lib.count_params(spec.abstract_state['params']),
-              remat=config.model.get('remat_policy', 'none'), args=args, temp=temp, out=out, total=total,
-              capacity=hbm_bytes(topology), xla_flops=float(cost.get('flops', float('nan'))) if cost else
-              float('nan'), analytic_flops_per_chip=analytic / len(devices), compile_s=compile_s,
-              fits=total <= hbm_bytes(topology))
+  return dict(base, args=args, temp=temp, out=out, total=total,
+              xla_flops=float(cost.get('flops', float('nan'))) if cost else float('nan'),
+              compile_s=compile_s, fits=total <= hbm_bytes(topology))
 
 
 def format_table(r: dict[str, Any]) -> str:
   g = lambda x: f'{x / GIB:8.2f} GiB'
   mesh = ' '.join(f'{k}={v}' for k, v in r['mesh'].items())
   lines = [
-      f"topology {r['topology']} ({r['chips']} chips)  mesh {mesh}  remat {r['remat']}",
+      f"topology {r['topology']} ({r['chips']} chips)  mesh {mesh}  remat {r['remat']}  "
+      f"attention {r['attention']}",
       f"params {r['params'] / 1e9:.3f} B  batch {r['batch']}  tokens/sample {r['video_tokens']} video + "
       f"{r['ref_tokens']} refs ({r['refs']})  compile {r['compile_s']:.1f} s",
       f"per-chip HBM   arguments {g(r['args'])}",
@@ -112,6 +128,8 @@ def format_table(r: dict[str, Any]) -> str:
       f"ratio {r['xla_flops'] / r['analytic_flops_per_chip']:.2f}",
       'fits' if r['fits'] else 'does not fit',
   ]
+  if r.get('note'):
+    lines.insert(-1, f"compiler: {r['note']}")
   return '\n'.join(lines)
 
 

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_aot_compiles_sharded_step_for_tpu_slice():
-  config = tiny_config()
+  config = tiny_config(real_dit=True)
   config.mesh.update(data=1, fsdp=2, tensor=2)
   r = aot.analyse(config, 'v5p:2x2x1')
   table = aot.format_table(r)

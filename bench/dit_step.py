@@ -1,0 +1,166 @@
+"""DiT forward / train-step speed: kaleido_jax vs diffusers' WanTransformer3DModel, same machine, same run.
+
+  python bench/dit_step.py [--layers 4] [--dim 512] [--heads 8] [--frames 5] [--size 32] [--refs 2]
+
+Prints median times of a jitted forward and forward+backward (MSE on the output) beside diffusers' PyTorch
+model (eager, and torch.compile when it works here) at an equal token count: diffusers has no references,
+so it gets the reference latents as extra frames. Then compile time at 4 vs 40 layers (scan), and a
+roofline: the step's FLOPs (XLA cost analysis) over this machine's measured fp32 matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from kaleido_jax import config as kcfg  # noqa: E402
+from kaleido_jax.model.dit import KaleidoDiT  # noqa: E402
+
+
+def median_time(fn, repeats: int) -> float:
+  fn()  # warm-up / compile
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  t = median_time(lambda: f(a).block_until_ready(), repeats)
+  return 2 * n ** 3 / t
+
+
+def build(args, layers: int):
+  cfg = kcfg.model_config(num_heads=args.heads, head_dim=args.dim // args.heads, ffn_dim=4 * args.dim,
+                          num_layers=layers, in_channels=16, out_channels=16, text_dim=args.text_dim)
+  return cfg, KaleidoDiT(cfg, rngs=nnx.Rngs(0))
+
+
+def jax_fns(model):
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def forward(state, video, t, text, refs):
+    return nnx.merge(graphdef, state)(video, t, text, refs=refs)
+
+  @jax.jit
+  def train_step(state, video, t, text, refs):
+    def loss(s):
+      return jnp.mean(nnx.merge(graphdef, s)(video, t, text, refs=refs) ** 2)
+    return jax.value_and_grad(loss)(state)
+
+  return state, forward, train_step
+
+
+def compile_seconds(args, layers: int, inputs) -> float:
+  _, model = build(args, layers)
+  state, _, train_step = jax_fns(model)
+  t0 = time.perf_counter()
+  train_step.lower(state, *inputs).compile()
+  return time.perf_counter() - t0
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--dim", type=int, default=512)
+  p.add_argument("--heads", type=int, default=8)
+  p.add_argument("--frames", type=int, default=5)
+  p.add_argument("--size", type=int, default=32)
+  p.add_argument("--refs", type=int, default=2)
+  p.add_argument("--text-len", type=int, default=64)
+  p.add_argument("--text-dim", type=int, default=512)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--no-torch", action="store_true")
+  args = p.parse_args()
+  jax.config.update("jax_default_matmul_precision", "highest")
+
+  rng = np.random.default_rng(0)
+  b, f, s, c = 1, args.frames, args.size, 16
+  video = rng.normal(size=(b, f, s, s, c)).astype(np.float32)
+  refs = rng.normal(size=(b, args.refs, s, s, c)).astype(np.float32)
+  text = rng.normal(size=(b, args.text_len, args.text_dim)).astype(np.float32)
+  t = np.array([500.0], np.float32)
+  inputs = tuple(jnp.asarray(x) for x in (video, t, text, refs))
+
+  cfg, model = build(args, args.layers)
+  state, forward, train_step = jax_fns(model)
+  rows = []
+  fwd = median_time(lambda: forward(state, *inputs).block_until_ready(), args.repeats)
+  step = median_time(lambda: jax.block_until_ready(train_step(state, *inputs)), args.repeats)
+  rows.append(("kaleido_jax (jit)", fwd, step))
+
+  if not args.no_torch:
+    import torch
+    from diffusers import WanTransformer3DModel
+    torch.manual_seed(0)
+    tm = WanTransformer3DModel(num_attention_heads=args.heads, attention_head_dim=args.dim // args.heads,
+                               in_channels=c, out_channels=c, text_dim=args.text_dim, ffn_dim=4 * args.dim,
+                               num_layers=args.layers, rope_max_seq_len=1024)
+    # Equal token count: the references ride along as extra latent frames.
+    tv = torch.from_numpy(np.concatenate([refs, video], 1).transpose(0, 4, 1, 2, 3).copy())
+    tt, ttext = torch.from_numpy(t), torch.from_numpy(text)
+
+    def torch_fwd(m):
+      with torch.no_grad():
+        return m(tv, tt, ttext, return_dict=False)[0]
+
+    def torch_step(m):
+      m.zero_grad(set_to_none=True)
+      out = m(tv, tt, ttext, return_dict=False)[0]
+      (out ** 2).mean().backward()
+
+    rows.append(("diffusers eager", median_time(lambda: torch_fwd(tm), args.repeats),
+                 median_time(lambda: torch_step(tm), args.repeats)))
+    try:
+      cm = torch.compile(tm)
+      rows.append(("diffusers torch.compile", median_time(lambda: torch_fwd(cm), args.repeats),
+                   median_time(lambda: torch_step(cm), args.repeats)))
+    except Exception as e:  # torch.compile needs a working C++ toolchain / inductor
+      print(f"torch.compile unavailable here: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+
+  tokens = (f + args.refs) * (s // 2) ** 2
+  print(f"\nDiT dim {args.dim}, {args.heads} heads, {args.layers} layers, {f} frames x {s}x{s} latents + "
+        f"{args.refs} refs = {tokens} tokens, text {args.text_len}, batch 1, fp32, {jax.device_count()} "
+        f"CPU device(s), {os.cpu_count()} cores")
+  print(f"| implementation | forward (ms) | fwd+bwd step (ms) | step speed-up vs diffusers eager |")
+  print("|---|---|---|---|")
+  eager = next((r for r in rows if r[0] == "diffusers eager"), None)
+  for name, fw, st in rows:
+    ratio = f"{eager[2] / st:.2f}x" if eager else "-"
+    print(f"| {name} | {fw * 1e3:.1f} | {st * 1e3:.1f} | {ratio} |")
+
+  from kaleido_jax.train import flops as flops_lib
+  # XLA's cost analysis counts a scanned layer once, so the roofline uses the analytic count
+  # (kaleido_jax/train/flops.py states the formula); XLA's number is printed beside it.
+  v_tok, r_tok = flops_lib.tokens((f, s, s), args.refs, (s, s), cfg.patch_size)
+  analytic = flops_lib.train_step_flops(cfg, b, v_tok, r_tok, args.text_len)
+  cost = train_step.lower(state, *inputs).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float(cost.get("flops", 0.0))
+  rate = matmul_rate()
+  roofline = analytic / rate
+  print(f"\nroofline: step {analytic / 1e9:.1f} GFLOP analytic (XLA cost analysis, one scanned layer: "
+        f"{xla_flops / 1e9:.1f}) / measured fp32 matmul rate {rate / 1e9:.1f} GFLOP/s = {roofline * 1e3:.0f} ms; "
+        f"our step is {step / roofline:.2f}x the roofline")
+
+  c4 = compile_seconds(args, 4, inputs)
+  c40 = compile_seconds(args, 40, inputs)
+  print(f"compile time (train step, scan): 4 layers {c4:.2f} s, 40 layers {c40:.2f} s, ratio {c40 / c4:.2f}")
+
+
+if __name__ == "__main__":
+  main()

@@ -31,23 +31,24 @@ def _train(config, mesh_overrides, devices, steps):
 
 @pytest.fixture(scope='module')
 def single():
-  return _train(tiny_config(real_dit=True), {}, jax.devices()[:1], 3)
+  return _train(tiny_config(real_dit=True), {}, jax.devices()[:1], 2)
 
 
-@pytest.mark.parametrize('mesh', [dict(data=2, fsdp=2, tensor=2), dict(context=2), dict(data=2, context=2, tensor=2)])
+@pytest.mark.slow
+@pytest.mark.parametrize('mesh', [dict(data=2, fsdp=2, tensor=2), dict(data=2, context=2, tensor=2)])
 def test_sharded_step_matches_single_device(single, mesh):
   assert jax.device_count() == 8
   n = int(np.prod(list(mesh.values())))
   config = tiny_config(real_dit=True)
-  losses, state, spec = _train(config, mesh, jax.devices()[:n], 3)
+  losses, state, spec = _train(config, mesh, jax.devices()[:n], 2)
   ref_losses, ref_state, _ = single
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   diff = max(float(np.max(np.abs(a - b))) for a, b in
              zip(jax.tree.leaves(state['params']), jax.tree.leaves(ref_state['params'])))
   print(f'mesh {mesh}: max |param diff| vs 1 device = {diff:.3g}')
   # Adam normalises updates, so float reassociation in sharded reductions shows up at a small fraction of
-  # one step's update (lr = 1e-3 here, 3 steps): bound at 3% of the total possible movement.
-  assert diff < 0.03 * 1e-3 * 3
+  # one step's update (lr = 1e-3 here, 2 steps): bound at 3% of the total possible movement.
+  assert diff < 0.03 * 1e-3 * 2
   specs = [str(s.spec) for s in jax.tree.leaves(spec.shardings['params'])]
   for axis in ('tensor', 'fsdp'):  # parameters really are sharded over the mesh's model axes
     if axis in mesh:
@@ -107,6 +108,7 @@ def test_mesh_fill_and_rules():
   assert mesh_lib.logical_to_spec(('layers', 'embed', 'kv'), (2, 4, 4), mesh) == jax.sharding.PartitionSpec(None, 'fsdp', None)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_averages_strided_microbatches():
   import optax
   config = tiny_config(grad_accum=2, grad_clip=0.0)
@@ -122,7 +124,8 @@ def test_grad_accumulation_averages_strided_microbatches():
   grads, losses = [], []
   for i in range(2):
     micro = jax.tree.map(lambda x: x[i::2], batch)  # examples i, i+2: the strided split
-    (l, _), g = jax.value_and_grad(loss_fn, has_aux=True)(state['params'], micro, jax.random.fold_in(rng, i))
+    (l, _), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state['params'], micro,
+                                                                    jax.random.fold_in(rng, i))
     grads.append(g)
     losses.append(l)
   g = jax.tree.map(lambda a, b: (a + b) / 2, *grads)

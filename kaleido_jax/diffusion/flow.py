@@ -24,9 +24,14 @@ import ml_collections
 
 
 def resolution_mu(num_tokens: int | float, cfg: ml_collections.ConfigDict) -> float:
-  """μ linear in the token count: `shift_base` at `base_tokens`, `shift_max` at `max_tokens`."""
+  """μ linear in the token count: `shift_base` at `base_tokens`, `shift_max` at `max_tokens`, clamped there.
+
+  Clamped because video token counts (32,760 at 480x832x81) lie far beyond the image range the line was fit
+  on: extrapolating would give μ ≈ 6 (a sigma shift of ~400) and train almost only at σ ≈ 1.
+  """
   slope = (cfg.shift_max - cfg.shift_base) / (cfg.max_tokens - cfg.base_tokens)
-  return cfg.shift_base + slope * (num_tokens - cfg.base_tokens)
+  mu = cfg.shift_base + slope * (num_tokens - cfg.base_tokens)
+  return min(max(mu, cfg.shift_base), cfg.shift_max)
 
 
 def shift_sigmas(sigmas: jax.Array, shift: float | jax.Array) -> jax.Array:

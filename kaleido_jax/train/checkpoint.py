@@ -19,6 +19,19 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 
+class _IteratorSnapshot:
+  """The data iterator's position at save time (what grain's checkpoint handler reads)."""
+
+  def __init__(self, data_iter: Any):
+    state = data_iter.get_state()
+    # grain's handler writes bytes states as text and json-dumps dict states (DatasetIterator); the
+    # snapshot is not a DatasetIterator, so it hands over the same JSON text as bytes.
+    self._state = state if isinstance(state, bytes) else json.dumps(state, indent=4).encode()
+
+  def get_state(self) -> bytes:
+    return self._state
+
+
 class Checkpointer:
   """Thin wrapper that fixes the item layout and retention policy."""
 
@@ -45,7 +58,9 @@ class Checkpointer:
     items = {'state': ocp.args.StandardSave(state),
              'config': ocp.args.JsonSave(json.loads(config.to_json()))}
     if data_iter is not None:
-      items['data'] = grain.checkpoint.CheckpointSave(data_iter)
+      # Snapshot now: with async checkpointing the handler runs in a background thread, by which time the
+      # loop may have pulled further batches; the saved position must be the one of `state`.
+      items['data'] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter))
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:

@@ -49,6 +49,8 @@ def test_shift_formula_and_resolution_mu():
   assert flow.resolution_mu(256, cfg) == pytest.approx(0.5)
   assert flow.resolution_mu(4096, cfg) == pytest.approx(1.15)
   assert flow.resolution_mu(2176, cfg) == pytest.approx(0.825)
+  assert flow.resolution_mu(32760, cfg) == pytest.approx(1.15)  # video token counts clamp at the top
+  assert flow.resolution_mu(16, cfg) == pytest.approx(0.5)
   s = jnp.linspace(0.0, 1.0, 11)
   np.testing.assert_allclose(flow.shift_sigmas(s, 1.0), s, atol=1e-7)
   shifted = flow.shift_sigmas(s, 7.0)

@@ -1,6 +1,8 @@
-"""Tiny CPU demo: trains on the synthetic multi-subject set in minutes, then samples and evaluates.
+"""Tiny CPU demo: trains a tiny Kaleido DiT on synthetic cross-paired latents in about a minute.
 
-This is the embedded default of `python -m kaleido_jax.main --config configs/demo.py --workdir DIR`.
+This is the embedded default of `python -m kaleido_jax.main --config configs/demo.py --workdir DIR`: it
+writes TensorBoard logs and orbax checkpoints under DIR. (The end-to-end demo that also samples videos and
+evaluates them is the `demo` mode of the sampling issue; until it lands the default mode is `train`.)
 """
 
 from kaleido_jax import config as kcfg
@@ -8,7 +10,7 @@ from kaleido_jax import config as kcfg
 
 def get_config():
   config = kcfg.base_config()
-  config.mode = 'demo'
+  config.mode = 'train'
   config.model = kcfg.model_config(
       num_heads=2, head_dim=32, ffn_dim=256, num_layers=2, in_channels=4, out_channels=4,
       text_dim=32, freq_dim=32)

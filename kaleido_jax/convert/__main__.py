@@ -12,7 +12,7 @@ import sys
 
 COMPONENTS = {
     "transformer": ("kaleido_jax.convert.transformer", ("diffusers", "wan", "kaleido")),
-    "vae": ("kaleido_jax.convert.vae", ("diffusers",)),
+    "vae": ("kaleido_jax.convert.vae", ("diffusers", "wan")),
     "text_encoder": ("kaleido_jax.convert.text_encoder", ("transformers", "wan")),
 }
 

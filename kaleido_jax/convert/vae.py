@@ -1,9 +1,16 @@
-"""Wan2.1 VAE checkpoints -> WanVAE. Format: diffusers ``AutoencoderKLWan`` (safetensors).
+"""Wan2.1 VAE checkpoints -> WanVAE. Formats: diffusers ``AutoencoderKLWan`` (safetensors) and the original
+``Wan2.1_VAE.pth`` release layout.
 
 Our module tree mirrors diffusers' names, so the key of a leaf is its path with ``/`` -> ``.``,
 ``kernel`` -> ``weight`` and the per-frame 2D resample conv at ``resample.1`` (diffusers wraps it in a
 Sequential after the upsample / zero-pad). Conv weights (out, in, *k) become channels-last (*k, in, out);
 RMS-norm ``gamma`` of shape (C, 1, 1[, 1]) becomes (C,).
+
+The original release (facts from diffusers' ``scripts/convert_wan_to_diffusers.py``) names the same tensors
+differently: ``{encoder,decoder}.conv1`` / ``head.0`` (norm) / ``head.2`` (conv) for conv_in / norm_out /
+conv_out; ``middle.{0,1,2}`` for resnet / attention / resnet; residual blocks as ``residual.{0,2,3,6}`` (norm1,
+conv1, norm2, conv2) and ``shortcut``; the decoder's up blocks flattened into ``decoder.upsamples.{n}`` (each
+stage's resnets, then its resample); top-level ``conv1`` / ``conv2`` for quant_conv / post_quant_conv.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from flax import nnx
 from kaleido_jax import config as kcfg
 from kaleido_jax.convert import common
 
-FORMATS = ("diffusers",)
+FORMATS = ("diffusers", "wan")
 COMPONENT = "vae"
 
 
@@ -36,8 +43,45 @@ def _transform(path: str):
   return common.identity
 
 
-def make_plan(targets) -> dict[str, common.Source]:
-  return {p: common.one(_source_key(p), _transform(p)) for p in targets}
+_RESIDUAL = {"norm1.gamma": "residual.0.gamma", "conv1.": "residual.2.", "norm2.gamma": "residual.3.gamma",
+             "conv2.": "residual.6.", "conv_shortcut.": "shortcut."}
+
+
+def _residual(rest: str) -> str:
+  for ours, theirs in _RESIDUAL.items():
+    if rest.startswith(ours):
+      return theirs + rest[len(ours):]
+  return rest
+
+
+def wan_key(key: str, cfg: ml_collections.ConfigDict) -> str:
+  """diffusers AutoencoderKLWan key -> the original Wan2.1 release key."""
+  top = {"quant_conv.": "conv1.", "post_quant_conv.": "conv2."}
+  for ours, theirs in top.items():
+    if key.startswith(ours):
+      return theirs + key[len(ours):]
+  part, rest = key.split(".", 1)
+  for ours, theirs in (("conv_in.", "conv1."), ("norm_out.", "head.0."), ("conv_out.", "head.2.")):
+    if rest.startswith(ours):
+      return f"{part}.{theirs}{rest[len(ours):]}"
+  if rest.startswith("mid_block."):
+    kind, idx, sub = rest[len("mid_block."):].split(".", 2)
+    n = {"resnets": {"0": 0, "1": 2}, "attentions": {"0": 1}}[kind][idx]
+    return f"{part}.middle.{n}.{_residual(sub) if kind == 'resnets' else sub}"
+  if rest.startswith("down_blocks."):
+    idx, sub = rest[len("down_blocks."):].split(".", 1)
+    return f"{part}.downsamples.{idx}.{_residual(sub)}"
+  if rest.startswith("up_blocks."):
+    stage, kind, idx, sub = rest[len("up_blocks."):].split(".", 3)
+    per_stage = cfg.num_res_blocks + 2            # resnets + one resample (every stage but the last)
+    flat = int(stage) * per_stage + (int(idx) if kind == "resnets" else cfg.num_res_blocks + 1)
+    return f"{part}.upsamples.{flat}.{_residual(sub) if kind == 'resnets' else sub}"
+  return key
+
+
+def make_plan(targets, fmt: str = "diffusers", cfg: ml_collections.ConfigDict | None = None):
+  key = _source_key if fmt == "diffusers" else (lambda p: wan_key(_source_key(p), cfg))
+  return {p: common.one(key(p), _transform(p)) for p in targets}
 
 
 def config_from_checkpoint(path: str) -> ml_collections.ConfigDict:
@@ -62,11 +106,14 @@ def convert_state(path: str, fmt: str = "diffusers", config: ml_collections.Conf
   if os.path.isdir(os.path.join(path, "vae")):
     path = os.path.join(path, "vae")  # a whole pipeline directory
   reader = common.CheckpointReader(path)
-  config = config_from_checkpoint(path) if config is None else config
+  if config is None:
+    # The Wan release ships no config: it is the Wan2.1 VAE (kaleido_jax.config.vae_config defaults).
+    config = config_from_checkpoint(path) if fmt == "diffusers" else kcfg.vae_config()
   abstract = nnx.eval_shape(lambda: WanVAE(config, rngs=nnx.Rngs(0)))
   like = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   targets = common.flatten_paths(like)
-  flat = common.fill_from_plan(reader, targets, make_plan(targets), what=f"{fmt} VAE checkpoint {path!r}")
+  flat = common.fill_from_plan(reader, targets, make_plan(targets, fmt, config),
+                               what=f"{fmt} VAE checkpoint {path!r}")
   return common.unflatten_paths(flat, like), config
 
 

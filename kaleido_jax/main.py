@@ -8,6 +8,7 @@ config and dispatches, so nothing imports ``main``.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 from absl import app
@@ -34,6 +35,11 @@ MODES = {
 
 def resolve(mode: str):
   module, fn = MODES[mode].split(":")
+  if importlib.util.find_spec(module) is None:
+    print(f"error: --mode {mode} needs {module}, which this version of kaleido_jax does not ship yet; "
+          f"available modes: {sorted(m for m, t in MODES.items() if importlib.util.find_spec(t.split(':')[0]))}",
+          file=sys.stderr)
+    sys.exit(2)
   return getattr(importlib.import_module(module), fn)
 
 

@@ -284,7 +284,7 @@ class WanVAE(nnx.Module):
     return 2 ** (len(self.config.dim_mult) - 1)
 
   def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    return (1 + (num_frames - 1) * self.temporal_factor // ENCODE_CHUNK, height // self.spatial_factor,
+    return (1 + (num_frames - 1) // self.temporal_factor, height // self.spatial_factor,
             width // self.spatial_factor, self.config.z_dim)
 
   def _check_video(self, video):

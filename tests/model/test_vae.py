@@ -52,7 +52,7 @@ def test_encode_and_decode_match_diffusers(pair, frames, h, w):
     dec = ref.decode(mean).sample
   expected_mean = mean.numpy().transpose(0, 2, 3, 4, 1)
   got_mean = np.asarray(ours.encode(jnp.asarray(video)))
-  assert got_mean.shape == expected_mean.shape
+  assert got_mean.shape == expected_mean.shape == (1,) + ours.latent_shape(frames, h, w)
   assert np.abs(got_mean - expected_mean).max() < 1e-4 * max(1, np.abs(expected_mean).max())
   got = np.asarray(ours.decode(jnp.asarray(expected_mean)))
   expected = dec.numpy().transpose(0, 2, 3, 4, 1)

@@ -10,9 +10,11 @@ Sections (each owned by one part of the package):
   text_encoder  umT5 encoder + tokenizer (kaleido_jax/model/text_encoder.py)
   data          synthetic set, construction pipeline, Grain loader (kaleido_jax/data/)
   diffusion     flow-matching objective (kaleido_jax/diffusion/)
-  sample        sampler / guidance (kaleido_jax/diffusion/sampler.py, kaleido_jax/generate.py)
+  sample        sampler / guidance / what --mode sample makes (diffusion/sampler.py, pipeline.py, generate.py)
   train         optimiser, schedule, checkpoints, logging (kaleido_jax/train/)
   mesh          device mesh and logical axis rules (kaleido_jax/train/mesh.py)
+  export        the exported sampler artifact (kaleido_jax/export.py, kaleido_jax/exported.py)
+  eval          offline evaluation on held-out reference sets (kaleido_jax/eval/runner.py)
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ import ml_collections
 # Wan2.1 / diffusers `WanTransformer3DModel` 14B values (see shared DESIGN.md, table in section 1).
 WAN_14B = dict(num_heads=40, head_dim=128, ffn_dim=13824, num_layers=40)
 WAN_1_3B = dict(num_heads=12, head_dim=128, ffn_dim=8960, num_layers=30)
+
+# Wan2.1's default negative prompt (wan/configs/shared_config.py, `sample_neg_prompt`), used by Kaleido's
+# sampler as the unconditional text of classifier-free guidance.
+WAN_NEGATIVE_PROMPT = (
+    '色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，'
+    'JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，'
+    '手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走')
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
@@ -58,6 +67,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
 def vae_config(**overrides) -> ml_collections.ConfigDict:
   """The Wan2.1 VAE section. Defaults are the released Wan2.1 VAE (diffusers AutoencoderKLWan)."""
   cfg = ml_collections.ConfigDict(dict(
+      kind='wan',              # wan (this causal 3D VAE) | pixel (identity codec: pixel-space diffusion, CPU demo)
       base_dim=96,
       z_dim=16,
       dim_mult=(1, 2, 4, 4),
@@ -114,6 +124,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       heldout_identities=8,    # synthetic: identities never seen in training (evaluation split)
       heldout_clips=64,        # synthetic: clips in the 'heldout' split
       max_subjects=4,          # synthetic: subjects per clip are 1..max_subjects
+      background='procedural', # synthetic: procedural (panning waves + grain) | plain (one flat colour)
+      occluder_prob=0.3,       # synthetic: chance of a passing grey bar in a clip
       synthetic_seed=0,        # synthetic: content seed (the loader's `seed` only shuffles / augments)
       batch_size=1,            # global batch size
       shuffle=True,
@@ -172,12 +184,19 @@ def sample_config(**overrides) -> ml_collections.ConfigDict:
       shift=7.0,
       guidance_scale=6.0,       # text classifier-free guidance; same references in both branches
       image_guidance_scale=0.0, # optional third branch without references (0 = off)
-      negative_prompt='',       # '' = Wan's default negative prompt (kaleido_jax/generate.py)
+      negative_prompt=WAN_NEGATIVE_PROMPT,  # unconditional text of CFG ('' = the empty prompt)
       num_frames=81,
       height=480,
       width=832,
       fps=16,
       seed=0,
+      # What `--mode sample` generates (main.py's --prompt / --ref / --out / --checkpoint set these).
+      prompt='',
+      refs=(),                  # reference image paths, one per subject (at most model.max_refs)
+      output='',                # video path (.mp4 / .gif); '' = WORKDIR/samples/sample.mp4
+      checkpoint='',            # '' = the workdir's latest training checkpoint, else init_from.transformer
+      use_ema=True,             # sample with the EMA weights when the checkpoint has them
+      gif=True,                 # also write a GIF and a PNG strip next to the video
   ))
   cfg.update(overrides)
   return cfg
@@ -211,6 +230,32 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
+def export_config(**overrides) -> ml_collections.ConfigDict:
+  """`--mode export`: the jitted sampler (text encoder → sampler → decoder) as a `jax.export` artifact."""
+  cfg = ml_collections.ConfigDict(dict(
+      output='',                # artifact directory; '' = WORKDIR/exported
+      weights='argument',       # argument (weights.npz beside the program) | baked (constants in the program)
+      platforms=('cpu', 'cuda', 'tpu'),
+      max_refs=0,               # reference slots of the artifact; 0 = model.max_refs
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def eval_config(**overrides) -> ml_collections.ConfigDict:
+  """`--mode eval`: generate for held-out synthetic reference sets and score them (kaleido_jax/eval/)."""
+  cfg = ml_collections.ConfigDict(dict(
+      num_videos=8,             # held-out clips to generate for
+      batch_size=4,             # videos per sampler call
+      exported='',              # run this exported artifact instead of the model code ('' = model code)
+      output_dir='',            # '' = WORKDIR/eval
+      scorers=('lpips', 'histogram'),
+      save_videos=4,            # write this many GIF strips of generated vs target
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
 def mesh_config(**overrides) -> ml_collections.ConfigDict:
   """Device mesh (maxdiffusion axes). -1 fills with the remaining devices."""
   cfg = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
@@ -231,6 +276,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.sample = sample_config()
   config.train = train_config()
   config.mesh = mesh_config()
+  config.export = export_config()
+  config.eval = eval_config()
   # Where weights come from. '' = random init (tests, demo) or the workdir's own checkpoints.
   config.init_from = ml_collections.ConfigDict(dict(
       transformer='', transformer_format='diffusers',

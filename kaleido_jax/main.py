@@ -2,7 +2,8 @@ r"""Entry point: ``python -m kaleido_jax.main --config configs/X.py --workdir DI
 
 Modes (default: ``config.mode``): train | sample | export | eval | prepare | demo. Each mode is one
 function ``run(config, workdir)`` in the module that owns it; this file only parses flags, validates the
-config and dispatches, so nothing imports ``main``.
+config and dispatches, so nothing imports ``main``. The sampling flags (--prompt, --ref, --out, --checkpoint,
+--steps, --guidance, --seed, --frames, --size) are shorthands for ``config.sample`` keys.
 """
 
 from __future__ import annotations
@@ -21,6 +22,44 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/kaleido-demo", "Checkpoints, logs and outputs go here.")
 _MODE = flags.DEFINE_enum("mode", None, ["train", "sample", "export", "eval", "prepare", "demo"],
                           "What to run; default: config.mode.")
+
+# Sampling shorthands: each sets one config.sample key (so `--steps 20` == `--config.sample.num_steps=20`).
+_PROMPT = flags.DEFINE_string("prompt", None, "Text prompt (config.sample.prompt).")
+_REF = flags.DEFINE_multi_string("ref", None, "Reference image, repeat per subject (config.sample.refs).")
+_OUT = flags.DEFINE_string("out", None, "Output video .mp4/.gif (config.sample.output).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Weights: training checkpoint dir, converted dir, PyTorch "
+                                  "checkpoint or 'random' (config.sample.checkpoint).")
+_STEPS = flags.DEFINE_integer("steps", None, "Denoising steps (config.sample.num_steps).")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "Text CFG scale (config.sample.guidance_scale).")
+_SEED = flags.DEFINE_integer("seed", None, "Noise seed (config.sample.seed).")
+_FRAMES = flags.DEFINE_integer("frames", None, "Video frames (config.sample.num_frames).")
+_SIZE = flags.DEFINE_string("size", None, "HxW, e.g. 480x832, or one number for square (config.sample.height/width).")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+  parts = text.lower().replace("*", "x").split("x")
+  try:
+    hw = [int(p) for p in parts]
+  except ValueError:
+    hw = []
+  if len(hw) not in (1, 2) or min(hw) <= 0:
+    raise ValueError(f"--size {text!r}: expected HxW (e.g. 480x832) or one positive number")
+  return (hw[0], hw[-1])
+
+
+def apply_sample_flags(config) -> None:
+  """Copy the sampling shorthands that were given into config.sample."""
+  s = config.sample
+  for flag, key, cast in ((_PROMPT, "prompt", str), (_OUT, "output", str), (_CHECKPOINT, "checkpoint", str),
+                          (_STEPS, "num_steps", int), (_GUIDANCE, "guidance_scale", float), (_SEED, "seed", int),
+                          (_FRAMES, "num_frames", int)):
+    if flag.value is not None:
+      s[key] = cast(flag.value)
+  if _REF.value is not None:
+    s.refs = tuple(_REF.value)
+  if _SIZE.value is not None:
+    s.height, s.width = parse_size(_SIZE.value)
+
 
 # mode -> "module:function"; each function is run(config, workdir).
 MODES = {
@@ -50,6 +89,11 @@ def main(argv):
   mode = _MODE.value or config.mode
   if mode not in MODES:
     print(f"error: unknown mode {mode!r}; choose one of {sorted(MODES)}", file=sys.stderr)
+    sys.exit(2)
+  try:
+    apply_sample_flags(config)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   resolve(mode)(config, _WORKDIR.value)
 

@@ -33,6 +33,7 @@ COLOURS = {
 MOTIONS = ('moves right', 'moves left', 'moves down', 'moves up', 'circles around', 'zooms in',
            'shrinks away', 'spins in place')
 SPLITS = {'train': 0, 'heldout': 1}
+BACKGROUNDS = ('procedural', 'plain')
 
 
 def identity_table(num_identities: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -64,8 +65,16 @@ def split_identities(num_identities: int, heldout: int, split: str) -> np.ndarra
   raise ValueError(f'unknown split {split!r}; use one of {sorted(SPLITS)}')
 
 
-def clip_plan(seed: int, split: str, index: int, pool: np.ndarray, max_subjects: int) -> dict[str, Any]:
-  """Everything random about one clip (cheap: no pixels), a pure function of (seed, split, index)."""
+def clip_plan(seed: int, split: str, index: int, pool: np.ndarray, max_subjects: int, *,
+              background: str = 'procedural', occluder_prob: float = 0.3) -> dict[str, Any]:
+  """Everything random about one clip (cheap: no pixels), a pure function of (seed, split, index).
+
+  `background`: 'procedural' (panning two-colour waves with grain) or 'plain' (one flat colour: the CPU
+  demo's easier setting); `occluder_prob`: chance of a passing grey bar. Neither changes the random draws,
+  so the subjects and their motion are the same whatever the style.
+  """
+  if background not in BACKGROUNDS:
+    raise ValueError(f'unknown background {background!r}; use one of {BACKGROUNDS}')
   rng = np.random.default_rng([seed, SPLITS[split], index])
   n = int(rng.integers(1, min(max_subjects, len(pool)) + 1))
   ids = rng.choice(pool, size=n, replace=False).astype(np.int32)
@@ -94,9 +103,9 @@ def clip_plan(seed: int, split: str, index: int, pool: np.ndarray, max_subjects:
                          phase=rng.uniform(0, 2 * np.pi)))
   bg = dict(c0=rng.uniform(60, 230, 3), c1=rng.uniform(60, 230, 3), angle=rng.uniform(0, 2 * np.pi),
             freq=rng.uniform(2, 6, 2), amp=rng.uniform(8, 25), pan=rng.uniform(-0.15, 0.15, 2),
-            noise_seed=int(rng.integers(2**31)))
+            noise_seed=int(rng.integers(2**31)), plain=background == 'plain')
   occluder = None
-  if rng.random() < 0.3:
+  if rng.random() < occluder_prob:
     occluder = dict(x0=rng.uniform(-0.1, 0.2), x1=rng.uniform(0.8, 1.1), w=rng.uniform(0.06, 0.12),
                     grey=rng.uniform(90, 160))
   return dict(index=index, split=split, ids=ids, subjects=subjects, bg=bg, occluder=occluder)
@@ -171,6 +180,8 @@ def render_plan(plan: dict[str, Any], table: Sequence[dict[str, Any]], num_frame
   c0, c1 = f32(bg['c0']), f32(bg['c1'])
   noise = np.random.default_rng(bg['noise_seed']).normal(0, 6, (height, width, 3)).astype(np.float32)
   img = c0 + (c1 - c0) * g[..., None] + (wave[..., None] + noise)
+  if bg.get('plain'):
+    img = np.broadcast_to(c0, img.shape).copy()
   full = []
   for sid, sub in zip(plan['ids'], plan['subjects']):
     ident = table[int(sid)]
@@ -214,6 +225,37 @@ def caption(plan: dict[str, Any], table: Sequence[dict[str, Any]]) -> str:
   return text + '.'
 
 
+def caption_corpus(num_identities: int = 64, seed: int = 0, count: int = 2000) -> list[str]:
+  """Captions covering the synthetic vocabulary (every identity, motion, the occluder), deterministic."""
+  table = identity_table(min(num_identities, 1000), seed)
+  rng = np.random.default_rng([seed, 0x7E47])
+  pool = np.arange(len(table))
+  return [caption(clip_plan(seed, 'train', i, pool, 4), table) for i in range(count)] + \
+      [f'a {t["name"]} {m}' for t in table for m in MOTIONS] + [str(rng.integers(10))]
+
+
+def train_caption_tokenizer(path: str, *, vocab_size: int = 256, num_identities: int = 64, seed: int = 0) -> str:
+  """A sentencepiece model (umT5's special ids: pad 0, eos 1, unk 2, no bos) fit to the synthetic captions.
+
+  The CPU demo has no umT5 tokenizer to download; this one is trained from :func:`caption_corpus` in about a
+  second, deterministically (one thread), so every process that builds it gets the same ids. Written
+  atomically to `path`; an existing file is reused.
+  """
+  if os.path.exists(path):
+    return path
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as tmp:
+    prefix = os.path.join(tmp, 'spiece')
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(caption_corpus(num_identities, seed)), model_prefix=prefix,
+        vocab_size=vocab_size, model_type='unigram', pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        hard_vocab_limit=False, minloglevel=2, num_threads=1, seed_sentencepiece_size=10000)
+    os.replace(prefix + '.model', path)
+  return path
+
+
 def cutout(frame: np.ndarray, mask: np.ndarray, size: tuple[int, int], margin: float) -> np.ndarray:
   """Subject on white: crop the mask's box plus `margin` (fraction of the box side), square it, resize.
 
@@ -242,12 +284,14 @@ class SyntheticSet:
   """Plans of every clip of a split plus the identity → clips index used for cross-pairing."""
 
   def __init__(self, *, num_clips: int, num_identities: int, heldout_identities: int, split: str,
-               num_frames: int, height: int, width: int, seed: int = 0, max_subjects: int = 4):
+               num_frames: int, height: int, width: int, seed: int = 0, max_subjects: int = 4,
+               background: str = 'procedural', occluder_prob: float = 0.3):
     self.table = identity_table(num_identities, seed)
     self.pool = split_identities(num_identities, heldout_identities, split)
     self.split, self.seed = split, seed
     self.num_frames, self.height, self.width = num_frames, height, width
-    self.plans = [clip_plan(seed, split, i, self.pool, max_subjects) for i in range(num_clips)]
+    self.plans = [clip_plan(seed, split, i, self.pool, max_subjects, background=background,
+                            occluder_prob=occluder_prob) for i in range(num_clips)]
     self.clips_of: dict[int, list[int]] = {}
     for p in self.plans:
       for sid in p['ids']:
@@ -283,11 +327,13 @@ class SyntheticSource:
 
   def __init__(self, *, num_clips: int, num_identities: int, heldout_identities: int, split: str,
                num_frames: int, height: int, width: int, seed: int = 0, max_subjects: int = 4,
-               cutout_margin: float = 0.1, probe_frames: int = 5, refs_per_subject: int = 2):
+               cutout_margin: float = 0.1, probe_frames: int = 5, refs_per_subject: int = 2,
+               background: str = 'procedural', occluder_prob: float = 0.3):
     self.per_subject = refs_per_subject
     self.set = SyntheticSet(num_clips=num_clips, num_identities=num_identities,
                             heldout_identities=heldout_identities, split=split, num_frames=num_frames,
-                            height=height, width=width, seed=seed, max_subjects=max_subjects)
+                            height=height, width=width, seed=seed, max_subjects=max_subjects,
+                            background=background, occluder_prob=occluder_prob)
     self.margin, self.probe = cutout_margin, probe_frames
 
   def __len__(self) -> int:
@@ -381,4 +427,6 @@ def make_source(data_config: Any, split: str) -> SyntheticSource:
                          num_frames=data_config.num_frames, height=data_config.height, width=data_config.width,
                          seed=data_config.synthetic_seed, max_subjects=data_config.max_subjects,
                          cutout_margin=data_config.prepare.cutout_margin,
-                         refs_per_subject=data_config.prepare.refs_per_subject)
+                         refs_per_subject=data_config.prepare.refs_per_subject,
+                         background=data_config.get('background', 'procedural'),
+                         occluder_prob=data_config.get('occluder_prob', 0.3))

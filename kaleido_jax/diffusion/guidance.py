@@ -89,6 +89,6 @@ def guided_velocity(denoise_fn: DenoiseFn, x: jax.Array, timestep: jax.Array, te
     ref_mask = ref_mask.astype(bool)
   args = batch_branches(x, timestep, text_cond, text_uncond, refs, ref_mask, branches)
   v = denoise_fn(*args).astype(jnp.float32)
-  parts = jnp.split(v, branches, axis=0)
+  parts = v.reshape((branches, x.shape[0]) + v.shape[1:])  # a reshape, not jnp.split: symbolic batch sizes
   return combine(parts[0], parts[1] if branches > 1 else None, parts[2] if branches > 2 else None,
                  text_scale, image_scale)

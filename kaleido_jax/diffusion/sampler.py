@@ -22,10 +22,12 @@ Public API:
       `denoise_fn(x, timestep, text, refs, ref_mask) -> velocity` is any JAX-traceable callable (it is a
       static argument of the jit: pass the same object to reuse the compilation).
   sample(graphdef, state, noise, text_cond, text_uncond=None, refs=None, ref_mask=None, *, cfg,
-         return_trajectory=False)
+         return_trajectory=False, on_step=None)
       the same for an NNX model split with `nnx.split(model)`: the model call is
       `nnx.merge(graphdef, state)(x, timestep, text, refs=refs, ref_mask=ref_mask)` (CONTRIBUTING.md DiT
       signature), so the weights are a jit argument (shardable, exportable with jax.export).
+  sample_traced(denoise_fn, noise, text_cond, text_uncond, refs, ref_mask, *, cfg) -> latents
+      the loop without a jit of its own, for a caller tracing a larger program (kaleido_jax/export.py).
   `cfg` is the `sample` config section (kaleido_jax.config.sample_config): solver ('euler' | 'unipc'),
   num_steps, shift, guidance_scale (text CFG; 1 = one branch), image_guidance_scale (0 = off; see
   guidance.py for the formula), unipc_order (1 | 2).
@@ -69,7 +71,8 @@ def initial_noise(seeds, shape, dtype=jnp.float32) -> jax.Array:
 def _solver_args(cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """The per-step arrays the jitted loop scans over (numpy, so shift changes do not recompile)."""
   sched = schedules.make_schedule(cfg.solver, int(cfg.num_steps), float(cfg.shift))
-  args = dict(timesteps=sched.timesteps, sigma=sched.sigmas[:-1],
+  args = dict(index=np.arange(len(sched.timesteps), dtype=np.int32), timesteps=sched.timesteps,
+              sigma=sched.sigmas[:-1],
               dt=(sched.sigmas[1:] - sched.sigmas[:-1]).astype(np.float32))
   if cfg.solver == 'unipc':
     args.update(schedules.unipc_coefficients(sched.sigmas, order=int(cfg.get('unipc_order', 2))))
@@ -77,24 +80,27 @@ def _solver_args(cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
 
 
 def _loop(denoise_fn: DenoiseFn, solver: str, text_scale: float, image_scale: float, return_trajectory: bool,
-          steps: dict[str, jax.Array], noise, text_cond, text_uncond, refs, ref_mask):
+          on_step: Callable[[Any], None] | None, steps: dict[str, jax.Array], noise, text_cond, text_uncond,
+          refs, ref_mask):
   """The scan over steps (traced once). Carry for UniPC: (x, last corrected x, m_{i−1}, m_{i−2})."""
   x0 = noise.astype(jnp.float32)
   b = x0.shape[0]
 
-  def velocity(x, t):
+  def velocity(x, t, i):
+    if on_step is not None:  # host callback (progress bars); not exportable, so off by default
+      jax.debug.callback(on_step, i)
     return guidance.guided_velocity(denoise_fn, x, jnp.full((b,), t, jnp.float32), text_cond, text_uncond,
                                     refs, ref_mask, text_scale=text_scale, image_scale=image_scale)
 
   if solver == 'euler':
     def body(x, s):
-      x = x + s['dt'] * velocity(x, s['timesteps'])
+      x = x + s['dt'] * velocity(x, s['timesteps'], s['index'])
       return x, (x if return_trajectory else None)
     x, traj = jax.lax.scan(body, x0, steps)
   elif solver == 'unipc':
     def body(carry, s):
       x, last, m1, m2 = carry
-      m = x - s['sigma'] * velocity(x, s['timesteps'])  # data prediction from the uncorrected sample
+      m = x - s['sigma'] * velocity(x, s['timesteps'], s['index'])  # data prediction from the uncorrected sample
       corrected = (s['c_a'] * last - s['c_m'] * m1 - s['c_f'] * (m2 - m1) - s['c_g'] * (m - m1))
       x = jnp.where(s['use_corr'] > 0, corrected, x)
       x_next = s['p_a'] * x - s['p_m'] * m - s['p_f'] * (m1 - m)
@@ -106,23 +112,37 @@ def _loop(denoise_fn: DenoiseFn, solver: str, text_scale: float, image_scale: fl
   return (x, traj) if return_trajectory else x
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _jit_callable(denoise_fn, solver, text_scale, image_scale, return_trajectory, steps, noise, text_cond,
-                  text_uncond, refs, ref_mask):
-  return _loop(denoise_fn, solver, text_scale, image_scale, return_trajectory, steps, noise, text_cond,
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _jit_callable(denoise_fn, solver, text_scale, image_scale, return_trajectory, on_step, steps, noise,
+                  text_cond, text_uncond, refs, ref_mask):
+  return _loop(denoise_fn, solver, text_scale, image_scale, return_trajectory, on_step, steps, noise, text_cond,
                text_uncond, refs, ref_mask)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4, 5))
-def _jit_nnx(graphdef, state, solver, text_scale, image_scale, return_trajectory, steps, noise, text_cond,
-             text_uncond, refs, ref_mask):
-  model = nnx.merge(graphdef, state)
+def nnx_denoise_fn(graphdef: nnx.GraphDef, state: nnx.State) -> DenoiseFn:
+  """`denoise_fn(x, t, text, refs, ref_mask)` of the model `nnx.merge(graphdef, state)` (traceable).
 
+  The merge happens inside every call, i.e. inside the step loop's trace: NNX transforms in the model
+  (nnx.scan over layers) refuse variables created at an outer trace level.
+  """
   def denoise_fn(x, t, text, r, m):
-    return model(x, t, text, refs=r, ref_mask=m)
+    return nnx.merge(graphdef, state)(x, t, text, refs=r, ref_mask=m)
+  return denoise_fn
 
-  return _loop(denoise_fn, solver, text_scale, image_scale, return_trajectory, steps, noise, text_cond,
-               text_uncond, refs, ref_mask)
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4, 5, 6))
+def _jit_nnx(graphdef, state, solver, text_scale, image_scale, return_trajectory, on_step, steps, noise,
+             text_cond, text_uncond, refs, ref_mask):
+  return _loop(nnx_denoise_fn(graphdef, state), solver, text_scale, image_scale, return_trajectory, on_step,
+               steps, noise, text_cond, text_uncond, refs, ref_mask)
+
+
+def sample_traced(denoise_fn: DenoiseFn, noise: jax.Array, text_cond: jax.Array, text_uncond: jax.Array | None,
+                  refs: jax.Array | None, ref_mask: jax.Array | None, *, cfg: ml_collections.ConfigDict) -> jax.Array:
+  """The denoising loop without its own jit, for callers that trace a bigger program (the exporter)."""
+  solver, g_t, g_i = _static(cfg)
+  return _loop(denoise_fn, solver, g_t, g_i, False, None, _solver_args(cfg), noise, text_cond, text_uncond,
+               refs, ref_mask)
 
 
 def _static(cfg: ml_collections.ConfigDict) -> tuple[str, float, float]:
@@ -133,18 +153,22 @@ def _static(cfg: ml_collections.ConfigDict) -> tuple[str, float, float]:
 
 def sample_fn(denoise_fn: DenoiseFn, noise: jax.Array, text_cond: jax.Array, text_uncond: jax.Array | None = None,
               refs: jax.Array | None = None, ref_mask: jax.Array | None = None, *,
-              cfg: ml_collections.ConfigDict, return_trajectory: bool = False) -> Any:
+              cfg: ml_collections.ConfigDict, return_trajectory: bool = False,
+              on_step: Callable[[Any], None] | None = None) -> Any:
   """Denoise `noise` (B, F, H, W, C) from σ = 1 to 0 with a plain callable model (see module docstring)."""
   solver, g_t, g_i = _static(cfg)
-  return _jit_callable(denoise_fn, solver, g_t, g_i, bool(return_trajectory), _solver_args(cfg), noise,
+  return _jit_callable(denoise_fn, solver, g_t, g_i, bool(return_trajectory), on_step, _solver_args(cfg), noise,
                        text_cond, text_uncond, refs, ref_mask)
 
 
 def sample(graphdef: nnx.GraphDef, state: nnx.State, noise: jax.Array, text_cond: jax.Array,
            text_uncond: jax.Array | None = None, refs: jax.Array | None = None,
            ref_mask: jax.Array | None = None, *, cfg: ml_collections.ConfigDict,
-           return_trajectory: bool = False) -> Any:
-  """Denoise `noise` with an NNX model given as `nnx.split(model)` (weights are a jit argument)."""
+           return_trajectory: bool = False, on_step: Callable[[Any], None] | None = None) -> Any:
+  """Denoise `noise` with an NNX model given as `nnx.split(model)` (weights are a jit argument).
+
+  `on_step(i)` (a hashable callable, e.g. a bound method) is called on the host as step i starts.
+  """
   solver, g_t, g_i = _static(cfg)
-  return _jit_nnx(graphdef, state, solver, g_t, g_i, bool(return_trajectory), _solver_args(cfg), noise,
+  return _jit_nnx(graphdef, state, solver, g_t, g_i, bool(return_trajectory), on_step, _solver_args(cfg), noise,
                   text_cond, text_uncond, refs, ref_mask)

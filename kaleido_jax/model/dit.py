@@ -166,7 +166,8 @@ class KaleidoDiT(nnx.Module):
       self._build(config, rngs)
 
   def _build(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs):
-    cfg = config
+    # Frozen (hashable) so that the graphdef can be a static jit argument (the sampler's).
+    cfg = ml_collections.FrozenConfigDict(config)
     self.config = cfg
     self.dim = dim = cfg.num_heads * cfg.head_dim
     self.patch = tuple(cfg.patch_size)
@@ -182,7 +183,7 @@ class KaleidoDiT(nnx.Module):
     self.patch_kernel = nnx.Param(fan_in(rngs.params(), self.patch + (cfg.in_channels, dim), pdt),
                                   out_sharding=(None, None, None, None, "embed"))
     self.patch_bias = nnx.Param(jnp.zeros((dim,), pdt), out_sharding=("embed",))
-    f32 = cfg.copy_and_resolve_references()
+    f32 = ml_collections.ConfigDict(config).copy_and_resolve_references()
     f32.dtype = "float32"  # time embedding and modulation run in float32
     self.time_linear_1 = _linear(cfg.freq_dim, dim, (None, "embed"), f32, rngs)
     self.time_linear_2 = _linear(dim, dim, ("embed", None), f32, rngs)
@@ -230,14 +231,17 @@ class KaleidoDiT(nnx.Module):
         x = block(x, mod, text, rope, mask)
       return x
 
-    def body(carry, block):
-      return block(carry, mod, text, rope, mask), None
+    # A functional scan over the stacked block state (split -> lax.scan -> merge per layer) rather than
+    # nnx.scan: it also runs when the model itself sits inside another scan (the sampler's step loop),
+    # where nnx.scan refuses variables from the enclosing trace level.
+    graphdef, state = nnx.split(self.blocks)
 
-    policy = REMAT_POLICIES[self.config.remat_policy]
+    def body(carry, layer_state):
+      return nnx.merge(graphdef, layer_state)(carry, mod, text, rope, mask), None
+
     if self.config.remat_policy != "none":
-      body = nnx.remat(body, policy=policy, prevent_cse=False)
-    x, _ = nnx.scan(body, length=self.config.num_layers, in_axes=(nnx.Carry, 0),
-                    out_axes=(nnx.Carry, 0))(x, self.blocks)
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.config.remat_policy], prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, state, length=self.config.num_layers)
     return x
 
   def __call__(self, video, timestep, text, refs=None, ref_mask=None):

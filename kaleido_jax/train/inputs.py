@@ -3,8 +3,10 @@
 The trainer consumes `video_latents (B, F, H, W, C)`, `ref_latents (B, R, h, w, C)`, `ref_mask (B, R)` and
 `text_embedding (B, L, D)` (CONTRIBUTING: the precomputed-latents form of a data example).
 
-- `train.input = 'pipeline'`: `kaleido_jax.data.pipeline.make_dataset(config.data, ...)` with
-  `data.precomputed_latents=True` (the data issue's Grain iterator; it yields these keys).
+- `train.input = 'pipeline'`: `kaleido_jax.data.pipeline.make_dataset(config.data, ...)`, the Grain iterator of
+  cross-paired samples. With `data.precomputed_latents=True` it yields these keys itself; otherwise it yields
+  pixels and captions and `EncodedBatches` runs the frozen encoders (kaleido_jax/encoders.py: codec, umT5)
+  on every batch in the input loop (the CPU demo's path, pixel codec; also any run without prepared latents).
 - `train.input = 'synthetic_latents'`: `SyntheticLatents`, an in-memory, procedural source behind the same
   checkpointable-iterator protocol (get_state / set_state), used by tests, the demo and benchmarks until
   VAE-encoded data exists. Example i is a pure function of (seed, i): a per-identity latent pattern plus
@@ -14,19 +16,40 @@ The trainer consumes `video_latents (B, F, H, W, C)`, `ref_latents (B, R, h, w, 
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import ml_collections
 import numpy as np
 
+from kaleido_jax.model import codec as codec_lib
+
 
 def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
-  """(F, H, W, C) latents of a `data.num_frames x height x width` clip under the configured VAE."""
-  t = 2 ** sum(bool(x) for x in config.vae.temporal_downsample)
-  s = 2 ** (len(config.vae.dim_mult) - 1)
+  """(F, H, W, C) latents of a `data.num_frames x height x width` clip under the configured codec."""
+  t, s, _ = codec_lib.factors(config.vae)
   return (1 + (config.data.num_frames - 1) // t, config.data.height // s, config.data.width // s,
           config.model.in_channels)
+
+
+class EncodedBatches:
+  """Pixel batches of the data pipeline -> latent batches, keeping the wrapped iterator's checkpoint state."""
+
+  def __init__(self, pixels: Any, encoders: Any):
+    self.pixels, self.encoders = pixels, encoders
+
+  def __iter__(self) -> Iterator[dict]:
+    return self
+
+  def __next__(self) -> dict:
+    return self.encoders.encode_batch(next(self.pixels))
+
+  def get_state(self) -> Any:
+    return self.pixels.get_state()
+
+  def set_state(self, state: Any) -> None:
+    # grain's checkpoint handler hands non-DatasetIterator objects their state as the saved JSON bytes.
+    self.pixels.set_state(json.loads(state) if isinstance(state, (bytes, str)) else state)
 
 
 class SyntheticLatents:
@@ -85,18 +108,19 @@ class SyntheticLatents:
     pass
 
 
-def make_input(config: ml_collections.ConfigDict, *, seed: int):
-  """The process-local training iterator named by `config.train.input`."""
+def make_input(config: ml_collections.ConfigDict, *, seed: int, workdir: str | None = None):
+  """The process-local training iterator named by `config.train.input` (workdir: where encoders cache)."""
   pi, pc = jax.process_index(), jax.process_count()
   if config.train.input == 'synthetic_latents':
     return SyntheticLatents(config, seed=seed, process_index=pi, process_count=pc)
   if config.train.input == 'pipeline':
-    if not config.data.precomputed_latents:
-      raise ValueError("train.input='pipeline' needs data.precomputed_latents=True (the trainer reads "
-                       'video_latents / ref_latents / text_embedding)')
     from kaleido_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    return pipeline.make_dataset(config.data, split=config.data.split, seed=seed, process_index=pi,
+    data = pipeline.make_dataset(config.data, split=config.data.split, seed=seed, process_index=pi,
                                  process_count=pc)
+    if config.data.precomputed_latents:
+      return data
+    from kaleido_jax import encoders  # pylint: disable=g-import-not-at-top
+    return EncodedBatches(data, encoders.Encoders.from_config(config, workdir=workdir))
   raise ValueError(f"unknown train.input {config.train.input!r}; use 'synthetic_latents' | 'pipeline'")
 
 

@@ -167,7 +167,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   mesh = mesh_lib.make_mesh(config.mesh)
   spec = state_lib.build_spec(config, mesh)
-  data = inputs_lib.make_input(config, seed=config.seed)
+  data = inputs_lib.make_input(config, seed=config.seed, workdir=workdir)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.train)
 
   start = ckpt.latest_step()

@@ -16,6 +16,6 @@ def tiny_config(real_dit=False, **train):
   config.data.update(batch_size=8, num_frames=5, height=16, width=16, max_refs=2)
   config.mesh.update(data=-1, fsdp=1, context=1, tensor=1)
   config.train.update(num_steps=8, log_every=4, checkpoint_every=4, async_checkpointing=True,
-                      learning_rate=1e-3, warmup_steps=2)
+                      learning_rate=1e-3, warmup_steps=2, input='synthetic_latents', schedule='warmup_constant')
   config.train.update(train)
   return config

@@ -66,8 +66,8 @@ def test_run_checkpoints_resumes_and_keeps_policy(tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   make = inputs.make_input
 
-  def poisoned(config, *, seed):
-    it = make(config, seed=seed)
+  def poisoned(config, *, seed, **kw):
+    it = make(config, seed=seed, **kw)
     orig = it.__class__.__next__
 
     class P(it.__class__):

@@ -26,8 +26,8 @@ def main():
   if sleep:
     make = inputs.make_input
 
-    def slow(config, *, seed):
-      it = make(config, seed=seed)
+    def slow(config, *, seed, **kw):
+      it = make(config, seed=seed, **kw)
 
       class Slow:
         def __iter__(self):

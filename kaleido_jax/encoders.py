@@ -1,0 +1,119 @@
+"""The frozen encoders around the DiT: video codec, umT5 + tokenizer, and what they make of a batch.
+
+One object serves the trainer (pixel batches -> latents, captions -> embeddings, when the data were not
+prepared with precomputed latents), the sampling pipeline and the exporter, so all three see the same
+normalisation, padding and reference encoding:
+
+  enc = Encoders.from_config(config, workdir=...)
+  enc.text(prompts)                    -> (B, L, D) float32, zeros past each prompt (Wan's padding)
+  enc.video(video)                     -> (B, f, h, w, z) normalised latents of (B, F, H, W, 3) in [-1, 1]
+  enc.references(refs, ref_mask)       -> (B, R, h, w, z) normalised latents, padded slots zero
+  enc.decode(latents)                  -> (B, F, H, W, 3) in [-1, 1]
+  enc.encode_batch(batch)              -> the trainer's latent keys for a pixel batch of the data pipeline
+
+Weights: `config.init_from.vae` / `.text_encoder` (converted directories or PyTorch-side checkpoints, via
+kaleido_jax.convert) or, when empty, a random initialisation from a fixed seed, so that the trainer and a
+later sampling process build the *same* random encoders (the CPU demo). Tokenizer: `text_encoder.
+tokenizer_path`, or for the synthetic data set a sentencepiece model fit to its captions
+(data.synthetic.train_caption_tokenizer), cached under WORKDIR/tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from kaleido_jax.data import references as refs_lib
+from kaleido_jax.model import codec as codec_lib
+from kaleido_jax.model import text_encoder as te
+
+RANDOM_ENCODER_SEED = 0  # random (not loaded) encoders are drawn from this seed, whatever config.seed is
+
+
+def tokenizer_file(config: ml_collections.ConfigDict, workdir: str | None = None) -> str:
+  """The sentencepiece model the config asks for; builds the synthetic-caption one when none is named."""
+  path = config.text_encoder.tokenizer_path
+  if path:
+    return te.find_tokenizer_file(path)
+  if config.data.source != 'synthetic':
+    raise FileNotFoundError(
+        'config.text_encoder.tokenizer_path is empty; point it at the umT5 sentencepiece model '
+        "(Wan: google/umt5-xxl/spiece.model, diffusers: tokenizer/spiece.model)")
+  from kaleido_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  root = workdir or os.path.join(tempfile.gettempdir(), 'kaleido_jax')
+  return synthetic.train_caption_tokenizer(os.path.join(root, 'tokenizer', 'spiece.model'),
+                                           num_identities=max(64, config.data.num_identities),
+                                           seed=config.data.synthetic_seed)
+
+
+def load_codec(config: ml_collections.ConfigDict) -> Any:
+  if config.vae.get('kind', 'wan') == 'pixel' or not config.init_from.vae:
+    return codec_lib.make_codec(config.vae, rngs=nnx.Rngs(RANDOM_ENCODER_SEED))
+  from kaleido_jax.convert import vae as convert_vae  # pylint: disable=g-import-not-at-top
+  return convert_vae.load_vae(config.init_from.vae, config.init_from.vae_format, config.vae)
+
+
+def load_text_encoder(config: ml_collections.ConfigDict) -> te.UMT5Encoder:
+  if not config.init_from.text_encoder:
+    return te.UMT5Encoder(config.text_encoder, rngs=nnx.Rngs(RANDOM_ENCODER_SEED))
+  from kaleido_jax.convert import text_encoder as convert_te  # pylint: disable=g-import-not-at-top
+  return convert_te.load_text_encoder(config.init_from.text_encoder, config.init_from.text_encoder_format,
+                                      config.text_encoder)
+
+
+class Encoders:
+  """Codec + text encoder + tokenizer with a prompt cache (see the module docstring)."""
+
+  def __init__(self, codec: Any, text_encoder: te.UMT5Encoder, tokenizer: te.Tokenizer, text_len: int):
+    self.codec, self.text_encoder, self.tokenizer, self.text_len = codec, text_encoder, tokenizer, text_len
+    self.prompt_cache = te.PromptCache(text_encoder, tokenizer, text_len)
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, *, workdir: str | None = None) -> 'Encoders':
+    return cls(load_codec(config), load_text_encoder(config), te.Tokenizer(tokenizer_file(config, workdir)),
+               int(config.text_encoder.max_length))
+
+  def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    return tuple(self.codec.latent_shape(num_frames, height, width))
+
+  def text(self, prompts: Sequence[str] | str) -> np.ndarray:
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    return self.prompt_cache(list(prompts)).astype(np.float32)
+
+  def video(self, video: Any) -> jnp.ndarray:
+    return self.codec.normalize(self.codec.encode(jnp.asarray(video, jnp.float32)))
+
+  def references(self, refs: Any, ref_mask: Any) -> jnp.ndarray:
+    """(B, R, H, W, 3) images in [-1, 1] -> (B, R, h, w, z); each encoded alone as a 1-frame video."""
+    z = refs_lib.encode_references(self.codec.encode, jnp.asarray(refs, jnp.float32))
+    z = self.codec.normalize(z)
+    mask = jnp.asarray(ref_mask, bool).reshape(z.shape[:2] + (1, 1, 1))
+    return jnp.where(mask, z, 0.0)
+
+  def decode(self, latents: Any, **decode_options: Any) -> jnp.ndarray:
+    return self.codec.decode(self.codec.denormalize(jnp.asarray(latents, jnp.float32)), **decode_options)
+
+  def encode_batch(self, batch: dict[str, Any], empty_prompt: str = '') -> dict[str, np.ndarray]:
+    """A pixel batch of data.pipeline (video, refs, ref_mask, caption) -> the trainer's latent keys.
+
+    Adds `empty_text_embedding` (the empty prompt, B copies) for the objective's text dropout.
+    """
+    b = len(batch['caption'])
+    out = dict(video_latents=np.asarray(self.video(batch['video'])),
+               ref_latents=np.asarray(self.references(batch['refs'], batch['ref_mask'])),
+               ref_mask=np.asarray(batch['ref_mask'], bool),
+               text_embedding=self.text(list(batch['caption'])))
+    out['empty_text_embedding'] = np.repeat(self.text([empty_prompt]), b, axis=0)
+    return out
+
+
+def to_uint8(video: Any) -> np.ndarray:
+  """[-1, 1] floats -> uint8 frames (rounded, clipped)."""
+  return np.clip(np.round((np.asarray(video, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)

@@ -1,0 +1,104 @@
+"""`--mode sample`: one video from reference images and a prompt, written as mp4 (+ GIF and PNG strip).
+
+  python -m kaleido_jax.main --config C --workdir W --mode sample --ref a.png --ref b.png \\
+      --prompt "..." --out v.mp4 [--checkpoint P] [--steps N] [--guidance G] [--seed S] [--frames F] [--size HxW]
+
+The flags are shorthands for `config.sample.*` keys (main.py). Input problems (missing or corrupt reference,
+too many references, empty prompt, a frame count or size the codec cannot take, a checkpoint of another
+architecture, an unknown output extension) print one `error: ...` line on stderr and exit with status 2,
+before anything is written; outputs are written atomically (kaleido_jax/media.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from kaleido_jax import media
+from kaleido_jax.data import references as refs_lib
+
+USER_ERRORS = (refs_lib.ReferenceImageError, FileNotFoundError)
+
+
+class StepProgress:
+  """A tqdm bar advanced from inside the jitted sampler (jax.debug.callback)."""
+
+  def __init__(self, total: int, desc: str = 'denoising'):
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    self.bar = tqdm(total=total, desc=desc, unit='step', file=sys.stderr)
+
+  def __call__(self, _step: Any) -> None:
+    self.bar.update(1)
+
+  def close(self) -> None:
+    self.bar.close()
+
+
+def output_paths(out: str, gif: bool) -> dict[str, str]:
+  """The files one sample writes: the video, and with `gif` a GIF and a PNG strip beside it."""
+  ext = os.path.splitext(out)[1].lower()
+  if ext not in media.VIDEO_EXTENSIONS:
+    from kaleido_jax.pipeline import UserInputError  # pylint: disable=g-import-not-at-top
+    raise UserInputError(f'--out {out!r}: unknown video extension {ext or "(none)"!r}; use one of '
+                         f'{", ".join(media.VIDEO_EXTENSIONS)}')
+  paths = {'video': out}
+  base = os.path.splitext(out)[0]
+  if gif and ext != '.gif':
+    paths['gif'] = base + '.gif'
+  if gif:
+    paths['strip'] = base + '.png'
+  return paths
+
+
+def write_sample(paths: dict[str, str], frames: np.ndarray, ref_images: np.ndarray | None, fps: float,
+                 view_scale: int = 1) -> None:
+  """Video at its size; GIF and strip (references first row, frames second) upscaled for viewing."""
+  media.write_video(paths['video'], frames, fps)
+  big = media.upscale(frames, view_scale)
+  if 'gif' in paths:
+    media.write_video(paths['gif'], big, fps)
+  if 'strip' in paths:
+    rows = [big]
+    if ref_images is not None and len(ref_images):
+      rows.insert(0, media.upscale(ref_images, view_scale))
+    media.write_image(paths['strip'], media.strip(rows))
+
+
+def view_scale(height: int) -> int:
+  return max(1, 128 // max(height, 1))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  from kaleido_jax import encoders as enc_lib  # pylint: disable=g-import-not-at-top
+  from kaleido_jax import pipeline as pipe_lib  # pylint: disable=g-import-not-at-top
+  s = config.sample
+  try:
+    paths = output_paths(s.output or os.path.join(workdir, 'samples', 'sample.mp4'), bool(s.gif))
+    if not s.prompt.strip():
+      raise pipe_lib.UserInputError('the prompt is empty; describe the video to make (--prompt "...")')
+    if len(s.refs) > config.model.max_refs:
+      raise pipe_lib.UserInputError(
+          f'{len(s.refs)} --ref images, but the model was trained for at most {config.model.max_refs} '
+          '(config.model.max_refs); drop some references')
+    for i, r in enumerate(s.refs):  # fail on a bad image before loading any weights
+      refs_lib.load_reference(r, 8, 8, index=i)
+    pipe = pipe_lib.S2VPipeline.from_config(config, workdir=workdir, checkpoint=s.checkpoint)
+    progress = StepProgress(int(s.num_steps))
+    try:
+      inputs = pipe.prepare(list(s.refs), s.prompt, seed=int(s.seed))
+      latents = pipe.sample_latents(inputs, pipe.sample_config(), on_step=progress)
+      frames = enc_lib.to_uint8(pipe.encoders.decode(latents))[0]
+    finally:
+      progress.close()
+    n = len(s.refs)
+    write_sample(paths, frames, enc_lib.to_uint8(inputs['ref_images'][0, :n]), s.fps, view_scale(s.height))
+  except (pipe_lib.UserInputError,) + USER_ERRORS as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(f'wrote {", ".join(paths.values())} ({frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]}, '
+        f'weights: {pipe.weights_from})')
+  return {'paths': paths, 'frames': frames}

@@ -1,0 +1,91 @@
+"""The video codec between pixels and the DiT's input space: the Wan VAE, or pixels themselves.
+
+Everything above the codec (trainer, sampler, pipeline, exporter) talks to this small contract only:
+
+  encode(video (B, F, H, W, 3) in [-1, 1]) -> raw latents (B, f, h, w, z)
+  normalize(z) / denormalize(z)           -> what the DiT sees / what decode takes
+  decode(raw latents) -> video in [-1, 1]
+  latent_shape(F, H, W) -> (f, h, w, z);  temporal_factor, spatial_factor, z_dim;  check_video_size(F, H, W)
+
+`vae.kind = 'wan'` is :class:`kaleido_jax.model.vae.WanVAE` (4x time, 8x space, 16 channels).
+`vae.kind = 'pixel'` is :class:`PixelCodec`, the identity: the DiT denoises RGB pixels directly (its patch
+embedding does the spatial folding). It exists for the CPU demo, where a tiny DiT on 32x32 pixels learns
+visibly faster than it would behind an untrained or tiny VAE, and there are no VAE weights to download.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from kaleido_jax.model import vae as vae_lib
+
+CODECS = ('wan', 'pixel')
+
+
+class PixelCodec(nnx.Module):
+  """Identity codec: latents are the pixels in [-1, 1] (z = 3, no temporal or spatial compression)."""
+
+  temporal_factor = 1
+  spatial_factor = 1
+  z_dim = 3
+
+  def __init__(self, config: ml_collections.ConfigDict | None = None):
+    self.config = config
+
+  def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    return (num_frames, height, width, 3)
+
+  def check_video_size(self, num_frames: int, height: int, width: int) -> None:
+    if num_frames < 1 or height < 1 or width < 1:
+      raise ValueError(f'video size {num_frames}x{height}x{width} must be positive')
+
+  def encode(self, video: Any) -> jnp.ndarray:
+    video = jnp.asarray(video, jnp.float32)
+    if video.ndim != 5 or video.shape[-1] != 3:
+      raise ValueError(f'video of shape {tuple(video.shape)}: expected (B, F, H, W, 3) in [-1, 1]')
+    return video
+
+  def decode(self, z: Any, **unused: Any) -> jnp.ndarray:
+    return jnp.clip(jnp.asarray(z, jnp.float32), -1.0, 1.0)
+
+  def normalize(self, z: Any) -> Any:
+    return z
+
+  def denormalize(self, z: Any) -> Any:
+    return z
+
+
+def check_video_size(codec: Any, num_frames: int, height: int, width: int) -> None:
+  """ValueError naming the size and the fix when the codec cannot take a `num_frames x height x width` video."""
+  if isinstance(codec, PixelCodec):
+    codec.check_video_size(num_frames, height, width)
+    return
+  t, s = 4, codec.spatial_factor  # the Wan VAE encodes frame 0, then chunks of 4 (vae.ENCODE_CHUNK)
+  if num_frames < 1 or (num_frames - 1) % t:
+    raise ValueError(f'--frames {num_frames}: the Wan VAE needs 1 + {t}k frames (e.g. '
+                     f'{1 + t * max(0, (num_frames - 1) // t)} or {1 + t * ((num_frames + t - 2) // t)})')
+  if height <= 0 or width <= 0 or height % s or width % s:
+    raise ValueError(f'--size {height}x{width}: height and width must be positive multiples of {s} '
+                     '(the VAE downsamples by that factor)')
+
+
+def make_codec(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs | None = None) -> Any:
+  """The codec `config` (the `vae` section) names, randomly initialised for 'wan' (load weights on top)."""
+  kind = config.get('kind', 'wan')
+  if kind == 'pixel':
+    return PixelCodec(config)
+  if kind == 'wan':
+    return vae_lib.WanVAE(config, rngs=rngs if rngs is not None else nnx.Rngs(0))
+  raise ValueError(f"unknown vae.kind {kind!r}; use one of {CODECS}")
+
+
+def factors(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(temporal, spatial, channels) compression of the codec `config` describes, without building it."""
+  if config.get('kind', 'wan') == 'pixel':
+    return 1, 1, 3
+  return (2 ** sum(bool(x) for x in config.temporal_downsample), 2 ** (len(config.dim_mult) - 1),
+          int(config.z_dim))

@@ -1,0 +1,270 @@
+"""Subject-to-video for users: reference images + prompt -> uint8 video frames.
+
+  pipe = S2VPipeline.from_config(config, workdir=WORKDIR, checkpoint='')
+  frames = pipe.generate(['dog.png', 'hat.png'], 'a dog wearing the hat runs on a beach')  # (1, F, H, W, 3)
+  # or in one call: kaleido_jax.pipeline.generate(refs, prompt, config=config, workdir=WORKDIR)
+
+Stages: prompt -> umT5 (cached) | references -> fit-and-pad on white -> each VAE-encoded as a 1-frame video
+-> normalised latents in `max_refs` slots with a mask | seeded noise -> the jitted sampler (one lax.scan,
+text CFG with the same references in both branches, kaleido_jax/diffusion/sampler.py) -> VAE decode -> uint8.
+With a `mesh`, weights are placed by their logical axis names (kaleido_jax/train/mesh.py) and the batch over
+(data, fsdp), and the sampler runs under that mesh.
+
+Weights (`checkpoint`): '' = the workdir's newest training checkpoint, else `config.init_from.transformer`;
+a path = a training checkpoint directory (WORKDIR, WORKDIR/checkpoints or one step directory), a directory
+written by `python -m kaleido_jax.convert`, or a PyTorch-side checkpoint (`init_from.transformer_format`);
+'random' = fresh random weights (tests, the untrained baseline of the demo). A checkpoint whose parameters
+do not fit `config.model` raises :class:`UserInputError` naming the first mismatch.
+
+Every problem a user can cause (prompt, references, sizes, checkpoint) raises :class:`UserInputError` (or
+data.references.ReferenceImageError) with one line that names the input and the fix; `generate.py` turns
+those into a message on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from kaleido_jax import encoders as enc_lib
+from kaleido_jax.data import references as refs_lib
+from kaleido_jax.diffusion import sampler as sampler_lib
+from kaleido_jax.model import codec as codec_lib
+from kaleido_jax.model import dit as dit_lib
+
+
+class UserInputError(ValueError):
+  """Bad input from the user: the message names it and says what to do."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------------
+
+
+def abstract_model(model_cfg: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State]:
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: dit_lib.KaleidoDiT(model_cfg, rngs=nnx.Rngs(0)))
+  return nnx.split(model)
+
+
+def random_weights(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+  with nnx.use_eager_sharding(False):
+    return nnx.split(dit_lib.KaleidoDiT(model_cfg, rngs=nnx.Rngs(seed)))
+
+
+def _training_checkpoint_dir(path: str) -> tuple[str, int | None] | None:
+  """(CheckpointManager directory, step or None = latest) when `path` is a training checkpoint."""
+  path = os.path.abspath(path)
+  for root in (os.path.join(path, 'checkpoints'), path):
+    if os.path.isdir(root) and any(d.isdigit() and os.path.isdir(os.path.join(root, d)) for d in os.listdir(root)):
+      return root, None
+  parent, name = os.path.split(path)
+  if name.isdigit() and os.path.isdir(os.path.join(path, 'state')):
+    return parent, int(name)
+  return None
+
+
+def _restore_training_params(directory: str, step: int | None, use_ema: bool) -> tuple[dict, int]:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.CheckpointManager(directory, item_handlers={'state': ocp.StandardCheckpointHandler()}) as mngr:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise UserInputError(f'checkpoint directory {directory!r} holds no finished step; train first or pass '
+                           'another --checkpoint')
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  params = state['ema'] if use_ema and 'ema' in state else state['params']
+  return params, int(step)
+
+
+def _align(loaded: Any, template: Any, where: str, path: str = '') -> Any:
+  """Re-key `loaded` (orbax writes int keys as str) onto `template`, naming the first mismatch."""
+  if isinstance(template, dict):
+    if not isinstance(loaded, dict):
+      raise UserInputError(f'checkpoint {where!r} does not fit config.model at {path or "/"}; pass the config '
+                           'the checkpoint was trained with (--config)')
+    by_str = {str(k): v for k, v in loaded.items()}
+    missing = [str(k) for k in template if str(k) not in by_str]
+    extra = sorted(set(by_str) - {str(k) for k in template})
+    if missing or extra:
+      raise UserInputError(f'checkpoint {where!r} has a different architecture than config.model: at '
+                           f'{path or "/"} missing {missing[:4]}, unexpected {extra[:4]}; pass the config '
+                           'the checkpoint was trained with (--config)')
+    return {k: _align(by_str[str(k)], v, where, f'{path}/{k}') for k, v in template.items()}
+  if tuple(np.shape(loaded)) != tuple(template.shape):
+    raise UserInputError(f'checkpoint {where!r} has a different architecture than config.model: {path} is '
+                         f'{tuple(np.shape(loaded))}, the config wants {tuple(template.shape)}; pass the config '
+                         'the checkpoint was trained with (--config)')
+  return np.asarray(loaded, template.dtype)
+
+
+def load_weights(config: ml_collections.ConfigDict, checkpoint: str = '', workdir: str | None = None
+                 ) -> tuple[nnx.GraphDef, nnx.State, str]:
+  """(graphdef, params state, description of where they came from); see the module docstring."""
+  if checkpoint == 'random':
+    graphdef, state = random_weights(config.model, config.seed)
+    return graphdef, state, 'random weights'
+  if not checkpoint:
+    if workdir and _training_checkpoint_dir(workdir):
+      checkpoint = workdir
+    elif config.init_from.transformer:
+      checkpoint = config.init_from.transformer
+    else:
+      raise UserInputError(f'no weights: {workdir or "the workdir"!r} has no training checkpoint and '
+                           'config.init_from.transformer is empty; train first (--mode train), pass '
+                           '--checkpoint PATH, or --checkpoint random for an untrained model')
+  if not os.path.exists(checkpoint):
+    raise UserInputError(f'checkpoint {checkpoint!r} does not exist; check the path')
+  graphdef, abstract = abstract_model(config.model)
+  template = nnx.to_pure_dict(abstract)
+  training = _training_checkpoint_dir(checkpoint)
+  if training:
+    params, step = _restore_training_params(*training, use_ema=bool(config.sample.use_ema))
+    where = f'{training[0]} step {step}'
+  else:
+    from kaleido_jax.convert import common as conv_common  # pylint: disable=g-import-not-at-top
+    from kaleido_jax.convert import transformer as conv  # pylint: disable=g-import-not-at-top
+    try:
+      loaded = conv.load_transformer(checkpoint, config.init_from.transformer_format, config.model)
+    except (conv_common.ConversionError, ValueError, KeyError) as e:
+      raise UserInputError(f'checkpoint {checkpoint!r} cannot be loaded for config.model: {e}') from e
+    params, where = nnx.to_pure_dict(nnx.state(loaded, nnx.Param)), checkpoint
+  params = _align(params, template, checkpoint)
+  nnx.replace_by_pure_dict(abstract, params)
+  return graphdef, jax.tree.map(jnp.asarray, abstract), where
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_batch(refs: Any, prompts: Any) -> tuple[list[list[Any]], list[str]]:
+  """(refs, prompt) for one video or (list of ref lists, list of prompts) for a batch -> lists."""
+  if isinstance(prompts, str):
+    return [list(refs) if isinstance(refs, (list, tuple)) else [refs]], [prompts]
+  prompts = list(prompts)
+  refs = list(refs)
+  if len(refs) != len(prompts):
+    raise UserInputError(f'{len(prompts)} prompts but {len(refs)} reference sets; give one list of references '
+                         'per prompt')
+  return [list(r) if isinstance(r, (list, tuple)) else [r] for r in refs], prompts
+
+
+class S2VPipeline:
+  """Encoders + DiT weights + sampler settings; `generate` makes videos (see the module docstring)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, encoders: enc_lib.Encoders, graphdef: nnx.GraphDef,
+               state: nnx.State, *, mesh: Any = None, weights_from: str = ''):
+    self.config, self.encoders = config, encoders
+    self.graphdef, self.state, self.mesh, self.weights_from = graphdef, state, mesh, weights_from
+    if mesh is not None:
+      from kaleido_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+      self.state = jax.device_put(state, mesh_lib.state_shardings(state, mesh))
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, *, workdir: str | None = None, checkpoint: str = '',
+                  mesh: Any = None, encoders: enc_lib.Encoders | None = None) -> 'S2VPipeline':
+    graphdef, state, where = load_weights(config, checkpoint, workdir)
+    encoders = encoders or enc_lib.Encoders.from_config(config, workdir=workdir)
+    return cls(config, encoders, graphdef, state, mesh=mesh, weights_from=where)
+
+  @property
+  def max_refs(self) -> int:
+    return int(self.config.model.max_refs)
+
+  def check_request(self, prompts: Sequence[str], num_refs: Sequence[int], num_frames: int, height: int,
+                    width: int) -> None:
+    """UserInputError for an empty prompt, too many references or a size the codec / patches cannot take."""
+    for i, p in enumerate(prompts):
+      if not isinstance(p, str) or not p.strip():
+        raise UserInputError(f'prompt #{i} is empty; describe the video to make (--prompt "...")')
+    for i, n in enumerate(num_refs):
+      if n > self.max_refs:
+        raise UserInputError(f'{n} reference images for prompt #{i}, but the model was trained for at most '
+                             f'{self.max_refs} (config.model.max_refs); drop some --ref images')
+    try:
+      codec_lib.check_video_size(self.encoders.codec, num_frames, height, width)
+    except ValueError as e:
+      raise UserInputError(str(e)) from e
+    f, h, w, _ = self.encoders.latent_shape(num_frames, height, width)
+    pt, ph, pw = self.config.model.patch_size
+    if f % pt or h % ph or w % pw:
+      t, s = self.encoders.codec.temporal_factor, self.encoders.codec.spatial_factor
+      raise UserInputError(f'--size {height}x{width} / --frames {num_frames}: the latent {f}x{h}x{w} must be '
+                           f'divisible by the patch {pt}x{ph}x{pw}; use a height and width divisible by '
+                           f'{s * ph} (and {s * pw}), frames by {t * pt}')
+
+  def prepare(self, refs: Any, prompt: Any, *, num_frames: int | None = None, height: int | None = None,
+              width: int | None = None, seed: int | Sequence[int] | None = None,
+              negative_prompt: str | None = None) -> dict[str, Any]:
+    """Everything the sampler takes, as arrays: noise, text_cond, text_uncond, ref latents, ref_mask."""
+    s = self.config.sample
+    num_frames, height, width = (int(num_frames or s.num_frames), int(height or s.height),
+                                 int(width or s.width))
+    ref_lists, prompts = _as_batch(refs, prompt)
+    self.check_request(prompts, [len(r) for r in ref_lists], num_frames, height, width)
+    images, masks = [], []
+    for r in ref_lists:
+      img = refs_lib.prepare_references(r, height, width, self.max_refs)
+      img, mask = refs_lib.pad_reference_slots(img, self.max_refs)
+      images.append(img)
+      masks.append(mask)
+    ref_mask = np.stack(masks)
+    ref_latents = self.encoders.references(np.stack(images), ref_mask) if self.max_refs else None
+    seed = int(s.seed) if seed is None else seed
+    seeds = list(seed) if isinstance(seed, (list, tuple, np.ndarray)) else [seed + i for i in range(len(prompts))]
+    neg = s.negative_prompt if negative_prompt is None else negative_prompt
+    shape = self.encoders.latent_shape(num_frames, height, width)
+    return dict(noise=sampler_lib.initial_noise(seeds, shape), text_cond=self.encoders.text(prompts),
+                text_uncond=self.encoders.text([neg]), refs=ref_latents,
+                ref_mask=jnp.asarray(ref_mask) if self.max_refs else None, ref_images=np.stack(images))
+
+  def sample_latents(self, inputs: dict[str, Any], cfg: ml_collections.ConfigDict,
+                     on_step: Callable[[Any], None] | None = None) -> jax.Array:
+    args = [inputs[k] for k in ('noise', 'text_cond', 'text_uncond', 'refs', 'ref_mask')]
+    if self.mesh is None:
+      return sampler_lib.sample(self.graphdef, self.state, *args, cfg=cfg, on_step=on_step)
+    from kaleido_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+    placed = [None if a is None else jax.device_put(
+        a, mesh_lib.batch_sharding(self.mesh, np.ndim(a)) if np.shape(a)[0] % mesh_lib.data_parallel_size(
+            self.mesh) == 0 else mesh_lib.replicated(self.mesh)) for a in args]
+    with jax.set_mesh(self.mesh):
+      return sampler_lib.sample(self.graphdef, self.state, *placed, cfg=cfg, on_step=on_step)
+
+  def sample_config(self, num_steps: int | None = None, guidance_scale: float | None = None,
+                    shift: float | None = None) -> ml_collections.ConfigDict:
+    cfg = self.config.sample.copy_and_resolve_references()
+    with cfg.unlocked():
+      if num_steps is not None:
+        if int(num_steps) < 1:
+          raise UserInputError(f'--steps {num_steps}: the sampler needs at least 1 step')
+        cfg.num_steps = int(num_steps)
+      if guidance_scale is not None:
+        cfg.guidance_scale = float(guidance_scale)
+      if shift is not None:
+        cfg.shift = float(shift)
+    return cfg
+
+  def generate(self, refs: Any, prompt: Any, *, num_frames: int | None = None, height: int | None = None,
+               width: int | None = None, num_steps: int | None = None, guidance_scale: float | None = None,
+               seed: int | Sequence[int] | None = None, negative_prompt: str | None = None,
+               on_step: Callable[[Any], None] | None = None) -> np.ndarray:
+    """uint8 frames (B, F, H, W, 3); `refs` a list of images for one prompt or a list of lists for a batch."""
+    cfg = self.sample_config(num_steps, guidance_scale)
+    inputs = self.prepare(refs, prompt, num_frames=num_frames, height=height, width=width, seed=seed,
+                          negative_prompt=negative_prompt)
+    latents = self.sample_latents(inputs, cfg, on_step)
+    return enc_lib.to_uint8(self.encoders.decode(latents))
+
+
+def generate(refs: Any, prompt: Any, *, config: ml_collections.ConfigDict, workdir: str | None = None,
+             checkpoint: str = '', **options: Any) -> np.ndarray:
+  """One-shot `S2VPipeline.from_config(...).generate(refs, prompt, **options)`."""
+  return S2VPipeline.from_config(config, workdir=workdir, checkpoint=checkpoint).generate(refs, prompt, **options)

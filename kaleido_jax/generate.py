@@ -80,11 +80,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     paths = output_paths(s.output or os.path.join(workdir, 'samples', 'sample.mp4'), bool(s.gif))
     if not s.prompt.strip():
       raise pipe_lib.UserInputError('the prompt is empty; describe the video to make (--prompt "...")')
-    if len(s.refs) > config.model.max_refs:
-      raise pipe_lib.UserInputError(
-          f'{len(s.refs)} --ref images, but the model was trained for at most {config.model.max_refs} '
-          '(config.model.max_refs); drop some references')
-    for i, r in enumerate(s.refs):  # fail on a bad image before loading any weights
+    # Everything that can be checked without weights is checked before loading any.
+    pipe_lib.check_request(config, [s.prompt], [len(s.refs)], int(s.num_frames), int(s.height), int(s.width))
+    for i, r in enumerate(s.refs):
       refs_lib.load_reference(r, 8, 8, index=i)
     pipe = pipe_lib.S2VPipeline.from_config(config, workdir=workdir, checkpoint=s.checkpoint)
     progress = StepProgress(int(s.num_steps))

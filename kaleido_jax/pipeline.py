@@ -145,6 +145,33 @@ def load_weights(config: ml_collections.ConfigDict, checkpoint: str = '', workdi
 # --------------------------------------------------------------------------------------------------
 
 
+def check_request(config: ml_collections.ConfigDict, prompts: Sequence[str], num_refs: Sequence[int],
+                  num_frames: int, height: int, width: int) -> None:
+  """UserInputError for an empty prompt, too many references or a size the codec / patches cannot take.
+
+  Needs only the config (no weights), so the CLI can refuse a request before loading anything.
+  """
+  for i, p in enumerate(prompts):
+    if not isinstance(p, str) or not p.strip():
+      raise UserInputError(f'prompt #{i} is empty; describe the video to make (--prompt "...")')
+  max_refs = int(config.model.max_refs)
+  for i, n in enumerate(num_refs):
+    if n > max_refs:
+      raise UserInputError(f'{n} reference images for prompt #{i}, but the model was trained for at most '
+                           f'{max_refs} (config.model.max_refs); drop some --ref images')
+  try:
+    codec_lib.check_video_size(config.vae, num_frames, height, width)
+  except ValueError as e:
+    raise UserInputError(str(e)) from e
+  t, s, _ = codec_lib.factors(config.vae)
+  f, h, w = 1 + (num_frames - 1) // t, height // s, width // s
+  pt, ph, pw = config.model.patch_size
+  if f % pt or h % ph or w % pw:
+    raise UserInputError(f'--size {height}x{width} / --frames {num_frames}: the latent {f}x{h}x{w} must be '
+                         f'divisible by the patch {pt}x{ph}x{pw}; use a height and width divisible by '
+                         f'{s * ph} (and {s * pw}), frames by {t * pt}')
+
+
 def _as_batch(refs: Any, prompts: Any) -> tuple[list[list[Any]], list[str]]:
   """(refs, prompt) for one video or (list of ref lists, list of prompts) for a batch -> lists."""
   if isinstance(prompts, str):
@@ -181,25 +208,7 @@ class S2VPipeline:
 
   def check_request(self, prompts: Sequence[str], num_refs: Sequence[int], num_frames: int, height: int,
                     width: int) -> None:
-    """UserInputError for an empty prompt, too many references or a size the codec / patches cannot take."""
-    for i, p in enumerate(prompts):
-      if not isinstance(p, str) or not p.strip():
-        raise UserInputError(f'prompt #{i} is empty; describe the video to make (--prompt "...")')
-    for i, n in enumerate(num_refs):
-      if n > self.max_refs:
-        raise UserInputError(f'{n} reference images for prompt #{i}, but the model was trained for at most '
-                             f'{self.max_refs} (config.model.max_refs); drop some --ref images')
-    try:
-      codec_lib.check_video_size(self.encoders.codec, num_frames, height, width)
-    except ValueError as e:
-      raise UserInputError(str(e)) from e
-    f, h, w, _ = self.encoders.latent_shape(num_frames, height, width)
-    pt, ph, pw = self.config.model.patch_size
-    if f % pt or h % ph or w % pw:
-      t, s = self.encoders.codec.temporal_factor, self.encoders.codec.spatial_factor
-      raise UserInputError(f'--size {height}x{width} / --frames {num_frames}: the latent {f}x{h}x{w} must be '
-                           f'divisible by the patch {pt}x{ph}x{pw}; use a height and width divisible by '
-                           f'{s * ph} (and {s * pw}), frames by {t * pt}')
+    check_request(self.config, prompts, num_refs, num_frames, height, width)
 
   def prepare(self, refs: Any, prompt: Any, *, num_frames: int | None = None, height: int | None = None,
               width: int | None = None, seed: int | Sequence[int] | None = None,

@@ -5,7 +5,8 @@ Everything above the codec (trainer, sampler, pipeline, exporter) talks to this 
   encode(video (B, F, H, W, 3) in [-1, 1]) -> raw latents (B, f, h, w, z)
   normalize(z) / denormalize(z)           -> what the DiT sees / what decode takes
   decode(raw latents) -> video in [-1, 1]
-  latent_shape(F, H, W) -> (f, h, w, z);  temporal_factor, spatial_factor, z_dim;  check_video_size(F, H, W)
+  latent_shape(F, H, W) -> (f, h, w, z);  temporal_factor, spatial_factor, z_dim
+  check_video_size(vae_config, F, H, W) and factors(vae_config) answer without building the codec.
 
 `vae.kind = 'wan'` is :class:`kaleido_jax.model.vae.WanVAE` (4x time, 8x space, 16 channels).
 `vae.kind = 'pixel'` is :class:`PixelCodec`, the identity: the DiT denoises RGB pixels directly (its patch
@@ -39,10 +40,6 @@ class PixelCodec(nnx.Module):
   def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
     return (num_frames, height, width, 3)
 
-  def check_video_size(self, num_frames: int, height: int, width: int) -> None:
-    if num_frames < 1 or height < 1 or width < 1:
-      raise ValueError(f'video size {num_frames}x{height}x{width} must be positive')
-
   def encode(self, video: Any) -> jnp.ndarray:
     video = jnp.asarray(video, jnp.float32)
     if video.ndim != 5 or video.shape[-1] != 3:
@@ -59,17 +56,18 @@ class PixelCodec(nnx.Module):
     return z
 
 
-def check_video_size(codec: Any, num_frames: int, height: int, width: int) -> None:
-  """ValueError naming the size and the fix when the codec cannot take a `num_frames x height x width` video."""
-  if isinstance(codec, PixelCodec):
-    codec.check_video_size(num_frames, height, width)
+def check_video_size(vae_config: ml_collections.ConfigDict, num_frames: int, height: int, width: int) -> None:
+  """ValueError naming the size and the fix when the codec `vae_config` describes cannot take the video."""
+  if num_frames < 1 or height < 1 or width < 1:
+    raise ValueError(f'video size {num_frames}x{height}x{width} must be positive')
+  if vae_config.get('kind', 'wan') == 'pixel':
     return
-  t, s = 4, codec.spatial_factor  # the Wan VAE encodes frame 0, then chunks of 4 (vae.ENCODE_CHUNK)
-  if num_frames < 1 or (num_frames - 1) % t:
+  t, s = vae_lib.ENCODE_CHUNK, factors(vae_config)[1]  # the Wan VAE encodes frame 0, then chunks of 4
+  if (num_frames - 1) % t:
     raise ValueError(f'--frames {num_frames}: the Wan VAE needs 1 + {t}k frames (e.g. '
-                     f'{1 + t * max(0, (num_frames - 1) // t)} or {1 + t * ((num_frames + t - 2) // t)})')
-  if height <= 0 or width <= 0 or height % s or width % s:
-    raise ValueError(f'--size {height}x{width}: height and width must be positive multiples of {s} '
+                     f'{1 + t * ((num_frames - 1) // t)} or {1 + t * ((num_frames + t - 2) // t)})')
+  if height % s or width % s:
+    raise ValueError(f'--size {height}x{width}: height and width must be multiples of {s} '
                      '(the VAE downsamples by that factor)')
 
 

@@ -1,0 +1,72 @@
+"""The exported sampler: output == the direct pipeline, symbolic batch, both weight modes, the signature."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from kaleido_jax import export, exported, pipeline
+from tests.sampling_common import tiny_config
+
+PROMPTS = ['A red circle moves right.', 'A blue star spins in place.']
+
+
+@pytest.fixture(scope='module')
+def pipe(tmp_path_factory):
+  return pipeline.S2VPipeline.from_config(tiny_config(), workdir=str(tmp_path_factory.mktemp('w')),
+                                          checkpoint='random')
+
+
+def _refs():
+  rng = np.random.default_rng(0)
+  refs = np.full((2, 2, 16, 16, 3), 255, np.uint8)
+  refs[:, :, 4:12, 4:12] = rng.integers(0, 255, (2, 2, 8, 8, 3))
+  return refs, np.array([[True, False], [True, True]])
+
+
+@pytest.mark.parametrize('weights', ['argument', 'baked'])
+def test_exported_equals_direct_for_any_batch(pipe, tmp_path, weights):
+  out = export.export_sampler(pipe, str(tmp_path / 'art'), weights=weights, platforms=('cpu', 'cuda', 'tpu'))
+  sampler = exported.ExportedSampler(out)
+  sig = sampler.signature
+  assert sig['platforms'] == ['cpu', 'cuda', 'tpu'] and sig['format_version'] == exported.FORMAT_VERSION
+  assert sig['inputs'][0] == {'name': 'seeds', 'shape': ['b'], 'dtype': 'uint32'}
+  assert sig['output']['shape'] == ['b', 5, 16, 16, 3] and sig['output']['dtype'] == 'uint8'
+  assert os.path.exists(os.path.join(out, exported.WEIGHTS_FILE)) == (weights == 'argument')
+  refs, mask = _refs()
+  got = sampler(PROMPTS, ref_images=refs, ref_mask=mask, seeds=[3, 4])
+  want = pipe.generate([[refs[0, 0]], [refs[1, 0], refs[1, 1]]], PROMPTS, seed=[3, 4])
+  assert got.shape == (2, 5, 16, 16, 3) and got.dtype == np.uint8
+  np.testing.assert_array_equal(got, want)
+  one = sampler(PROMPTS[1:], ref_images=refs[1:], ref_mask=mask[1:], seeds=[4])  # same program, batch 1
+  np.testing.assert_array_equal(one[0], want[1])
+
+
+def test_loader_refuses_other_formats_and_bad_requests(pipe, tmp_path):
+  out = export.export_sampler(pipe, str(tmp_path / 'art'), platforms=('cpu',))
+  sampler = exported.ExportedSampler(out)
+  with pytest.raises(exported.ExportedSamplerError, match='empty prompt'):
+    sampler([' '])
+  with pytest.raises(exported.ExportedSamplerError, match='at most 2'):
+    sampler(['x'], [[np.zeros((8, 8, 3), np.uint8)] * 3])
+  frames = sampler(['x'], [[np.zeros((8, 8, 3), np.uint8)]])  # image lists are fitted and padded
+  assert frames.shape == (1, 5, 16, 16, 3)
+  sig_path = os.path.join(out, exported.SIGNATURE_FILE)
+  sig = json.load(open(sig_path))
+  sig['format_version'] = 99
+  json.dump(sig, open(sig_path, 'w'))
+  with pytest.raises(exported.ExportedSamplerError, match='re-export'):
+    exported.ExportedSampler(out)
+  with pytest.raises(exported.ExportedSamplerError, match='not an exported sampler'):
+    exported.ExportedSampler(str(tmp_path))
+
+
+def test_loader_imports_no_model_code(tmp_path):
+  import subprocess
+  import sys
+  code = ('import sys, kaleido_jax.exported; '
+          'bad = [m for m in sys.modules if m.startswith("kaleido_jax.") and m != "kaleido_jax.exported"]; '
+          'print(bad); sys.exit(1 if bad or "flax" in sys.modules else 0)')
+  p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+  assert p.returncode == 0, p.stdout + p.stderr

@@ -1,0 +1,101 @@
+"""`--mode sample`: files written on success; every bad input is one stderr line, exit 2, no output file."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kaleido_jax import generate
+from kaleido_jax import main as main_lib
+from tests.sampling_common import tiny_config, write_reference
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_mode(config, workdir, capsys):
+  with pytest.raises(SystemExit) as e:
+    generate.run(config, str(workdir))
+  return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize('case', ['missing_ref', 'corrupt_ref', 'too_many_refs', 'empty_prompt', 'bad_frames',
+                                  'bad_size', 'wrong_architecture', 'bad_extension', 'no_weights'])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
+  config = tiny_config(checkpoint='random', prompt='A red square moves right.')
+  ref = write_reference(str(tmp_path / 'a.png'))
+  corrupt = tmp_path / 'bad.jpg'
+  corrupt.write_bytes(b'\xff\xd8\xff\xe0 truncated')
+  out = tmp_path / 'out' / 'v.mp4'
+  config.sample.output = str(out)
+  config.sample.refs = (ref,)
+  expect = {
+      'missing_ref': 'does not exist', 'corrupt_ref': 'bad.jpg', 'too_many_refs': 'at most 2',
+      'empty_prompt': 'prompt is empty', 'bad_frames': '1 \\+ 4k', 'bad_size': 'divisible by',
+      'wrong_architecture': 'different architecture|cannot be loaded', 'bad_extension': 'unknown video extension',
+      'no_weights': 'no weights'}[case]
+  if case == 'missing_ref':
+    config.sample.refs = (str(tmp_path / 'nope.png'),)
+  elif case == 'corrupt_ref':
+    config.sample.refs = (str(corrupt),)
+  elif case == 'too_many_refs':
+    config.sample.refs = (ref, ref, ref)
+  elif case == 'empty_prompt':
+    config.sample.prompt = ' '
+  elif case == 'bad_frames':
+    config = tiny_config('wan', checkpoint='random', prompt='x', output=str(out), num_frames=6)
+  elif case == 'bad_size':
+    config.sample.height = 18
+  elif case == 'wrong_architecture':
+    from flax import nnx
+    from kaleido_jax import pipeline
+    from kaleido_jax.convert import common
+    other = tiny_config()
+    other.model.num_heads = 4
+    _, state = pipeline.random_weights(other.model)
+    common.save_converted(str(tmp_path / 'conv'), nnx.to_pure_dict(state), other.model, component='transformer')
+    config.sample.checkpoint = str(tmp_path / 'conv')
+  elif case == 'bad_extension':
+    config.sample.output = str(tmp_path / 'out' / 'v.avi')
+  elif case == 'no_weights':
+    config.sample.checkpoint = ''
+  code, err = _run_mode(config, tmp_path / 'work', capsys)
+  lines = err.strip().splitlines()
+  assert code == 2 and lines[-1].startswith('error: ') and 'Traceback' not in err, err
+  assert __import__('re').search(expect, lines[-1]), lines[-1]
+  assert not out.exists() and not os.path.exists(os.path.dirname(out)) or not os.listdir(os.path.dirname(out))
+
+
+def test_size_flag_parsing():
+  assert main_lib.parse_size('480x832') == (480, 832)
+  assert main_lib.parse_size('64') == (64, 64)
+  for bad in ('x', '0x5', '4x5x6', 'ax3'):
+    with pytest.raises(ValueError, match='--size'):
+      main_lib.parse_size(bad)
+
+
+def test_cli_writes_video_gif_and_strip(tmp_path):
+  ref = write_reference(str(tmp_path / 'a.png'))
+  out = tmp_path / 'v.mp4'
+  cmd = [sys.executable, '-m', 'kaleido_jax.main', '--config', os.path.join(REPO, 'tests', 'sampling_config.py'),
+         '--workdir', str(tmp_path / 'w'), '--mode', 'sample', '--ref', ref, '--prompt', 'A red square moves right.',
+         '--out', str(out), '--checkpoint', 'random', '--steps', '2', '--guidance', '3', '--seed', '1',
+         '--frames', '5', '--size', '16x16']
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert 'wrote' in p.stdout
+  for suffix in ('.mp4', '.gif', '.png'):
+    assert (tmp_path / ('v' + suffix)).stat().st_size > 0
+  from kaleido_jax.data import prepare
+  frames = prepare.read_video(str(out))
+  assert frames.shape[:3] == (5, 16, 16)
+  assert not [f for f in os.listdir(tmp_path) if 'partial' in f]
+  # A bad input through the real CLI: one line, status 2, no traceback.
+  bad = cmd[:cmd.index('--ref') + 1] + [str(tmp_path / 'missing.png')] + cmd[cmd.index('--ref') + 2:]
+  bad[bad.index('--out') + 1] = str(tmp_path / 'bad.mp4')
+  p = subprocess.run(bad, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+  assert p.returncode == 2 and 'Traceback' not in p.stderr
+  assert p.stderr.strip().splitlines()[-1].startswith('error: reference #0')
+  assert not (tmp_path / 'bad.mp4').exists()

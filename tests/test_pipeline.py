@@ -1,0 +1,142 @@
+"""S2VPipeline end to end on tiny random weights: shapes, dtype, range, seeding, weights and bad inputs."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from kaleido_jax import encoders as enc_lib
+from kaleido_jax import pipeline as pipe_lib
+from kaleido_jax.convert import common as conv_common
+from kaleido_jax.data.references import ReferenceImageError
+from tests.sampling_common import tiny_config, write_reference
+
+
+@pytest.fixture(scope='module')
+def pixel_pipe(tmp_path_factory):
+  config = tiny_config()
+  return pipe_lib.S2VPipeline.from_config(config, workdir=str(tmp_path_factory.mktemp('w')), checkpoint='random')
+
+
+def test_generate_shapes_range_and_per_sample_seeds(pixel_pipe, tmp_path):
+  a = write_reference(str(tmp_path / 'a.png'))
+  b = write_reference(str(tmp_path / 'b.png'), colour=(20, 40, 220), mode='RGBA')
+  frames = pixel_pipe.generate([[a, b], [a]], ['A red square moves right.', 'A blue square spins.'], seed=[5, 6])
+  assert frames.shape == (2, 5, 16, 16, 3) and frames.dtype == np.uint8
+  assert frames.min() < frames.max()  # not a constant image
+  one = pixel_pipe.generate([a], 'A blue square spins.', seed=6)
+  np.testing.assert_array_equal(one[0], frames[1])  # a sample does not depend on the rest of the batch
+  again = pixel_pipe.generate([[a, b], [a]], ['A red square moves right.', 'A blue square spins.'], seed=[5, 6])
+  np.testing.assert_array_equal(again, frames)
+  other = pixel_pipe.generate([a], 'A blue square spins.', seed=7)
+  assert not np.array_equal(other, one)
+
+
+def test_references_and_guidance_reach_the_sampler(pixel_pipe, tmp_path):
+  a = write_reference(str(tmp_path / 'a.png'))
+  b = write_reference(str(tmp_path / 'b.png'), colour=(20, 200, 20))
+  base = pixel_pipe.prepare([a], 'A red square.', seed=0)
+  assert base['refs'].shape == (1, 2, 16, 16, 3) and base['ref_mask'].tolist() == [[True, False]]
+  assert float(np.abs(base['refs'][0, 1]).max()) == 0.0  # padded slot is zero
+  cfg = pixel_pipe.sample_config()
+  x = np.asarray(pixel_pipe.sample_latents(base, cfg))
+  other = pixel_pipe.prepare([b], 'A red square.', seed=0)
+  assert not np.allclose(np.asarray(pixel_pipe.sample_latents(other, cfg)), x)
+  plain = np.asarray(pixel_pipe.sample_latents(base, pixel_pipe.sample_config(guidance_scale=1.0)))
+  assert not np.allclose(plain, x)
+
+
+def test_progress_callback_sees_every_step(pixel_pipe):
+  seen = []
+
+  class Count:
+    def __call__(self, i):
+      seen.append(int(i))
+  inputs = pixel_pipe.prepare([], 'A red square.', seed=0)
+  jax.block_until_ready(pixel_pipe.sample_latents(inputs, pixel_pipe.sample_config(num_steps=3), Count()))
+  jax.effects_barrier()
+  assert sorted(seen) == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_wan_vae_codec_pipeline(tmp_path):
+  config = tiny_config('wan')
+  pipe = pipe_lib.S2VPipeline.from_config(config, workdir=str(tmp_path), checkpoint='random')
+  a = write_reference(str(tmp_path / 'a.png'))
+  inputs = pipe.prepare([a], 'A red square.', seed=0)
+  assert inputs['noise'].shape == (1, 3, 8, 8, 4) and inputs['refs'].shape == (1, 2, 8, 8, 4)
+  frames = pipe.generate([a], 'A red square.', seed=0)
+  assert frames.shape == (1, 5, 16, 16, 3) and frames.dtype == np.uint8
+  with pytest.raises(pipe_lib.UserInputError, match='1 \\+ 4k'):
+    pipe.generate([a], 'A red square.', num_frames=6)
+  with pytest.raises(pipe_lib.UserInputError, match='multiples of 2'):
+    pipe.generate([a], 'A red square.', height=15)
+
+
+@pytest.mark.parametrize('case', ['empty_prompt', 'too_many_refs', 'bad_size', 'missing_ref', 'corrupt_ref',
+                                  'batch_mismatch'])
+def test_bad_requests_name_the_input(pixel_pipe, tmp_path, case):
+  a = write_reference(str(tmp_path / 'a.png'))
+  corrupt = tmp_path / 'c.png'
+  corrupt.write_bytes(b'\x89PNG\r\n\x1a\nnot really a png')
+  call, err, match = {
+      'empty_prompt': (lambda: pixel_pipe.generate([a], '  '), pipe_lib.UserInputError, 'prompt #0 is empty'),
+      'too_many_refs': (lambda: pixel_pipe.generate([a, a, a], 'x'), pipe_lib.UserInputError, 'at most 2'),
+      'bad_size': (lambda: pixel_pipe.generate([a], 'x', height=18), pipe_lib.UserInputError, 'divisible by 4'),
+      'missing_ref': (lambda: pixel_pipe.generate([str(tmp_path / 'nope.png')], 'x'), ReferenceImageError,
+                      'does not exist'),
+      'corrupt_ref': (lambda: pixel_pipe.generate([str(corrupt)], 'x'), ReferenceImageError, 'c.png'),
+      'batch_mismatch': (lambda: pixel_pipe.generate([[a]], ['x', 'y']), pipe_lib.UserInputError,
+                         'one list of references per prompt'),
+  }[case]
+  with pytest.raises(err, match=match):
+    call()
+
+
+def test_weights_from_training_checkpoint_converted_dir_and_mismatch(tmp_path):
+  import orbax.checkpoint as ocp
+  config = tiny_config()
+  graphdef, state = pipe_lib.random_weights(config.model, seed=3)
+  pure = nnx.to_pure_dict(state)
+  # A training checkpoint as train/checkpoint.py writes it (state item with params and ema).
+  ckdir = tmp_path / 'work' / 'checkpoints'
+  with ocp.CheckpointManager(str(ckdir), item_handlers={'state': ocp.StandardCheckpointHandler()}) as m:
+    ema = jax.tree.map(lambda x: x * 0.5, pure)
+    m.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave({'step': 7, 'params': pure, 'ema': ema})))
+  _, got, where = pipe_lib.load_weights(config, '', str(tmp_path / 'work'))
+  assert 'step 7' in where
+  flat_got, flat_want = jax.tree.leaves(nnx.to_pure_dict(got)), jax.tree.leaves(ema)
+  assert all(np.allclose(g, w) for g, w in zip(flat_got, flat_want))  # EMA preferred (sample.use_ema)
+  config.sample.use_ema = False
+  _, got, _ = pipe_lib.load_weights(config, str(ckdir / '7'))
+  assert all(np.allclose(g, w) for g, w in zip(jax.tree.leaves(nnx.to_pure_dict(got)), jax.tree.leaves(pure)))
+  # A converted directory of another architecture is refused with the reason.
+  other = tiny_config()
+  other.model.num_layers = 3
+  _, ostate = pipe_lib.random_weights(other.model)
+  conv_common.save_converted(str(tmp_path / 'conv'), nnx.to_pure_dict(ostate), other.model,
+                             component='transformer')
+  with pytest.raises(pipe_lib.UserInputError, match='cannot be loaded|different architecture'):
+    pipe_lib.load_weights(config, str(tmp_path / 'conv'))
+  with pytest.raises(pipe_lib.UserInputError, match='no weights'):
+    pipe_lib.load_weights(config, '', str(tmp_path / 'empty'))
+  with pytest.raises(pipe_lib.UserInputError, match='does not exist'):
+    pipe_lib.load_weights(config, str(tmp_path / 'missing'))
+
+
+def test_encoders_encode_a_pipeline_batch(tmp_path):
+  from kaleido_jax.data import pipeline as data_pipeline
+  config = tiny_config()
+  enc = enc_lib.Encoders.from_config(config, workdir=str(tmp_path))
+  batch = next(data_pipeline.make_dataset(config.data, split='train', seed=0))
+  out = enc.encode_batch(batch)
+  assert out['video_latents'].shape == (2, 5, 16, 16, 3)
+  assert out['ref_latents'].shape == (2, 2, 16, 16, 3)
+  assert out['text_embedding'].shape == out['empty_text_embedding'].shape == (2, 48, 32)
+  assert np.all(out['ref_latents'][~out['ref_mask']] == 0)
+  # The synthetic tokenizer is cached in the workdir and rebuilt identically elsewhere.
+  assert os.path.exists(tmp_path / 'tokenizer' / 'spiece.model')
+  enc2 = enc_lib.Encoders.from_config(config, workdir=str(tmp_path / 'other'))
+  np.testing.assert_allclose(enc2.text(batch['caption']), out['text_embedding'], atol=1e-6)

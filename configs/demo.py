@@ -15,9 +15,9 @@ def get_config():
   config = kcfg.base_config()
   config.mode = 'demo'
   config.model = kcfg.model_config(
-      patch_size=(1, 4, 4), in_channels=3, out_channels=3, num_heads=4, head_dim=32, ffn_dim=384,
+      patch_size=(1, 2, 2), in_channels=3, out_channels=3, num_heads=4, head_dim=32, ffn_dim=384,
       num_layers=4, text_dim=32, freq_dim=64, max_refs=2)
-  config.vae = kcfg.vae_config(kind='pixel')
+  config.vae = kcfg.vae_config(kind='pixel', pixel_downsample=2)
   config.text_encoder = kcfg.text_encoder_config(vocab_size=256, d_model=32, d_kv=8, d_ff=64,
                                                  num_layers=2, num_heads=4, max_length=48)
   config.data.update(num_frames=5, height=32, width=32, num_identities=240, num_clips=4096,

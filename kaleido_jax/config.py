@@ -68,6 +68,7 @@ def vae_config(**overrides) -> ml_collections.ConfigDict:
   """The Wan2.1 VAE section. Defaults are the released Wan2.1 VAE (diffusers AutoencoderKLWan)."""
   cfg = ml_collections.ConfigDict(dict(
       kind='wan',              # wan (this causal 3D VAE) | pixel (identity codec: pixel-space diffusion, CPU demo)
+      pixel_downsample=1,      # pixel codec only: spatial average pooling (decode upsamples bilinearly)
       base_dim=96,
       z_dim=16,
       dim_mult=(1, 2, 4, 4),

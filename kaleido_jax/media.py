@@ -19,7 +19,7 @@ import numpy as np
 VIDEO_EXTENSIONS = ('.mp4', '.gif', '.webm', '.mov')
 
 
-def _use_available_ffmpeg() -> None:
+def use_available_ffmpeg() -> None:
   import mediapy  # pylint: disable=g-import-not-at-top
   if shutil.which('ffmpeg') is None:
     import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
@@ -56,7 +56,7 @@ def write_video(path: str, frames: np.ndarray, fps: float) -> str:
   ext = os.path.splitext(path)[1].lower()
   if ext not in VIDEO_EXTENSIONS:
     raise ValueError(f'--out {path!r}: unknown video extension {ext!r}; use one of {VIDEO_EXTENSIONS}')
-  _use_available_ffmpeg()
+  use_available_ffmpeg()
   with atomic_path(path) as tmp:
     if ext == '.gif':
       mediapy.write_video(tmp, frames, fps=fps, codec='gif')

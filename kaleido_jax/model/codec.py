@@ -9,8 +9,8 @@ Everything above the codec (trainer, sampler, pipeline, exporter) talks to this 
   check_video_size(vae_config, F, H, W) and factors(vae_config) answer without building the codec.
 
 `vae.kind = 'wan'` is :class:`kaleido_jax.model.vae.WanVAE` (4x time, 8x space, 16 channels).
-`vae.kind = 'pixel'` is :class:`PixelCodec`, the identity: the DiT denoises RGB pixels directly (its patch
-embedding does the spatial folding). It exists for the CPU demo, where a tiny DiT on 32x32 pixels learns
+`vae.kind = 'pixel'` is :class:`PixelCodec`: the DiT denoises RGB pixels directly (average-pooled by
+`vae.pixel_downsample`; its patch embedding does the spatial folding). It exists for the CPU demo, where a tiny DiT on 32x32 pixels learns
 visibly faster than it would behind an untrained or tiny VAE, and there are no VAE weights to download.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
@@ -28,26 +29,42 @@ CODECS = ('wan', 'pixel')
 
 
 class PixelCodec(nnx.Module):
-  """Identity codec: latents are the pixels in [-1, 1] (z = 3, no temporal or spatial compression)."""
+  """Fixed codec: latents are the pixels in [-1, 1], average-pooled by `pixel_downsample` in space.
+
+  No temporal compression, z = 3. Decoding upsamples bilinearly. Pooling by 2 makes each DiT token carry
+  12 numbers (2x2 patch of 3 channels) instead of 48: a tiny DiT must carry the noise through to its
+  velocity output, which it learns far faster with a small token dimension (measured on the CPU demo: with
+  4x4 pixel patches and width 128 samples stayed noise after 600 steps).
+  """
 
   temporal_factor = 1
-  spatial_factor = 1
   z_dim = 3
 
   def __init__(self, config: ml_collections.ConfigDict | None = None):
     self.config = config
+    self.spatial_factor = int(config.get('pixel_downsample', 1)) if config is not None else 1
 
   def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    return (num_frames, height, width, 3)
+    s = self.spatial_factor
+    return (num_frames, height // s, width // s, 3)
 
   def encode(self, video: Any) -> jnp.ndarray:
     video = jnp.asarray(video, jnp.float32)
     if video.ndim != 5 or video.shape[-1] != 3:
       raise ValueError(f'video of shape {tuple(video.shape)}: expected (B, F, H, W, 3) in [-1, 1]')
-    return video
+    s = self.spatial_factor
+    if s == 1:
+      return video
+    b, f, h, w, c = video.shape
+    return video.reshape((b, f, h // s, s, w // s, s, c)).mean(axis=(3, 5))
 
   def decode(self, z: Any, **unused: Any) -> jnp.ndarray:
-    return jnp.clip(jnp.asarray(z, jnp.float32), -1.0, 1.0)
+    z = jnp.asarray(z, jnp.float32)
+    s = self.spatial_factor
+    if s > 1:
+      b, f, h, w, c = z.shape
+      z = jax.image.resize(z, (b, f, h * s, w * s, c), method='linear')
+    return jnp.clip(z, -1.0, 1.0)
 
   def normalize(self, z: Any) -> Any:
     return z
@@ -61,6 +78,10 @@ def check_video_size(vae_config: ml_collections.ConfigDict, num_frames: int, hei
   if num_frames < 1 or height < 1 or width < 1:
     raise ValueError(f'video size {num_frames}x{height}x{width} must be positive')
   if vae_config.get('kind', 'wan') == 'pixel':
+    s = int(vae_config.get('pixel_downsample', 1))
+    if height % s or width % s:
+      raise ValueError(f'--size {height}x{width}: height and width must be multiples of {s} '
+                       '(vae.pixel_downsample)')
     return
   t, s = vae_lib.ENCODE_CHUNK, factors(vae_config)[1]  # the Wan VAE encodes frame 0, then chunks of 4
   if (num_frames - 1) % t:
@@ -84,6 +105,6 @@ def make_codec(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs | None = Non
 def factors(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """(temporal, spatial, channels) compression of the codec `config` describes, without building it."""
   if config.get('kind', 'wan') == 'pixel':
-    return 1, 1, 3
+    return 1, int(config.get('pixel_downsample', 1)), 3
   return (2 ** sum(bool(x) for x in config.temporal_downsample), 2 ** (len(config.dim_mult) - 1),
           int(config.z_dim))

@@ -127,6 +127,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       max_subjects=4,          # synthetic: subjects per clip are 1..max_subjects
       background='procedural', # synthetic: procedural (panning waves + grain) | plain (one flat colour)
       occluder_prob=0.3,       # synthetic: chance of a passing grey bar in a clip
+      subject_scale=1.0,       # synthetic: multiplies every subject's size
       synthetic_seed=0,        # synthetic: content seed (the loader's `seed` only shuffles / augments)
       batch_size=1,            # global batch size
       shuffle=True,

@@ -66,12 +66,14 @@ def split_identities(num_identities: int, heldout: int, split: str) -> np.ndarra
 
 
 def clip_plan(seed: int, split: str, index: int, pool: np.ndarray, max_subjects: int, *,
-              background: str = 'procedural', occluder_prob: float = 0.3) -> dict[str, Any]:
+              background: str = 'procedural', occluder_prob: float = 0.3,
+              subject_scale: float = 1.0) -> dict[str, Any]:
   """Everything random about one clip (cheap: no pixels), a pure function of (seed, split, index).
 
   `background`: 'procedural' (panning two-colour waves with grain) or 'plain' (one flat colour: the CPU
-  demo's easier setting); `occluder_prob`: chance of a passing grey bar. Neither changes the random draws,
-  so the subjects and their motion are the same whatever the style.
+  demo's easier setting); `occluder_prob`: chance of a passing grey bar; `subject_scale` multiplies every
+  subject's size. None of them changes the random draws, so the subjects and their motion are the same
+  whatever the style.
   """
   if background not in BACKGROUNDS:
     raise ValueError(f'unknown background {background!r}; use one of {BACKGROUNDS}')
@@ -85,7 +87,7 @@ def clip_plan(seed: int, split: str, index: int, pool: np.ndarray, max_subjects:
       p0 = rng.uniform(0.25, 0.75, 2)
       if all(np.abs(p0 - q['p0']).max() > 0.22 for q in subjects):
         break
-    p1, s0, s1, rot, amp = p0.copy(), rng.uniform(0.13, 0.2), None, rng.uniform(-0.5, 0.5), 0.0
+    p1, s0, s1, rot, amp = p0.copy(), rng.uniform(0.13, 0.2) * subject_scale, None, rng.uniform(-0.5, 0.5), 0.0
     d = rng.uniform(0.2, 0.35)
     if motion == 'moves right':
       p0[0], p1[0] = 0.5 - d / 2, 0.5 + d / 2
@@ -285,13 +287,13 @@ class SyntheticSet:
 
   def __init__(self, *, num_clips: int, num_identities: int, heldout_identities: int, split: str,
                num_frames: int, height: int, width: int, seed: int = 0, max_subjects: int = 4,
-               background: str = 'procedural', occluder_prob: float = 0.3):
+               background: str = 'procedural', occluder_prob: float = 0.3, subject_scale: float = 1.0):
     self.table = identity_table(num_identities, seed)
     self.pool = split_identities(num_identities, heldout_identities, split)
     self.split, self.seed = split, seed
     self.num_frames, self.height, self.width = num_frames, height, width
     self.plans = [clip_plan(seed, split, i, self.pool, max_subjects, background=background,
-                            occluder_prob=occluder_prob) for i in range(num_clips)]
+                            occluder_prob=occluder_prob, subject_scale=subject_scale) for i in range(num_clips)]
     self.clips_of: dict[int, list[int]] = {}
     for p in self.plans:
       for sid in p['ids']:
@@ -328,12 +330,12 @@ class SyntheticSource:
   def __init__(self, *, num_clips: int, num_identities: int, heldout_identities: int, split: str,
                num_frames: int, height: int, width: int, seed: int = 0, max_subjects: int = 4,
                cutout_margin: float = 0.1, probe_frames: int = 5, refs_per_subject: int = 2,
-               background: str = 'procedural', occluder_prob: float = 0.3):
+               background: str = 'procedural', occluder_prob: float = 0.3, subject_scale: float = 1.0):
     self.per_subject = refs_per_subject
     self.set = SyntheticSet(num_clips=num_clips, num_identities=num_identities,
                             heldout_identities=heldout_identities, split=split, num_frames=num_frames,
                             height=height, width=width, seed=seed, max_subjects=max_subjects,
-                            background=background, occluder_prob=occluder_prob)
+                            background=background, occluder_prob=occluder_prob, subject_scale=subject_scale)
     self.margin, self.probe = cutout_margin, probe_frames
 
   def __len__(self) -> int:
@@ -429,4 +431,5 @@ def make_source(data_config: Any, split: str) -> SyntheticSource:
                          cutout_margin=data_config.prepare.cutout_margin,
                          refs_per_subject=data_config.prepare.refs_per_subject,
                          background=data_config.get('background', 'procedural'),
-                         occluder_prob=data_config.get('occluder_prob', 0.3))
+                         occluder_prob=data_config.get('occluder_prob', 0.3),
+                         subject_scale=data_config.get('subject_scale', 1.0))

@@ -51,6 +51,10 @@ class EncodedBatches:
     # grain's checkpoint handler hands non-DatasetIterator objects their state as the saved JSON bytes.
     self.pixels.set_state(json.loads(state) if isinstance(state, (bytes, str)) else state)
 
+  def start_prefetch(self) -> None:  # grain's checkpoint handler calls this after a restore
+    if hasattr(self.pixels, 'start_prefetch'):
+      self.pixels.start_prefetch()
+
 
 class SyntheticLatents:
   """Deterministic, checkpointable iterator of process-local latent batches."""

@@ -1,11 +1,13 @@
 """Tiny CPU demo: train a pixel-space Kaleido DiT on synthetic cross-paired clips, then sample and evaluate.
 
 This is the embedded default of `python -m kaleido_jax.main --config configs/demo.py --workdir DIR`
-(mode `demo`, kaleido_jax/demo.py): a few minutes on a 2-core CPU. The codec is the identity (`vae.kind=
-'pixel'`): on 32x32 frames a tiny DiT with (1, 4, 4) patches learns to put the reference subjects into the
-video far faster than it could behind an untrained VAE. The text encoder is a tiny random umT5 with a
-sentencepiece model fit to the synthetic captions (kaleido_jax/encoders.py). `--mode train` / `sample` /
-`export` / `eval` run the pieces on their own with the same config.
+(mode `demo`, kaleido_jax/demo.py). The codec is fixed (`vae.kind='pixel'`): RGB frames average-pooled 2x to
+16x16, decoded by bilinear upsampling, so no VAE weights are needed and each (1, 2, 2) DiT token carries 12
+numbers (a tiny DiT learns to carry the noise through far faster than with 48-number 4x4 pixel patches). The
+text encoder is a tiny random umT5 with a sentencepiece model fit to the synthetic captions
+(kaleido_jax/encoders.py). The synthetic clips use plain backgrounds, larger subjects and no occluder: the
+easier setting a few CPU minutes can learn. `--mode train` / `sample` / `export` / `eval` run the pieces on
+their own with the same config.
 """
 
 from kaleido_jax import config as kcfg
@@ -22,7 +24,8 @@ def get_config():
                                                  num_layers=2, num_heads=4, max_length=48)
   config.data.update(num_frames=5, height=32, width=32, num_identities=240, num_clips=4096,
                      heldout_identities=24, heldout_clips=64, max_subjects=2, max_refs=2, batch_size=8,
-                     background='plain', occluder_prob=0.0, read_threads=2, prefetch=4)
+                     background='plain', occluder_prob=0.0, subject_scale=1.6, read_threads=2,
+                     prefetch=4)
   config.diffusion.update(text_dropout=0.1, ref_dropout=0.0)
   config.train.update(input='pipeline', num_steps=1200, learning_rate=1e-3, schedule='cosine', warmup_steps=30,
                       weight_decay=0.0, grad_clip=1.0, log_every=50, checkpoint_every=400, ema_decay=0.99)

@@ -140,3 +140,20 @@ def test_encoders_encode_a_pipeline_batch(tmp_path):
   assert os.path.exists(tmp_path / 'tokenizer' / 'spiece.model')
   enc2 = enc_lib.Encoders.from_config(config, workdir=str(tmp_path / 'other'))
   np.testing.assert_allclose(enc2.text(batch['caption']), out['text_embedding'], atol=1e-6)
+
+
+def test_sharded_pipeline_matches_single_device(pixel_pipe, tmp_path):
+  from kaleido_jax.train import mesh as mesh_lib
+  config = pixel_pipe.config.copy_and_resolve_references()
+  config.mesh.update(data=4, fsdp=1, context=1, tensor=2)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  sharded = pipe_lib.S2VPipeline(pixel_pipe.config, pixel_pipe.encoders, pixel_pipe.graphdef, pixel_pipe.state,
+                                 mesh=mesh)
+  a = write_reference(str(tmp_path / 'a.png'))
+  prompts = ['A red square.', 'A red square moves left.', 'A square.', 'Red.']
+  inputs = pixel_pipe.prepare([[a]] * 4, prompts, seed=[0, 1, 2, 3])
+  cfg = pixel_pipe.sample_config()
+  want = np.asarray(pixel_pipe.sample_latents(inputs, cfg))
+  got = sharded.sample_latents(inputs, cfg)
+  assert len(got.sharding.device_set) == 8
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)

@@ -1,6 +1,6 @@
 """Wan2.1 VAE speed and decode memory: kaleido_jax vs diffusers' AutoencoderKLWan, same machine, same run.
 
-  python bench/vae.py [--frames 17] [--size 256]
+  python bench/vae.py [--frames 17] [--size 256] [--no-torch] [--no-memory]
 
 Real architecture (base 96, z 16, mults 1-2-4-4, 2 res blocks), random weights, fp32, batch 1. Times are one
 run each after a warm-up (compile) run. Peak memory of chunked (1 latent frame per jitted step, as the
@@ -49,6 +49,7 @@ def main():
   p.add_argument("--size", type=int, default=256)
   p.add_argument("--worker-chunk", type=int, default=0, help=argparse.SUPPRESS)
   p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS decodes (two more full decodes)")
   args = p.parse_args()
   if args.worker_chunk:
     decode_worker(args.frames, args.size, args.worker_chunk)
@@ -78,6 +79,8 @@ def main():
   base = rows[-1]
   for name, e, d in rows:
     print(f"| {name} | {e:.2f} | {d:.2f} | {base[1] / e:.2f}x | {base[2] / d:.2f}x |")
+  if args.no_memory:
+    return
 
   latent_frames = vae.latent_shape(args.frames, args.size, args.size)[0]
   mem = {}

@@ -26,6 +26,10 @@ import numpy as np
 from flax import nnx
 
 CACHE_T = 2  # frames of causal context per 3x3x3 conv (kernel 3 in time)
+# Frames per XLA conv are capped so one conv's input holds at most this many elements (32 MiB in fp32): on
+# 2 CPU cores, 4 frames of 256x256x96 in one conv ran ~25% slower than the same frames 1-2 at a time
+# (~65 vs ~90 GFLOP/s); 4 frames of 128x128x192 or smaller were unaffected. Bit-identical results.
+CONV_GROUP_ELEMS = 1 << 23
 ENCODE_CHUNK = 4  # the reference encodes frame 0, then 4 frames at a time, whatever the temporal factor
 
 
@@ -50,8 +54,47 @@ def _init(rngs, shape, fan_in):
   return jax.random.normal(rngs.params(), shape, jnp.float32) * (1.0 / np.sqrt(fan_in))
 
 
+def _conv_frames(x, kernel, stride, padding, taps=None):
+  """2D conv of frames ``x`` (N, H, W, C) in groups of at most ``CONV_GROUP_ELEMS`` input elements.
+
+  With ``taps`` (a list of (N, H, W, C) arrays or None for zeros), returns the sum of
+  conv(taps[t], kernel[t]) instead: the time taps of a 3D conv.
+  """
+  if taps is None:
+    taps, kernel = [x], kernel[None]
+  ref = next(xt for xt in taps if xt is not None)
+  n = ref.shape[0]
+  group = max(1, CONV_GROUP_ELEMS // int(np.prod(ref.shape[1:])))
+  outs = []
+  for i in range(0, n, group):
+    out = None
+    for t, xt in enumerate(taps):
+      if xt is None:
+        continue
+      xt = xt[i:i + group] if group < n else xt
+      kt = kernel[t].astype(xt.dtype)
+      if kt.shape[:2] == (1, 1) and tuple(stride) == (1, 1):
+        y = jnp.dot(xt, kt[0, 0], precision=jax.lax.Precision.HIGHEST)
+      else:
+        y = jax.lax.conv_general_dilated(xt, kt, tuple(stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         precision=jax.lax.Precision.HIGHEST)
+      out = y if out is None else out + y
+    outs.append(out)
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+
+
 class CausalConv3d(nnx.Module):
-  """3D conv, channels-last, zero 'same' padding in space and causal (cached) context in time."""
+  """3D conv, channels-last, zero 'same' padding in space and causal (cached) context in time.
+
+  Computed as a sum over the kt time taps of 2D convs over all frames at once, not as one
+  ``lax.conv_general_dilated`` in 3D: XLA CPU's 3D convolution ran 3x3x3 convs at the VAE's sizes
+  (96-384 channels) at ~40 GFLOP/s on 2 cores, its 2D path (YNNPACK) at ~65-110. bench/vae.py at
+  17x256x256 vs diffusers in the same run went from 0.23x / 0.33x (encode / decode) with the 3D conv to
+  0.68x / 0.74x with this (plus frame groups and the step changes below), on a busy 2-core machine.
+  The tap sum only changes fp32 rounding. Precision
+  HIGHEST vs DEFAULT made no difference to speed or results on CPU (kept HIGHEST: DEFAULT means bf16
+  passes on GPU/TPU).
+  """
 
   def __init__(self, cin: int, cout: int, kernel=(3, 3, 3), stride=(1, 1, 1), *, rngs: nnx.Rngs):
     self.kernel_size, self.stride = tuple(kernel), tuple(stride)
@@ -59,23 +102,46 @@ class CausalConv3d(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((cout,), jnp.float32))
 
   def conv(self, x):
-    kt, kh, kw = self.kernel_size
-    out = jax.lax.conv_general_dilated(
-        x, self.kernel.value.astype(x.dtype), window_strides=self.stride,
-        padding=((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)),
-        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=jax.lax.Precision.HIGHEST)
-    return out + self.bias.value.astype(x.dtype)
+    """Valid in time, 'same' in space, over all frames of ``x`` (the context already prepended)."""
+    st = self.stride[0]
+    fo = (x.shape[1] - self.kernel_size[0]) // st + 1
+    return self._taps([x[:, t:t + st * (fo - 1) + 1:st] for t in range(self.kernel_size[0])])
+
+  def _taps(self, taps):
+    """Tap t's frames are ``taps[t]`` (B, F, H, W, C), or None where they are all zeros."""
+    _, kh, kw = self.kernel_size
+    ref = next(xt for xt in taps if xt is not None)
+    b, f = ref.shape[:2]
+    flat = [None if xt is None else xt.reshape((b * f,) + xt.shape[2:]) for xt in taps]
+    out = _conv_frames(None, self.kernel.value, self.stride[1:], ((kh // 2, kh // 2), (kw // 2, kw // 2)), flat)
+    out = out + self.bias.value.astype(out.dtype)
+    return out.reshape((b, f) + out.shape[1:])
 
   def __call__(self, x, cache: Cache | None = None):
-    if self.kernel_size[0] == 1:
+    kt = self.kernel_size[0]
+    if kt == 1:
       return self.conv(x)
-    prev = cache.take() if cache is not None else None
-    if prev is None:
-      prev = jnp.zeros(x.shape[:1] + (CACHE_T,) + x.shape[2:], x.dtype)
-    x = jnp.concatenate([prev, x], axis=1)
+    assert kt == CACHE_T + 1 and self.stride[0] == 1, (self.kernel_size, self.stride)
+    prev = cache.take() if cache is not None else None   # None: the causal zero padding
+    n = x.shape[1]
+
+    def front():
+      return prev if prev is not None else jnp.zeros(x.shape[:1] + (CACHE_T,) + x.shape[2:], x.dtype)
+
     if cache is not None:
-      cache.put(x[:, -CACHE_T:])
-    return self.conv(x)
+      cache.put(x[:, -CACHE_T:] if n >= CACHE_T else jnp.concatenate([front(), x], axis=1)[:, -CACHE_T:])
+    # Tap t reads frames t .. t+n-1 of [context | x]: the last tap is x itself (no copy), and taps that
+    # would read only the zero context of the first chunk are skipped (exact: they add 0).
+    taps = []
+    for t in range(kt):
+      lead = CACHE_T - t   # context frames in front of this tap's window
+      if lead == 0:
+        taps.append(x)
+      elif prev is None and lead >= n:
+        taps.append(None)
+      else:
+        taps.append(jnp.concatenate([front()[:, t:t + min(lead, n)], x[:, :max(0, n - lead)]], axis=1))
+    return self._taps(taps)
 
 
 class Conv2d(nnx.Module):
@@ -88,9 +154,7 @@ class Conv2d(nnx.Module):
 
   def __call__(self, x):
     b, f = x.shape[:2]
-    y = jax.lax.conv_general_dilated(
-        x.reshape((b * f,) + x.shape[2:]), self.kernel.value.astype(x.dtype), self.stride, self.padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)
+    y = _conv_frames(x.reshape((b * f,) + x.shape[2:]), self.kernel.value, self.stride, self.padding)
     y = y + self.bias.value.astype(x.dtype)
     return y.reshape((b, f) + y.shape[1:])
 
@@ -387,12 +451,14 @@ def _ramp(n_latent: int, lead: int, trail: int, s: int) -> jax.Array:
   return jnp.asarray(w)
 
 
-@nnx.jit(static_argnums=(3,))
+# graph_updates=False: the steps change no module state, and without it nnx.jit returns (copies of) every
+# parameter from every step (~0.1-0.2 s a step here).
+@nnx.jit(static_argnums=(3,), graph_updates=False)
 def _encode_step(vae: WanVAE, chunk, caches, first: bool):
   return vae.encode_step(chunk, caches, first)
 
 
-@nnx.jit(static_argnums=(3,))
+@nnx.jit(static_argnums=(3,), graph_updates=False)
 def _decode_step(vae: WanVAE, z_chunk, caches, first: bool):
   return vae.decode_step(z_chunk, caches, first)
 

@@ -1,0 +1,97 @@
+"""Splash attention (TPU Pallas, run in interpret mode on CPU) against the plain XLA attention.
+
+Kaleido's token counts are not multiples of the kernel's 128-lane blocks (37440 self-attention tokens,
+512 text keys), so the lengths here are not either; a key mask hides some keys as padded references do.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from flax import nnx
+
+from kaleido_jax import config as kcfg
+from kaleido_jax.model import attention
+from kaleido_jax.model.dit import KaleidoDiT
+
+
+@pytest.fixture(autouse=True)
+def interpret(monkeypatch):
+  monkeypatch.setattr(attention, "SPLASH_INTERPRET", True)
+
+
+def _qkv(lq, lk, *, b=2, h=2, d=64, seed=0):
+  r = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(r.standard_normal((b, n, h, d)), jnp.float32) for n in (lq, lk, lk))
+  mask = jnp.asarray(r.random((b, lk)) > 0.3).at[:, 0].set(True)  # every row keeps at least one key
+  return q, k, v, mask
+
+
+def _splash(q, k, v, mask):
+  return attention.dot_product_attention(q, k, v, mask=mask, implementation="splash")
+
+
+def _close(out, ref):
+  scale = float(jnp.abs(ref).max())
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("lq,lk,masked", [(200, 200, True), (200, 77, False), (200, 77, True)])
+def test_splash_matches_xla(lq, lk, masked):
+  q, k, v, mask = _qkv(lq, lk)
+  mask = mask if masked else None
+  out = jax.jit(_splash)(q, k, v, mask)
+  assert out.shape == q.shape
+  _close(out, attention.dot_product_attention(q, k, v, mask=mask))
+
+
+def test_splash_gradients_match_xla():
+  q, k, v, mask = _qkv(200, 77)
+  loss = lambda impl: lambda q, k, v: jnp.sum(jnp.square(
+      attention.dot_product_attention(q, k, v, mask=mask, implementation=impl)))
+  ours = jax.jit(jax.grad(loss("splash"), argnums=(0, 1, 2)))(q, k, v)
+  theirs = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(ours, theirs):
+    _close(a, b)
+
+
+# (data, fsdp, context, tensor): all axes used; and heads (2) not divisible by tensor (4) -> replicated heads.
+@pytest.mark.parametrize("shape", [(2, 1, 2, 2), (1, 2, 1, 4)])
+def test_splash_under_mesh_runs_per_device(shape):
+  mesh = jax.make_mesh(shape, ("data", "fsdp", "context", "tensor"), axis_types=(AxisType.Auto,) * 4)
+  q, k, v, mask = _qkv(200, 200)
+  ref = attention.dot_product_attention(q, k, v, mask=mask)
+  with jax.set_mesh(mesh):
+    heads = "tensor" if q.shape[2] % mesh.shape["tensor"] == 0 else None
+    shard = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+    qs = shard(q, P(("data", "fsdp"), "context", heads))
+    ks, vs = (shard(x, P(("data", "fsdp"), None, heads)) for x in (k, v))
+    fn = jax.jit(_splash)
+    assert "shard_map" in str(jax.make_jaxpr(_splash)(qs, ks, vs, mask))
+    out = fn(qs, ks, vs, mask)
+  _close(out, ref)
+
+
+def test_padding_keeps_kaleido_lengths_on_large_blocks():
+  # 32760 video + 3 x 1560 reference tokens (Kaleido-14B at 480x832, 81 frames); 512 text keys.
+  assert attention._pad_and_block(37440) == (37888, 512)
+  assert attention._pad_and_block(512) == (512, 512)
+  assert attention._pad_and_block(200) == (256, 256)
+  assert attention._pad_and_block(77) == (128, 128)
+  assert attention._pad_and_block(200, shards=2) == (256, 128)
+
+
+def test_dit_with_splash_matches_xla():
+  # The whole model: self-attention over [refs | video] with a padded reference slot, cross-attention on text.
+  tiny = dict(num_heads=2, head_dim=16, in_channels=4, out_channels=4, text_dim=32, freq_dim=16, ffn_dim=64,
+              num_layers=2)
+  r = np.random.default_rng(0)
+  video = jnp.asarray(r.normal(size=(2, 3, 8, 12, 4)), jnp.float32)
+  refs = jnp.asarray(r.normal(size=(2, 2, 8, 12, 4)), jnp.float32)
+  text = jnp.asarray(r.normal(size=(2, 7, 32)), jnp.float32)
+  t, ref_mask = jnp.asarray([10.0, 500.0]), jnp.asarray([[True, False], [True, True]])
+  outs = [KaleidoDiT(kcfg.model_config(**tiny, attention=impl), rngs=nnx.Rngs(0))(
+      video, t, text, refs=refs, ref_mask=ref_mask) for impl in ("xla", "splash")]
+  _close(outs[1], outs[0])

@@ -15,6 +15,7 @@ def tiny_config(codec: str = 'pixel', **sample):
   """The demo config shrunk: 2 layers, 16x16 pixels (pixel codec) or a 2-level Wan VAE, 2 sampler steps."""
   config = demo.get_config()
   config.model.update(num_layers=2, num_heads=2, head_dim=16, ffn_dim=64)
+  config.vae.pixel_downsample = 1  # latents are the 16x16 pixels themselves
   if codec == 'wan':
     config.vae = kcfg.vae_config(base_dim=8, z_dim=4, dim_mult=(1, 2), num_res_blocks=1,
                                  temporal_downsample=(True,), latents_mean=(0.1,) * 4, latents_std=(0.5,) * 4)

@@ -84,7 +84,7 @@ def test_bad_requests_name_the_input(pixel_pipe, tmp_path, case):
   call, err, match = {
       'empty_prompt': (lambda: pixel_pipe.generate([a], '  '), pipe_lib.UserInputError, 'prompt #0 is empty'),
       'too_many_refs': (lambda: pixel_pipe.generate([a, a, a], 'x'), pipe_lib.UserInputError, 'at most 2'),
-      'bad_size': (lambda: pixel_pipe.generate([a], 'x', height=18), pipe_lib.UserInputError, 'divisible by 4'),
+      'bad_size': (lambda: pixel_pipe.generate([a], 'x', height=17), pipe_lib.UserInputError, 'divisible by 2'),
       'missing_ref': (lambda: pixel_pipe.generate([str(tmp_path / 'nope.png')], 'x'), ReferenceImageError,
                       'does not exist'),
       'corrupt_ref': (lambda: pixel_pipe.generate([str(corrupt)], 'x'), ReferenceImageError, 'c.png'),

@@ -24,14 +24,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Training config file.',
-                                          lock_config=False)
-_TOPOLOGY = flags.DEFINE_string('topology', 'v5p:2x2x2', 'TPU slice: "<generation>:<AxBxC>", e.g. '
-                                'v5p:2x2x2 (v5p-16), v6e:4x4 (v6e-16).')
-_BATCH = flags.DEFINE_integer('batch_size', 0, 'Global batch; 0 = one sample per data-parallel shard '
-                              '(data * fsdp).')
-_REFS = flags.DEFINE_integer('num_refs', -1, 'References per sample; -1 = data.max_refs.')
-
 # HBM per chip in GiB (Cloud TPU documentation).
 HBM_GIB = {'v4': 32, 'v5e': 16, 'v5litepod': 16, 'v5p': 95, 'v6e': 32}
 GIB = 1024 ** 3
@@ -133,6 +125,19 @@ def format_table(r: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def _define_flags():
+  """Flags exist only when this file runs as a script, so importing it (tests, notebooks) next to
+  `kaleido_jax.main`, which owns --config in the same absl registry, does not collide."""
+  return (
+      config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Training config file.', lock_config=False),
+      flags.DEFINE_string('topology', 'v5p:2x2x2', 'TPU slice: "<generation>:<AxBxC>", e.g. '
+                          'v5p:2x2x2 (v5p-16), v6e:4x4 (v6e-16).'),
+      flags.DEFINE_integer('batch_size', 0, 'Global batch; 0 = one sample per data-parallel shard '
+                           '(data * fsdp).'),
+      flags.DEFINE_integer('num_refs', -1, 'References per sample; -1 = data.max_refs.'),
+  )
+
+
 def main(argv):
   del argv
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -143,8 +148,10 @@ def main(argv):
   except ImportError:
     print('error: libtpu is not installed; pip install "jax[tpu]==<your jax version>"', file=sys.stderr)
     sys.exit(2)
-  print(format_table(analyse(_CONFIG.value, _TOPOLOGY.value, _BATCH.value, _REFS.value)))
+  config, topology, batch, refs = _FLAGS
+  print(format_table(analyse(config.value, topology.value, batch.value, refs.value)))
 
 
 if __name__ == '__main__':
+  _FLAGS = _define_flags()
   app.run(main)

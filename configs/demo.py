@@ -5,7 +5,7 @@ This is the embedded default of `python -m kaleido_jax.main --config configs/dem
 16x16, decoded by bilinear upsampling, so no VAE weights are needed and each (1, 2, 2) DiT token carries 12
 numbers (a tiny DiT learns to carry the noise through far faster than with 48-number 4x4 pixel patches). The
 text encoder is a tiny random umT5 with a sentencepiece model fit to the synthetic captions
-(kaleido_jax/encoders.py). The synthetic clips use plain backgrounds, larger subjects and no occluder: the
+(kaleido_jax/encoders.py). The synthetic clips use one flat grey background, larger subjects and no occluder: the
 easier setting a few CPU minutes can learn. `--mode train` / `sample` / `export` / `eval` run the pieces on
 their own with the same config.
 """
@@ -24,7 +24,7 @@ def get_config():
                                                  num_layers=2, num_heads=4, max_length=48)
   config.data.update(num_frames=5, height=32, width=32, num_identities=240, num_clips=4096,
                      heldout_identities=24, heldout_clips=64, max_subjects=2, max_refs=2, batch_size=8,
-                     background='plain', occluder_prob=0.0, subject_scale=1.6, read_threads=2,
+                     background='grey', occluder_prob=0.0, subject_scale=1.6, read_threads=2,
                      prefetch=4)
   config.diffusion.update(text_dropout=0.1, ref_dropout=0.0)
   config.train.update(input='pipeline', num_steps=1200, learning_rate=1e-3, schedule='cosine', warmup_steps=30,

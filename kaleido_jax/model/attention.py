@@ -32,13 +32,121 @@ def dot_product_attention(q, k, v, *, mask=None, implementation: str = "xla"):
   raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
 
 
-def _xla_attention(q, k, v, mask):
+def reference_attention(q, k, v, mask=None):
+  """Textbook softmax attention, (B, L, H, D): the definition the kernels are tested against."""
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   if mask is not None:
     logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+# Queries per block of the `xla` kernel. Measured on the 2-core CPU (bench/dit_step.py shapes: 1792 tokens,
+# 8 heads x 64, fp32): a jitted forward+backward of one attention call took 379 ms with `reference_attention`
+# (XLA materialises and re-reads the 8x1792x1792 probabilities several times), 214 ms with this kernel
+# unblocked and 140 ms with 256-query blocks (PyTorch's fused CPU SDPA: 134 ms).
+XLA_QUERY_BLOCK = 256
+
+
+def _query_blocks(length: int) -> tuple[int, int]:
+  """(number of blocks, block size) covering `length` queries with blocks of at most XLA_QUERY_BLOCK."""
+  n = max(1, -(-length // XLA_QUERY_BLOCK))
+  return n, -(-length // n)
+
+
+def _block_logits(q, k, mask, scale):
+  s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    s = jnp.where(mask[:, None, None, :], s, jnp.finfo(jnp.float32).min)
+  return s
+
+
+def _split_queries(x, n, c):
+  """(b, h, n*c, ...) -> (n, b, h, c, ...)."""
+  return jnp.moveaxis(x.reshape(x.shape[:2] + (n, c) + x.shape[3:]), 2, 0)
+
+
+def _merge_queries(x):
+  """(n, b, h, c, ...) -> (b, h, n*c, ...)."""
+  x = jnp.moveaxis(x, 0, 2)
+  return x.reshape(x.shape[:2] + (x.shape[2] * x.shape[3],) + x.shape[4:])
+
+
+def _blocked_forward(q, k, v, mask):
+  """Output and log-sum-exp per query, one block of queries at a time; layout (b, h, l, d)."""
+  scale = q.shape[-1] ** -0.5
+  n, c = _query_blocks(q.shape[2])
+
+  def block(qb):
+    s = _block_logits(qb, k, mask, scale)
+    m = s.max(-1, keepdims=True)
+    p = jnp.exp(s - m)
+    l = p.sum(-1, keepdims=True)
+    o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32) / l
+    return o.astype(q.dtype), (m + jnp.log(l))[..., 0]
+
+  if n == 1:
+    return block(q)
+  o, lse = jax.lax.map(block, _split_queries(q, n, c))
+  return _merge_queries(o), _merge_queries(lse)
+
+
+@jax.custom_vjp
+def _blocked_attention(q, k, v, mask):
+  return _blocked_forward(q, k, v, mask)[0]
+
+
+def _blocked_attention_fwd(q, k, v, mask):
+  o, lse = _blocked_forward(q, k, v, mask)
+  return o, (q, k, v, mask, o, lse)
+
+
+def _blocked_attention_bwd(res, do):
+  """Flash-attention backward: probabilities are recomputed per query block from the saved log-sum-exp."""
+  q, k, v, mask, o, lse = res
+  scale = q.shape[-1] ** -0.5
+  n, c = _query_blocks(q.shape[2])
+  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1)  # rowsum(dO * O) = rowsum(P * dP)
+
+  def block(qb, dob, lseb, deltab):
+    p = jnp.exp(_block_logits(qb, k, mask, scale) - lseb[..., None])
+    dv = jnp.einsum("bhqk,bhqd->bhkd", p.astype(do.dtype), dob, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", dob, v, preferred_element_type=jnp.float32)
+    ds = (p * (dp - deltab[..., None]) * scale).astype(q.dtype)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, qb, preferred_element_type=jnp.float32)
+    return dq, dk, dv
+
+  if n == 1:
+    dq, dk, dv = block(q, do, lse, delta)
+  else:
+    def body(carry, xs):
+      dq, dk, dv = block(*xs)
+      return (carry[0] + dk, carry[1] + dv), dq
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    (dk, dv), dq = jax.lax.scan(body, (zeros, zeros), tuple(_split_queries(x, n, c) for x in (q, do, lse, delta)))
+    dq = _merge_queries(dq)
+  dmask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dmask
+
+
+_blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
+
+
+def _xla_attention(q, k, v, mask):
+  """Memory-efficient attention in plain XLA: query blocks, float32 statistics, flash-style custom backward.
+
+  Works on any backend and under any sharding GSPMD can propagate (batch and heads stay put; the query blocks
+  are a reshape of the length axis). Queries are padded to whole blocks and the padding is dropped.
+  """
+  lq = q.shape[1]
+  n, c = _query_blocks(lq)
+  t = lambda x: jnp.swapaxes(x, 1, 2)  # (b, l, h, d) <-> (b, h, l, d)
+  qh = t(q)
+  if n * c != lq:
+    qh = jnp.pad(qh, ((0, 0), (0, 0), (0, n * c - lq), (0, 0)))
+  return t(_blocked_attention(qh, t(k), t(v), mask)[:, :, :lq])
 
 
 # Splash kernel tiles. The kernel needs sequence lengths that are multiples of its blocks and blocks that are

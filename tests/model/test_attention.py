@@ -1,4 +1,5 @@
-"""Splash attention (TPU Pallas, run in interpret mode on CPU) against the plain XLA attention.
+"""The attention kernels against textbook softmax attention: the blocked `xla` kernel (custom flash-style
+backward) and splash (TPU Pallas, run in interpret mode on CPU).
 
 Kaleido's token counts are not multiples of the kernel's 128-lane blocks (37440 self-attention tokens,
 512 text keys), so the lengths here are not either; a key mask hides some keys as padded references do.
@@ -27,6 +28,35 @@ def _qkv(lq, lk, *, b=2, h=2, d=64, seed=0):
   q, k, v = (jnp.asarray(r.standard_normal((b, n, h, d)), jnp.float32) for n in (lq, lk, lk))
   mask = jnp.asarray(r.random((b, lk)) > 0.3).at[:, 0].set(True)  # every row keeps at least one key
   return q, k, v, mask
+
+
+# Query counts below, at and across XLA_QUERY_BLOCK (256): one block, padded blocks (513 -> 3 x 171),
+# several whole blocks (768); key counts as in self-attention and as text.
+@pytest.mark.parametrize("lq,lk,masked", [(200, 200, True), (513, 513, True), (768, 77, False), (600, 9, True)])
+def test_xla_kernel_matches_textbook_attention_and_its_gradients(lq, lk, masked):
+  q, k, v, mask = _qkv(lq, lk, d=32)
+  mask = mask if masked else None
+  out = jax.jit(attention.dot_product_attention)(q, k, v, mask=mask)
+  assert out.shape == q.shape
+  _close(out, attention.reference_attention(q, k, v, mask))
+  co = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+  grads = lambda fn: jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * co), argnums=(0, 1, 2)))(q, k, v)
+  ours = grads(lambda q, k, v: attention.dot_product_attention(q, k, v, mask=mask))
+  theirs = grads(lambda q, k, v: attention.reference_attention(q, k, v, mask))
+  for a, b in zip(ours, theirs):
+    _close(a, b)
+  if mask is not None:  # hidden keys get no gradient
+    hidden = ~np.asarray(mask)
+    assert np.abs(np.asarray(ours[1])[hidden]).max() == 0 and np.abs(np.asarray(ours[2])[hidden]).max() == 0
+
+
+def test_xla_kernel_in_bfloat16_stays_within_bfloat16_rounding():
+  q, k, v, mask = _qkv(513, 513, d=64)
+  ref = attention.reference_attention(q, k, v, mask)
+  out = attention.dot_product_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), mask=mask)
+  assert out.dtype == jnp.bfloat16
+  # bf16 keeps 8 bits of mantissa: inputs and probabilities rounded at 2^-8 relative.
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=2e-2 * float(jnp.abs(ref).max()))
 
 
 def _splash(q, k, v, mask):

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from kaleido_jax.model import attention as attention_lib
+from kaleido_jax.model import reductions
 from kaleido_jax.model import rope as rope_lib
 from kaleido_jax.model.sharding import constrain
 
@@ -46,9 +47,25 @@ def _dtype(name: str):
   return jnp.dtype(name)
 
 
+class TokenLinear(nnx.Linear):
+  """nnx.Linear applied to the tokens as one (N, din) matrix, bias added with `reductions.broadcast_to`.
+
+  Same parameters as nnx.Linear. Both changes are for XLA:CPU's backward: the kernel gradient of a
+  (B, L, din) x (din, dout) product contracts two axes and took 74 ms against 42 ms for the (B*L, din) form
+  (1792 x 512 -> 2048, fp32, 2 cores), and the bias gradient becomes a dot (kaleido_jax/model/reductions.py).
+  """
+
+  def __call__(self, x):
+    x2, kernel, bias = self.promote_dtype((x.reshape(-1, x.shape[-1]), self.kernel[...], self.bias[...]),
+                                          dtype=self.dtype)
+    y = jnp.matmul(x2, kernel, precision=self.precision)
+    y = y + reductions.broadcast_to(bias, y.shape)
+    return y.reshape(x.shape[:-1] + (y.shape[-1],))
+
+
 def _linear(din: int, dout: int, names: tuple, cfg, rngs: nnx.Rngs) -> nnx.Linear:
   """Linear with logical axis names on kernel and bias (torch-like uniform init is irrelevant here)."""
-  return nnx.Linear(
+  return TokenLinear(
       din, dout, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
       kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[-1:]), rngs=rngs)
@@ -57,9 +74,8 @@ def _linear(din: int, dout: int, names: tuple, cfg, rngs: nnx.Rngs) -> nnx.Linea
 def _layer_norm(x: jax.Array, eps: float) -> jax.Array:
   """LayerNorm without affine, in float32."""
   x = x.astype(jnp.float32)
-  mean = x.mean(-1, keepdims=True)
-  var = jnp.square(x - mean).mean(-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + eps)
+  x = x - reductions.broadcast_to(reductions.mean_last(x), x.shape)
+  return x * reductions.broadcast_to(jax.lax.rsqrt(reductions.mean_last(jnp.square(x)) + eps), x.shape)
 
 
 class RMSNorm(nnx.Module):
@@ -72,8 +88,8 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     dtype = x.dtype
     x = x.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + self.eps)
-    return (x * self.scale.value.astype(jnp.float32)).astype(dtype)
+    x = x * reductions.broadcast_to(jax.lax.rsqrt(reductions.mean_last(jnp.square(x)) + self.eps), x.shape)
+    return (x * reductions.broadcast_to(self.scale.value.astype(jnp.float32), x.shape)).astype(dtype)
 
 
 class Attention(nnx.Module):
@@ -136,13 +152,16 @@ class WanBlock(nnx.Module):
 
   def __call__(self, x, mod, text, rope, mask):
     m = self.scale_shift_table.value.astype(jnp.float32) + mod
-    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (m[:, i:i + 1] for i in range(6))
+    # Per-sample (B, 1, dim) vectors broadcast over the tokens with a dot-product gradient (reductions.py).
+    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (
+        reductions.broadcast_to(m[:, i:i + 1], x.shape) for i in range(6))
     h = (_layer_norm(x, self.eps) * (1 + scale_sa) + shift_sa).astype(self.dtype)
     x = (x.astype(jnp.float32) + self.self_attn(h, rope=rope, mask=mask).astype(jnp.float32) * gate_sa)
     x = constrain(x.astype(self.dtype), _ACT)
     h = _layer_norm(x, self.eps)
     if self.cross_attn_norm:
-      h = h * self.norm2_scale.value.astype(jnp.float32) + self.norm2_bias.value.astype(jnp.float32)
+      h = (h * reductions.broadcast_to(self.norm2_scale.value.astype(jnp.float32), h.shape)
+           + reductions.broadcast_to(self.norm2_bias.value.astype(jnp.float32), h.shape))
     x = x + self.cross_attn(h.astype(self.dtype), context=text).astype(self.dtype)
     h = (_layer_norm(x, self.eps) * (1 + scale_ff) + shift_ff).astype(self.dtype)
     x = x.astype(jnp.float32) + self.ffn(h).astype(jnp.float32) * gate_ff
@@ -275,6 +294,7 @@ class KaleidoDiT(nnx.Module):
     x = x[:, x.shape[1] - int(np.prod(grid)):]   # drop reference tokens
     shift, scale = jnp.split(self.head_table.value.astype(jnp.float32) + temb.astype(jnp.float32)[:, None], 2,
                              axis=1)
+    scale, shift = (reductions.broadcast_to(v, x.shape) for v in (scale, shift))
     x = (_layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(self.dtype)
     out = self.proj_out(x)
     return self._unpatchify(out, grid).astype(jnp.float32)

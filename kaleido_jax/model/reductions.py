@@ -23,6 +23,12 @@ def mean_last(x: jax.Array) -> jax.Array:
   return jnp.matmul(x, ones, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
+def sum_last(x: jax.Array) -> jax.Array:
+  """Sum over the last axis, keeping it (..., 1)."""
+  ones = jnp.ones((x.shape[-1], 1), x.dtype)
+  return jnp.matmul(x, ones, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def broadcast_to(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """`jnp.broadcast_to` whose gradient sums the broadcast axes with a dot against ones."""

@@ -25,6 +25,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from kaleido_jax.model import reductions
+
 CACHE_T = 2  # frames of causal context per 3x3x3 conv (kernel 3 in time)
 # Frames per XLA conv are capped so one conv's input holds at most this many elements (32 MiB in fp32): on
 # 2 CPU cores, 4 frames of 256x256x96 in one conv ran ~25% slower than the same frames 1-2 at a time
@@ -168,7 +170,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     dtype = x.dtype
     x = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+    norm = jnp.sqrt(reductions.sum_last(x * x))  # a dot: XLA:CPU's fused multiply-reduce is slow (reductions.py)
     return (x / jnp.maximum(norm, 1e-12) * self.scale * self.gamma.value).astype(dtype)
 
 

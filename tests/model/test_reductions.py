@@ -24,9 +24,10 @@ def test_broadcast_to_has_the_gradient_of_jnp_broadcast_to(vshape, shape):
   np.testing.assert_allclose(ga, gb, atol=1e-5 * float(jnp.abs(gb).max()))
 
 
-def test_mean_over_the_last_axis_and_its_gradient():
+def test_mean_and_sum_over_the_last_axis_and_the_gradient():
   x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 11, 64)), jnp.float32)
   np.testing.assert_allclose(reductions.mean_last(x), x.mean(-1, keepdims=True), atol=1e-6)
+  np.testing.assert_allclose(reductions.sum_last(x), x.sum(-1, keepdims=True), atol=1e-5)
   g = jax.grad(lambda x: jnp.sum(jnp.cos(reductions.mean_last(x * x))))(x)
   h = jax.grad(lambda x: jnp.sum(jnp.cos((x * x).mean(-1, keepdims=True))))(x)
   np.testing.assert_allclose(g, h, atol=1e-6)

@@ -38,9 +38,17 @@ def test_exported_equals_direct_for_any_batch(pipe, tmp_path, weights):
   got = sampler(PROMPTS, ref_images=refs, ref_mask=mask, seeds=[3, 4])
   want = pipe.generate([[refs[0, 0]], [refs[1, 0], refs[1, 1]]], PROMPTS, seed=[3, 4])
   assert got.shape == (2, 5, 16, 16, 3) and got.dtype == np.uint8
-  np.testing.assert_array_equal(got, want)
+  _same_video(got, want)
   one = sampler(PROMPTS[1:], ref_images=refs[1:], ref_mask=mask[1:], seeds=[4])  # same program, batch 1
-  np.testing.assert_array_equal(one[0], want[1])
+  _same_video(one[0], want[1])
+
+
+def _same_video(got, want):
+  """Equal up to uint8 rounding: the exported program is compiled on its own (symbolic batch), so XLA may
+  fuse fp32 sums differently; a ~1e-6 difference flips a pixel sitting at a .5 boundary by one level."""
+  diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+  assert diff.max() <= 1, diff.max()
+  assert (diff > 0).mean() < 1e-3, (diff > 0).mean()
 
 
 def test_loader_refuses_other_formats_and_bad_requests(pipe, tmp_path):

@@ -57,7 +57,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
       dtype='float32',         # activations / matmuls: float32 | bfloat16
       param_dtype='float32',   # master weights
       scan_layers=True,        # nnx.vmap-built, nnx.scan-run layers (flat compile time in depth)
-      remat_policy='none',     # none | full | dots_no_batch
+      remat_policy='none',     # none | full | dots_no_batch | dots_and_attention (model/dit.py)
       attention='xla',         # xla | cudnn | splash
   ))
   cfg.update(overrides)
@@ -68,7 +68,9 @@ def vae_config(**overrides) -> ml_collections.ConfigDict:
   """The Wan2.1 VAE section. Defaults are the released Wan2.1 VAE (diffusers AutoencoderKLWan)."""
   cfg = ml_collections.ConfigDict(dict(
       kind='wan',              # wan (this causal 3D VAE) | pixel (identity codec: pixel-space diffusion, CPU demo)
-      pixel_downsample=1,      # pixel codec only: spatial average pooling (decode upsamples bilinearly)
+      pixel_downsample=1,      # pixel codec only: spatial average pooling
+      pixel_upsample='nearest',  # pixel codec only: decode by 'nearest' (each latent pixel fills its pooled
+                                 # block, the box filter's footprint) or 'linear' (smoother, blurs edges)
       base_dim=96,
       z_dim=16,
       dim_mult=(1, 2, 4, 4),

@@ -16,6 +16,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash")
@@ -97,8 +98,15 @@ def _blocked_attention(q, k, v, mask):
   return _blocked_forward(q, k, v, mask)[0]
 
 
+# Names of the kernel's saved residuals, for remat policies (dit.REMAT_POLICIES['dots_and_attention']): saving
+# them lets a rematerialised layer skip re-running attention's forward in the backward pass.
+ATTENTION_RESIDUALS = ("attention_out", "attention_lse")
+
+
 def _blocked_attention_fwd(q, k, v, mask):
   o, lse = _blocked_forward(q, k, v, mask)
+  o = checkpoint_name(o, ATTENTION_RESIDUALS[0])
+  lse = checkpoint_name(lse, ATTENTION_RESIDUALS[1])
   return o, (q, k, v, mask, o, lse)
 
 

@@ -31,7 +31,9 @@ CODECS = ('wan', 'pixel')
 class PixelCodec(nnx.Module):
   """Fixed codec: latents are the pixels in [-1, 1], average-pooled by `pixel_downsample` in space.
 
-  No temporal compression, z = 3. Decoding upsamples bilinearly. Pooling by 2 makes each DiT token carry
+  No temporal compression, z = 3. Decoding upsamples by `pixel_upsample`: 'nearest' (default) repeats each
+  latent pixel over the block it was pooled from; on the demo's held-out target clips the round trip then
+  costs 0.001 LPIPS against 0.040 for bilinear upsampling (0.233 / 0.272 vs 0.232 raw). Pooling by 2 makes each DiT token carry
   12 numbers (2x2 patch of 3 channels) instead of 48: a tiny DiT must carry the noise through to its
   velocity output, which it learns far faster with a small token dimension (measured on the CPU demo: with
   4x4 pixel patches and width 128 samples stayed noise after 600 steps).
@@ -43,6 +45,9 @@ class PixelCodec(nnx.Module):
   def __init__(self, config: ml_collections.ConfigDict | None = None):
     self.config = config
     self.spatial_factor = int(config.get('pixel_downsample', 1)) if config is not None else 1
+    self.upsample = str(config.get('pixel_upsample', 'nearest')) if config is not None else 'nearest'
+    if self.upsample not in ('nearest', 'linear'):
+      raise ValueError(f"vae.pixel_upsample={self.upsample!r}; choose 'nearest' or 'linear'")
 
   def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
     s = self.spatial_factor
@@ -63,7 +68,7 @@ class PixelCodec(nnx.Module):
     s = self.spatial_factor
     if s > 1:
       b, f, h, w, c = z.shape
-      z = jax.image.resize(z, (b, f, h * s, w * s, c), method='linear')
+      z = jax.image.resize(z, (b, f, h * s, w * s, c), method=self.upsample)
     return jnp.clip(z, -1.0, 1.0)
 
   def normalize(self, z: Any) -> Any:

@@ -38,6 +38,11 @@ REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Matmul outputs plus the `xla` attention kernel's output and log-sum-exp: the backward recomputes only
+    # elementwise work (norms, modulation, GELU, RoPE), never attention or a matmul.
+    "dots_and_attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*attention_lib.ATTENTION_RESIDUALS)),
 }
 
 _ACT = ("batch", "activation_length", "embed")

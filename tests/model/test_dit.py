@@ -117,7 +117,7 @@ def test_bf16_matches_fp32_within_bf16_tolerance():
   assert rel < 5e-2, rel
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_no_batch"])
+@pytest.mark.parametrize("policy", ["full", "dots_no_batch", "dots_and_attention"])
 def test_remat_policies_give_the_same_gradients(policy):
   rng = np.random.default_rng(5)
   video, t, text = _inputs(rng, b=1)
@@ -130,6 +130,21 @@ def test_remat_policies_give_the_same_gradients(policy):
   g1 = nnx.grad(loss)(remat)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def _exp_count(policy):
+  """Exponentials in the lowered gradient: softmax's exp runs once per attention forward or recompute."""
+  rng = np.random.default_rng(6)
+  video, t, text = _inputs(rng, b=1)
+  graphdef, state = nnx.split(_model(remat_policy=policy))
+  grad = jax.jit(jax.grad(lambda s: jnp.mean(nnx.merge(graphdef, s)(video, t, text) ** 2)))
+  return grad.lower(state).as_text().count("stablehlo.exponential")
+
+
+def test_dots_and_attention_policy_does_not_recompute_attention():
+  # dots_no_batch drops the attention kernel's residuals (its dots have batch dims), so the backward re-runs
+  # the forward softmax; dots_and_attention saves them by name like the un-rematerialised step does.
+  assert _exp_count("dots_and_attention") == _exp_count("none") < _exp_count("dots_no_batch")
 
 
 def test_parameters_carry_logical_axis_names():

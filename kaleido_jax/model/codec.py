@@ -33,10 +33,10 @@ class PixelCodec(nnx.Module):
 
   No temporal compression, z = 3. Decoding upsamples by `pixel_upsample`: 'nearest' (default) repeats each
   latent pixel over the block it was pooled from; on the demo's held-out target clips the round trip then
-  costs 0.001 LPIPS against 0.040 for bilinear upsampling (0.233 / 0.272 vs 0.232 raw). Pooling by 2 makes each DiT token carry
-  12 numbers (2x2 patch of 3 channels) instead of 48: a tiny DiT must carry the noise through to its
-  velocity output, which it learns far faster with a small token dimension (measured on the CPU demo: with
-  4x4 pixel patches and width 128 samples stayed noise after 600 steps).
+  costs 0.001 LPIPS against 0.040 for bilinear upsampling (0.233 / 0.272 vs 0.232 raw). Pooling by 2 makes
+  each DiT token carry 12 numbers (2x2 patch of 3 channels) instead of 48: a tiny DiT must carry the noise
+  through to its velocity output, which it learns far faster with a small token dimension (measured on the
+  CPU demo: with 4x4 pixel patches and width 128 samples stayed noise after 600 steps).
   """
 
   temporal_factor = 1

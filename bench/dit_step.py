@@ -43,10 +43,10 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
   return 2 * n ** 3 / t
 
 
-def build(args, layers: int, remat: str = "none"):
+def build(args, layers: int, remat: str = "none", unroll: int = 1):
   cfg = kcfg.model_config(num_heads=args.heads, head_dim=args.dim // args.heads, ffn_dim=4 * args.dim,
                           num_layers=layers, in_channels=16, out_channels=16, text_dim=args.text_dim,
-                          remat_policy=remat)
+                          remat_policy=remat, scan_unroll=unroll)
   return cfg, KaleidoDiT(cfg, rngs=nnx.Rngs(0))
 
 
@@ -106,10 +106,15 @@ def main():
   # Saving only the matmul outputs (model.remat_policy) also skips storing the per-layer elementwise residuals,
   # which XLA:CPU zero-fills and copies into the scan's stacked buffers; dots_no_batch re-runs attention's
   # forward in the backward, dots_and_attention keeps the attention kernel's output and log-sum-exp instead.
-  for policy in ("dots_no_batch", "dots_and_attention"):
-    _, remat_model = build(args, args.layers, policy)
+  # model.scan_unroll = layers: straight-line code over the same stacked weights, no while loop to stack
+  # residuals into or slice weights out of.
+  for policy, unroll in (("dots_no_batch", 1), ("dots_and_attention", 1), ("none", args.layers),
+                         ("dots_and_attention", args.layers)):
+    _, remat_model = build(args, args.layers, policy, unroll)
     r_state, r_forward, r_step = jax_fns(remat_model)
-    rows.append((f"kaleido_jax (jit, remat {policy})",
+    name = ", ".join(([] if policy == "none" else [f"remat {policy}"]) +
+                     ([] if unroll == 1 else ["layers unrolled"]))
+    rows.append((f"kaleido_jax (jit, {name})",
                  median_time(lambda: r_forward(r_state, *inputs).block_until_ready(), args.repeats),
                  median_time(lambda: jax.block_until_ready(r_step(r_state, *inputs)), args.repeats)))
 

@@ -6,7 +6,8 @@ This is the embedded default of `python -m kaleido_jax.main --config configs/dem
 numbers (a tiny DiT learns to carry the noise through far faster than with 48-number 4x4 pixel patches). The
 text encoder is a tiny random umT5 with a sentencepiece model fit to the synthetic captions
 (kaleido_jax/encoders.py). The synthetic clips use one flat grey background, larger subjects and no occluder: the
-easier setting a few CPU minutes can learn. `--mode train` / `sample` / `export` / `eval` run the pieces on
+easier setting a few CPU minutes can learn. The 4 layers are unrolled (`model.scan_unroll`): on CPU the
+step is ~1.3x faster than with the layer loop. `--mode train` / `sample` / `export` / `eval` run the pieces on
 their own with the same config.
 """
 
@@ -18,7 +19,7 @@ def get_config():
   config.mode = 'demo'
   config.model = kcfg.model_config(
       patch_size=(1, 2, 2), in_channels=3, out_channels=3, num_heads=4, head_dim=32, ffn_dim=384,
-      num_layers=4, text_dim=32, freq_dim=64, max_refs=2)
+      num_layers=4, text_dim=32, freq_dim=64, max_refs=2, scan_unroll=4)
   config.vae = kcfg.vae_config(kind='pixel', pixel_downsample=2)
   config.text_encoder = kcfg.text_encoder_config(vocab_size=256, d_model=32, d_kv=8, d_ff=64,
                                                  num_layers=2, num_heads=4, max_length=48)

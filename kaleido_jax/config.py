@@ -57,6 +57,9 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
       dtype='float32',         # activations / matmuls: float32 | bfloat16
       param_dtype='float32',   # master weights
       scan_layers=True,        # nnx.vmap-built, nnx.scan-run layers (flat compile time in depth)
+      scan_unroll=1,           # layers per scan iteration (lax.scan unroll); >= num_layers is straight-line
+                               # code over the same stacked parameters: faster steps on CPU, compile time
+                               # grows with depth (configs/demo.py unrolls its 4 layers)
       remat_policy='none',     # none | full | dots_no_batch | dots_and_attention (model/dit.py)
       attention='xla',         # xla | cudnn | splash
   ))

@@ -199,6 +199,9 @@ class KaleidoDiT(nnx.Module):
     pdt = _dtype(cfg.param_dtype)
     if cfg.rope_scheme not in rope_lib.SCHEMES:
       raise ValueError(f"config.model.rope_scheme={cfg.rope_scheme!r}; choose one of {rope_lib.SCHEMES}")
+    if not isinstance(cfg.scan_unroll, int) or isinstance(cfg.scan_unroll, bool) or cfg.scan_unroll < 1:
+      raise ValueError(f"config.model.scan_unroll={cfg.scan_unroll!r}; it is a number of layers per scan "
+                       "iteration, an int >= 1 (use num_layers to unroll them all)")
     if cfg.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"config.model.remat_policy={cfg.remat_policy!r}; choose one of "
                        f"{sorted(REMAT_POLICIES)}")
@@ -265,7 +268,10 @@ class KaleidoDiT(nnx.Module):
 
     if self.config.remat_policy != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.config.remat_policy], prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, state, length=self.config.num_layers)
+    # Unrolling drops the while loop: XLA:CPU then neither zero-fills and copies the per-layer residual stacks
+    # nor slices the stacked weights per iteration (demo train step 350 vs 460 ms, 4 layers, bench/train.py).
+    x, _ = jax.lax.scan(body, x, state, length=self.config.num_layers,
+                        unroll=min(self.config.scan_unroll, self.config.num_layers))
     return x
 
   def __call__(self, video, timestep, text, refs=None, ref_mask=None):

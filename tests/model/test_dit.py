@@ -132,6 +132,34 @@ def test_remat_policies_give_the_same_gradients(policy):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_scan_unroll_gives_the_same_outputs_and_gradients_without_the_layer_loop():
+  rng = np.random.default_rng(7)
+  video, t, text = _inputs(rng, b=1)
+  models = {u: _model(num_layers=4, remat_policy="dots_and_attention", scan_unroll=u) for u in (1, 2, 64)}
+
+  def loss(m):
+    return jnp.mean(m(video, t, text) ** 2)
+  g1 = nnx.grad(loss)(models[1])
+  for u in (2, 64):
+    np.testing.assert_allclose(models[1](video, t, text), models[u](video, t, text), atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(nnx.grad(loss)(models[u]))):
+      np.testing.assert_allclose(a, b, atol=1e-6)
+    # Same stacked parameter layout, so checkpoints move between the settings.
+    assert jax.tree.map(jnp.shape, nnx.state(models[1])) == jax.tree.map(jnp.shape, nnx.state(models[u]))
+
+  def loops(m):
+    graphdef, state = nnx.split(m)
+    return jax.jit(lambda s: nnx.merge(graphdef, s)(video, t, text)).lower(state).as_text().count("stablehlo.while")
+  # 72 tokens fit one attention query block, so the only loop is the one over layers: gone when unrolled.
+  assert [loops(models[u]) for u in (1, 2, 64)] == [1, 1, 0]
+
+
+@pytest.mark.parametrize("bad", [0, -2])
+def test_scan_unroll_must_be_a_positive_int(bad):
+  with pytest.raises(ValueError, match="config.model.scan_unroll"):
+    _model(scan_unroll=bad)
+
+
 def _exp_count(policy):
   """Exponentials in the lowered gradient: softmax's exp runs once per attention forward or recompute."""
   rng = np.random.default_rng(6)

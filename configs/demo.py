@@ -28,7 +28,7 @@ def get_config():
                      background='grey', occluder_prob=0.0, subject_scale=1.6, read_threads=2,
                      prefetch=4)
   config.diffusion.update(text_dropout=0.1, ref_dropout=0.0)
-  config.train.update(input='pipeline', num_steps=1200, learning_rate=3e-3, schedule='cosine', warmup_steps=30,
+  config.train.update(input='pipeline', num_steps=1800, learning_rate=3e-3, schedule='cosine', warmup_steps=30,
                       weight_decay=0.0, grad_clip=1.0, log_every=50, checkpoint_every=400, ema_decay=0.99)
   config.sample.update(num_steps=20, shift=3.0, guidance_scale=2.0, num_frames=5, height=32, width=32,
                        fps=4, negative_prompt='')

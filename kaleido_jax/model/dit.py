@@ -269,7 +269,8 @@ class KaleidoDiT(nnx.Module):
     if self.config.remat_policy != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.config.remat_policy], prevent_cse=False)
     # Unrolling drops the while loop: XLA:CPU then neither zero-fills and copies the per-layer residual stacks
-    # nor slices the stacked weights per iteration (configs/demo.py train step, measured as bench/train.py does: 350 vs 460 ms).
+    # nor slices the stacked weights per iteration (configs/demo.py train step, measured as bench/train.py
+    # does: 350 vs 460 ms).
     x, _ = jax.lax.scan(body, x, state, length=self.config.num_layers,
                         unroll=min(self.config.scan_unroll, self.config.num_layers))
     return x

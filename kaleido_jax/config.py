@@ -177,6 +177,8 @@ def diffusion_config(**overrides) -> ml_collections.ConfigDict:
       timestep_scale=1000.0,    # model timestep = 1000 * sigma
       text_dropout=0.1,         # probability of the empty-prompt embedding
       ref_dropout=0.0,          # probability of dropping each reference (masked out)
+      all_refs_dropout=0.0,     # probability of dropping all of a sample's references (trains the
+                                # no-reference branch of image guidance, sample.image_guidance_scale)
   ))
   cfg.update(overrides)
   return cfg

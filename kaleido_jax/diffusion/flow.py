@@ -8,7 +8,10 @@ linearly outside that range; we do the same). The model sees timestep = 1000·σ
 
 Conditioning dropout: with probability `text_dropout` a sample's text embedding is replaced by the
 empty-prompt embedding (what classifier-free guidance's unconditional branch sees at sampling time); with
-probability `ref_dropout` each real reference is masked out. References are clean latents and are never
+probability `ref_dropout` each real reference is masked out, and with probability `all_refs_dropout` all
+of a sample's references are (the condition the image-guidance branch of the sampler sees, guidance.py: as
+InstructPix2Pix drops its image condition, so that the no-reference prediction is a trained one and not an
+extrapolation). References are clean latents and are never
 noised; padded reference slots (ref_mask False) are masked as attention keys by the model, and the loss
 is taken over the video prediction only, so a padded slot cannot influence the loss.
 """
@@ -109,6 +112,9 @@ def flow_matching_loss(model: Callable[..., jax.Array], batch: Mapping[str, Any]
     if cfg.ref_dropout > 0:
       keep = jax.random.uniform(k_ref, ref_mask.shape) >= cfg.ref_dropout
       ref_mask = ref_mask & keep
+    if cfg.get('all_refs_dropout', 0.0) > 0:
+      drop_all = jax.random.uniform(jax.random.fold_in(k_ref, 1), (b,)) < cfg.all_refs_dropout
+      ref_mask = ref_mask & ~drop_all[:, None]
     # A padded slot's content must not matter even to a model that forgets the mask for some op: zero it.
     refs = jnp.where(ref_mask[:, :, None, None, None], refs, 0.0)
 

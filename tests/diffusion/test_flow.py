@@ -118,6 +118,23 @@ def test_ref_dropout_only_removes_real_refs():
   np.testing.assert_array_equal(model.calls[0]['ref_mask'], batch['ref_mask'])
 
 
+
+def test_all_refs_dropout_drops_whole_samples():
+  """The image-guidance branch's condition: a sample keeps all its references or loses all of them."""
+  model = Recorder()
+  flow.flow_matching_loss(model, _batch(), jax.random.key(0), kcfg.diffusion_config(all_refs_dropout=1.0))
+  assert not np.asarray(model.calls[0]['ref_mask']).any()
+  assert not np.asarray(model.calls[0]['refs']).any()  # dropped slots are zeroed like padding
+  big = {k: np.repeat(v[1:2], 400, axis=0) for k, v in _batch().items()}  # every sample has 2 real refs
+  model = Recorder()
+  flow.flow_matching_loss(model, big, jax.random.key(2), kcfg.diffusion_config(all_refs_dropout=0.3))
+  mask = np.asarray(model.calls[0]['ref_mask'])
+  assert set(map(tuple, mask.tolist())) == {(True, True), (False, False)}  # never one of the two
+  assert 0.22 < (~mask[:, 0]).mean() < 0.38
+  model = Recorder()
+  flow.flow_matching_loss(model, big, jax.random.key(2), kcfg.diffusion_config(all_refs_dropout=0.0))
+  assert np.asarray(model.calls[0]['ref_mask']).all()
+
 class RefSensitive(nnx.Module):
   """Output depends on every reference value it receives (mask ignored on purpose)."""
 

@@ -7,8 +7,10 @@ numbers (a tiny DiT learns to carry the noise through far faster than with 48-nu
 text encoder is a tiny random umT5 with a sentencepiece model fit to the synthetic captions
 (kaleido_jax/encoders.py). The synthetic clips use one flat grey background, larger subjects and no occluder: the
 easier setting a few CPU minutes can learn. The 4 layers are unrolled (`model.scan_unroll`): on CPU the
-step is ~1.3x faster than with the layer loop. `--mode train` / `sample` / `export` / `eval` run the pieces on
-their own with the same config.
+step is ~1.3x faster than with the layer loop. The sampler is UniPC with image guidance 1 (a third branch
+without references, guidance.py): on the same trained weights it took fidelity LPIPS from ~0.32 to ~0.30
+and subject presence from ~0.31 to ~0.65 against Euler with text guidance only (README, The demo).
+`--mode train` / `sample` / `export` / `eval` run the pieces on their own with the same config.
 """
 
 from kaleido_jax import config as kcfg
@@ -30,7 +32,7 @@ def get_config():
   config.diffusion.update(text_dropout=0.1, ref_dropout=0.0)
   config.train.update(input='pipeline', num_steps=1800, learning_rate=3e-3, schedule='cosine', warmup_steps=30,
                       weight_decay=0.0, grad_clip=1.0, log_every=50, checkpoint_every=400, ema_decay=0.99)
-  config.sample.update(num_steps=20, shift=3.0, guidance_scale=2.0, num_frames=5, height=32, width=32,
-                       fps=4, negative_prompt='')
+  config.sample.update(solver='unipc', num_steps=20, shift=3.0, guidance_scale=2.0, image_guidance_scale=1.0,
+                       num_frames=5, height=32, width=32, fps=4, negative_prompt='')
   config.eval.update(num_videos=16, batch_size=8, save_videos=4)
   return config

@@ -1,11 +1,14 @@
 """DiT forward / train-step speed: kaleido_jax vs diffusers' WanTransformer3DModel, same machine, same run.
 
   python bench/dit_step.py [--layers 4] [--dim 512] [--heads 8] [--frames 5] [--size 32] [--refs 2]
+  JAX_PLATFORMS=cuda python bench/dit_step.py --attention xla   # on a GPU: both sides on the GPU
 
 Prints median times of a jitted forward and forward+backward (MSE on the output) beside diffusers' PyTorch
 model (eager, and torch.compile when it works here) at an equal token count: diffusers has no references,
 so it gets the reference latents as extra frames. Then compile time at 4 vs 40 layers (scan), and a
-roofline: the step's FLOPs (XLA cost analysis) over this machine's measured fp32 matmul rate.
+roofline: the step's FLOPs (XLA cost analysis) over this machine's measured fp32 matmul rate. JAX runs on
+JAX_PLATFORMS (default cpu); the PyTorch model runs on the same kind of device (`--torch-device`, default: cuda
+when JAX runs on a GPU), timed with a device synchronisation.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
 def build(args, layers: int, remat: str = "none", unroll: int = 1):
   cfg = kcfg.model_config(num_heads=args.heads, head_dim=args.dim // args.heads, ffn_dim=4 * args.dim,
                           num_layers=layers, in_channels=16, out_channels=16, text_dim=args.text_dim,
-                          remat_policy=remat, scan_unroll=unroll)
+                          remat_policy=remat, scan_unroll=unroll,
+                          attention=getattr(args, "attention", "xla"))
   return cfg, KaleidoDiT(cfg, rngs=nnx.Rngs(0))
 
 
@@ -86,7 +90,10 @@ def main():
   p.add_argument("--text-dim", type=int, default=512)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--attention", default="xla", help="model.attention (xla | cudnn | splash)")
+  p.add_argument("--torch-device", default=None, help="cpu | cuda; default: cuda when JAX runs on a GPU")
   args = p.parse_args()
+  platform = jax.devices()[0].platform
   jax.config.update("jax_default_matmul_precision", "highest")
 
   rng = np.random.default_rng(0)
@@ -108,12 +115,11 @@ def main():
   # forward in the backward, dots_and_attention keeps the attention kernel's output and log-sum-exp instead.
   # model.scan_unroll = layers: straight-line code over the same stacked weights, no while loop to stack
   # residuals into or slice weights out of.
-  for policy, unroll in (("dots_no_batch", 1), ("dots_and_attention", 1), ("none", args.layers),
-                         ("dots_and_attention", args.layers)):
-    _, remat_model = build(args, args.layers, policy, unroll)
+  for policy, unrolled in (("dots_no_batch", False), ("dots_and_attention", False), ("none", True),
+                           ("dots_and_attention", True)):
+    _, remat_model = build(args, args.layers, policy, args.layers if unrolled else 1)
     r_state, r_forward, r_step = jax_fns(remat_model)
-    name = ", ".join(([] if policy == "none" else [f"remat {policy}"]) +
-                     ([] if unroll == 1 else ["layers unrolled"]))
+    name = ", ".join(([] if policy == "none" else [f"remat {policy}"]) + (["layers unrolled"] if unrolled else []))
     rows.append((f"kaleido_jax (jit, {name})",
                  median_time(lambda: r_forward(r_state, *inputs).block_until_ready(), args.repeats),
                  median_time(lambda: jax.block_until_ready(r_step(r_state, *inputs)), args.repeats)))
@@ -121,22 +127,27 @@ def main():
   if not args.no_torch:
     import torch
     from diffusers import WanTransformer3DModel
+    dev = torch.device(args.torch_device or ("cuda" if platform == "gpu" else "cpu"))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     tm = WanTransformer3DModel(num_attention_heads=args.heads, attention_head_dim=args.dim // args.heads,
                                in_channels=c, out_channels=c, text_dim=args.text_dim, ffn_dim=4 * args.dim,
-                               num_layers=args.layers, rope_max_seq_len=1024)
+                               num_layers=args.layers, rope_max_seq_len=1024).to(dev)
     # Equal token count: the references ride along as extra latent frames.
-    tv = torch.from_numpy(np.concatenate([refs, video], 1).transpose(0, 4, 1, 2, 3).copy())
-    tt, ttext = torch.from_numpy(t), torch.from_numpy(text)
+    tv = torch.from_numpy(np.concatenate([refs, video], 1).transpose(0, 4, 1, 2, 3).copy()).to(dev)
+    tt, ttext = torch.from_numpy(t).to(dev), torch.from_numpy(text).to(dev)
 
     def torch_fwd(m):
       with torch.no_grad():
-        return m(tv, tt, ttext, return_dict=False)[0]
+        out = m(tv, tt, ttext, return_dict=False)[0]
+      sync()
+      return out
 
     def torch_step(m):
       m.zero_grad(set_to_none=True)
       out = m(tv, tt, ttext, return_dict=False)[0]
       (out ** 2).mean().backward()
+      sync()
 
     rows.append(("diffusers eager", median_time(lambda: torch_fwd(tm), args.repeats),
                  median_time(lambda: torch_step(tm), args.repeats)))
@@ -149,8 +160,9 @@ def main():
 
   tokens = (f + args.refs) * (s // 2) ** 2
   print(f"\nDiT dim {args.dim}, {args.heads} heads, {args.layers} layers, {f} frames x {s}x{s} latents + "
-        f"{args.refs} refs = {tokens} tokens, text {args.text_len}, batch 1, fp32, {jax.device_count()} "
-        f"CPU device(s), {os.cpu_count()} cores")
+        f"{args.refs} refs = {tokens} tokens, text {args.text_len}, batch 1, fp32, attention {args.attention}, "
+        f"{jax.device_count()} JAX {platform} device(s) ({jax.devices()[0].device_kind}), {os.cpu_count()} cores"
+        + ("" if args.no_torch else f", PyTorch on {dev.type}"))
   print(f"| implementation | forward (ms) | fwd+bwd step (ms) | step speed-up vs diffusers eager |")
   print("|---|---|---|---|")
   eager = next((r for r in rows if r[0] == "diffusers eager"), None)

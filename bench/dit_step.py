@@ -50,7 +50,7 @@ def build(args, layers: int, remat: str = "none", unroll: int = 1):
   cfg = kcfg.model_config(num_heads=args.heads, head_dim=args.dim // args.heads, ffn_dim=4 * args.dim,
                           num_layers=layers, in_channels=16, out_channels=16, text_dim=args.text_dim,
                           remat_policy=remat, scan_unroll=unroll,
-                          attention=getattr(args, "attention", "xla"))
+                          attention=args.attention)
   return cfg, KaleidoDiT(cfg, rngs=nnx.Rngs(0))
 
 

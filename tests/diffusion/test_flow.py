@@ -118,7 +118,6 @@ def test_ref_dropout_only_removes_real_refs():
   np.testing.assert_array_equal(model.calls[0]['ref_mask'], batch['ref_mask'])
 
 
-
 def test_all_refs_dropout_drops_whole_samples():
   """The image-guidance branch's condition: a sample keeps all its references or loses all of them."""
   model = Recorder()
@@ -134,6 +133,7 @@ def test_all_refs_dropout_drops_whole_samples():
   model = Recorder()
   flow.flow_matching_loss(model, big, jax.random.key(2), kcfg.diffusion_config(all_refs_dropout=0.0))
   assert np.asarray(model.calls[0]['ref_mask']).all()
+
 
 class RefSensitive(nnx.Module):
   """Output depends on every reference value it receives (mask ignored on purpose)."""

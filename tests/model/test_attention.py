@@ -31,10 +31,15 @@ def _qkv(lq, lk, *, b=2, h=2, d=64, seed=0):
 
 
 # Query counts below, at and across XLA_QUERY_BLOCK (256): one block, padded blocks (513 -> 3 x 171),
-# several whole blocks (768); key counts as in self-attention and as text.
-@pytest.mark.parametrize("lq,lk,masked", [(200, 200, True), (513, 513, True), (768, 77, False), (600, 9, True)])
-def test_xla_kernel_matches_textbook_attention_and_its_gradients(lq, lk, masked):
-  q, k, v, mask = _qkv(lq, lk, d=32)
+# several whole blocks (768); key counts as in self-attention and as text. On the CPU the kernel loops over
+# groups of CPU_HEADS_PER_ITERATION heads: one head, two heads and all four heads per iteration.
+@pytest.mark.parametrize("lq,lk,masked,heads_per_iteration",
+                         [(200, 200, True, 1), (513, 513, True, 2), (768, 77, False, 4), (600, 9, True, 1),
+                          (513, 513, True, 3)])
+def test_xla_kernel_matches_textbook_attention_and_its_gradients(lq, lk, masked, heads_per_iteration,
+                                                                 monkeypatch):
+  monkeypatch.setattr(attention, "CPU_HEADS_PER_ITERATION", heads_per_iteration)
+  q, k, v, mask = _qkv(lq, lk, h=4, d=32)
   mask = mask if masked else None
   out = jax.jit(attention.dot_product_attention)(q, k, v, mask=mask)
   assert out.shape == q.shape

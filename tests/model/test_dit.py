@@ -8,6 +8,7 @@ from flax import nnx
 
 from kaleido_jax import config as kcfg
 from kaleido_jax.convert import transformer as convert_tf
+from kaleido_jax.model import attention as attention_lib
 from kaleido_jax.model.dit import KaleidoDiT, param_count
 from tests.model import dit_reference as ref
 
@@ -132,7 +133,10 @@ def test_remat_policies_give_the_same_gradients(policy):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_scan_unroll_gives_the_same_outputs_and_gradients_without_the_layer_loop():
+def test_scan_unroll_gives_the_same_outputs_and_gradients_without_the_layer_loop(monkeypatch):
+  # All heads in one attention call, so the only loop left is the one over layers (CPU attention loops over
+  # heads otherwise).
+  monkeypatch.setattr(attention_lib, "CPU_HEADS_PER_ITERATION", 64)
   rng = np.random.default_rng(7)
   video, t, text = _inputs(rng, b=1)
   models = {u: _model(num_layers=4, remat_policy="dots_and_attention", scan_unroll=u) for u in (1, 2, 64)}

@@ -32,13 +32,14 @@ def _qkv(lq, lk, *, b=2, h=2, d=64, seed=0):
 
 # Query counts below, at and across XLA_QUERY_BLOCK (256): one block, padded blocks (513 -> 3 x 171),
 # several whole blocks (768); key counts as in self-attention and as text. On the CPU the kernel loops over
-# groups of CPU_HEADS_PER_ITERATION heads: one head, two heads and all four heads per iteration.
+# groups of CPU_HEADS_PER_ITERATION heads (at any key count here): one, two and all four heads per iteration.
 @pytest.mark.parametrize("lq,lk,masked,heads_per_iteration",
                          [(200, 200, True, 1), (513, 513, True, 2), (768, 77, False, 4), (600, 9, True, 1),
                           (513, 513, True, 3)])
 def test_xla_kernel_matches_textbook_attention_and_its_gradients(lq, lk, masked, heads_per_iteration,
                                                                  monkeypatch):
   monkeypatch.setattr(attention, "CPU_HEADS_PER_ITERATION", heads_per_iteration)
+  monkeypatch.setattr(attention, "CPU_HEAD_LOOP_MIN_KEYS", {"forward": 0, "backward": 0})
   q, k, v, mask = _qkv(lq, lk, h=4, d=32)
   mask = mask if masked else None
   out = jax.jit(attention.dot_product_attention)(q, k, v, mask=mask)
@@ -130,3 +131,24 @@ def test_dit_with_splash_matches_xla():
   outs = [KaleidoDiT(kcfg.model_config(**tiny, attention=impl), rngs=nnx.Rngs(0))(
       video, t, text, refs=refs, ref_mask=ref_mask) for impl in ("xla", "splash")]
   _close(outs[1], outs[0])
+
+
+def test_cpu_head_loop_only_where_heads_are_not_sharded(monkeypatch):
+  # Long self-attention loops over heads on the CPU; text-length keys, and heads sharded over `tensor`, do not
+  # (every iteration would fetch a head from another device). Sharded, the result is the same as unsharded.
+  monkeypatch.setattr(attention, "CPU_HEADS_PER_ITERATION", 1)
+  assert attention._heads_per_iteration(8, 1792, "forward") == 1
+  assert attention._heads_per_iteration(8, 512, "forward") == 8
+  assert attention._heads_per_iteration(8, 512, "backward") == 1
+  assert attention._heads_per_iteration(8, 77, "backward") == 8
+  mesh = jax.make_mesh((2, 1, 1, 4), ("data", "fsdp", "context", "tensor"), axis_types=(AxisType.Auto,) * 4)
+  q, k, v, mask = _qkv(300, 300, h=4, d=32)
+  co = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+  loss = lambda q, k, v: jnp.sum(attention.dot_product_attention(q, k, v, mask=mask) * co)
+  ref = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  with jax.set_mesh(mesh):
+    assert attention._heads_per_iteration(8, 1792, "forward") == 8
+    spec = NamedSharding(mesh, P("data", None, "tensor"))
+    out = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*(jax.device_put(x, spec) for x in (q, k, v)))
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+    _close(a, b)

@@ -136,7 +136,7 @@ def test_remat_policies_give_the_same_gradients(policy):
 def test_scan_unroll_gives_the_same_outputs_and_gradients_without_the_layer_loop(monkeypatch):
   # All heads in one attention call, so the only loop left is the one over layers (CPU attention loops over
   # heads otherwise).
-  monkeypatch.setattr(attention_lib, "CPU_HEADS_PER_ITERATION", 64)
+  monkeypatch.setattr(attention_lib, "CPU_HEAD_LOOP_MIN_KEYS", {"forward": 10**9, "backward": 10**9})
   rng = np.random.default_rng(7)
   video, t, text = _inputs(rng, b=1)
   models = {u: _model(num_layers=4, remat_policy="dots_and_attention", scan_unroll=u) for u in (1, 2, 64)}

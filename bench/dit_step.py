@@ -3,9 +3,9 @@
   python bench/dit_step.py [--layers 4] [--dim 512] [--heads 8] [--frames 5] [--size 32] [--refs 2]
   JAX_PLATFORMS=cuda python bench/dit_step.py --attention xla   # on a GPU: both sides on the GPU
 
-Prints median times of a jitted forward and forward+backward (MSE on the output) beside diffusers' PyTorch
-model (eager, and torch.compile when it works here) at an equal token count: diffusers has no references,
-so it gets the reference latents as extra frames. Then compile time at 4 vs 40 layers (scan), and a
+Prints median (and min) times of a jitted forward and forward+backward (MSE on the output), all rows timed in
+interleaved rounds, beside diffusers' PyTorch model (eager, and torch.compile when it works here) at an equal
+token count: diffusers has no references, so it gets the reference latents as extra frames. Then compile time at 4 vs 40 layers (scan), and a
 roofline: the step's FLOPs (XLA cost analysis) over this machine's measured fp32 matmul rate. JAX runs on
 JAX_PLATFORMS (default cpu); the PyTorch model runs on the same kind of device (`--torch-device`, default: cuda
 when JAX runs on a GPU), timed with a device synchronisation.
@@ -14,6 +14,7 @@ when JAX runs on a GPU), timed with a device synchronisation.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -46,10 +47,10 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
   return 2 * n ** 3 / t
 
 
-def build(args, layers: int, remat: str = "none", unroll: int = 1):
+def build(args, layers: int, remat: str = "none", unroll: int = 1, scan: bool = True):
   cfg = kcfg.model_config(num_heads=args.heads, head_dim=args.dim // args.heads, ffn_dim=4 * args.dim,
                           num_layers=layers, in_channels=16, out_channels=16, text_dim=args.text_dim,
-                          remat_policy=remat, scan_unroll=unroll,
+                          remat_policy=remat, scan_unroll=unroll, scan_layers=scan,
                           attention=args.attention)
   return cfg, KaleidoDiT(cfg, rngs=nnx.Rngs(0))
 
@@ -88,7 +89,7 @@ def main():
   p.add_argument("--refs", type=int, default=2)
   p.add_argument("--text-len", type=int, default=64)
   p.add_argument("--text-dim", type=int, default=512)
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--attention", default="xla", help="model.attention (xla | cudnn | splash)")
   p.add_argument("--torch-device", default=None, help="cpu | cuda; default: cuda when JAX runs on a GPU")
@@ -106,23 +107,24 @@ def main():
 
   cfg, model = build(args, args.layers)
   state, forward, train_step = jax_fns(model)
-  rows = []
-  fwd = median_time(lambda: forward(state, *inputs).block_until_ready(), args.repeats)
-  step = median_time(lambda: jax.block_until_ready(train_step(state, *inputs)), args.repeats)
-  rows.append(("kaleido_jax (jit)", fwd, step))
+  # (name, forward thunk, step thunk); all are timed in interleaved rounds (below).
+  candidates = [("kaleido_jax (jit)", lambda: forward(state, *inputs).block_until_ready(),
+                 lambda: jax.block_until_ready(train_step(state, *inputs)))]
   # Saving only the matmul outputs (model.remat_policy) also skips storing the per-layer elementwise residuals,
   # which XLA:CPU zero-fills and copies into the scan's stacked buffers; dots_no_batch re-runs attention's
   # forward in the backward, dots_and_attention keeps the attention kernel's output and log-sum-exp instead.
   # model.scan_unroll = layers: straight-line code over the same stacked weights, no while loop to stack
-  # residuals into or slice weights out of.
-  for policy, unrolled in (("dots_no_batch", False), ("dots_and_attention", False), ("none", True),
-                           ("dots_and_attention", True)):
-    _, remat_model = build(args, args.layers, policy, args.layers if unrolled else 1)
+  # residuals into; model.scan_layers = False: one weight array per layer, none sliced out of a stack.
+  for policy, unrolled, scan in (("dots_no_batch", False, True), ("dots_and_attention", False, True),
+                                 ("none", True, True), ("dots_and_attention", True, True),
+                                 ("dots_and_attention", False, False)):
+    _, remat_model = build(args, args.layers, policy, args.layers if unrolled else 1, scan)
     r_state, r_forward, r_step = jax_fns(remat_model)
-    name = ", ".join(([] if policy == "none" else [f"remat {policy}"]) + (["layers unrolled"] if unrolled else []))
-    rows.append((f"kaleido_jax (jit, {name})",
-                 median_time(lambda: r_forward(r_state, *inputs).block_until_ready(), args.repeats),
-                 median_time(lambda: jax.block_until_ready(r_step(r_state, *inputs)), args.repeats)))
+    name = ", ".join(([] if policy == "none" else [f"remat {policy}"]) + (["layers unrolled"] if unrolled else [])
+                     + ([] if scan else ["layers as a list"]))
+    candidates.append((f"kaleido_jax (jit, {name})",
+                       functools.partial(lambda f, st: f(st, *inputs).block_until_ready(), r_forward, r_state),
+                       functools.partial(lambda f, st: jax.block_until_ready(f(st, *inputs)), r_step, r_state)))
 
   if not args.no_torch:
     import torch
@@ -149,26 +151,40 @@ def main():
       (out ** 2).mean().backward()
       sync()
 
-    rows.append(("diffusers eager", median_time(lambda: torch_fwd(tm), args.repeats),
-                 median_time(lambda: torch_step(tm), args.repeats)))
+    candidates.append(("diffusers eager", lambda: torch_fwd(tm), lambda: torch_step(tm)))
     try:
       cm = torch.compile(tm)
-      rows.append(("diffusers torch.compile", median_time(lambda: torch_fwd(cm), args.repeats),
-                   median_time(lambda: torch_step(cm), args.repeats)))
+      torch_step(cm)  # compiles here, so that a failure is caught
+      candidates.append(("diffusers torch.compile", lambda: torch_fwd(cm), lambda: torch_step(cm)))
     except Exception as e:  # torch.compile needs a working C++ toolchain / inductor
       print(f"torch.compile unavailable here: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+
+  # Interleaved rounds: every candidate once per round, so that load drifting on a shared machine hits all
+  # rows alike; min and median over the rounds.
+  times = {name: ([], []) for name, _, _ in candidates}
+  for _, fw, st in candidates:
+    fw(), st()  # compile / warm up
+  for _ in range(args.repeats):
+    for name, fw, st in candidates:
+      for fn, out in zip((fw, st), times[name]):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+  rows = [(name, statistics.median(fws), statistics.median(sts), min(sts)) for name, (fws, sts) in times.items()]
+  step = rows[0][2]
 
   tokens = (f + args.refs) * (s // 2) ** 2
   print(f"\nDiT dim {args.dim}, {args.heads} heads, {args.layers} layers, {f} frames x {s}x{s} latents + "
         f"{args.refs} refs = {tokens} tokens, text {args.text_len}, batch 1, fp32, attention {args.attention}, "
         f"{jax.device_count()} JAX {platform} device(s) ({jax.devices()[0].device_kind}), {os.cpu_count()} cores"
         + ("" if args.no_torch else f", PyTorch on {dev.type}"))
+  print(f"median (min) of {args.repeats} interleaved rounds")
   print(f"| implementation | forward (ms) | fwd+bwd step (ms) | step speed-up vs diffusers eager |")
   print("|---|---|---|---|")
   eager = next((r for r in rows if r[0] == "diffusers eager"), None)
-  for name, fw, st in rows:
-    ratio = f"{eager[2] / st:.2f}x" if eager else "-"
-    print(f"| {name} | {fw * 1e3:.1f} | {st * 1e3:.1f} | {ratio} |")
+  for name, fw, st, st_min in rows:
+    ratio = f"{eager[2] / st:.2f}x ({eager[3] / st_min:.2f}x)" if eager else "-"
+    print(f"| {name} | {fw * 1e3:.1f} | {st * 1e3:.1f} ({st_min * 1e3:.1f}) | {ratio} |")
 
   from kaleido_jax.train import flops as flops_lib
   # XLA's cost analysis counts a scanned layer once, so the roofline uses the analytic count
@@ -180,7 +196,7 @@ def main():
   xla_flops = float(cost.get("flops", 0.0))
   rate = matmul_rate()
   roofline = analytic / rate
-  best = min(st for name, _, st in rows if name.startswith("kaleido_jax"))
+  best = min(st for name, _, st, _ in rows if name.startswith("kaleido_jax"))
   print(f"\nroofline: step {analytic / 1e9:.1f} GFLOP analytic (XLA cost analysis, one scanned layer: "
         f"{xla_flops / 1e9:.1f}) / measured fp32 matmul rate {rate / 1e9:.1f} GFLOP/s = {roofline * 1e3:.0f} ms; "
         f"our step is {step / roofline:.2f}x the roofline (fastest kaleido_jax row: {best / roofline:.2f}x)")

@@ -47,14 +47,15 @@ def reference_attention(q, k, v, mask=None):
 # (bench/dit_step.py shapes: 1792 tokens, 8 heads x 64, fp32; jitted forward+backward of one attention call,
 # min of 7): `reference_attention` 379 ms (XLA materialises the 8x1792x1792 probabilities and re-reads them);
 # this kernel with all heads per 256-query block 225 ms; one head per iteration 156 ms, and 143 ms with the
-# key/value gradients accumulated transposed (below); PyTorch's fused CPU SDPA 144 ms. One head's 256x1792
-# block (1.8 MB) stays in cache between the matmuls and the softmax; eight heads' (14.7 MB) do not.
+# key/value gradients accumulated transposed (below); PyTorch's fused CPU SDPA 144 ms. Likely why: one head's
+# 256x1792 block (1.8 MB) stays in cache between the matmuls and the softmax; eight heads' (14.7 MB) do not.
 XLA_QUERY_BLOCK = 256
 CPU_HEADS_PER_ITERATION = 1
 # Key counts from which the CPU forward / backward loop over heads; below them one batched call (fewer, larger
-# matmuls) wins. Measured, one head vs all heads per iteration, forward | forward+backward in ms (2 cores):
-# 8x448 tokens, 4x32 heads 14.9 vs 8.7 | 36.4 vs 49.4; 2x896, 8x64: 28.0 vs 30.1 | 90.7 vs 116.5;
-# 1x1792, 8x64: 50 vs 66 | 157 vs 225; 1x3584, 8x64: 200 vs 224 | 596 vs 766. Text keys (48-512) stay batched.
+# matmuls) is kept. Measured one head vs all heads per iteration (2 shared cores): forward+backward as fast or
+# faster with the loop in every shape tried, 1.0-1.4x (batch x tokens, heads x dim: 1x896, 8x64 1.0x;
+# 1x1024, 12x128 1.06x; 2x896, 8x64; 8x448, 4x32; 1x1792, 8x64; 1x3584, 8x64 1.2-1.4x); the forward gains at 1792+ keys (1x1792: 54 vs 62 ms) and is a toss-up below
+# 1k keys. Text keys (48-512) stay batched in the forward.
 CPU_HEAD_LOOP_MIN_KEYS = {"forward": 1024, "backward": 256}
 
 

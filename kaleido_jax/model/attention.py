@@ -54,8 +54,9 @@ CPU_HEADS_PER_ITERATION = 1
 # Key counts from which the CPU forward / backward loop over heads; below them one batched call (fewer, larger
 # matmuls) is kept. Measured one head vs all heads per iteration (2 shared cores): forward+backward as fast or
 # faster with the loop in every shape tried, 1.0-1.4x (batch x tokens, heads x dim: 1x896, 8x64 1.0x;
-# 1x1024, 12x128 1.06x; 2x896, 8x64; 8x448, 4x32; 1x1792, 8x64; 1x3584, 8x64 1.2-1.4x); the forward gains at 1792+ keys (1x1792: 54 vs 62 ms) and is a toss-up below
-# 1k keys. Text keys (48-512) stay batched in the forward.
+# 1x1024, 12x128 1.06x; 2x896, 8x64; 8x448, 4x32; 1x1792, 8x64; 1x3584, 8x64 1.2-1.4x); the forward gains
+# at 1792+ keys (1x1792: 54 vs 62 ms) and is a toss-up below 1k keys. Text keys (48-512) stay batched in the
+# forward.
 CPU_HEAD_LOOP_MIN_KEYS = {"forward": 1024, "backward": 256}
 
 

@@ -233,12 +233,16 @@ def convert_state(path: str, fmt: str = "diffusers", config: ml_collections.Conf
 
 def load_transformer(path: str, format: str = "diffusers",  # noqa: A002 - the CLI's name
                      config: ml_collections.ConfigDict | None = None):
-  """A ready KaleidoDiT from a PyTorch checkpoint, or from a directory written by this converter."""
-  from kaleido_jax.model.dit import KaleidoDiT
+  """A ready KaleidoDiT from a PyTorch checkpoint, or from a directory written by this converter.
+
+  A converted directory loads into either layer layout (``config.scan_layers``), whichever it was written in.
+  """
+  from kaleido_jax.model.dit import KaleidoDiT, relayout_blocks
   if os.path.exists(os.path.join(path, common.CONFIG_FILE)) and os.path.isdir(
       os.path.join(path, common.STATE_DIR)):
     state, saved_cfg = common.load_converted(path, component=COMPONENT)
     cfg = saved_cfg if config is None else config
+    state = relayout_blocks(state, bool(cfg.scan_layers))  # stacked <-> per-layer, if the configs differ
   else:
     state, cfg = convert_state(path, format, config)
   model = nnx.eval_shape(lambda: KaleidoDiT(cfg, rngs=nnx.Rngs(0)))

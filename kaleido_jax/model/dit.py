@@ -318,6 +318,28 @@ class KaleidoDiT(nnx.Module):
     return self._unpatchify(out, grid).astype(jnp.float32)
 
 
+def relayout_blocks(pure_state: dict, scan_layers: bool) -> dict:
+  """A KaleidoDiT pure state dict with its ``blocks`` in the layout of ``model.scan_layers``.
+
+  ``scan_layers=True`` stacks each block leaf on a leading layer axis (what nnx.vmap builds); ``False`` gives
+  one ``{layer index: block}`` entry per layer (nnx.List). Same numbers either way, so a checkpoint written in
+  one layout serves a model configured with the other (e.g. layers as a list, the fastest CPU train step in
+  bench/dit_step.py). A state already in the wanted layout comes back unchanged. Stacking builds the stacked
+  arrays on the host next to the per-layer ones.
+  """
+  blocks = pure_state["blocks"]
+  per_layer = bool(blocks) and all(str(k).isdigit() for k in blocks)
+  if per_layer != scan_layers:  # already in that layout (orbax may have restored layer indices as strings)
+    return {**pure_state, "blocks": {int(k): v for k, v in blocks.items()}} if per_layer else pure_state
+  if scan_layers:
+    layers = [blocks[k] for k in sorted(blocks, key=int)]
+    new_blocks = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
+  else:
+    n = len(jax.tree.leaves(blocks)[0])
+    new_blocks = {i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(n)}
+  return {**pure_state, "blocks": new_blocks}
+
+
 def param_count(module: Any) -> int:
   """Number of parameters of a (possibly abstract) module."""
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))

@@ -132,3 +132,20 @@ def test_wrong_architecture_names_keys_and_shapes_and_leaves_nothing(tmp_path, t
 def test_missing_input_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="checkpoint not found"):
     convert_tf.load_transformer(str(tmp_path / "nope"), "diffusers")
+
+
+def test_converted_checkpoint_loads_into_either_layer_layout(tmp_path, torch_model, inputs):
+  from flax import nnx
+  src = ref.save_diffusers(torch_model, str(tmp_path / "src"))
+  state, cfg = convert_tf.convert_state(src, "diffusers")
+  assert cfg.scan_layers  # converted stacked: a (layers, ...) axis on every block leaf
+  stacked_dir = common.save_converted(str(tmp_path / "stacked"), state, cfg, component="transformer", source="t")
+  as_list = kcfg.model_config(**{**cfg.to_dict(), "scan_layers": False})
+  listed = convert_tf.load_transformer(stacked_dir, config=as_list)
+  assert isinstance(listed.blocks, nnx.List) and len(listed.blocks) == 2
+  _check(listed, torch_model, inputs)
+  # And back: a per-layer checkpoint into the scanned model.
+  list_dir = common.save_converted(str(tmp_path / "list"), nnx.to_pure_dict(nnx.state(listed, nnx.Param)),
+                                   as_list, component="transformer", source="t")
+  _check(convert_tf.load_transformer(list_dir, config=cfg), torch_model, inputs)
+  _check(convert_tf.load_transformer(list_dir), torch_model, inputs)

@@ -7,9 +7,9 @@ Prints median (and min) times of a jitted forward and forward+backward (MSE on t
 interleaved rounds, beside diffusers' PyTorch model (eager, and torch.compile when it works here) at an equal
 token count: diffusers has no references, so it gets the reference latents as extra frames. Then compile time
 at 4 vs 40 layers (scan), and a roofline: the step's FLOPs (analytic; XLA's cost analysis beside it) over this
-machine's measured fp32 matmul rate. JAX runs on
-JAX_PLATFORMS (default cpu); the PyTorch model runs on the same kind of device (`--torch-device`, default: cuda
-when JAX runs on a GPU), timed with a device synchronisation.
+machine's measured fp32 matmul rate. JAX runs on JAX_PLATFORMS (default cpu); the PyTorch model runs on the
+same kind of device (`--torch-device`, default: cuda when JAX runs on a GPU), timed with a device
+synchronisation.
 """
 
 from __future__ import annotations

@@ -60,9 +60,26 @@ CPU_HEADS_PER_ITERATION = 1
 CPU_HEAD_LOOP_MIN_KEYS = {"forward": 1024, "backward": 256}
 
 
-def _query_blocks(length: int) -> tuple[int, int]:
-  """(number of blocks, block size) covering `length` queries with blocks of at most XLA_QUERY_BLOCK."""
-  n = max(1, -(-length // XLA_QUERY_BLOCK))
+# Scores per loop iteration (batch x queries x keys) the CPU head loop aims at: one head leaves room for longer
+# query blocks, and fewer iterations. bench/dit_step.py step (1792 keys, one head per iteration), 256 / 448 /
+# 896 / 1792 queries per block: 1692 / 1670 / 1639 / 1671 ms (min of 8 interleaved rounds).
+CPU_HEAD_LOOP_BLOCK_SCORES = 2 ** 21
+
+
+def _query_block(batch: int, num_heads: int, num_keys: int, pass_: str) -> int:
+  """Largest query block: XLA_QUERY_BLOCK, or more where the CPU loops over single heads in this pass."""
+  if _heads_per_iteration(num_heads, num_keys, pass_) < num_heads:
+    return max(XLA_QUERY_BLOCK, CPU_HEAD_LOOP_BLOCK_SCORES // (batch * num_keys))
+  return XLA_QUERY_BLOCK
+
+
+def _query_blocks(length: int, block: int) -> tuple[int, int]:
+  """(number of blocks, block size) covering `length` queries with blocks of at most `block`.
+
+  Applied to its own result's padded length n * c it gives (n, c) again, so the kernel's backward finds the
+  blocks `_xla_attention` padded the queries to (the forward pads further if its blocks differ).
+  """
+  n = max(1, -(-length // block))
   return n, -(-length // n)
 
 
@@ -124,7 +141,10 @@ def _logits(q, k, mask):
 def _blocked_forward(q, k, v, mask):
   """Output and log-sum-exp per query, one block of queries at a time; layout (b, h, l, d)."""
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # scale the (l, d) queries, not the (l, l) scores
-  n, c = _query_blocks(q.shape[2])
+  lq = q.shape[2]
+  n, c = _query_blocks(lq, _query_block(q.shape[0], q.shape[1], k.shape[2], "forward"))
+  if n * c != lq:  # the queries were padded for the backward's blocks; these need a little more
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, n * c - lq), (0, 0)))
 
   def block(qb, k, v):
     s = _logits(qb, k, mask)
@@ -140,7 +160,8 @@ def _blocked_forward(q, k, v, mask):
     o, lse = jax.lax.map(lambda qb: block(qb, k, v), _split_queries(q, n, c))
     return _merge_queries(o), _merge_queries(lse)
 
-  return _map_heads(head_group, _heads_per_iteration(q.shape[1], k.shape[2], "forward"), q, k, v)
+  o, lse = _map_heads(head_group, _heads_per_iteration(q.shape[1], k.shape[2], "forward"), q, k, v)
+  return o[:, :, :lq], lse[:, :, :lq]
 
 
 @jax.custom_vjp
@@ -168,7 +189,7 @@ def _blocked_attention_bwd(res, do):
   """
   q, k, v, mask, o, lse = res
   scale = q.shape[-1] ** -0.5
-  n, c = _query_blocks(q.shape[2])
+  n, c = _query_blocks(q.shape[2], _query_block(q.shape[0], q.shape[1], k.shape[2], "backward"))
   delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1)  # rowsum(dO * O) = rowsum(P * dP)
 
   def block(qb, dob, lseb, deltab, k, v):
@@ -209,8 +230,8 @@ def _xla_attention(q, k, v, mask):
   Works on any backend and under any sharding GSPMD can propagate (batch and heads stay put; the query blocks
   are a reshape of the length axis). Queries are padded to whole blocks and the padding is dropped.
   """
-  lq = q.shape[1]
-  n, c = _query_blocks(lq)
+  b, lq, h, _ = q.shape
+  n, c = _query_blocks(lq, _query_block(b, h, k.shape[1], "backward"))
   t = lambda x: jnp.swapaxes(x, 1, 2)  # (b, l, h, d) <-> (b, h, l, d)
   qh = t(q)
   if n * c != lq:

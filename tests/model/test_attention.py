@@ -32,14 +32,18 @@ def _qkv(lq, lk, *, b=2, h=2, d=64, seed=0):
 
 # Query counts below, at and across XLA_QUERY_BLOCK (256): one block, padded blocks (513 -> 3 x 171),
 # several whole blocks (768); key counts as in self-attention and as text. On the CPU the kernel loops over
-# groups of CPU_HEADS_PER_ITERATION heads (at any key count here): one, two and all four heads per iteration.
-@pytest.mark.parametrize("lq,lk,masked,heads_per_iteration",
-                         [(200, 200, True, 1), (513, 513, True, 2), (768, 77, False, 4), (600, 9, True, 1),
-                          (513, 513, True, 3)])
+# groups of CPU_HEADS_PER_ITERATION heads (at any key count here): one, two and all four heads per iteration;
+# with one head it may take longer query blocks (CPU_HEAD_LOOP_BLOCK_SCORES; 0 keeps 256, 2**19 gives 2 x 300).
+@pytest.mark.parametrize("lq,lk,masked,heads_per_iteration,block_scores",
+                         [(200, 200, True, 1, 0), (513, 513, True, 2, 0), (768, 77, False, 4, 0),
+                          (600, 9, True, 1, 0), (513, 513, True, 3, 0), (600, 600, True, 1, 2 ** 19)])
 def test_xla_kernel_matches_textbook_attention_and_its_gradients(lq, lk, masked, heads_per_iteration,
-                                                                 monkeypatch):
+                                                                 block_scores, monkeypatch):
   monkeypatch.setattr(attention, "CPU_HEADS_PER_ITERATION", heads_per_iteration)
   monkeypatch.setattr(attention, "CPU_HEAD_LOOP_MIN_KEYS", {"forward": 0, "backward": 0})
+  monkeypatch.setattr(attention, "CPU_HEAD_LOOP_BLOCK_SCORES", block_scores)
+  if block_scores:
+    assert attention._query_blocks(lq, attention._query_block(2, 4, lk, "backward")) == (2, 300)
   q, k, v, mask = _qkv(lq, lk, h=4, d=32)
   mask = mask if masked else None
   out = jax.jit(attention.dot_product_attention)(q, k, v, mask=mask)
@@ -54,6 +58,24 @@ def test_xla_kernel_matches_textbook_attention_and_its_gradients(lq, lk, masked,
   if mask is not None:  # hidden keys get no gradient
     hidden = ~np.asarray(mask)
     assert np.abs(np.asarray(ours[1])[hidden]).max() == 0 and np.abs(np.asarray(ours[2])[hidden]).max() == 0
+
+
+def test_xla_kernel_forward_and_backward_may_block_differently(monkeypatch):
+  # Backward one head at a time with 2 x 257-query blocks (513 queries padded to 514); forward all heads at once
+  # with 256-query blocks, 3 x 172, so it pads 514 to 516 itself and drops the extra rows again.
+  monkeypatch.setattr(attention, "CPU_HEADS_PER_ITERATION", 1)
+  monkeypatch.setattr(attention, "CPU_HEAD_LOOP_MIN_KEYS", {"forward": 10 ** 9, "backward": 0})
+  monkeypatch.setattr(attention, "CPU_HEAD_LOOP_BLOCK_SCORES", 2 ** 19)
+  assert attention._query_blocks(513, attention._query_block(2, 4, 513, "backward")) == (2, 257)
+  assert attention._query_blocks(514, attention._query_block(2, 4, 513, "forward")) == (3, 172)
+  q, k, v, mask = _qkv(513, 513, h=4, d=32)
+  co = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+  grads = lambda fn: jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * co), argnums=(0, 1, 2)))(
+      q, k, v)
+  ours = grads(lambda q, k, v: attention.dot_product_attention(q, k, v, mask=mask))
+  theirs = grads(lambda q, k, v: attention.reference_attention(q, k, v, mask))
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    _close(a, b)
 
 
 def test_xla_kernel_in_bfloat16_stays_within_bfloat16_rounding():

@@ -67,12 +67,13 @@ CPU_HEAD_LOOP_BLOCK_SCORES = 2 ** 21
 
 
 def _query_block(batch: int, num_heads: int, num_keys: int, pass_: str) -> int:
-  """Largest query block: XLA_QUERY_BLOCK, or more where the CPU loops over single heads in this pass.
+  """Largest query block: XLA_QUERY_BLOCK, or more where the CPU loops over groups of heads in this pass.
 
   A symbolic batch size (an exported sampler's) keeps XLA_QUERY_BLOCK: the block must be a number at trace time.
   """
-  if isinstance(batch, int) and _heads_per_iteration(num_heads, num_keys, pass_) < num_heads:
-    return max(XLA_QUERY_BLOCK, CPU_HEAD_LOOP_BLOCK_SCORES // (batch * num_keys))
+  g = _heads_per_iteration(num_heads, num_keys, pass_)
+  if isinstance(batch, int) and g < num_heads:
+    return max(XLA_QUERY_BLOCK, CPU_HEAD_LOOP_BLOCK_SCORES // (batch * g * num_keys))
   return XLA_QUERY_BLOCK
 
 

@@ -323,9 +323,9 @@ def relayout_blocks(pure_state: dict, scan_layers: bool) -> dict:
 
   ``scan_layers=True`` stacks each block leaf on a leading layer axis (what nnx.vmap builds); ``False`` gives
   one ``{layer index: block}`` entry per layer (nnx.List). Same numbers either way, so a checkpoint written in
-  one layout serves a model configured with the other (e.g. layers as a list, the fastest CPU train step in
-  bench/dit_step.py). A state already in the wanted layout comes back unchanged. Stacking builds the stacked
-  arrays on the host next to the per-layer ones.
+  one layout serves a model configured with the other (e.g. layers as a list, which slices no layer's weights
+  out of a stack; bench/dit_step.py times both). A state already in the wanted layout comes back as it is
+  (layer indices as ints). Stacking builds the stacked arrays on the host next to the per-layer ones.
   """
   blocks = pure_state["blocks"]
   per_layer = bool(blocks) and all(str(k).isdigit() for k in blocks)

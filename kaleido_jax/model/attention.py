@@ -206,7 +206,6 @@ def _blocked_attention_bwd(res, do):
     return dq, dkt, dvt
 
   def head_group(q, k, v, do, lse, delta):
-    q = q * jnp.asarray(scale, q.dtype)
     if n == 1:
       dq, dkt, dvt = block(q, do, lse, delta, k, v)
     else:
@@ -219,8 +218,9 @@ def _blocked_attention_bwd(res, do):
       dq = _merge_queries(dq)
     return dq * scale, jnp.swapaxes(dkt, 2, 3), jnp.swapaxes(dvt, 2, 3)
 
-  dq, dk, dv = _map_heads(head_group, _heads_per_iteration(q.shape[1], k.shape[2], "backward"), q, k, v, do, lse,
-                           delta)
+  qs = q * jnp.asarray(scale, q.dtype)  # the forward's scaled queries
+  dq, dk, dv = _map_heads(head_group, _heads_per_iteration(q.shape[1], k.shape[2], "backward"), qs, k, v, do,
+                           lse, delta)
   dmask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dmask
 

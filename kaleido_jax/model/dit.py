@@ -258,22 +258,32 @@ class KaleidoDiT(nnx.Module):
     x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
     return x.reshape(b, f * pt, h * ph, w * pw, -1)
 
+  def _layer_fn(self, graphdef, mod, text, rope, mask):
+    """(x, layer state) -> x for one block, under jax.checkpoint with config.model.remat_policy."""
+    def layer(x, layer_state):
+      return nnx.merge(graphdef, layer_state)(x, mod, text, rope, mask)
+
+    if self.config.remat_policy == "none":
+      return layer
+    return jax.checkpoint(layer, policy=REMAT_POLICIES[self.config.remat_policy], prevent_cse=False)
+
   def _run_blocks(self, x, mod, text, rope, mask):
     if not self.scan_layers:
+      # The same remat per layer as the scan below (a functional split -> checkpoint -> merge per block).
       for block in self.blocks:
-        x = block(x, mod, text, rope, mask)
+        graphdef, state = nnx.split(block)
+        x = self._layer_fn(graphdef, mod, text, rope, mask)(x, state)
       return x
 
     # A functional scan over the stacked block state (split -> lax.scan -> merge per layer) rather than
     # nnx.scan: it also runs when the model itself sits inside another scan (the sampler's step loop),
     # where nnx.scan refuses variables from the enclosing trace level.
     graphdef, state = nnx.split(self.blocks)
+    layer = self._layer_fn(graphdef, mod, text, rope, mask)
 
     def body(carry, layer_state):
-      return nnx.merge(graphdef, layer_state)(carry, mod, text, rope, mask), None
+      return layer(carry, layer_state), None
 
-    if self.config.remat_policy != "none":
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.config.remat_policy], prevent_cse=False)
     # Unrolling drops the while loop: XLA:CPU then neither zero-fills and copies the per-layer residual stacks
     # nor slices the stacked weights per iteration (configs/demo.py train step, measured as bench/train.py
     # does: 350 vs 460 ms).

@@ -13,13 +13,20 @@ T = text length, c_in = in_channels·prod(patch), c_out = out_channels·prod(pat
           + 2·(F·d + d² + 6d²)             timestep MLP and modulation projection
   train step = 3 · forward · B             backward ≈ 2 × forward; remat recomputation is not counted
                                            (MFU convention: model FLOPs, not hardware FLOPs).
+
+`matmul_census` counts the matmuls a traced program really runs (backward, recomputation, loop trip counts
+included); tests/train/test_flops.py checks the formula above against it, and bench/dit_step.py times them.
 """
 
 from __future__ import annotations
 
+import collections
 import math
+from typing import NamedTuple
 
+import jax
 import ml_collections
+from jax.extend import core as jax_core
 
 # Dense bf16 peak TFLOP/s per chip (vendor spec sheets).
 PEAK_TFLOPS = {
@@ -67,3 +74,58 @@ def peak_flops_per_device(device_kind: str, override_tflops: float = 0.0) -> flo
     if device_kind.startswith(k) and (best is None or len(k) > len(best[0])):
       best = (k, v)
   return None if best is None else best[1] * 1e12
+
+
+class Matmul(NamedTuple):
+  """One `dot_general` as traced: operand shapes, dimension numbers, operand dtype."""
+  lhs: tuple[int, ...]
+  rhs: tuple[int, ...]
+  dimension_numbers: tuple
+  dtype: str
+
+  @property
+  def sizes(self) -> tuple[int, int, int, int]:
+    """(batch, m, n, k): batch dims, lhs free dims, rhs free dims and contracting dims, each multiplied out."""
+    (lc, _), (lb, _) = self.dimension_numbers
+    k = math.prod(self.lhs[i] for i in lc)
+    batch = math.prod(self.lhs[i] for i in lb)
+    return batch, math.prod(self.lhs) // (k * batch), math.prod(self.rhs) // (k * batch), k
+
+  @property
+  def flops(self) -> int:
+    """2 · batch · m · n · k."""
+    return 2 * math.prod(self.sizes)
+
+
+def matmul_census(fn, *args, **kwargs) -> collections.Counter:
+  """Every matmul that `fn(*args, **kwargs)` runs, as a Counter of `Matmul` -> times run.
+
+  Walks the traced jaxpr, so it counts what the program does, unlike the analytic count above: the
+  backward's matmuls, remat or flash-attention recomputation, and scan bodies times their length (XLA's
+  cost analysis counts a while loop's body once). Of a `cond`, the branch with most FLOPs counts; a matmul
+  in a `while` loop has no static trip count and raises.
+  """
+  def walk(jaxpr, times, out):
+    for eqn in jaxpr.eqns:
+      name = eqn.primitive.name
+      if name == "dot_general":
+        lhs, rhs = (v.aval for v in eqn.invars)
+        out[Matmul(tuple(lhs.shape), tuple(rhs.shape), eqn.params["dimension_numbers"], str(lhs.dtype))] += times
+        continue
+      subs = [p for v in eqn.params.values() for p in (v if isinstance(v, (list, tuple)) else (v,))
+              if isinstance(p, (jax_core.ClosedJaxpr, jax_core.Jaxpr))]
+      subs = [p.jaxpr if isinstance(p, jax_core.ClosedJaxpr) else p for p in subs]
+      if name == "cond":
+        branches = [walk(b, times, collections.Counter()) for b in subs]
+        out.update(max(branches, key=lambda c: sum(m.flops * n for m, n in c.items())))
+        continue
+      inner = times * eqn.params["length"] if name == "scan" else times
+      for sub in subs:
+        found = walk(sub, inner, collections.Counter())
+        if name == "while" and found:
+          raise ValueError("matmul_census: a matmul inside a while loop has no static trip count; "
+                           "use lax.scan (or lax.map) for loops to be counted")
+        out.update(found)
+    return out
+
+  return walk(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr, 1, collections.Counter())

@@ -7,9 +7,10 @@ Prints median (and min) times of a jitted forward and forward+backward (MSE on t
 interleaved rounds, beside diffusers' PyTorch model (eager, and torch.compile when it works here) at an equal
 token count: diffusers has no references, so it gets the reference latents as extra frames. Then compile time
 at 4 vs 40 layers (scan), and a roofline: the step's FLOPs (analytic; XLA's cost analysis beside it) over this
-machine's measured fp32 matmul rate. JAX runs on JAX_PLATFORMS (default cpu); the PyTorch model runs on the
-same kind of device (`--torch-device`, default: cuda when JAX runs on a GPU), timed with a device
-synchronisation.
+machine's best measured fp32 matmul rate, and a matmul floor: every matmul the step runs (backward and
+recomputation included), each timed alone with XLA and as a PyTorch bmm. JAX runs on JAX_PLATFORMS (default
+cpu); the PyTorch model runs on the same kind of device (`--torch-device`, default: cuda when JAX runs on a
+GPU), timed with a device synchronisation.
 """
 
 from __future__ import annotations
@@ -31,21 +32,21 @@ from kaleido_jax import config as kcfg  # noqa: E402
 from kaleido_jax.model.dit import KaleidoDiT  # noqa: E402
 
 
-def median_time(fn, repeats: int) -> float:
+def _times(fn, repeats: int) -> list[float]:
   fn()  # warm-up / compile
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return times
 
 
-def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
+  """The best of `repeats` timings of an n^3 fp32 matmul: what this machine can do, not its mood this minute."""
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
-  t = median_time(lambda: f(a).block_until_ready(), repeats)
-  return 2 * n ** 3 / t
+  return 2 * n ** 3 / min(_times(lambda: f(a).block_until_ready(), repeats))
 
 
 def build(args, layers: int, remat: str = "none", unroll: int = 1, scan: bool = True):
@@ -78,6 +79,60 @@ def compile_seconds(args, layers: int, inputs) -> float:
   t0 = time.perf_counter()
   train_step.lower(state, *inputs).compile()
   return time.perf_counter() - t0
+
+
+def matmul_floor(census, repeats: int, torch_device=None):
+  """Each distinct matmul of `census` (flops.matmul_census) timed alone: rows (matmul, count, xla s, torch s).
+
+  JAX gets the dot_general exactly as the step traces it (operand layouts included); PyTorch gets the same
+  sizes as a contiguous (batch, m, k) x (batch, k, n) bmm, its best case. Each time is the min over
+  `repeats` minus the framework's dispatch time of a 1x1 matmul, so that small matmuls are not mostly overhead.
+  """
+  rng = np.random.default_rng(0)
+
+  def jax_time(lhs, rhs, dims):
+    a = jnp.asarray(rng.standard_normal(lhs), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(rhs), jnp.float32)
+    f = jax.jit(functools.partial(jax.lax.dot_general, dimension_numbers=dims,
+                                  preferred_element_type=jnp.float32))
+    return min(_times(lambda: f(a, b).block_until_ready(), repeats))
+
+  jax_dispatch = jax_time((1, 1), (1, 1), (((1,), (0,)), ((), ())))
+  torch_time = None
+  if torch_device is not None:
+    import torch
+    sync = torch.cuda.synchronize if torch_device.type == "cuda" else (lambda: None)
+
+    def torch_time(batch, m, n, k):
+      a = torch.randn(batch, m, k, device=torch_device)
+      b = torch.randn(batch, k, n, device=torch_device)
+      return min(_times(lambda: (torch.bmm(a, b), sync()), repeats))
+
+    torch_dispatch = torch_time(1, 1, 1, 1)
+  rows = []
+  for mm, count in census.items():
+    xla = max(0.0, jax_time(mm.lhs, mm.rhs, mm.dimension_numbers) - jax_dispatch)
+    pt = None if torch_time is None else max(0.0, torch_time(*mm.sizes) - torch_dispatch)
+    rows.append((mm, count, xla, pt))
+  return rows
+
+
+def print_matmul_floor(rows, roofline: float, best_step: float, top: int = 8) -> None:
+  xla = sum(c * t for _, c, t, _ in rows)
+  has_torch = rows[0][3] is not None
+  pt = sum(c * t for _, c, _, t in rows) if has_torch else None
+  print(f"\nmatmul floor: the step's {sum(c for _, c, _, _ in rows)} matmuls ({len(rows)} distinct, "
+        f"flops.matmul_census), each timed alone: XLA {xla * 1e3:.0f} ms = {xla / roofline:.2f}x the roofline"
+        + (f"; PyTorch bmm at the same sizes {pt * 1e3:.0f} ms = {pt / roofline:.2f}x" if has_torch else "")
+        + f". Fastest kaleido_jax step minus the XLA floor: {(best_step - xla) * 1e3:.0f} ms of everything else.")
+  print("| matmul (batch, m, n, k) | count | GFLOP | XLA (ms, all) | XLA GFLOP/s |"
+        + (" PyTorch (ms, all) | PyTorch GFLOP/s |" if has_torch else ""))
+  print("|---|---|---|---|---|" + ("---|---|" if has_torch else ""))
+  for mm, count, t_xla, t_pt in sorted(rows, key=lambda r: -r[1] * r[2])[:top]:
+    gflop = mm.flops * count / 1e9
+    rate = lambda t: f"{gflop / (count * t):.0f}" if t > 0 else "-"
+    print(f"| {mm.sizes} | {count} | {gflop:.1f} | {count * t_xla * 1e3:.0f} | {rate(t_xla)} |"
+          + (f" {count * t_pt * 1e3:.0f} | {rate(t_pt)} |" if has_torch else ""))
 
 
 def main():
@@ -199,8 +254,12 @@ def main():
   roofline = analytic / rate
   best = min(st for name, _, st, _ in rows if name.startswith("kaleido_jax"))
   print(f"\nroofline: step {analytic / 1e9:.1f} GFLOP analytic (XLA cost analysis, one scanned layer: "
-        f"{xla_flops / 1e9:.1f}) / measured fp32 matmul rate {rate / 1e9:.1f} GFLOP/s = {roofline * 1e3:.0f} ms; "
+        f"{xla_flops / 1e9:.1f}) / best measured fp32 matmul rate {rate / 1e9:.1f} GFLOP/s = {roofline * 1e3:.0f} ms; "
         f"our step is {step / roofline:.2f}x the roofline (fastest kaleido_jax row: {best / roofline:.2f}x)")
+
+  census = flops_lib.matmul_census(train_step, state, *inputs)
+  floor = matmul_floor(census, args.repeats, None if args.no_torch else dev)
+  print_matmul_floor(floor, roofline, best)
 
   c4 = compile_seconds(args, 4, inputs)
   c40 = compile_seconds(args, 40, inputs)

@@ -7,10 +7,11 @@ Prints median (and min) times of a jitted forward and forward+backward (MSE on t
 interleaved rounds, beside diffusers' PyTorch model (eager, and torch.compile when it works here) at an equal
 token count: diffusers has no references, so it gets the reference latents as extra frames. Then compile time
 at 4 vs 40 layers (scan), and a roofline: the step's FLOPs (analytic; XLA's cost analysis beside it) over this
-machine's best measured fp32 matmul rate, and a matmul floor: every matmul the step runs (backward and
-recomputation included), each timed alone with XLA and as a PyTorch bmm. JAX runs on JAX_PLATFORMS (default
-cpu); the PyTorch model runs on the same kind of device (`--torch-device`, default: cuda when JAX runs on a
-GPU), timed with a device synchronisation.
+machine's best measured fp32 matmul rate; then every matmul the step runs (backward and recomputation
+included), each timed alone with XLA and as a PyTorch bmm: the PyTorch sum is what these matmuls cost with
+PyTorch's kernels at their best layout (diffusers' linears use them; its fused attention blocks its own).
+JAX runs on JAX_PLATFORMS (default cpu); the PyTorch model runs on the same kind of device (`--torch-device`,
+default: cuda when JAX runs on a GPU), timed with a device synchronisation.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def compile_seconds(args, layers: int, inputs) -> float:
   return time.perf_counter() - t0
 
 
-def matmul_floor(census, repeats: int, torch_device=None):
+def time_matmuls(census, repeats: int, torch_device=None):
   """Each distinct matmul of `census` (flops.matmul_census) timed alone: rows (matmul, count, xla s, torch s).
 
   JAX gets the dot_general exactly as the step traces it (operand layouts included); PyTorch gets the same
@@ -117,14 +118,14 @@ def matmul_floor(census, repeats: int, torch_device=None):
   return rows
 
 
-def print_matmul_floor(rows, roofline: float, best_step: float, top: int = 8) -> None:
+def print_matmul_times(rows, roofline: float, best_step: float, top: int = 8) -> None:
   xla = sum(c * t for _, c, t, _ in rows)
   has_torch = rows[0][3] is not None
   pt = sum(c * t for _, c, _, t in rows) if has_torch else None
-  print(f"\nmatmul floor: the step's {sum(c for _, c, _, _ in rows)} matmuls ({len(rows)} distinct, "
+  print(f"\nmatmuls alone: the step's {sum(c for _, c, _, _ in rows)} matmuls ({len(rows)} distinct, "
         f"flops.matmul_census), each timed alone: XLA {xla * 1e3:.0f} ms = {xla / roofline:.2f}x the roofline"
         + (f"; PyTorch bmm at the same sizes {pt * 1e3:.0f} ms = {pt / roofline:.2f}x" if has_torch else "")
-        + f". Fastest kaleido_jax step minus the XLA floor: {(best_step - xla) * 1e3:.0f} ms of everything else.")
+        + f". Fastest kaleido_jax step minus the XLA sum: {(best_step - xla) * 1e3:.0f} ms for everything else.")
   print("| matmul (batch, m, n, k) | count | GFLOP | XLA (ms, all) | XLA GFLOP/s |"
         + (" PyTorch (ms, all) | PyTorch GFLOP/s |" if has_torch else ""))
   print("|---|---|---|---|---|" + ("---|---|" if has_torch else ""))
@@ -258,8 +259,8 @@ def main():
         f"our step is {step / roofline:.2f}x the roofline (fastest kaleido_jax row: {best / roofline:.2f}x)")
 
   census = flops_lib.matmul_census(train_step, state, *inputs)
-  floor = matmul_floor(census, args.repeats, None if args.no_torch else dev)
-  print_matmul_floor(floor, roofline, best)
+  matmuls = time_matmuls(census, args.repeats, None if args.no_torch else dev)
+  print_matmul_times(matmuls, roofline, best)
 
   c4 = compile_seconds(args, 4, inputs)
   c40 = compile_seconds(args, 40, inputs)

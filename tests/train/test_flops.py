@@ -38,6 +38,11 @@ def _matrix_flops(census):
   return sum(m.flops * n for m, n in census.items() if min(m.sizes[1:]) > 1)
 
 
+def _step_matrix_flops(**overrides):
+  _, state, _, step = _model_fns(**overrides)
+  return _matrix_flops(flops.matmul_census(step, state))
+
+
 @pytest.mark.parametrize("scan", [True, False])
 def test_forward_census_equals_the_analytic_count(scan):
   cfg, state, forward, _ = _model_fns(scan_layers=scan)
@@ -49,7 +54,7 @@ def test_forward_census_equals_the_analytic_count(scan):
 def test_train_step_census_is_three_forwards_plus_recompute_minus_input_gradients():
   """Backward = 2 x forward, except: the `xla` attention kernel recomputes its scores (self and cross), and no
   gradient flows into the inputs of the patch embedding and the text and time MLPs' first layers."""
-  cfg, state, _, step = _model_fns()
+  cfg = kcfg.model_config(**TINY)
   video_tokens, ref_tokens = flops.tokens((F, H, W), REFS, (8, 8), cfg.patch_size)
   length, d = video_tokens + ref_tokens, cfg.num_heads * cfg.head_dim
   forward = flops.forward_flops(cfg, video_tokens, ref_tokens, T)
@@ -57,13 +62,8 @@ def test_train_step_census_is_three_forwards_plus_recompute_minus_input_gradient
   no_input_grad = (2 * length * cfg.in_channels * int(np.prod(cfg.patch_size)) * d + 2 * T * cfg.text_dim * d
                    + 2 * cfg.freq_dim * d)
   expected = B * (3 * forward + recompute - no_input_grad)
-  assert _matrix_flops(flops.matmul_census(step, state)) == expected
+  assert _step_matrix_flops() == expected
   assert flops.train_step_flops(cfg, B, video_tokens, ref_tokens, T) == B * 3 * forward
-
-
-def _step_matrix_flops(**overrides):
-  _, state, _, step = _model_fns(**overrides)
-  return _matrix_flops(flops.matmul_census(step, state))
 
 
 @pytest.mark.parametrize("policy", sorted(REMAT_POLICIES))

@@ -109,11 +109,6 @@ def _split_queries(x, n, c):
   return jnp.moveaxis(x.reshape(x.shape[:2] + (n, c) + x.shape[3:]), 2, 0)
 
 
-def _split_queries_transposed(x, n, c):
-  """(b, h, n*c, d) -> (n, b, h, d, c): query blocks with their two last axes swapped."""
-  return jnp.transpose(x.reshape(x.shape[:2] + (n, c, x.shape[3])), (2, 0, 1, 4, 3))
-
-
 def _merge_queries(x):
   """(n, b, h, c, ...) -> (b, h, n*c, ...)."""
   x = jnp.moveaxis(x, 0, 2)
@@ -214,8 +209,8 @@ def _blocked_attention_bwd(res, do):
     return dq, dkt, dvt
 
   def head_group(q, k, v, do, lse, delta):
-    xs = tuple(_split_queries(x, n, c) for x in (q, do, lse, delta)) + tuple(
-        _split_queries_transposed(x, n, c) for x in (q, do))
+    xs = tuple(_split_queries(x, n, c) for x in (q, do, lse, delta))
+    xs += tuple(jnp.swapaxes(x, -1, -2) for x in xs[:2])  # (n, b, h, d, c) query / output-gradient blocks
     if n == 1:
       dq, dkt, dvt = block(*(x[0] for x in xs), k, v)
     else:

@@ -60,8 +60,15 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
       scan_unroll=1,           # layers per scan iteration (lax.scan unroll); >= num_layers is straight-line
                                # code over the same stacked parameters: faster steps on CPU, compile time
                                # grows with depth (configs/demo.py unrolls its 4 layers)
-      remat_policy='none',     # none | full | dots_no_batch | dots_and_attention (model/dit.py)
-      attention='xla',         # xla | cudnn | splash
+      remat_policy='none',     # none | full | dots_no_batch | dots_and_attention | offload (model/dit.py)
+      attention='auto',        # auto (splash on TPU, cudnn on GPU for bf16, else xla) | xla | cudnn | splash
+      context_parallel='gather',  # self-attention over a sequence split on mesh.context (model/attention.py):
+                               # gather (all-gather keys / values) | ulysses (all-to-all to head shards;
+                               # heads per device % context == 0) | ring (ppermute keys / values round the ring)
+      # Splash tiles (model/attention.py SPLASH_BLOCKS); 0 = the TPU generation's default, clamped to the length.
+      splash_blocks=ml_collections.ConfigDict(dict(
+          block_q=0, block_kv=0, block_kv_compute=0, block_q_dkv=0, block_kv_dkv=0, block_kv_dkv_compute=0,
+          block_q_dq=0, block_kv_dq=0)),
   ))
   cfg.update(overrides)
   return cfg

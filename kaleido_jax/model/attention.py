@@ -1,11 +1,22 @@
-"""Attention kernels behind one call: ``xla`` (CPU / anywhere), ``cudnn`` (GPU), ``splash`` (TPU Pallas).
+"""Attention behind one call: ``dot_product_attention``; kernels ``xla`` (anywhere), ``cudnn`` (GPU), ``splash``
+(TPU Pallas), ``auto`` = the one for the platform.
 
 Layout (B, L, H, D). ``mask`` is a (B, Lk) boolean *key* mask (True = attend); Kaleido uses it to hide
 padded reference slots. Softmax statistics are float32 whatever the input dtype.
 
-``splash`` pads any length to its blocks and, under a mesh set with ``jax.set_mesh``, runs per device in
-``jax.shard_map``. ``KALEIDO_SPLASH_INTERPRET=1`` (or ``SPLASH_INTERPRET = True``) runs it in Pallas interpret
-mode so CPU tests cover the TPU path.
+Under a mesh set with ``jax.set_mesh`` the kernel runs per device in ``jax.shard_map``: batch over
+(data, fsdp), heads over tensor, queries over context. Self-attention, whose keys are the same sequence, is
+context-parallel (``context_parallel``):
+  gather   keys / values all-gathered over ``context`` (each device holds every key for its queries);
+  ulysses  all-to-all that trades the sequence shards for head shards, the kernel sees the whole sequence
+           for heads / context of the heads, and back (heads per device % context == 0);
+  ring     keys / values travel around the ``context`` ring by ``ppermute``; partial outputs are merged by
+           their log-sum-exp, and the backward sends the key / value gradients round the ring with them.
+Cross-attention (``context_parallel=None``) keeps its keys / values (the 512 text tokens) on every device.
+Padding to the shard / block multiple happens here: padded keys are masked, padded queries dropped.
+
+``KALEIDO_SPLASH_INTERPRET=1`` (or ``SPLASH_INTERPRET = True``) runs splash in Pallas interpret mode so CPU
+tests cover the TPU path.
 """
 
 from __future__ import annotations
@@ -13,24 +24,55 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+CONTEXT_PARALLEL = ("gather", "ulysses", "ring")
 
 
-def dot_product_attention(q, k, v, *, mask=None, implementation: str = "xla"):
-  if implementation == "xla":
-    return _xla_attention(q, k, v, mask)
-  if implementation == "cudnn":
-    bias_mask = None if mask is None else mask[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, implementation="cudnn")
-  if implementation == "splash":
-    return _splash_attention(q, k, v, mask)
-  raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
+def dot_product_attention(q, k, v, *, mask=None, implementation: str = "auto",
+                          context_parallel: str | None = None, splash_blocks: Mapping[str, int] | None = None):
+  """softmax(q k^T / sqrt(d)) v with a key mask, on the kernel and the sharding of the current mesh.
+
+  ``context_parallel`` (gather | ulysses | ring) marks self-attention over a sequence split on ``context``;
+  None is cross-attention (local keys). ``splash_blocks`` overrides splash tile sizes (``SPLASH_BLOCKS`` keys;
+  0 or missing = the TPU generation's default).
+  """
+  impl = resolve_implementation(implementation, q.dtype)
+  if impl not in IMPLEMENTATIONS[1:]:
+    raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
+  if context_parallel is not None and context_parallel not in CONTEXT_PARALLEL:
+    raise ValueError(f"unknown context_parallel {context_parallel!r}; choose one of {CONTEXT_PARALLEL}")
+  mesh = _attention_mesh()
+  if mesh is None and impl != "splash":
+    return _kernel(impl, splash_blocks).attend(q, k, v, mask)
+  return _sharded_attention(q, k, v, mask, impl, context_parallel, splash_blocks, mesh)
+
+
+def _platform() -> str:
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is not None and not mesh.empty:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
+def resolve_implementation(name: str, dtype=jnp.bfloat16, platform: str | None = None) -> str:
+  """``auto`` -> splash on TPU, cudnn on GPU for 16-bit inputs (cuDNN's fused attention takes no float32),
+  xla elsewhere; other names are returned as they are. The platform is the current mesh's (so an AOT
+  compile for a TPU slice from a CPU host picks splash), else the default backend."""
+  if name != "auto":
+    return name
+  platform = platform or _platform()
+  if platform == "tpu":
+    return "splash"
+  if platform in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "xla"
 
 
 def reference_attention(q, k, v, mask=None):
@@ -186,7 +228,18 @@ def _blocked_attention_fwd(q, k, v, mask):
 
 
 def _blocked_attention_bwd(res, do):
+  q, k, v, mask, o, lse = res
+  dq, dk, dv = _blocked_backward(q, k, v, mask, o, lse, do)
+  dmask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
+  return dq, dk, dv, dmask
+
+
+def _blocked_backward(q, k, v, mask, o, lse, do):
   """Flash-attention backward: probabilities are recomputed per query block from the saved log-sum-exp.
+
+  Layout (b, h, l, d); `o` and `lse` may be those of attention over a longer key sequence than `k` (ring
+  attention passes the merged output and log-sum-exp with one key block), which gives that block's share of
+  dQ and its dK / dV.
 
   dK and dV are accumulated transposed, (d, l_k) = (d, c) x (c, l_k), from transposed query and output-gradient
   blocks (small (d, c) copies), so that both are plain row-major matmul operands. XLA:CPU ran this 1.3x faster
@@ -194,9 +247,15 @@ def _blocked_attention_bwd(res, do):
   contracting untransposed (c, d) blocks over their leading axis (1 head, 896 x 1792 block: 1.61 -> 1.32 ms;
   demo train step 395 -> 358 ms, bench/dit_step.py step ~2% less, min of 6-12 interleaved rounds).
   """
-  q, k, v, mask, o, lse = res
   scale = q.shape[-1] ** -0.5
   n, c = _query_blocks(q.shape[2], _query_block(q.shape[0], q.shape[1], k.shape[2], "backward"))
+  if n * c != q.shape[2]:  # o / lse came from another blocking (ring attention): pad to this one's
+    pad = lambda x, fill=0: jnp.pad(x, ((0, 0), (0, 0), (0, n * c - x.shape[2])) + ((0, 0),) * (x.ndim - 3),
+                                    constant_values=fill)
+    lq = q.shape[2]
+    # Padded rows get an infinite log-sum-exp: probability 0, so they add nothing to dK / dV.
+    dq, dk, dv = _blocked_backward(pad(q), k, v, mask, pad(o), pad(lse, jnp.inf), pad(do))
+    return dq[:, :, :lq], dk, dv
   delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1)  # rowsum(dO * O) = rowsum(P * dP)
 
   def block(qb, dob, lseb, deltab, qbt, dobt, k, v):
@@ -225,8 +284,7 @@ def _blocked_attention_bwd(res, do):
   qs = q * jnp.asarray(scale, q.dtype)  # the forward's scaled queries
   dq, dk, dv = _map_heads(head_group, _heads_per_iteration(q.shape[1], k.shape[2], "backward"), qs, k, v, do,
                            lse, delta)
-  dmask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dmask
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
@@ -247,12 +305,69 @@ def _xla_attention(q, k, v, mask):
   return t(_blocked_attention(qh, t(k), t(v), mask)[:, :, :lq])
 
 
-# Splash kernel tiles. The kernel needs sequence lengths that are multiples of its blocks and blocks that are
-# multiples of 128 lanes (jax.experimental.pallas.ops.tpu.splash_attention: `NUM_LANES = 128`, "block_q must
-# be a multiple of NUM_LANES"); larger blocks run faster on TPU, so a 512 block is worth a little padding.
-_BLOCKS = (512, 256, 128)
-# Accept a larger block if it pads to at most this factor more tokens than the minimal 128-multiple; Kaleido's
-# 37440 self-attention tokens pad to 37888 (block 512, +1.0%) instead of 37504 (block 128).
+class _Kernel(NamedTuple):
+  """A per-device kernel in (b, l, h, d) layout.
+
+  attend(q, k, v, mask) -> o, differentiable; forward(...) -> (o, lse (b, h, l) float32) and
+  backward(q, k, v, mask, o, lse, do) -> (dq, dk, dv) given the output and log-sum-exp of attention over a
+  longer key sequence (ring attention's building blocks).
+  """
+  attend: Callable
+  forward: Callable
+  backward: Callable
+
+
+def _hl(x):
+  return jnp.swapaxes(x, 1, 2)  # (b, l, h, d) <-> (b, h, l, d)
+
+
+_XLA_KERNEL = _Kernel(
+    attend=_xla_attention,
+    forward=lambda q, k, v, mask: (lambda o, lse: (_hl(o), lse))(*_blocked_forward(_hl(q), _hl(k), _hl(v), mask)),
+    backward=lambda q, k, v, mask, o, lse, do: tuple(
+        _hl(g) for g in _blocked_backward(_hl(q), _hl(k), _hl(v), mask, _hl(o), lse, _hl(do))))
+
+
+def _cudnn_attend(q, k, v, mask):
+  bias_mask = None if mask is None else mask[:, None, None, :]
+  return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, implementation="cudnn")
+
+
+def _kernel(impl: str, splash_blocks) -> _Kernel:
+  if impl == "xla":
+    return _XLA_KERNEL
+  if impl == "cudnn":
+    # cuDNN's fused kernel returns no log-sum-exp: ring attention on GPU runs the xla kernel's blocks.
+    return _XLA_KERNEL._replace(attend=_cudnn_attend)
+  if impl == "splash":
+    return _Kernel(attend=functools.partial(_splash_attend, blocks=splash_blocks),
+                   forward=functools.partial(_splash_forward, blocks=splash_blocks),
+                   backward=functools.partial(_splash_backward, blocks=splash_blocks))
+  raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Splash (TPU Pallas).
+
+# Splash tiles. Lengths must be multiples of the blocks and blocks multiples of 128 lanes
+# (jax.experimental.pallas.ops.tpu.splash_attention: `NUM_LANES = 128`, "block_kv must be a multiple of
+# NUM_LANES"). Defaults per TPU generation, from maxdiffusion's Wan configs: 512 everywhere; v6e forward
+# block_q 3024 / block_kv 2048 / block_kv_compute 1024; v5p backward block_q_dkv 1024 / block_kv_dkv 3072 /
+# block_kv_dkv_compute 256. Each block is then clamped to the largest multiple of 128 not above it that divides
+# the (padded, per-device) length, so 3024 becomes a 128-multiple and 3072 a divisor of 37888.
+SPLASH_BLOCKS = ("block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv", "block_kv_dkv_compute",
+                 "block_q_dq", "block_kv_dq")
+SPLASH_BLOCK_DEFAULTS = {
+    "default": dict.fromkeys(SPLASH_BLOCKS, 512),
+    "v6e": dict(dict.fromkeys(SPLASH_BLOCKS, 512), block_q=3024, block_kv=2048, block_kv_compute=1024),
+    "v5p": dict(dict.fromkeys(SPLASH_BLOCKS, 512), block_q_dkv=1024, block_kv_dkv=3072, block_kv_dkv_compute=256),
+}
+# device_kind -> generation ("TPU v5" is v5p; v5e and v6e report "lite").
+_GENERATIONS = {"TPU v5": "v5p", "TPU v5p": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
+
+# Padding: the length pads to a multiple of 512 (or 256, 128) per shard when that costs at most this factor more
+# tokens than the minimal 128-multiple; Kaleido's 37440 self-attention tokens pad to 37888 (+1.2%).
+_PAD_BLOCKS = (512, 256, 128)
 _PAD_SLACK = 1.02
 
 # Run the Pallas kernel in interpret mode (any backend, slow): for CPU tests of the TPU path. Read at trace time.
@@ -262,11 +377,165 @@ SPLASH_INTERPRET = os.environ.get("KALEIDO_SPLASH_INTERPRET", "") not in ("", "0
 def _pad_and_block(length: int, shards: int = 1) -> tuple[int, int]:
   """(padded length, block): the padded length splits into `shards` equal parts that the block divides."""
   minimal = -(-length // (128 * shards)) * 128 * shards
-  for block in _BLOCKS:
+  for block in _PAD_BLOCKS:
     padded = -(-length // (block * shards)) * block * shards
     if padded <= minimal * _PAD_SLACK:
       return padded, block
   return minimal, 128
+
+
+def _generation() -> str:
+  mesh = jax.sharding.get_abstract_mesh()
+  kind = (mesh.abstract_device.device_kind if mesh is not None and not mesh.empty
+          else jax.devices()[0].device_kind)
+  return _GENERATIONS.get(kind, "default")
+
+
+def _clamp_block(block: int, length: int) -> int:
+  """Largest multiple of 128 <= block that divides `length` (a multiple of 128)."""
+  b = max(128, min(block, length) // 128 * 128)
+  while length % b:
+    b -= 128
+  return b
+
+
+def splash_block_sizes(lq: int, lk: int, blocks: Mapping[str, int] | None = None, generation: str | None = None):
+  """Splash BlockSizes for per-device lengths (lq, lk): overrides, else the generation's defaults, clamped."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  want = dict(SPLASH_BLOCK_DEFAULTS.get(generation or _generation(), SPLASH_BLOCK_DEFAULTS["default"]))
+  want.update({k: int(v) for k, v in (blocks or {}).items() if v})
+  unknown = set(want) - set(SPLASH_BLOCKS)
+  if unknown:
+    raise ValueError(f"unknown splash block(s) {sorted(unknown)}; the keys are {SPLASH_BLOCKS}")
+  size = {name: _clamp_block(want[name], lq if name.startswith("block_q") else lk) for name in SPLASH_BLOCKS}
+  for compute, memory in (("block_kv_compute", "block_kv"), ("block_kv_dkv_compute", "block_kv_dkv")):
+    size[compute] = _clamp_block(size[compute], size[memory])  # a compute block tiles its memory block
+  return sk.BlockSizes(**size)
+
+
+def _splash_kernel(lq, lk, heads, blocks, save_residuals=False):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  return sk.make_splash_mha(mask=sm.MultiHeadMask([sm.FullMask((lq, lk))] * heads),
+                            block_sizes=splash_block_sizes(lq, lk, blocks), head_shards=1, q_seq_shards=1,
+                            save_residuals=save_residuals, interpret=SPLASH_INTERPRET)
+
+
+def _segments(q, mask):
+  """Splash segment ids: every query segment 0, masked keys segment 1 (they receive no weight)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  if mask is None:
+    return None
+  return sk.SegmentIds(q=jnp.zeros(q.shape[:2], jnp.int32), kv=jnp.where(mask, 0, 1).astype(jnp.int32))
+
+
+def _splash_call(kernel, q, k, v, mask):
+  """Per-device splash over the batch (vmap), (b, l, h, d) in, kernel's (h, l, ...) outputs per sample."""
+  seg = _segments(q, mask)
+  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  if seg is None:
+    return jax.vmap(kernel)(_hl(q), _hl(k), _hl(v))
+  return jax.vmap(lambda a, b_, c, s: kernel(a, b_, c, segment_ids=s))(_hl(q), _hl(k), _hl(v), seg)
+
+
+def _splash_attend(q, k, v, mask, blocks):
+  return _hl(_splash_call(_splash_kernel(q.shape[1], k.shape[1], q.shape[2], blocks), q, k, v, mask))
+
+
+def _splash_forward(q, k, v, mask, blocks):
+  o, (lse,) = _splash_call(_splash_kernel(q.shape[1], k.shape[1], q.shape[2], blocks, save_residuals=True),
+                           q, k, v, mask)
+  return _hl(o), lse
+
+
+def _splash_backward(q, k, v, mask, o, lse, do, blocks):
+  """Splash's own backward kernels given (o, lse) of the whole key sequence: one key block's gradients.
+
+  jax's splash has no public entry for this (its forward refuses `save_residuals` under autodiff), so this
+  calls the backward that its custom VJP uses, `_splash_attention_bwd`, with the residuals it expects (jax
+  0.10.2: q, k, v, segment ids, sinks, out, logsumexp, dq / dkv mask infos). Pinned by setup.py.
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  kernel = _splash_kernel(q.shape[1], k.shape[1], q.shape[2], blocks)
+  kw = kernel.kwargs
+  scale = q.shape[-1] ** -0.5
+  seg = _segments(q, mask)
+
+  def one(q, k, v, seg, o, lse, do):
+    res = (q, k, v, seg, None, o, lse, kernel.dq_mask_info, kernel.dkv_mask_info)
+    grads = sk._splash_attention_bwd(  # pylint: disable=protected-access
+        False, kw["mask_value"], kw["is_mqa"], kw["block_sizes"], None, kw["mask_function"],
+        kw["attn_logits_soft_cap"], kw["interpret"], res, do)
+    return grads[3:6]
+
+  qs = q * jnp.asarray(scale, q.dtype)
+  dq, dk, dv = jax.vmap(one)(_hl(qs), _hl(k), _hl(v), seg, _hl(o), lse, _hl(do).astype(o.dtype))
+  return _hl(dq * jnp.asarray(scale, dq.dtype)).astype(q.dtype), _hl(dk), _hl(dv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ring attention.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _ring_attention(q, k, v, mask, kernel: _Kernel, axis: str, size: int):
+  return _ring_fwd(q, k, v, mask, kernel, axis, size)[0]
+
+
+def _rotate(xs, axis, size):
+  """Each device's blocks to the next device on the ring (i -> i + 1)."""
+  perm = [(i, (i + 1) % size) for i in range(size)]
+  return tuple(jax.lax.ppermute(x, axis, perm) for x in xs)
+
+
+def _ring_fwd(q, k, v, mask, kernel, axis, size):
+  """`size` kernel calls, one per key block as the blocks travel the ring; outputs merged by log-sum-exp."""
+  kb, vb, mb = k, v, mask
+  o, lse = None, None
+  for step in range(size):
+    if step:
+      kb, vb, mb = _rotate((kb, vb, mb), axis, size)
+    o_i, lse_i = kernel.forward(q, kb, vb, mb)
+    o_i = o_i.astype(jnp.float32)
+    if o is None:
+      o, lse = o_i, lse_i
+    else:
+      new = jnp.logaddexp(lse, lse_i)
+      w = lambda l: _hl(jnp.exp(l - new)[..., None])  # (b, h, l) weights as (b, l, h, 1)
+      o, lse = o * w(lse) + o_i * w(lse_i), new
+  o = checkpoint_name(o.astype(q.dtype), ATTENTION_RESIDUALS[0])
+  lse = checkpoint_name(lse, ATTENTION_RESIDUALS[1])
+  return o, (q, k, v, mask, o, lse)
+
+
+def _ring_bwd(kernel, axis, size, res, do):
+  """Each device computes its queries' gradient against every key block with the merged (o, lse), while the
+  key / value gradients travel with their blocks; one last hop takes them home."""
+  q, k, v, mask, o, lse = res
+  kb, vb, mb = k, v, mask
+  dq = dk = dv = None
+  for step in range(size):
+    if step:
+      kb, vb, mb, dk, dv = _rotate((kb, vb, mb, dk, dv), axis, size)
+    dq_i, dk_i, dv_i = (g.astype(jnp.float32) for g in kernel.backward(q, kb, vb, mb, o, lse, do))
+    dq, dk, dv = (dq_i, dk_i, dv_i) if dq is None else (dq + dq_i, dk + dk_i, dv + dv_i)
+  if size > 1:
+    dk, dv = _rotate((dk, dv), axis, size)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+          jnp.zeros(mask.shape, jax.dtypes.float0))
+
+
+_ring_attention.defvjp(_ring_fwd, _ring_bwd)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-device execution under a mesh.
+
+def _attention_mesh():
+  """The current mesh if attention should run per device on it: set, more than one device, no manual axes."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    return None
+  return mesh
 
 
 def _mesh_axes(mesh, names, dim):
@@ -277,55 +546,58 @@ def _mesh_axes(mesh, names, dim):
   return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
 
 
-def _splash_attention(q, k, v, mask):
-  """TPU Pallas splash attention at any lengths, and per device under a mesh.
-
-  Splash wants block-multiple lengths, so q/k/v are zero-padded along the sequence; padded and masked keys get
-  kv segment id 1 while every query has segment 0, so they receive no weight (padded query rows are dropped).
-  A Pallas call cannot be partitioned by XLA, so under a mesh set with ``jax.set_mesh`` it runs in
-  ``jax.shard_map``: batch over (data, fsdp), heads over tensor, queries over context with k/v gathered
-  (every query row only needs all keys, so context parallelism costs one k/v all-gather per call).
-  """
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-  b, lq, h, d = q.shape
+def _sharded_attention(q, k, v, mask, impl, context_parallel, splash_blocks, mesh):
+  """Pad to the shard / block multiple, run the kernel per device (context-parallel for self-attention)."""
+  b, lq, h, _ = q.shape
   lk = k.shape[1]
-  mesh = jax.sharding.get_abstract_mesh()
-  sharded = mesh is not None and not mesh.empty
-  batch_ax = _mesh_axes(mesh, ("data", "fsdp"), b) if sharded else None
-  head_ax = _mesh_axes(mesh, ("tensor",), h) if sharded else None
-  ctx_ax = "context" if sharded and mesh.shape.get("context", 1) > 1 else None
-  ctx = mesh.shape[ctx_ax] if ctx_ax else 1
-  lq_pad, bq = _pad_and_block(lq, ctx)
-  lk_pad, bkv = _pad_and_block(lk)
-  local_heads = h // (mesh.shape[head_ax] if head_ax else 1)
-
-  key_mask = jnp.ones((b, lk), jnp.bool_) if mask is None else mask.astype(jnp.bool_)
+  ctx = mesh.shape.get("context", 1) if mesh is not None else 1
+  ctx_ax = "context" if ctx > 1 else None
+  self_cp = context_parallel is not None and ctx_ax is not None
+  if self_cp and lq != lk:
+    raise ValueError(f"context-parallel self-attention needs one sequence for queries and keys, got {lq} / {lk}")
+  if impl == "splash":
+    lq_pad = _pad_and_block(lq, ctx)[0]
+    lk_pad = lq_pad if self_cp else _pad_and_block(lk)[0]
+  else:
+    lq_pad = -(-lq // ctx) * ctx
+    lk_pad = lq_pad if self_cp else lk
   pad_seq = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
-  q = pad_seq(q * jnp.asarray(d ** -0.5, q.dtype), lq_pad)
-  k, v, key_mask = pad_seq(k, lk_pad), pad_seq(v, lk_pad), pad_seq(key_mask, lk_pad)
-  q_seg = jnp.zeros((b, lq_pad), jnp.int32)
-  kv_seg = jnp.where(key_mask, 0, 1).astype(jnp.int32)
-  use_segments = mask is not None or lk_pad != lk
+  if mask is not None or lk_pad != lk:
+    mask = pad_seq(jnp.ones((b, lk), jnp.bool_) if mask is None else mask.astype(jnp.bool_), lk_pad)
+  q, k, v = pad_seq(q, lq_pad), pad_seq(k, lk_pad), pad_seq(v, lk_pad)
+  kernel = _kernel(impl, splash_blocks)
 
-  def local(q, k, v, q_seg, kv_seg):
-    lq_local = q.shape[1]
-    blocks = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
-                           block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
-    kernel = sk.make_splash_mha(mask=sm.MultiHeadMask([sm.FullMask((lq_local, lk_pad))] * local_heads),
-                                block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=SPLASH_INTERPRET)
-    to_hld = functools.partial(jnp.transpose, axes=(0, 2, 1, 3))
-    if use_segments:
-      one = lambda a, b_, c, sq, skv: kernel(a, b_, c, segment_ids=sk.SegmentIds(q=sq, kv=skv))
-      out = jax.vmap(one)(to_hld(q), to_hld(k), to_hld(v), q_seg, kv_seg)
-    else:
-      out = jax.vmap(kernel)(to_hld(q), to_hld(k), to_hld(v))
-    return to_hld(out)
+  batch_ax = head_ax = None
+  if mesh is not None:
+    batch_ax = _mesh_axes(mesh, ("data", "fsdp"), b)
+    head_ax = _mesh_axes(mesh, ("tensor",), h)
+  local_heads = h // (mesh.shape[head_ax] if head_ax else 1)
+  if self_cp and context_parallel == "ulysses" and local_heads % ctx:
+    raise ValueError(f"context_parallel='ulysses' needs the heads per device ({local_heads}) to divide by "
+                     f"mesh.context={ctx}; use context_parallel='ring' or 'gather', or another context size")
 
-  if sharded:
+  def local(q, k, v, mask):
+    if not self_cp:
+      return kernel.attend(q, k, v, mask)
+    gather = lambda x: jax.lax.all_gather(x, "context", axis=1, tiled=True)
+    if context_parallel == "gather":
+      return kernel.attend(q, gather(k), gather(v), None if mask is None else gather(mask))
+    if context_parallel == "ulysses":
+      to_heads = lambda x: jax.lax.all_to_all(x, "context", 2, 1, tiled=True)  # seq shards -> head shards
+      o = kernel.attend(to_heads(q), to_heads(k), to_heads(v), None if mask is None else gather(mask))
+      return jax.lax.all_to_all(o, "context", 1, 2, tiled=True)
+    if mask is None:
+      mask = jnp.ones(k.shape[:2], jnp.bool_)
+    return _ring_attention(q, k, v, mask, kernel, "context", ctx)
+
+  if mesh is None:
+    out = local(q, k, v, mask)
+  else:
     q_spec = P(batch_ax, ctx_ax, head_ax, None)
-    kv_spec = P(batch_ax, None, head_ax, None)
-    local = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(batch_ax, ctx_ax),
-                                                      P(batch_ax, None)),
-                          out_specs=q_spec, check_vma=False)
-  return local(q, k, v, q_seg, kv_seg)[:, :lq]
+    kv_spec = P(batch_ax, ctx_ax if self_cp else None, head_ax, None)
+    specs, args = (q_spec, kv_spec, kv_spec), (q, k, v)
+    if mask is not None:
+      specs, args = specs + (P(batch_ax, ctx_ax if self_cp else None),), args + (mask,)
+    out = jax.shard_map(lambda *a: local(*a) if len(a) == 4 else local(*a, None), mesh=mesh, in_specs=specs,
+                        out_specs=q_spec, check_vma=False)(*args)
+  return out[:, :lq]

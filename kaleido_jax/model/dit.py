@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from kaleido_jax.model import attention as attention_lib
 from kaleido_jax.model import reductions
@@ -43,6 +44,12 @@ REMAT_POLICIES = {
     "dots_and_attention": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names(*attention_lib.ATTENTION_RESIDUALS)),
+    # `full`, with each block's input kept in pinned host memory between the forward and the backward
+    # instead of HBM (maxdiffusion's hidden-state offload; MaxText's `decoder_layer_input`): per chip the
+    # layers' inputs, 40 x tokens x dim x 2 bytes for 14B in bf16 (15 GB at 480p + 3 refs), leave the device.
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=("block_input",),
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 _ACT = ("batch", "activation_length", "embed")
@@ -104,6 +111,8 @@ class Attention(nnx.Module):
     dim = cfg.num_heads * cfg.head_dim
     self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
     self.implementation = cfg.attention
+    self.context_parallel = cfg.get("context_parallel", "gather")
+    self.splash_blocks = tuple(sorted(dict(cfg.get("splash_blocks", {})).items()))
     self.to_q = _linear(dim, dim, ("embed", "heads"), cfg, rngs)
     self.to_k = _linear(dim, dim, ("embed", "heads"), cfg, rngs)
     self.to_v = _linear(dim, dim, ("embed", "heads"), cfg, rngs)
@@ -112,6 +121,8 @@ class Attention(nnx.Module):
     self.norm_k = RMSNorm(dim, cfg.eps, ("heads",), _dtype(cfg.param_dtype))
 
   def __call__(self, x, context=None, rope=None, mask=None):
+    # Self-attention (no context) runs context-parallel over the sequence; cross-attention keeps the text local.
+    context_parallel = self.context_parallel if context is None else None
     context = x if context is None else context
     b, lq, _ = x.shape
     q = self.norm_q(self.to_q(x)).reshape(b, lq, self.num_heads, self.head_dim)
@@ -120,7 +131,9 @@ class Attention(nnx.Module):
     if rope is not None:
       cos, sin = rope
       q, k = rope_lib.apply_rope(q, cos, sin), rope_lib.apply_rope(k, cos, sin)
-    out = attention_lib.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+    out = attention_lib.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation,
+                                              context_parallel=context_parallel,
+                                              splash_blocks=dict(self.splash_blocks))
     return self.to_out(out.reshape(b, lq, -1))
 
 
@@ -156,6 +169,7 @@ class WanBlock(nnx.Module):
         out_sharding=(None, None, "embed"))
 
   def __call__(self, x, mod, text, rope, mask):
+    x = checkpoint_name(x, "block_input")  # what remat_policy='offload' moves to host memory
     m = self.scale_shift_table.value.astype(jnp.float32) + mod
     # Per-sample (B, 1, dim) vectors broadcast over the tokens with a dot-product gradient (reductions.py).
     shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (

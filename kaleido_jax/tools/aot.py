@@ -6,9 +6,11 @@ r"""Ahead-of-time fit check: compile the real training step for a TPU slice on t
 With libtpu installed (`pip install "jax[tpu]==<jax version>"`), `get_topology_desc` gives abstract TPU
 devices; the train step (same code as `kaleido_jax.train.step`, same shardings) is lowered for them and
 compiled by the TPU compiler. Printed per chip: HBM for arguments (params, optimiser state, batch),
-temporaries (activations, gradients, collectives' buffers), output not aliased to a donated input, and
-their total against the chip's HBM capacity; XLA's FLOP count per step beside the analytic one
-(`kaleido_jax.train.flops`); then "fits" or "does not fit". Nothing is allocated: the model is built with
+temporaries (activations, gradients, collectives' buffers), output not aliased to a donated input, generated
+code, and their total against the chip's HBM capacity with the headroom; host memory the program offloads to;
+FLOPs per step: the analytic model count (`kaleido_jax.train.flops`), the traced matmul census (what the
+step runs, remat recomputation included) and XLA's cost analysis, labelled for what it is (it counts a while
+loop's body once, so the scanned layers once); then "fits" or "does not fit". Nothing is allocated: the model is built with
 `nnx.eval_shape`. Set JAX_PLATFORMS=cpu (the host backend stays CPU; the TPU backend is only a compiler).
 """
 
@@ -88,7 +90,8 @@ def analyse(config, topology: str, batch_size: int = 0, num_refs: int = -1) -> d
       if m is None:
         raise
       need = float(m.group(1)) * _UNIT[m.group(2)]
-      return dict(base, args=float('nan'), temp=need, out=float('nan'), total=need, xla_flops=float('nan'),
+      return dict(base, args=float('nan'), temp=need, out=float('nan'), code=float('nan'), total=need,
+                  xla_flops=float('nan'), census_flops_per_chip=census_flops(config, shapes) / len(devices),
                   compile_s=time.time() - t0, fits=False, note=str(e).splitlines()[0][:200])
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
@@ -97,10 +100,30 @@ def analyse(config, topology: str, batch_size: int = 0, num_refs: int = -1) -> d
   args = mem.argument_size_in_bytes
   temp = mem.temp_size_in_bytes
   out = max(mem.output_size_in_bytes - mem.alias_size_in_bytes, 0)
-  total = args + temp + out + mem.generated_code_size_in_bytes
-  return dict(base, args=args, temp=temp, out=out, total=total,
+  code = mem.generated_code_size_in_bytes
+  total = args + temp + out + code
+  return dict(base, args=args, temp=temp, out=out, code=code, total=total,
+              host_temp=getattr(mem, 'host_temp_size_in_bytes', 0),
               xla_flops=float(cost.get('flops', float('nan'))) if cost else float('nan'),
+              census_flops_per_chip=census_flops(config, shapes) / len(devices),
               compile_s=compile_s, fits=total <= hbm_bytes(topology))
+
+
+def census_flops(config, shapes) -> float:
+  """Matmul FLOPs of one step as traced (`flops.matmul_census`: backward, remat recomputation and every scan
+  iteration included), on one host device with the `xla` attention kernel, whose matmuls are visible to the
+  trace (a Pallas kernel's are not). Tracing only: nothing is compiled or allocated."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.train import mesh as mesh_lib, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.model.attention = 'xla'
+  config.mesh.update(data=1, fsdp=1, context=1, tensor=1)
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices('cpu')[:1])
+  spec = state_lib.build_spec(config, mesh)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  census = flops_lib.matmul_census(step_lib.train_step_fn(config, spec), spec.abstract_state, shapes, key)
+  return float(sum(m.flops * n for m, n in census.items()))
 
 
 def format_table(r: dict[str, Any]) -> str:
@@ -114,10 +137,14 @@ def format_table(r: dict[str, Any]) -> str:
       f"per-chip HBM   arguments {g(r['args'])}",
       f"               temporaries {g(r['temp'])}",
       f"               output (not aliased) {g(r['out'])}",
+      f"               generated code {g(r.get('code', float('nan')))}",
       f"               total {g(r['total'])} / capacity {g(r['capacity'])} "
-      f"({100 * r['total'] / r['capacity']:.1f}%)",
-      f"FLOPs/chip/step  XLA {r['xla_flops']:.3e}   analytic {r['analytic_flops_per_chip']:.3e}   "
-      f"ratio {r['xla_flops'] / r['analytic_flops_per_chip']:.2f}",
+      f"({100 * r['total'] / r['capacity']:.1f}%), headroom {g(r['capacity'] - r['total'])}",
+      f"host memory    offloaded temporaries {g(r.get('host_temp', 0))}",
+      f"FLOPs/chip/step  model (analytic, 3 x forward) {r['analytic_flops_per_chip']:.3e}   "
+      f"traced matmuls (with remat recomputation) {r.get('census_flops_per_chip', float('nan')):.3e}",
+      f"                 XLA cost analysis {r['xla_flops']:.3e} (counts each loop body once: the scanned "
+      f"layers once, not a step total)",
       'fits' if r['fits'] else 'does not fit',
   ]
   if r.get('note'):

@@ -5,7 +5,8 @@ metadata; activations use `batch` and `activation_length`. The rules (maxdiffusi
 
   batch             -> (data, fsdp)   data parallel + ZeRO-3 style sharded batch
   activation_length -> context        long video sequences split over `context`
-  embed             -> fsdp           parameters sharded over fsdp (gathered per layer by XLA)
+  embed             -> (context, fsdp) parameters (and Adam moments) sharded over fsdp *and* context, so a
+                                      context-parallel mesh does not replicate them (gathered per layer)
   heads, mlp, vocab -> tensor         Megatron-style tensor parallelism
   kv, layers        -> replicated
 
@@ -29,7 +30,7 @@ MESH_AXES = ('data', 'fsdp', 'context', 'tensor')
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ('batch', ('data', 'fsdp')),
     ('activation_length', 'context'),
-    ('embed', 'fsdp'),
+    ('embed', ('context', 'fsdp')),
     ('heads', 'tensor'),
     ('mlp', 'tensor'),
     ('vocab', 'tensor'),

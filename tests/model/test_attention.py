@@ -174,3 +174,49 @@ def test_cpu_head_loop_only_where_heads_are_not_sharded(monkeypatch):
     out = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*(jax.device_put(x, spec) for x in (q, k, v)))
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
     _close(a, b)
+
+
+# (data, fsdp, context, tensor): context 4 with data 2; context 2 with fsdp 2 and heads over tensor 2. 203 tokens
+# divide by neither context size nor any splash block, so the call pads and masks.
+@pytest.mark.parametrize("impl", ["xla", "splash"])
+@pytest.mark.parametrize("context_parallel", ["gather", "ulysses", "ring"])
+@pytest.mark.parametrize("shape", [(2, 1, 4, 1), (1, 2, 2, 2)])
+def test_context_parallel_self_attention_matches_textbook_attention(shape, context_parallel, impl):
+  q, k, v, mask = _qkv(203, 203, h=4, d=32)
+  co = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+  grads = lambda fn: jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * co), argnums=(0, 1, 2)))(
+      q, k, v)
+  ref = grads(lambda q, k, v: attention.reference_attention(q, k, v, mask))
+  mesh = jax.make_mesh(shape, ("data", "fsdp", "context", "tensor"), axis_types=(AxisType.Auto,) * 4)
+  fn = lambda q, k, v: attention.dot_product_attention(q, k, v, mask=mask, implementation=impl,
+                                                       context_parallel=context_parallel)
+  with jax.set_mesh(mesh):
+    jaxpr = str(jax.make_jaxpr(fn)(q, k, v))
+    out = grads(fn)
+  assert "shard_map" in jaxpr
+  collective = {"gather": "all_gather", "ulysses": "all_to_all", "ring": "ppermute"}[context_parallel]
+  assert collective in jaxpr
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+    _close(a, b)
+
+
+def test_auto_picks_the_platform_kernel():
+  assert attention.resolve_implementation("auto", jnp.float32, "tpu") == "splash"
+  assert attention.resolve_implementation("auto", jnp.bfloat16, "gpu") == "cudnn"
+  assert attention.resolve_implementation("auto", jnp.float32, "gpu") == "xla"  # cuDNN takes no float32
+  assert attention.resolve_implementation("auto", jnp.bfloat16, "cpu") == "xla"
+  assert attention.resolve_implementation("splash", jnp.float32, "cpu") == "splash"
+
+
+def test_splash_blocks_follow_the_generation_and_are_clamped_to_the_length():
+  # v5p's backward blocks (maxdiffusion) on Kaleido-14B's padded 37888 tokens: 3072 does not divide 37888, the
+  # largest 128-multiple below it that does is 1024 (37888 = 2^10 x 37); compute blocks tile their memory block.
+  b = attention.splash_block_sizes(37888, 37888, generation="v5p")
+  assert (b.block_q, b.block_kv, b.block_q_dkv, b.block_kv_dkv, b.block_kv_dkv_compute) == (512, 512, 1024, 1024,
+                                                                                            256)
+  b = attention.splash_block_sizes(37888, 512, generation="v6e")  # cross-attention: 512 text keys
+  assert (b.block_q, b.block_kv, b.block_kv_compute) == (1024, 512, 512)  # 3024 -> 1024, 2048 -> 512 keys
+  b = attention.splash_block_sizes(256, 256, {"block_q": 1024, "block_kv_dq": 128}, generation="v5p")
+  assert (b.block_q, b.block_kv_dq) == (256, 128)
+  with pytest.raises(ValueError, match="unknown splash block"):
+    attention.splash_block_sizes(256, 256, {"block_z": 128})

@@ -72,7 +72,7 @@ def test_remat_policy_applies_to_both_layer_layouts(policy):
   scanned = _step_matrix_flops(scan_layers=True, remat_policy=policy)
   assert _step_matrix_flops(scan_layers=False, remat_policy=policy) == scanned
   no_remat = _step_matrix_flops(remat_policy="none")
-  if policy in ("full", "dots_no_batch"):  # re-run the layers' forward matmuls / attention in the backward
+  if policy in ("full", "dots_no_batch", "offload"):  # re-run the layers' forward matmuls / attention in the backward
     assert scanned > no_remat
   else:  # nothing that was saved is recomputed
     assert scanned == no_remat

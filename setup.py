@@ -47,6 +47,9 @@ extras_require = {
         "nbclient==0.11.0",
         "nbformat==5.11.1",
         "ipykernel==7.4.0",
+        # libtpu, so that the AOT fit-check tests compile for abstract TPU slices (no TPU needed; the tests run
+        # with JAX_PLATFORMS=cpu): `pip install -e ".[test]"` alone runs the same tests as CI.
+        f"jax[tpu]=={JAX_VERSION}",
     ],
     "tpu": [f"jax[tpu]=={JAX_VERSION}"],
     "gpu": [f"jax[cuda13]=={JAX_VERSION}"],

@@ -1,13 +1,13 @@
 r"""Training throughput on CPU (1 vs 8 virtual devices) and the AOT fit table for TPU slices.
 
   JAX_PLATFORMS=cpu python bench/train.py [--config configs/demo.py] [--steps 10] [--model_factory M:C]
-  JAX_PLATFORMS=cpu python bench/train.py --aot [--aot_configs configs/wan_1_3b.py,configs/kaleido_14b.py]
+  JAX_PLATFORMS=cpu python bench/train.py --aot [--rows 'v5p-8,v6e'] [--override model.attention=xla]
 
 Throughput: each device count runs in a fresh subprocess (the virtual device count is fixed at JAX
 start-up) with the config's mesh data=-1; the first step (compile) is excluded. Printed: steps/s,
 tokens/s (video tokens), and the ratio against the 1-device run of the same invocation.
-AOT: `kaleido_jax.tools.aot.analyse` per config × slice, trying fsdp = all chips, then fsdp × tensor
-(tensor 2/4/8 where it divides the heads) until one fits; batch = one sample per data-parallel shard.
+AOT: `kaleido_jax.tools.aot.analyse` for each row of AOT_ROWS (config, TPU slice, global batch, overrides),
+one table of per-chip HBM (total includes generated code), host memory offloaded to, FLOPs and compile time.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SLICES = [('v5p-8', 'v5p:2x2x1'), ('v5p-16', 'v5p:2x2x2'), ('v5p-32', 'v5p:2x2x4'),
-          ('v6e-16', 'v6e:4x4'), ('v6e-64', 'v6e:8x8')]
 
 
 def _load_config(path, model_factory):
@@ -84,60 +82,77 @@ def throughput(args) -> None:
           f"{r['steps_per_s'] / base:.2f}x |")
 
 
-def _meshes(chips: int, heads: int):
-  """fsdp over all chips, then fsdp x tensor splits (tensor divides the heads) up to tensor=8."""
-  out = [dict(fsdp=chips, tensor=1)]
-  for t in (2, 4, 8):
-    if chips % t == 0 and heads % t == 0 and chips // t >= 1:
-      out.append(dict(fsdp=chips // t, tensor=t))
-  return out
+# The fit table (issue: Kaleido-14B at pod scale): (row, config, TPU topology, global batch (0 = one sample per
+# data-parallel shard), config overrides).
+_720P = {'data.height': 720, 'data.width': 1280}
+_CP4 = {'mesh.fsdp': 1, 'mesh.context': 4}
+AOT_ROWS = [
+    ('14B 480p+3 refs, v5p-8, shipped', 'configs/kaleido_14b.py', 'v5p:2x2x1', 0, {}),
+    ('  same, remat full (before)', 'configs/kaleido_14b.py', 'v5p:2x2x1', 0, {'model.remat_policy': 'full'}),
+    ('  same, remat full, bf16 Adam mu', 'configs/kaleido_14b.py', 'v5p:2x2x1', 0,
+     {'model.remat_policy': 'full', 'train.moments_dtype': 'bfloat16'}),
+    ('14B 720p+3 refs, v5p-8, batch 1, context 4 gather', 'configs/kaleido_14b.py', 'v5p:2x2x1', 1, {**_720P, **_CP4}),
+    ('  same, ulysses', 'configs/kaleido_14b.py', 'v5p:2x2x1', 1,
+     {**_720P, **_CP4, 'model.context_parallel': 'ulysses'}),
+    ('  same, ring', 'configs/kaleido_14b.py', 'v5p:2x2x1', 1, {**_720P, **_CP4, 'model.context_parallel': 'ring'}),
+    ('14B 480p+3 refs, v6e-16', 'configs/kaleido_14b.py', 'v6e:4x4', 0, {}),
+    ('  same, fsdp 8 x context 2 (half a sample per chip)', 'configs/kaleido_14b.py', 'v6e:4x4', 0,
+     {'mesh.fsdp': 8, 'mesh.context': 2, 'model.context_parallel': 'ulysses'}),
+    ('1.3B 480p+3 refs, v5e-8', 'configs/wan_1_3b.py', 'v5e:2x4', 0, {}),
+    ('  same, remat full (before)', 'configs/wan_1_3b.py', 'v5e:2x4', 0, {'model.remat_policy': 'full'}),
+    ('14B 720p+5 refs, v5p-16, batch 1, context 8', 'configs/kaleido_14b.py', 'v5p:2x2x2', 1,
+     {**_720P, 'mesh.fsdp': 1, 'mesh.context': 8, 'data.max_refs': 5, 'model.max_refs': 5,
+      'model.context_parallel': 'ulysses'}),
+]
+
+
+def _set(config, key, value):
+  """config[a][b] = value for key 'a.b'; a string for a non-string key takes that key's type (CLI overrides)."""
+  *parents, leaf = key.split('.')
+  node = config
+  for part in parents:
+    node = node[part]
+  old = node[leaf]
+  if isinstance(value, str) and not isinstance(old, str):
+    value = value.lower() in ('1', 'true') if isinstance(old, bool) else type(old)(value)
+  node[leaf] = value
 
 
 def aot_table(args) -> None:
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from kaleido_jax.tools import aot  # pylint: disable=g-import-not-at-top
-  print('| config | slice | mesh | remat | params (B) | args GiB | temp GiB | total GiB | HBM GiB | '
-        'XLA TFLOP/chip | analytic TFLOP/chip | verdict |')
-  print('|---|---|---|---|---|---|---|---|---|---|---|---|')
-  chips = {'v5p-8': 4, 'v5p-16': 8, 'v5p-32': 16, 'v6e-16': 16, 'v6e-64': 64}
-  for path in args.aot_configs.split(','):
-    for name, topo in SLICES:
-      if args.slices and name not in args.slices.split(','):
-        continue
-      heads = _load_config(path, args.model_factory).model.num_heads
-      for m in _meshes(chips[name], heads):
-        config = _load_config(path, args.model_factory)
-        for o in args.override:
-          k, v = o.split('=', 1)
-          node = config
-          for part in k.split('.')[:-1]:
-            node = node[part]
-          node[k.split('.')[-1]] = type(node[k.split('.')[-1]])(v)
-        config.mesh.update(data=1, context=1, **m)
-        _aot_row(aot, config, path, name, topo)
-        if not args.all_meshes and _LAST.get('fits'):
-          break
+  print('| row | slice | mesh | batch | tokens/sample | remat | attention | args GiB | temp GiB | total GiB | '
+        'HBM GiB | % HBM | host GiB | model TFLOP/chip | traced TFLOP/chip | compile s | verdict |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
+  for name, path, topo, batch, overrides in AOT_ROWS:
+    if args.rows and not any(r in name for r in args.rows.split(',')):
+      continue
+    config = _load_config(path, args.model_factory)
+    for k, v in overrides.items():
+      _set(config, k, v)
+    for o in args.override:
+      _set(config, *o.split('=', 1))
+    _aot_row(aot, config, name, topo, batch)
 
 
-_LAST = {}
-
-
-def _aot_row(aot, config, path, name, topo):
-  _LAST.clear()
-  if True:
-      try:
-        r = aot.analyse(config, topo)
-      except Exception as e:  # pylint: disable=broad-except
-        print(f'| {os.path.basename(path)} | {name} | | | | | | | | | | error: {type(e).__name__}: '
-              f'{str(e).splitlines()[0][:120]} |', flush=True)
-        return
-      _LAST.update(r)
-      g = lambda x: x / aot.GIB
-      mesh = 'x'.join(f'{k}{v}' for k, v in r['mesh'].items() if v > 1)
-      print(f"| {os.path.basename(path)} | {name} | {mesh} | {r['remat']} | {r['params'] / 1e9:.2f} | "
-            f"{g(r['args']):.1f} | {g(r['temp']):.1f} | {g(r['total']):.1f} | {g(r['capacity']):.0f} | "
-            f"{r['xla_flops'] / 1e12:.1f} | {r['analytic_flops_per_chip'] / 1e12:.1f} | "
-            f"{'fits' if r['fits'] else 'does not fit'} |", flush=True)
+def _aot_row(aot, config, name, topo, batch):
+  from kaleido_jax.model import attention  # pylint: disable=g-import-not-at-top
+  try:
+    r = aot.analyse(config, topo, batch)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'| {name} | {topo} | | | | | | | | | | | | | | | error: {type(e).__name__}: '
+          f'{str(e).splitlines()[0][:120]} |', flush=True)
+    return
+  g = lambda x: x / aot.GIB
+  mesh = 'x'.join(f'{k}{v}' for k, v in r['mesh'].items() if v > 1)
+  cp = config.model.context_parallel if r['mesh']['context'] > 1 else ''
+  kernel = attention.resolve_implementation(config.model.attention, config.model.dtype, 'tpu')
+  print(f"| {name} | {topo} | {mesh} | {r['batch']} | {r['video_tokens'] + r['ref_tokens']} | {r['remat']} | "
+        f"{kernel}{' ' + cp if cp else ''} | {g(r['args']):.2f} | {g(r['temp']):.2f} | "
+        f"{g(r['total']):.2f} | {g(r['capacity']):.0f} | {100 * r['total'] / r['capacity']:.1f} | "
+        f"{g(r.get('host_temp', 0)):.2f} | {r['analytic_flops_per_chip'] / 1e12:.0f} | "
+        f"{r['census_flops_per_chip'] / 1e12:.0f} | {r['compile_s']:.0f} | "
+        f"{'fits' if r['fits'] else 'does not fit'} |", flush=True)
 
 
 def main():
@@ -146,10 +161,9 @@ def main():
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--model_factory', default='')
   p.add_argument('--aot', action='store_true')
-  p.add_argument('--aot_configs', default='configs/wan_1_3b.py,configs/kaleido_14b.py')
-  p.add_argument('--slices', default='', help='comma list of slice names (default: all)')
-  p.add_argument('--override', action='append', default=[], help='config key=value, e.g. model.attention=xla')
-  p.add_argument('--all_meshes', action='store_true', help='print every mesh, not just the first that fits')
+  p.add_argument('--rows', default='', help='comma list of substrings of AOT row names (default: all rows)')
+  p.add_argument('--override', action='append', default=[],
+                 help='config key=value applied to every AOT row, e.g. model.attention=xla')
   p.add_argument('--_child', action='store_true')
   args = p.parse_args()
   if args._child:  # pylint: disable=protected-access

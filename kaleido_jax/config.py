@@ -230,6 +230,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       weight_decay=1e-4,
       grad_clip=0.1,
       grad_accum=1,
+      moments_dtype='float32',  # Adam first moment: float32 | bfloat16 (train/state.py make_optimizer)
       ema_decay=0.0,            # 0 = no EMA
       log_every=10,
       checkpoint_every=500,

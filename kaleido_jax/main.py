@@ -82,6 +82,43 @@ def resolve(mode: str):
   return getattr(importlib.import_module(module), fn)
 
 
+def _unknown_override(argv) -> str | None:
+  """The first --config.a.b override in argv whose key the config file does not define, as an error line."""
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if path is None and "--config" in argv[:-1]:
+    path = argv[argv.index("--config") + 1]
+  try:
+    spec = importlib.util.spec_from_file_location("_kaleido_config", path or _CONFIG.default)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+  except Exception:  # pylint: disable=broad-except  # the parser's own error then stands
+    return None
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    node = config
+    key = arg[len("--config."):].split("=", 1)[0]
+    for i, part in enumerate(key.split(".")):
+      if not hasattr(node, "keys") or part not in node:
+        have = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none (a value)"
+        where = ".".join(["config"] + key.split(".")[:i])
+        return (f"error: --config.{key}: {where} has no key {part!r} (its keys: {have}); every key is defined "
+                "in kaleido_jax/config.py")
+      node = node[part]
+  return None
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with an unknown or malformed --config.* override as one line and exit status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    line = _unknown_override(argv)
+    print(line or f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}; see --help", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -99,4 +136,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -99,3 +99,16 @@ def test_cli_writes_video_gif_and_strip(tmp_path):
   assert p.returncode == 2 and 'Traceback' not in p.stderr
   assert p.stderr.strip().splitlines()[-1].startswith('error: reference #0')
   assert not (tmp_path / 'bad.mp4').exists()
+
+
+@pytest.mark.parametrize('override,says', [('--config.model.nope=3', "config.model has no key 'nope'"),
+                                           ('--config.model.num_layers=abc', 'invalid literal for int()')])
+def test_a_bad_config_override_is_one_line_with_status_2(tmp_path, override, says):
+  cmd = [sys.executable, '-m', 'kaleido_jax.main', '--config', os.path.join(REPO, 'configs', 'demo.py'), override,
+         '--workdir', str(tmp_path / 'w'), '--mode', 'train']
+  p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO),
+                     cwd=REPO, timeout=300)
+  assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+  lines = p.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ') and says in lines[0]
+  assert not (tmp_path / 'w').exists()

@@ -216,6 +216,11 @@ class KaleidoDiT(nnx.Module):
     if not isinstance(cfg.scan_unroll, int) or isinstance(cfg.scan_unroll, bool) or cfg.scan_unroll < 1:
       raise ValueError(f"config.model.scan_unroll={cfg.scan_unroll!r}; it is a number of layers per scan "
                        "iteration, an int >= 1 (use num_layers to unroll them all)")
+    if cfg.attention not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(f"config.model.attention={cfg.attention!r}; choose one of {attention_lib.IMPLEMENTATIONS}")
+    if cfg.get("context_parallel", "gather") not in attention_lib.CONTEXT_PARALLEL:
+      raise ValueError(f"config.model.context_parallel={cfg.context_parallel!r}; choose one of "
+                       f"{attention_lib.CONTEXT_PARALLEL}")
     if cfg.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"config.model.remat_policy={cfg.remat_policy!r}; choose one of "
                        f"{sorted(REMAT_POLICIES)}")

@@ -47,10 +47,21 @@ def make_schedule(train_cfg: ml_collections.ConfigDict) -> optax.Schedule:
   raise ValueError(f'unknown schedule {train_cfg.schedule!r}; use constant | warmup_constant | cosine')
 
 
+MOMENTS_DTYPES = ('float32', 'bfloat16')
+
+
 def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Global-norm clip (if grad_clip > 0), then AdamW (Kaleido: betas 0.9/0.95, wd 1e-4)."""
+  """Global-norm clip (if grad_clip > 0), then AdamW (Kaleido: betas 0.9/0.95, wd 1e-4).
+
+  `train.moments_dtype='bfloat16'` keeps Adam's first moment in bf16 (optax's `mu_dtype`: 2 bytes per
+  parameter less, 7.1 GiB per chip for 14B on 4 chips); the second moment stays float32 (optax has no nu dtype).
+  """
+  moments = train_cfg.get('moments_dtype', 'float32')
+  if moments not in MOMENTS_DTYPES:
+    raise ValueError(f'config.train.moments_dtype={moments!r}; choose one of {MOMENTS_DTYPES}')
   tx = optax.adamw(make_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
-                   weight_decay=train_cfg.weight_decay)
+                   weight_decay=train_cfg.weight_decay,
+                   mu_dtype=None if moments == 'float32' else jnp.dtype(moments))
   if train_cfg.grad_clip and train_cfg.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), tx)
   return tx

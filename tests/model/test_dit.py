@@ -177,6 +177,12 @@ def test_scan_unroll_must_be_a_positive_int(bad):
     _model(scan_unroll=bad)
 
 
+@pytest.mark.parametrize("key,bad", [("attention", "flash"), ("context_parallel", "allgather")])
+def test_unknown_attention_settings_are_refused_by_name(key, bad):
+  with pytest.raises(ValueError, match=f"config.model.{key}={bad!r}"):
+    _model(**{key: bad})
+
+
 def _exp_count(policy):
   """Exponentials in the lowered gradient: softmax's exp runs once per attention forward or recompute."""
   rng = np.random.default_rng(6)

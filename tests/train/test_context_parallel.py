@@ -2,7 +2,8 @@
 
 The sequence is [ref_0 | ref_1 | video] with 63 tokens (2 x 9 reference + 5 x 9 video tokens), which no
 context size here divides, so the attention call pads and masks; samples carry 1 or 2 references (a masked
-slot). Parameters are sharded over context as well as fsdp.
+slot). Parameters are sharded over context as well as fsdp. The per-device kernel is `xla` (the CPU's), and
+splash in Pallas interpret mode for ring.
 """
 
 import jax
@@ -43,6 +44,20 @@ def test_context_parallel_step_matches_single_device(single, mesh, context_paral
   # Weights are sharded over context too (embed -> (context, fsdp)): no context group holds a full copy.
   specs = [str(s.spec) for s in jax.tree.leaves(spec.shardings['params'])]
   assert any('context' in s for s in specs), specs
+
+
+@pytest.mark.slow
+def test_ring_with_the_splash_kernel_matches_single_device(single, monkeypatch):
+  # The TPU path (Pallas splash in interpret mode), ring: its backward calls splash's own backward kernels with
+  # the merged output and log-sum-exp, key block by key block.
+  from kaleido_jax.model import attention
+  monkeypatch.setattr(attention, 'SPLASH_INTERPRET', True)
+  ref_losses, ref_state, _ = single
+  config = _config('ring')
+  config.model.attention = 'splash'
+  losses, state, _ = _train(config, dict(fsdp=2, context=4), jax.devices()[:8], 2)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  assert _max_param_diff(state, ref_state) < 0.03 * 1e-3 * 2
 
 
 def test_ulysses_refuses_heads_that_context_does_not_divide():

@@ -78,6 +78,18 @@ def test_grad_accumulation_and_bf16_and_ema_run():
                                                        jax.tree.leaves(state['ema'])))
 
 
+def test_bf16_first_moment_halves_its_memory_and_still_trains():
+  config = tiny_config(moments_dtype='bfloat16')
+  losses, state, _ = _train(config, {}, jax.devices()[:1], 2)
+  assert np.all(np.isfinite(losses))
+  adam = state['opt_state'][1][0]  # chain(clip, adamw): adamw's ScaleByAdamState
+  assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {np.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {np.dtype(np.float32)}
+  config.train.moments_dtype = 'float16'
+  with pytest.raises(ValueError, match='moments_dtype'):
+    state_lib.make_optimizer(config.train)
+
+
 def test_schedules():
   t = kcfg.train_config(learning_rate=1.0, schedule='warmup_constant', warmup_steps=10, num_steps=100)
   s = state_lib.make_schedule(t)

@@ -50,11 +50,12 @@ def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
   return 2 * n ** 3 / min(_times(lambda: f(a).block_until_ready(), repeats))
 
 
-def build(args, layers: int, remat: str = "none", unroll: int = 1, scan: bool = True):
+def build(args, layers: int, remat: str = "none", unroll: int = 1, scan: bool = True,
+          cpu_kernels: str = "auto"):
   cfg = kcfg.model_config(num_heads=args.heads, head_dim=args.dim // args.heads, ffn_dim=4 * args.dim,
                           num_layers=layers, in_channels=16, out_channels=16, text_dim=args.text_dim,
                           remat_policy=remat, scan_unroll=unroll, scan_layers=scan,
-                          attention=args.attention)
+                          attention=args.attention, cpu_kernels=cpu_kernels)
   return cfg, KaleidoDiT(cfg, rngs=nnx.Rngs(0))
 
 
@@ -172,13 +173,16 @@ def main():
   # forward in the backward, dots_and_attention keeps the attention kernel's output and log-sum-exp instead.
   # model.scan_unroll = layers: straight-line code over the same stacked weights, no while loop to stack
   # residuals into; model.scan_layers = False: one weight array per layer, none sliced out of a stack.
-  for policy, unrolled, scan in (("dots_no_batch", False, True), ("dots_and_attention", False, True),
-                                 ("none", True, True), ("dots_and_attention", True, True),
-                                 ("dots_and_attention", False, False)):
-    _, remat_model = build(args, args.layers, policy, args.layers if unrolled else 1, scan)
+  # model.cpu_kernels = off: the plain program TPUs and GPUs run, without model/cpu.py's rewrites.
+  for policy, unrolled, scan, ck in (("dots_no_batch", False, True, "auto"),
+                                     ("dots_and_attention", False, True, "auto"), ("none", True, True, "auto"),
+                                     ("dots_and_attention", True, True, "auto"),
+                                     ("dots_and_attention", False, False, "auto"), ("none", False, True, "off"),
+                                     ("dots_and_attention", False, True, "off")):
+    _, remat_model = build(args, args.layers, policy, args.layers if unrolled else 1, scan, ck)
     r_state, r_forward, r_step = jax_fns(remat_model)
     name = ", ".join(([] if policy == "none" else [f"remat {policy}"]) + (["layers unrolled"] if unrolled else [])
-                     + ([] if scan else ["layers as a list"]))
+                     + ([] if scan else ["layers as a list"]) + ([] if ck == "auto" else [f"cpu_kernels={ck}"]))
     candidates.append((f"kaleido_jax (jit, {name})",
                        functools.partial(lambda f, st: f(st, *inputs).block_until_ready(), r_forward, r_state),
                        functools.partial(lambda f, st: jax.block_until_ready(f(st, *inputs)), r_step, r_state)))

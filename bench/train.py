@@ -100,6 +100,13 @@ AOT_ROWS = [
      {'mesh.fsdp': 8, 'mesh.context': 2, 'model.context_parallel': 'ulysses'}),
     ('1.3B 480p+3 refs, v5e-8', 'configs/wan_1_3b.py', 'v5e:2x4', 0, {}),
     ('  same, remat full (before)', 'configs/wan_1_3b.py', 'v5e:2x4', 0, {'model.remat_policy': 'full'}),
+    # Plain model code (the TPU program) vs the CPU rewrites of model/cpu.py forced on, as the model was written
+    # before `model.cpu_kernels`.
+    ('14B 480p+3 refs, v5p-8, CPU rewrites on (cpu_kernels=on)', 'configs/kaleido_14b.py', 'v5p:2x2x1', 0,
+     {'model.cpu_kernels': 'on'}),
+    ('1.3B 480p+3 refs, v5p-8', 'configs/wan_1_3b.py', 'v5p:2x2x1', 0, {}),
+    ('1.3B 480p+3 refs, v5p-8, CPU rewrites on (cpu_kernels=on)', 'configs/wan_1_3b.py', 'v5p:2x2x1', 0,
+     {'model.cpu_kernels': 'on'}),
     ('14B 720p+5 refs, v5p-16, batch 1, context 8', 'configs/kaleido_14b.py', 'v5p:2x2x2', 1,
      {**_720P, 'mesh.fsdp': 1, 'mesh.context': 8, 'data.max_refs': 5, 'model.max_refs': 5,
       'model.context_parallel': 'ulysses'}),

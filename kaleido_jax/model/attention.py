@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from kaleido_jax.model import cpu
+
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 CONTEXT_PARALLEL = ("gather", "ulysses", "ring")
 
@@ -49,9 +51,10 @@ def dot_product_attention(q, k, v, *, mask=None, implementation: str = "auto",
   if context_parallel is not None and context_parallel not in CONTEXT_PARALLEL:
     raise ValueError(f"unknown context_parallel {context_parallel!r}; choose one of {CONTEXT_PARALLEL}")
   mesh = _attention_mesh()
+  kernel = _kernel(impl, tuple(sorted((splash_blocks or {}).items())), cpu.active())
   if mesh is None and impl != "splash":
-    return _kernel(impl, splash_blocks).attend(q, k, v, mask)
-  return _sharded_attention(q, k, v, mask, impl, context_parallel, splash_blocks, mesh)
+    return kernel.attend(q, k, v, mask)
+  return _sharded_attention(q, k, v, mask, impl, context_parallel, kernel, mesh)
 
 
 def _platform() -> str:
@@ -85,38 +88,16 @@ def reference_attention(q, k, v, mask=None):
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-# Queries per block of the `xla` kernel, and heads per loop iteration on the CPU. Measured on the 2-core CPU
-# (bench/dit_step.py shapes: 1792 tokens, 8 heads x 64, fp32; jitted forward+backward of one attention call,
-# min of 7): `reference_attention` 379 ms (XLA materialises the 8x1792x1792 probabilities and re-reads them);
-# this kernel with all heads per 256-query block 225 ms; one head per iteration 156 ms, and 143 ms with the
-# key/value gradients accumulated transposed (below); PyTorch's fused CPU SDPA 144 ms. Likely why: one head's
-# 256x1792 block (1.8 MB) stays in cache between the matmuls and the softmax; eight heads' (14.7 MB) do not.
+# Queries per block of the `xla` kernel: a (b, h, 256, keys) float32 score block at a time, not all of them.
+# On the CPU (model/cpu.py, `tuned`) it loops over heads and takes longer blocks.
 XLA_QUERY_BLOCK = 256
-CPU_HEADS_PER_ITERATION = 1
-# Key counts from which the CPU forward / backward loop over heads; below them one batched call (fewer, larger
-# matmuls) is kept. Measured one head vs all heads per iteration (2 shared cores): forward+backward as fast or
-# faster with the loop in every shape tried, 1.0-1.4x (batch x tokens, heads x dim: 1x896, 8x64 1.0x;
-# 1x1024, 12x128 1.06x; 2x896, 8x64; 8x448, 4x32; 1x1792, 8x64; 1x3584, 8x64 1.2-1.4x); the forward gains
-# at 1792+ keys (1x1792: 54 vs 62 ms) and is a toss-up below 1k keys. Text keys (48-512) stay batched in the
-# forward.
-CPU_HEAD_LOOP_MIN_KEYS = {"forward": 1024, "backward": 256}
 
 
-# Scores per loop iteration (batch x queries x keys) the CPU head loop aims at: one head leaves room for longer
-# query blocks, and fewer iterations. bench/dit_step.py step (1792 keys, one head per iteration), 256 / 448 /
-# 896 / 1792 queries per block: 1692 / 1670 / 1639 / 1671 ms (min of 8 interleaved rounds).
-CPU_HEAD_LOOP_BLOCK_SCORES = 2 ** 21
-
-
-def _query_block(batch: int, num_heads: int, num_keys: int, pass_: str) -> int:
-  """Largest query block: XLA_QUERY_BLOCK, or more where the CPU loops over groups of heads in this pass.
-
-  A symbolic batch size (an exported sampler's) keeps XLA_QUERY_BLOCK: the block must be a number at trace time.
-  """
-  g = _heads_per_iteration(num_heads, num_keys, pass_)
-  if isinstance(batch, int) and g < num_heads:
-    return max(XLA_QUERY_BLOCK, CPU_HEAD_LOOP_BLOCK_SCORES // (batch * g * num_keys))
-  return XLA_QUERY_BLOCK
+def _query_block(batch: int, num_heads: int, num_keys: int, pass_: str, tuned: bool) -> int:
+  if not tuned:
+    return XLA_QUERY_BLOCK
+  g = _heads_per_iteration(num_heads, num_keys, pass_, tuned)
+  return cpu.attention_query_block(XLA_QUERY_BLOCK, batch, g, num_heads, num_keys)
 
 
 def _query_blocks(length: int, block: int) -> tuple[int, int]:
@@ -129,21 +110,9 @@ def _query_blocks(length: int, block: int) -> tuple[int, int]:
   return n, -(-length // n)
 
 
-def _heads_per_iteration(num_heads: int, num_keys: int, pass_: str) -> int:
-  """Heads per loop iteration: a few on the CPU (cache-sized blocks), all of them elsewhere or when sharded.
-
-  Under a mesh that shards heads (``tensor``), looping over the head axis would make every iteration fetch a
-  head from its device, so all heads stay in one batched matmul there.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is not None and not mesh.empty and mesh.shape.get("tensor", 1) > 1:
-    return num_heads
-  if jax.default_backend() != "cpu" or num_keys < CPU_HEAD_LOOP_MIN_KEYS[pass_]:
-    return num_heads
-  g = min(CPU_HEADS_PER_ITERATION, num_heads)
-  while num_heads % g:
-    g -= 1
-  return g
+def _heads_per_iteration(num_heads: int, num_keys: int, pass_: str, tuned: bool) -> int:
+  """Heads per loop iteration: all of them, or the CPU's few (model/cpu.py)."""
+  return cpu.attention_heads_per_iteration(num_heads, num_keys, pass_) if tuned else num_heads
 
 
 def _split_queries(x, n, c):
@@ -184,11 +153,11 @@ def _logits(q, k, mask):
   return s
 
 
-def _blocked_forward(q, k, v, mask):
+def _blocked_forward(q, k, v, mask, tuned):
   """Output and log-sum-exp per query, one block of queries at a time; layout (b, h, l, d)."""
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # scale the (l, d) queries, not the (l, l) scores
   lq = q.shape[2]
-  n, c = _query_blocks(lq, _query_block(q.shape[0], q.shape[1], k.shape[2], "forward"))
+  n, c = _query_blocks(lq, _query_block(q.shape[0], q.shape[1], k.shape[2], "forward", tuned))
   if n * c != lq:  # the queries were padded for the backward's blocks; these need a little more
     q = jnp.pad(q, ((0, 0), (0, 0), (0, n * c - lq), (0, 0)))
 
@@ -206,13 +175,13 @@ def _blocked_forward(q, k, v, mask):
     o, lse = jax.lax.map(lambda qb: block(qb, k, v), _split_queries(q, n, c))
     return _merge_queries(o), _merge_queries(lse)
 
-  o, lse = _map_heads(head_group, _heads_per_iteration(q.shape[1], k.shape[2], "forward"), q, k, v)
+  o, lse = _map_heads(head_group, _heads_per_iteration(q.shape[1], k.shape[2], "forward", tuned), q, k, v)
   return o[:, :, :lq], lse[:, :, :lq]
 
 
-@jax.custom_vjp
-def _blocked_attention(q, k, v, mask):
-  return _blocked_forward(q, k, v, mask)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blocked_attention(q, k, v, mask, tuned):
+  return _blocked_forward(q, k, v, mask, tuned)[0]
 
 
 # Names of the kernel's saved residuals, for remat policies (dit.REMAT_POLICIES['dots_and_attention']): saving
@@ -220,21 +189,21 @@ def _blocked_attention(q, k, v, mask):
 ATTENTION_RESIDUALS = ("attention_out", "attention_lse")
 
 
-def _blocked_attention_fwd(q, k, v, mask):
-  o, lse = _blocked_forward(q, k, v, mask)
+def _blocked_attention_fwd(q, k, v, mask, tuned):
+  o, lse = _blocked_forward(q, k, v, mask, tuned)
   o = checkpoint_name(o, ATTENTION_RESIDUALS[0])
   lse = checkpoint_name(lse, ATTENTION_RESIDUALS[1])
   return o, (q, k, v, mask, o, lse)
 
 
-def _blocked_attention_bwd(res, do):
+def _blocked_attention_bwd(tuned, res, do):
   q, k, v, mask, o, lse = res
-  dq, dk, dv = _blocked_backward(q, k, v, mask, o, lse, do)
+  dq, dk, dv = _blocked_backward(q, k, v, mask, o, lse, do, tuned)
   dmask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
   return dq, dk, dv, dmask
 
 
-def _blocked_backward(q, k, v, mask, o, lse, do):
+def _blocked_backward(q, k, v, mask, o, lse, do, tuned):
   """Flash-attention backward: probabilities are recomputed per query block from the saved log-sum-exp.
 
   Layout (b, h, l, d); `o` and `lse` may be those of attention over a longer key sequence than `k` (ring
@@ -248,13 +217,13 @@ def _blocked_backward(q, k, v, mask, o, lse, do):
   demo train step 395 -> 358 ms, bench/dit_step.py step ~2% less, min of 6-12 interleaved rounds).
   """
   scale = q.shape[-1] ** -0.5
-  n, c = _query_blocks(q.shape[2], _query_block(q.shape[0], q.shape[1], k.shape[2], "backward"))
+  n, c = _query_blocks(q.shape[2], _query_block(q.shape[0], q.shape[1], k.shape[2], "backward", tuned))
   if n * c != q.shape[2]:  # o / lse came from another blocking (ring attention): pad to this one's
     pad = lambda x, fill=0: jnp.pad(x, ((0, 0), (0, 0), (0, n * c - x.shape[2])) + ((0, 0),) * (x.ndim - 3),
                                     constant_values=fill)
     lq = q.shape[2]
     # Padded rows get an infinite log-sum-exp: probability 0, so they add nothing to dK / dV.
-    dq, dk, dv = _blocked_backward(pad(q), k, v, mask, pad(o), pad(lse, jnp.inf), pad(do))
+    dq, dk, dv = _blocked_backward(pad(q), k, v, mask, pad(o), pad(lse, jnp.inf), pad(do), tuned)
     return dq[:, :, :lq], dk, dv
   delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1)  # rowsum(dO * O) = rowsum(P * dP)
 
@@ -282,27 +251,27 @@ def _blocked_backward(q, k, v, mask, o, lse, do):
     return dq * scale, jnp.swapaxes(dkt, 2, 3), jnp.swapaxes(dvt, 2, 3)
 
   qs = q * jnp.asarray(scale, q.dtype)  # the forward's scaled queries
-  dq, dk, dv = _map_heads(head_group, _heads_per_iteration(q.shape[1], k.shape[2], "backward"), qs, k, v, do,
-                           lse, delta)
+  dq, dk, dv = _map_heads(head_group, _heads_per_iteration(q.shape[1], k.shape[2], "backward", tuned), qs, k, v,
+                           do, lse, delta)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 
-def _xla_attention(q, k, v, mask):
+def _xla_attention(q, k, v, mask, tuned):
   """Memory-efficient attention in plain XLA: query blocks, float32 statistics, flash-style custom backward.
 
   Works on any backend and under any sharding GSPMD can propagate (batch and heads stay put; the query blocks
   are a reshape of the length axis). Queries are padded to whole blocks and the padding is dropped.
   """
   b, lq, h, _ = q.shape
-  n, c = _query_blocks(lq, _query_block(b, h, k.shape[1], "backward"))
+  n, c = _query_blocks(lq, _query_block(b, h, k.shape[1], "backward", tuned))
   t = lambda x: jnp.swapaxes(x, 1, 2)  # (b, l, h, d) <-> (b, h, l, d)
   qh = t(q)
   if n * c != lq:
     qh = jnp.pad(qh, ((0, 0), (0, 0), (0, n * c - lq), (0, 0)))
-  return t(_blocked_attention(qh, t(k), t(v), mask)[:, :, :lq])
+  return t(_blocked_attention(qh, t(k), t(v), mask, tuned)[:, :, :lq])
 
 
 class _Kernel(NamedTuple):
@@ -321,11 +290,14 @@ def _hl(x):
   return jnp.swapaxes(x, 1, 2)  # (b, l, h, d) <-> (b, h, l, d)
 
 
-_XLA_KERNEL = _Kernel(
-    attend=_xla_attention,
-    forward=lambda q, k, v, mask: (lambda o, lse: (_hl(o), lse))(*_blocked_forward(_hl(q), _hl(k), _hl(v), mask)),
-    backward=lambda q, k, v, mask, o, lse, do: tuple(
-        _hl(g) for g in _blocked_backward(_hl(q), _hl(k), _hl(v), mask, _hl(o), lse, _hl(do))))
+def _xla_kernel(tuned: bool) -> _Kernel:
+  def forward(q, k, v, mask):
+    o, lse = _blocked_forward(_hl(q), _hl(k), _hl(v), mask, tuned)
+    return _hl(o), lse
+
+  def backward(q, k, v, mask, o, lse, do):
+    return tuple(_hl(g) for g in _blocked_backward(_hl(q), _hl(k), _hl(v), mask, _hl(o), lse, _hl(do), tuned))
+  return _Kernel(attend=functools.partial(_xla_attention, tuned=tuned), forward=forward, backward=backward)
 
 
 def _cudnn_attend(q, k, v, mask):
@@ -333,12 +305,16 @@ def _cudnn_attend(q, k, v, mask):
   return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, implementation="cudnn")
 
 
-def _kernel(impl: str, splash_blocks) -> _Kernel:
+@functools.cache
+def _kernel(impl: str, splash_blocks: tuple, tuned: bool) -> _Kernel:
+  """The per-device kernel; `tuned` = the CPU tiling of the `xla` kernel (model/cpu.py). Cached: the ring's
+  custom VJP takes the kernel as a static argument, so one setting must give one (hashable) object."""
+  splash_blocks = dict(splash_blocks)
   if impl == "xla":
-    return _XLA_KERNEL
+    return _xla_kernel(tuned)
   if impl == "cudnn":
     # cuDNN's fused kernel returns no log-sum-exp: ring attention on GPU runs the xla kernel's blocks.
-    return _XLA_KERNEL._replace(attend=_cudnn_attend)
+    return _xla_kernel(tuned)._replace(attend=_cudnn_attend)
   if impl == "splash":
     return _Kernel(attend=functools.partial(_splash_attend, blocks=splash_blocks),
                    forward=functools.partial(_splash_forward, blocks=splash_blocks),
@@ -546,7 +522,7 @@ def _mesh_axes(mesh, names, dim):
   return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
 
 
-def _sharded_attention(q, k, v, mask, impl, context_parallel, splash_blocks, mesh):
+def _sharded_attention(q, k, v, mask, impl, context_parallel, kernel, mesh):
   """Pad to the shard / block multiple, run the kernel per device (context-parallel for self-attention)."""
   b, lq, h, _ = q.shape
   lk = k.shape[1]
@@ -565,7 +541,6 @@ def _sharded_attention(q, k, v, mask, impl, context_parallel, splash_blocks, mes
   if mask is not None or lk_pad != lk:
     mask = pad_seq(jnp.ones((b, lk), jnp.bool_) if mask is None else mask.astype(jnp.bool_), lk_pad)
   q, k, v = pad_seq(q, lq_pad), pad_seq(k, lk_pad), pad_seq(v, lk_pad)
-  kernel = _kernel(impl, splash_blocks)
 
   batch_ax = head_ax = None
   if mesh is not None:

@@ -31,7 +31,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from kaleido_jax.model import attention as attention_lib
-from kaleido_jax.model import reductions
+from kaleido_jax.model import cpu
 from kaleido_jax.model import rope as rope_lib
 from kaleido_jax.model.sharding import constrain
 
@@ -59,25 +59,16 @@ def _dtype(name: str):
   return jnp.dtype(name)
 
 
-class TokenLinear(nnx.Linear):
-  """nnx.Linear applied to the tokens as one (N, din) matrix, bias added with `reductions.broadcast_to`.
-
-  Same parameters as nnx.Linear. Both changes are for XLA:CPU's backward: the kernel gradient of a
-  (B, L, din) x (din, dout) product contracts two axes and took 74 ms against 42 ms for the (B*L, din) form
-  (1792 x 512 -> 2048, fp32, 2 cores), and the bias gradient becomes a dot (kaleido_jax/model/reductions.py).
-  """
+class Linear(nnx.Linear):
+  """nnx.Linear; on the CPU path (model/cpu.py) the tokens multiply as one matrix."""
 
   def __call__(self, x):
-    x2, kernel, bias = self.promote_dtype((x.reshape(-1, x.shape[-1]), self.kernel[...], self.bias[...]),
-                                          dtype=self.dtype)
-    y = jnp.matmul(x2, kernel, precision=self.precision)
-    y = y + reductions.broadcast_to(bias, y.shape)
-    return y.reshape(x.shape[:-1] + (y.shape[-1],))
+    return cpu.linear(self, x) if cpu.active() else super().__call__(x)
 
 
 def _linear(din: int, dout: int, names: tuple, cfg, rngs: nnx.Rngs) -> nnx.Linear:
   """Linear with logical axis names on kernel and bias (torch-like uniform init is irrelevant here)."""
-  return TokenLinear(
+  return Linear(
       din, dout, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
       kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[-1:]), rngs=rngs)
@@ -85,9 +76,11 @@ def _linear(din: int, dout: int, names: tuple, cfg, rngs: nnx.Rngs) -> nnx.Linea
 
 def _layer_norm(x: jax.Array, eps: float) -> jax.Array:
   """LayerNorm without affine, in float32."""
+  if cpu.active():
+    return cpu.layer_norm(x, eps)
   x = x.astype(jnp.float32)
-  x = x - reductions.broadcast_to(reductions.mean_last(x), x.shape)
-  return x * reductions.broadcast_to(jax.lax.rsqrt(reductions.mean_last(jnp.square(x)) + eps), x.shape)
+  x = x - jnp.mean(x, -1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + eps)
 
 
 class RMSNorm(nnx.Module):
@@ -99,9 +92,12 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x):
     dtype = x.dtype
+    scale = self.scale.value.astype(jnp.float32)
+    if cpu.active():
+      return (cpu.rms_scale(x, self.eps) * cpu.broadcast_like(scale, x)).astype(dtype)
     x = x.astype(jnp.float32)
-    x = x * reductions.broadcast_to(jax.lax.rsqrt(reductions.mean_last(jnp.square(x)) + self.eps), x.shape)
-    return (x * reductions.broadcast_to(self.scale.value.astype(jnp.float32), x.shape)).astype(dtype)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + self.eps)
+    return (x * scale).astype(dtype)
 
 
 class Attention(nnx.Module):
@@ -171,16 +167,20 @@ class WanBlock(nnx.Module):
   def __call__(self, x, mod, text, rope, mask):
     x = checkpoint_name(x, "block_input")  # what remat_policy='offload' moves to host memory
     m = self.scale_shift_table.value.astype(jnp.float32) + mod
-    # Per-sample (B, 1, dim) vectors broadcast over the tokens with a dot-product gradient (reductions.py).
-    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (
-        reductions.broadcast_to(m[:, i:i + 1], x.shape) for i in range(6))
+    # Per-sample (B, 1, dim) vectors, broadcast over the tokens.
+    mods = jnp.split(m, 6, axis=1)
+    if cpu.active():
+      mods = [cpu.broadcast_like(v, x) for v in mods]
+    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
     h = (_layer_norm(x, self.eps) * (1 + scale_sa) + shift_sa).astype(self.dtype)
     x = (x.astype(jnp.float32) + self.self_attn(h, rope=rope, mask=mask).astype(jnp.float32) * gate_sa)
     x = constrain(x.astype(self.dtype), _ACT)
     h = _layer_norm(x, self.eps)
     if self.cross_attn_norm:
-      h = (h * reductions.broadcast_to(self.norm2_scale.value.astype(jnp.float32), h.shape)
-           + reductions.broadcast_to(self.norm2_bias.value.astype(jnp.float32), h.shape))
+      scale, bias = self.norm2_scale.value.astype(jnp.float32), self.norm2_bias.value.astype(jnp.float32)
+      if cpu.active():
+        scale, bias = cpu.broadcast_like(scale, h), cpu.broadcast_like(bias, h)
+      h = h * scale + bias
     x = x + self.cross_attn(h.astype(self.dtype), context=text).astype(self.dtype)
     h = (_layer_norm(x, self.eps) * (1 + scale_ff) + shift_ff).astype(self.dtype)
     x = x.astype(jnp.float32) + self.ffn(h).astype(jnp.float32) * gate_ff
@@ -216,6 +216,7 @@ class KaleidoDiT(nnx.Module):
     if not isinstance(cfg.scan_unroll, int) or isinstance(cfg.scan_unroll, bool) or cfg.scan_unroll < 1:
       raise ValueError(f"config.model.scan_unroll={cfg.scan_unroll!r}; it is a number of layers per scan "
                        "iteration, an int >= 1 (use num_layers to unroll them all)")
+    cpu.enabled(cfg.get("cpu_kernels", "auto"))  # refuses an unknown setting now
     if cfg.attention not in attention_lib.IMPLEMENTATIONS:
       raise ValueError(f"config.model.attention={cfg.attention!r}; choose one of {attention_lib.IMPLEMENTATIONS}")
     if cfg.get("context_parallel", "gather") not in attention_lib.CONTEXT_PARALLEL:
@@ -258,14 +259,11 @@ class KaleidoDiT(nnx.Module):
     if f % pt or h % ph or w % pw:
       raise ValueError(f"latent shape (F, H, W) = {(f, h, w)} is not divisible by the patch {self.patch}")
     x = x.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c).astype(self.dtype)
-    # Patches as rows of one (N, pt*ph*pw*C) matrix times the flattened kernel, as TokenLinear does: the
-    # kernel gradient is then patches^T @ d_tokens with the large token gradient as a plain operand. The
-    # 8-axis einsum made XLA:CPU transpose that gradient instead, fused with the whole elementwise backward
-    # of layer 0 (80 ms of a 1.8 s bench/dit_step.py step).
+    # The conv with kernel = stride = patch, as patches (rows of one (N, pt*ph*pw*C) matrix) times the flattened
+    # kernel.
     patches = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, pt * ph * pw * c)
     kernel = self.patch_kernel.value.astype(self.dtype).reshape(pt * ph * pw * c, self.dim)
-    tokens = jnp.matmul(patches, kernel)
-    tokens = tokens + reductions.broadcast_to(self.patch_bias.value.astype(self.dtype), tokens.shape)
+    tokens = patches @ kernel + self.patch_bias.value.astype(self.dtype)
     grid = (f // pt, h // ph, w // pw)
     return tokens.reshape(b, -1, self.dim), grid
 
@@ -311,6 +309,11 @@ class KaleidoDiT(nnx.Module):
     return x
 
   def __call__(self, video, timestep, text, refs=None, ref_mask=None):
+    # CPU-only rewrites (model/cpu.py) for this trace: on where the program is built for the CPU.
+    with cpu.kernels(self.config.get("cpu_kernels", "auto")):
+      return self._forward(video, timestep, text, refs, ref_mask)
+
+  def _forward(self, video, timestep, text, refs, ref_mask):
     cfg = self.config
     b = video.shape[0]
     x, grid = self._patchify(video)
@@ -341,7 +344,8 @@ class KaleidoDiT(nnx.Module):
     x = x[:, x.shape[1] - int(np.prod(grid)):]   # drop reference tokens
     shift, scale = jnp.split(self.head_table.value.astype(jnp.float32) + temb.astype(jnp.float32)[:, None], 2,
                              axis=1)
-    scale, shift = (reductions.broadcast_to(v, x.shape) for v in (scale, shift))
+    if cpu.active():
+      shift, scale = cpu.broadcast_like(shift, x), cpu.broadcast_like(scale, x)
     x = (_layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(self.dtype)
     out = self.proj_out(x)
     return self._unpatchify(out, grid).astype(jnp.float32)

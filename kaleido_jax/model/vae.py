@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from kaleido_jax.model import reductions
+from kaleido_jax.model import cpu
+
 
 CACHE_T = 2  # frames of causal context per 3x3x3 conv (kernel 3 in time)
 # Frames per XLA conv are capped so one conv's input holds at most this many elements (32 MiB in fp32): on
@@ -170,7 +171,8 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     dtype = x.dtype
     x = x.astype(jnp.float32)
-    norm = jnp.sqrt(reductions.sum_last(x * x))  # a dot: XLA:CPU's fused multiply-reduce is slow (reductions.py)
+    # model/cpu.py: the sum as a dot with ones where compiled for the CPU (encode 1.08x faster there).
+    norm = jnp.sqrt(cpu.sum_last(x * x) if cpu.active() else jnp.sum(x * x, -1, keepdims=True))
     return (x / jnp.maximum(norm, 1e-12) * self.scale * self.gamma.value).astype(dtype)
 
 

@@ -14,7 +14,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from flax import nnx
 
 from kaleido_jax import config as kcfg
-from kaleido_jax.model import attention
+from kaleido_jax.model import attention, cpu
 from kaleido_jax.model.dit import KaleidoDiT
 
 
@@ -32,18 +32,18 @@ def _qkv(lq, lk, *, b=2, h=2, d=64, seed=0):
 
 # Query counts below, at and across XLA_QUERY_BLOCK (256): one block, padded blocks (513 -> 3 x 171),
 # several whole blocks (768); key counts as in self-attention and as text. On the CPU the kernel loops over
-# groups of CPU_HEADS_PER_ITERATION heads (at any key count here): one, two and all four heads per iteration;
-# with one head it may take longer query blocks (CPU_HEAD_LOOP_BLOCK_SCORES; 0 keeps 256, 2**19 gives 2 x 300).
+# groups of cpu.HEADS_PER_ITERATION heads (at any key count here): one, two and all four heads per iteration;
+# with one head it may take longer query blocks (cpu.HEAD_LOOP_BLOCK_SCORES; 0 keeps 256, 2**19 gives 2 x 300).
 @pytest.mark.parametrize("lq,lk,masked,heads_per_iteration,block_scores",
                          [(200, 200, True, 1, 0), (513, 513, True, 2, 0), (768, 77, False, 4, 0),
                           (600, 9, True, 1, 0), (513, 513, True, 3, 0), (600, 600, True, 1, 2 ** 19)])
 def test_xla_kernel_matches_textbook_attention_and_its_gradients(lq, lk, masked, heads_per_iteration,
                                                                  block_scores, monkeypatch):
-  monkeypatch.setattr(attention, "CPU_HEADS_PER_ITERATION", heads_per_iteration)
-  monkeypatch.setattr(attention, "CPU_HEAD_LOOP_MIN_KEYS", {"forward": 0, "backward": 0})
-  monkeypatch.setattr(attention, "CPU_HEAD_LOOP_BLOCK_SCORES", block_scores)
+  monkeypatch.setattr(cpu, "HEADS_PER_ITERATION", heads_per_iteration)
+  monkeypatch.setattr(cpu, "HEAD_LOOP_MIN_KEYS", {"forward": 0, "backward": 0})
+  monkeypatch.setattr(cpu, "HEAD_LOOP_BLOCK_SCORES", block_scores)
   if block_scores:
-    assert attention._query_blocks(lq, attention._query_block(2, 4, lk, "backward")) == (2, 300)
+    assert attention._query_blocks(lq, attention._query_block(2, 4, lk, "backward", True)) == (2, 300)
   q, k, v, mask = _qkv(lq, lk, h=4, d=32)
   mask = mask if masked else None
   out = jax.jit(attention.dot_product_attention)(q, k, v, mask=mask)
@@ -63,11 +63,11 @@ def test_xla_kernel_matches_textbook_attention_and_its_gradients(lq, lk, masked,
 def test_xla_kernel_forward_and_backward_may_block_differently(monkeypatch):
   # Backward one head at a time with 2 x 257-query blocks (513 queries padded to 514); forward all heads at once
   # with 256-query blocks, 3 x 172, so it pads 514 to 516 itself and drops the extra rows again.
-  monkeypatch.setattr(attention, "CPU_HEADS_PER_ITERATION", 1)
-  monkeypatch.setattr(attention, "CPU_HEAD_LOOP_MIN_KEYS", {"forward": 10 ** 9, "backward": 0})
-  monkeypatch.setattr(attention, "CPU_HEAD_LOOP_BLOCK_SCORES", 2 ** 19)
-  assert attention._query_blocks(513, attention._query_block(2, 4, 513, "backward")) == (2, 257)
-  assert attention._query_blocks(514, attention._query_block(2, 4, 513, "forward")) == (3, 172)
+  monkeypatch.setattr(cpu, "HEADS_PER_ITERATION", 1)
+  monkeypatch.setattr(cpu, "HEAD_LOOP_MIN_KEYS", {"forward": 10 ** 9, "backward": 0})
+  monkeypatch.setattr(cpu, "HEAD_LOOP_BLOCK_SCORES", 2 ** 19)
+  assert attention._query_blocks(513, attention._query_block(2, 4, 513, "backward", True)) == (2, 257)
+  assert attention._query_blocks(514, attention._query_block(2, 4, 513, "forward", True)) == (3, 172)
   q, k, v, mask = _qkv(513, 513, h=4, d=32)
   co = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
   grads = lambda fn: jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * co), argnums=(0, 1, 2)))(
@@ -155,21 +155,23 @@ def test_dit_with_splash_matches_xla():
   _close(outs[1], outs[0])
 
 
-def test_cpu_head_loop_only_where_heads_are_not_sharded(monkeypatch):
-  # Long self-attention loops over heads on the CPU; text-length keys, and heads sharded over `tensor`, do not
-  # (every iteration would fetch a head from another device). Sharded, the result is the same as unsharded.
-  monkeypatch.setattr(attention, "CPU_HEADS_PER_ITERATION", 1)
-  assert attention._heads_per_iteration(8, 1792, "forward") == 1
-  assert attention._heads_per_iteration(8, 512, "forward") == 8
-  assert attention._heads_per_iteration(8, 512, "backward") == 1
-  assert attention._heads_per_iteration(8, 77, "backward") == 8
+def test_cpu_head_loop_only_on_the_cpu_path_and_per_device_under_a_mesh(monkeypatch):
+  # Long self-attention loops over heads on the CPU path (model/cpu.py); text-length keys do not, nor does the
+  # plain (TPU / GPU) kernel. Under a mesh the kernel runs per device on its own heads (shard_map), so heads
+  # sharded over `tensor` loop locally: the result is the one of the unsharded call.
+  monkeypatch.setattr(cpu, "HEADS_PER_ITERATION", 1)
+  assert attention._heads_per_iteration(8, 1792, "forward", True) == 1
+  assert attention._heads_per_iteration(8, 512, "forward", True) == 8
+  assert attention._heads_per_iteration(8, 512, "backward", True) == 1
+  assert attention._heads_per_iteration(8, 77, "backward", True) == 8
+  assert attention._heads_per_iteration(8, 1792, "forward", False) == 8
+  assert attention._query_block(1, 8, 1792, "forward", False) == attention.XLA_QUERY_BLOCK
   mesh = jax.make_mesh((2, 1, 1, 4), ("data", "fsdp", "context", "tensor"), axis_types=(AxisType.Auto,) * 4)
   q, k, v, mask = _qkv(300, 300, h=4, d=32)
   co = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
   loss = lambda q, k, v: jnp.sum(attention.dot_product_attention(q, k, v, mask=mask) * co)
   ref = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
   with jax.set_mesh(mesh):
-    assert attention._heads_per_iteration(8, 1792, "forward") == 8
     spec = NamedSharding(mesh, P("data", None, "tensor"))
     out = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*(jax.device_put(x, spec) for x in (q, k, v)))
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):

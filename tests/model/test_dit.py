@@ -9,6 +9,7 @@ from flax import nnx
 from kaleido_jax import config as kcfg
 from kaleido_jax.convert import transformer as convert_tf
 from kaleido_jax.model import attention as attention_lib
+from kaleido_jax.model import cpu
 from kaleido_jax.model.dit import KaleidoDiT, param_count
 from tests.model import dit_reference as ref
 
@@ -37,14 +38,16 @@ PARITY_CASES = [
 
 @pytest.mark.torch
 @pytest.mark.parametrize("case", range(len(PARITY_CASES)))
-@pytest.mark.parametrize("scan", [True, False])
-def test_parity_with_diffusers(tmp_path, case, scan):
+@pytest.mark.parametrize("scan,cpu_kernels", [(True, "auto"), (False, "auto"), (True, "off")])
+def test_parity_with_diffusers(tmp_path, case, scan, cpu_kernels):
+  # `auto` on this CPU runs model/cpu.py's rewrites; `off` the plain program TPUs and GPUs run.
   dkw, ikw = PARITY_CASES[case]
   torch_model = ref.make_diffusers_model(**dkw, seed=case)
   path = ref.save_diffusers(torch_model, str(tmp_path / "wan"))
   cfg = kcfg.model_config(rope_scheme="none")
   state, cfg = convert_tf.convert_state(path, "diffusers", None)
   cfg.scan_layers = scan
+  cfg.cpu_kernels = cpu_kernels
   model = convert_tf.load_transformer(path, "diffusers", cfg)
   rng = np.random.default_rng(case)
   video, t, text = _inputs(rng, **ikw)
@@ -58,6 +61,33 @@ def test_parity_with_diffusers(tmp_path, case, scan):
 def _model(**kw):
   cfg = kcfg.model_config(**{**TINY, **kw})
   return KaleidoDiT(cfg, rngs=nnx.Rngs(0))
+
+
+def test_cpu_kernels_give_the_plain_programs_values_and_gradients():
+  # model/cpu.py's rewrites (dot-product sums and broadcasts, token-matrix linears, the attention head loop)
+  # against the plain jnp program, on the same weights: forward and every parameter's gradient, fp32.
+  rng = np.random.default_rng(3)
+  video, t, text = _inputs(rng)
+  refs = jnp.asarray(rng.normal(size=(2, 2, 8, 12, 4)).astype(np.float32))
+  ref_mask = jnp.asarray([[True, False], [True, True]])
+  models = {k: _model(cpu_kernels=k) for k in ("on", "off")}
+  nnx.update(models["off"], nnx.state(models["on"]))
+
+  def loss(m):
+    return jnp.mean(m(video, t, text, refs=refs, ref_mask=ref_mask) ** 2)
+  out = {k: m(video, t, text, refs=refs, ref_mask=ref_mask) for k, m in models.items()}
+  np.testing.assert_allclose(out["on"], out["off"], atol=1e-5 * float(jnp.abs(out["off"]).max()))
+  grads = {k: jax.tree.leaves(nnx.grad(loss)(m)) for k, m in models.items()}
+  for a, b in zip(grads["on"], grads["off"]):
+    np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()) + 1e-12)
+  # The switch really switches: the CPU program has the custom-VJP broadcasts (cpu.broadcast_to); the plain one
+  # only the attention kernel's two custom VJPs (self- and cross-attention in the scanned layer).
+  def custom_vjps(k):
+    g, s = nnx.split(models[k])
+    return str(jax.make_jaxpr(lambda s: nnx.merge(g, s)(video, t, text))(s)).count("custom_vjp_call")
+  assert custom_vjps("off") == 2 and custom_vjps("on") > 20
+  with pytest.raises(ValueError, match="config.model.cpu_kernels='fast'"):
+    _model(cpu_kernels="fast")
 
 
 def test_references_change_the_output_and_their_order_matters():
@@ -149,7 +179,7 @@ def test_offload_policy_moves_block_inputs_to_host_memory():
 def test_scan_unroll_gives_the_same_outputs_and_gradients_without_the_layer_loop(monkeypatch):
   # All heads in one attention call, so the only loop left is the one over layers (CPU attention loops over
   # heads otherwise).
-  monkeypatch.setattr(attention_lib, "CPU_HEAD_LOOP_MIN_KEYS", {"forward": 10**9, "backward": 10**9})
+  monkeypatch.setattr(cpu, "HEAD_LOOP_MIN_KEYS", {"forward": 10**9, "backward": 10**9})
   rng = np.random.default_rng(7)
   video, t, text = _inputs(rng, b=1)
   models = {u: _model(num_layers=4, remat_policy="dots_and_attention", scan_unroll=u) for u in (1, 2, 64)}

@@ -34,7 +34,7 @@ def _model_fns(**overrides):
 
 
 def _matrix_flops(census):
-  """FLOPs of true matrix products: reductions.py writes sums as products with a ones vector (m, n or k = 1)."""
+  """FLOPs of true matrix products: model/cpu.py writes sums as products with a ones vector (m, n or k = 1)."""
   return sum(m.flops * n for m, n in census.items() if min(m.sizes[1:]) > 1)
 
 

@@ -57,20 +57,13 @@ def dot_product_attention(q, k, v, *, mask=None, implementation: str = "auto",
   return _sharded_attention(q, k, v, mask, impl, context_parallel, kernel, mesh)
 
 
-def _platform() -> str:
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is not None and not mesh.empty:
-    return mesh.abstract_device.platform
-  return jax.default_backend()
-
-
 def resolve_implementation(name: str, dtype=jnp.bfloat16, platform: str | None = None) -> str:
   """``auto`` -> splash on TPU, cudnn on GPU for 16-bit inputs (cuDNN's fused attention takes no float32),
   xla elsewhere; other names are returned as they are. The platform is the current mesh's (so an AOT
   compile for a TPU slice from a CPU host picks splash), else the default backend."""
   if name != "auto":
     return name
-  platform = platform or _platform()
+  platform = platform or cpu.platform()
   if platform == "tpu":
     return "splash"
   if platform in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):

@@ -34,15 +34,17 @@ SETTINGS = ("auto", "on", "off")
 _STATE = threading.local()
 
 
+def platform() -> str:
+  """The platform the program being traced is for: the current mesh's (jax.set_mesh), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.abstract_device.platform if mesh is not None and not mesh.empty else jax.default_backend()
+
+
 def enabled(setting: str) -> bool:
   """Whether `setting` (auto | on | off) means CPU kernels for the program being traced now."""
   if setting not in SETTINGS:
     raise ValueError(f"config.model.cpu_kernels={setting!r}; choose one of {SETTINGS}")
-  if setting != "auto":
-    return setting == "on"
-  mesh = jax.sharding.get_abstract_mesh()
-  platform = mesh.abstract_device.platform if mesh is not None and not mesh.empty else jax.default_backend()
-  return platform == "cpu"
+  return setting == "on" if setting != "auto" else platform() == "cpu"
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from kaleido_jax import config as kcfg
 def get_config():
   config = kcfg.base_config()
   # remat 'offload': each block's input waits in host memory for the backward (bench/train.py --aot: 480p + 3
-  # refs on v5p-8 needs 79% of HBM this way, 103% with 'full'); attention 'auto' is splash on TPU.
+  # refs on v5p-8 needs 78% of HBM this way, 101% with 'full'); attention 'auto' is splash on TPU.
   config.model = kcfg.model_config(**kcfg.WAN_14B, dtype='bfloat16', remat_policy='offload', attention='auto')
   # Training resolution of the public recipe: 480x832, 81 frames, <= 3 references.
   config.data.update(num_frames=81, height=480, width=832, max_refs=3, source='tfds',

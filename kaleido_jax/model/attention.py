@@ -255,8 +255,8 @@ _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 def _xla_attention(q, k, v, mask, tuned):
   """Memory-efficient attention in plain XLA: query blocks, float32 statistics, flash-style custom backward.
 
-  Works on any backend and under any sharding GSPMD can propagate (batch and heads stay put; the query blocks
-  are a reshape of the length axis). Queries are padded to whole blocks and the padding is dropped.
+  Works on any backend; under a mesh it runs per device (`_sharded_attention`). Queries are padded to whole
+  blocks and the padding is dropped. `tuned`: the CPU's head loop and query blocks (model/cpu.py).
   """
   b, lq, h, _ = q.shape
   n, c = _query_blocks(lq, _query_block(b, h, k.shape[1], "backward", tuned))

@@ -10,8 +10,9 @@ temporaries (activations, gradients, collectives' buffers), output not aliased t
 code, and their total against the chip's HBM capacity with the headroom; host memory the program offloads to;
 FLOPs per step: the analytic model count (`kaleido_jax.train.flops`), the traced matmul census (what the
 step runs, remat recomputation included) and XLA's cost analysis, labelled for what it is (it counts a
-while loop's body once, so the scanned layers once); then "fits" or "does not fit". Nothing is allocated: the model is built with
-`nnx.eval_shape`. Set JAX_PLATFORMS=cpu (the host backend stays CPU; the TPU backend is only a compiler).
+while loop's body once, so the scanned layers once); then "fits" or "does not fit". Nothing is allocated:
+the model is built with `nnx.eval_shape`. Set JAX_PLATFORMS=cpu (the host backend stays CPU; the TPU backend
+is only a compiler).
 """
 
 from __future__ import annotations

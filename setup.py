@@ -19,6 +19,7 @@ install_requires = [
     "array-record==0.8.6",
     "ml-collections==1.1.0",
     "clu==0.0.12",
+    "qwix==0.1.8",             # weight quantization (model/quantization.py), what maxdiffusion uses
     # clu.metric_writers writes TensorBoard summaries through TensorFlow.
     "tensorflow-cpu==2.21.0",
     "tensorboard==2.21.0",

@@ -66,6 +66,10 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
       context_parallel='gather',  # self-attention over a sequence split on mesh.context (model/attention.py):
                                # gather (all-gather keys / values) | ulysses (all-to-all to head shards;
                                # heads per device % context == 0) | ring (ppermute keys / values round the ring)
+      # Weight quantization of the blocks' linears with qwix (model/quantization.py): none | int8 | int4 | fp8;
+      # with quantize_activations, int8 x int8 (fp8 x fp8) matmuls instead of weight-only. For sampling.
+      quantization='none',
+      quantize_activations=False,
       # Splash tiles (model/attention.py SPLASH_BLOCKS); 0 = the TPU generation's default, clamped to the length.
       splash_blocks=ml_collections.ConfigDict(dict(
           block_q=0, block_kv=0, block_kv_compute=0, block_q_dkv=0, block_kv_dkv=0, block_kv_dkv_compute=0,
@@ -117,6 +121,7 @@ def text_encoder_config(**overrides) -> ml_collections.ConfigDict:
       max_length=512,          # Wan pads / trims every prompt to 512 tokens
       dtype='float32',
       tokenizer_path='',       # directory or file with the sentencepiece model
+      quantization='none',     # none | int8 | int4 | fp8: the layers' linears (model/quantization.py)
   ))
   cfg.update(overrides)
   return cfg

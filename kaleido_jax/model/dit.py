@@ -32,6 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from kaleido_jax.model import attention as attention_lib
 from kaleido_jax.model import cpu
+from kaleido_jax.model import quantization
 from kaleido_jax.model import rope as rope_lib
 from kaleido_jax.model.sharding import constrain
 
@@ -249,6 +250,10 @@ class KaleidoDiT(nnx.Module):
     self.head_table = nnx.Param(jax.random.normal(rngs.params(), (1, 2, dim), pdt) / math.sqrt(dim),
                                 out_sharding=(None, None, "embed"))
     self.proj_out = _linear(dim, int(np.prod(self.patch)) * cfg.out_channels, ("embed", None), cfg, rngs)
+    # model.quantization: the blocks' linears become qwix-quantized ones (model/quantization.py).
+    quantization.quantize(self, quantization.check_scheme(cfg.get("quantization", "none"), "config.model."
+                                                          "quantization"),
+                          activations=bool(cfg.get("quantize_activations", False)))
 
   # ---------------------------------------------------------------------------------------------
 

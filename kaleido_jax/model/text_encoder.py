@@ -28,6 +28,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from kaleido_jax.model import quantization
+
 
 _F32 = jnp.float32
 
@@ -146,6 +148,9 @@ class UMT5Encoder(nnx.Module):
       return UMT5Block(cfg, rngs=rngs)
 
     self.blocks = make_blocks(rngs)
+    # text_encoder.quantization: the layers' linears become qwix-quantized ones (model/quantization.py).
+    quantization.quantize(self, quantization.check_scheme(cfg.get("quantization", "none"),
+                                                          "config.text_encoder.quantization"))
     self.final_norm = RMSNorm(cfg.d_model, cfg.eps, dtype=dtype)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:

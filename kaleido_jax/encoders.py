@@ -24,6 +24,7 @@ import os
 import tempfile
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -59,12 +60,29 @@ def load_codec(config: ml_collections.ConfigDict) -> Any:
   return convert_vae.load_vae(config.init_from.vae, config.init_from.vae_format, config.vae)
 
 
+TEXT_ENCODER_DEVICES = ('accelerator', 'host')
+
+
+def text_encoder_device(config: ml_collections.ConfigDict) -> Any:
+  """The device umT5 lives and runs on (`sample.text_encoder_device`): the first local one, or the host CPU.
+
+  'host' keeps the 5.7B encoder out of HBM for good (prompts are encoded by the host's CPU, once each:
+  the prompt cache): what lets a 16 GiB chip hold the DiT alone.
+  """
+  where = config.sample.get('text_encoder_device', 'accelerator')
+  if where not in TEXT_ENCODER_DEVICES:
+    raise ValueError(f'config.sample.text_encoder_device={where!r}; choose one of {TEXT_ENCODER_DEVICES}')
+  return jax.devices('cpu')[0] if where == 'host' else jax.local_devices()[0]
+
+
 def load_text_encoder(config: ml_collections.ConfigDict) -> te.UMT5Encoder:
+  device = text_encoder_device(config)
   if not config.init_from.text_encoder:
-    return te.UMT5Encoder(config.text_encoder, rngs=nnx.Rngs(RANDOM_ENCODER_SEED))
+    with jax.default_device(device):
+      return te.UMT5Encoder(config.text_encoder, rngs=nnx.Rngs(RANDOM_ENCODER_SEED))
   from kaleido_jax.convert import text_encoder as convert_te  # pylint: disable=g-import-not-at-top
   return convert_te.load_text_encoder(config.init_from.text_encoder, config.init_from.text_encoder_format,
-                                      config.text_encoder)
+                                      config.text_encoder, device=device)
 
 
 class Encoders:
@@ -78,6 +96,14 @@ class Encoders:
   def from_config(cls, config: ml_collections.ConfigDict, *, workdir: str | None = None) -> 'Encoders':
     return cls(load_codec(config), load_text_encoder(config), te.Tokenizer(tokenizer_file(config, workdir)),
                int(config.text_encoder.max_length))
+
+  def release_text_encoder(self) -> None:
+    """Drops umT5 (its weights leave the device once nothing else holds them); cached prompts still work.
+
+    The one-shot memory plan of `--mode sample`: encode the prompts, release the encoder, then load the DiT.
+    """
+    self.text_encoder = None
+    self.prompt_cache.encoder = None
 
   def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
     return tuple(self.codec.latent_shape(num_frames, height, width))

@@ -121,21 +121,33 @@ def load_weights(config: ml_collections.ConfigDict, checkpoint: str = '', workdi
                            '--checkpoint PATH, or --checkpoint random for an untrained model')
   if not os.path.exists(checkpoint):
     raise UserInputError(f'checkpoint {checkpoint!r} does not exist; check the path')
-  graphdef, abstract = abstract_model(config.model)
+  from kaleido_jax.convert import common as conv_common  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.convert import transformer as conv  # pylint: disable=g-import-not-at-top
+  scheme = config.model.get('quantization', 'none')
+  float_cfg = conv.float_config(config.model)
+  graphdef, abstract = abstract_model(float_cfg)
   template = nnx.to_pure_dict(abstract)
   training = _training_checkpoint_dir(checkpoint)
-  if training:
-    params, step = _restore_training_params(*training, use_ema=bool(config.sample.use_ema))
-    where = f'{training[0]} step {step}'
-  else:
-    from kaleido_jax.convert import common as conv_common  # pylint: disable=g-import-not-at-top
-    from kaleido_jax.convert import transformer as conv  # pylint: disable=g-import-not-at-top
-    try:
-      loaded = conv.load_transformer(checkpoint, config.init_from.transformer_format, config.model)
-    except (conv_common.ConversionError, ValueError, KeyError) as e:
-      raise UserInputError(f'checkpoint {checkpoint!r} cannot be loaded for config.model: {e}') from e
-    params, where = nnx.to_pure_dict(nnx.state(loaded, nnx.Param)), checkpoint
-  params = _align(params, template, checkpoint)
+  try:
+    if training:
+      params, step = _restore_training_params(*training, use_ema=bool(config.sample.use_ema))
+      where = f'{training[0]} step {step}'
+    elif os.path.isdir(checkpoint) and os.path.exists(os.path.join(checkpoint, conv_common.CONFIG_FILE)) and (
+        conv_common.saved_quantization(checkpoint) != 'none'):
+      # Written quantized by the converter: restored as it is, into config.model's scheme.
+      return (*nnx.split(conv.load_transformer(checkpoint, config.init_from.transformer_format, config.model)),
+              checkpoint)
+    else:
+      loaded = conv.load_transformer(checkpoint, config.init_from.transformer_format, float_cfg, device=None)
+      params, where = nnx.to_pure_dict(nnx.state(loaded, nnx.Param)), checkpoint
+    params = _align(params, template, checkpoint)
+    if scheme != 'none':  # float weights, quantized on the host as they load
+      return (*nnx.split(conv_common.module_from_state(conv.build_model, config.model, params, where=checkpoint)),
+              where)
+  except (conv_common.ConversionError, ValueError, KeyError) as e:
+    if isinstance(e, UserInputError):
+      raise
+    raise UserInputError(f'checkpoint {checkpoint!r} cannot be loaded for config.model: {e}') from e
   nnx.replace_by_pure_dict(abstract, params)
   return graphdef, jax.tree.map(jnp.asarray, abstract), where
 

@@ -1,4 +1,4 @@
-"""``python -m kaleido_jax.convert --component C --format F --input PATH --output DIR``.
+"""``python -m kaleido_jax.convert --component C --format F --input PATH --output DIR [--quantization int8]``.
 
 Writes an orbax checkpoint of the component's NNX state plus its config (atomically: an interrupted or
 failed conversion leaves no output directory). Errors are one line on stderr and exit code 2.
@@ -24,11 +24,17 @@ def main(argv=None) -> int:
                  "(vae); transformers | wan (text_encoder)")
   p.add_argument("--input", required=True, help="checkpoint file or directory")
   p.add_argument("--output", required=True, help="new directory for the converted checkpoint")
+  p.add_argument("--quantization", default="none", choices=("none", "int8", "int4", "fp8"),
+                 help="write the layers' linears quantized (transformer, text_encoder; model/quantization.py)")
   args = p.parse_args(argv)
   module, formats = COMPONENTS[args.component]
   if args.format not in formats:
     print(f"error: --format {args.format} is not a {args.component} format; choose one of {formats}",
           file=sys.stderr)
+    return 2
+  if args.quantization != "none" and args.component == "vae":
+    print("error: --quantization applies to the transformer and the text_encoder, not the vae (its convolutions "
+          "stay float); drop --quantization", file=sys.stderr)
     return 2
   try:
     importlib.import_module(module).convert_cli(args)

@@ -158,6 +158,9 @@ def convert_state(reader: common.CheckpointReader, cfg: ml_collections.ConfigDic
   from flax import nnx
   from kaleido_jax.model.text_encoder import UMT5Encoder
   _check_format(fmt)
+  if cfg.get("quantization", "none") != "none":  # the checkpoint holds float weights
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.quantization = "none"
   abstract = nnx.eval_shape(lambda: UMT5Encoder(cfg, rngs=nnx.Rngs(0)))
   like = nnx.to_pure_dict(nnx.state(abstract))
   targets = common.flatten_paths(like)
@@ -167,18 +170,16 @@ def convert_state(reader: common.CheckpointReader, cfg: ml_collections.ConfigDic
   return common.unflatten_paths(flat, like)
 
 
-def _module_from_state(cfg: ml_collections.ConfigDict, pure: dict[str, Any]):
-  import jax.numpy as jnp
+def _build(cfg: ml_collections.ConfigDict):
   from flax import nnx
   from kaleido_jax.model.text_encoder import UMT5Encoder
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: UMT5Encoder(cfg, rngs=nnx.Rngs(0))))
-  like = nnx.to_pure_dict(state)
-  flat = common.flatten_paths(pure)
-  del pure  # host copies are released one by one below, so peak memory stays near one model
-  # Cast to the module's dtype (a converted fp32 directory loaded with dtype='bfloat16' halves memory).
-  cast = {k: jnp.asarray(flat.pop(k), dtype=v.dtype) for k, v in common.flatten_paths(like).items()}
-  nnx.replace_by_pure_dict(state, common.unflatten_paths(cast, like))
-  return nnx.merge(graphdef, state)
+  return UMT5Encoder(cfg, rngs=nnx.Rngs(0))
+
+
+def _module_from_state(cfg: ml_collections.ConfigDict, pure: dict[str, Any], saved_scheme: str = "none",
+                       where: str = "", device: Any = "default"):
+  return common.module_from_state(_build, cfg, pure, saved_scheme=saved_scheme, where=where,
+                                  section="config.text_encoder", device=device)
 
 
 def _is_converted(path: str) -> bool:
@@ -201,20 +202,23 @@ def resolve_config(reader: common.CheckpointReader, path: str, fmt: str,
 
 
 def load_text_encoder(path: str, format: str = "transformers",  # noqa: A002 (matches the CLI flag)
-                      config: ml_collections.ConfigDict | None = None, *, dtype: str | None = None):
+                      config: ml_collections.ConfigDict | None = None, *, dtype: str | None = None,
+                      device: Any = "default"):
   """A ready :class:`UMT5Encoder` from a PyTorch-side checkpoint or a converted directory.
 
   ``config`` (our ``text_encoder`` section) wins; otherwise a transformers ``config.json`` next to the
   weights is read; otherwise the architecture is inferred from tensor shapes. ``dtype`` overrides the
-  parameter / compute dtype (e.g. 'bfloat16' for the 5.7B XXL encoder).
+  parameter / compute dtype (e.g. 'bfloat16' for the 5.7B XXL encoder). ``config.quantization``: float
+  weights are quantized on the host as they load; ``device`` is where the result goes (None: the host).
   """
   if _is_converted(path):
     pure, saved_cfg = common.load_converted(path, component=COMPONENT)
-    return _module_from_state(_with_dtype(config if config is not None else saved_cfg, dtype), pure)
+    return _module_from_state(_with_dtype(config if config is not None else saved_cfg, dtype), pure,
+                              common.saved_quantization(path), path, device)
   _check_format(format)
   reader = common.CheckpointReader(path)
   cfg = _with_dtype(resolve_config(reader, path, format, config), dtype)
-  return _module_from_state(cfg, convert_state(reader, cfg, format))
+  return _module_from_state(cfg, convert_state(reader, cfg, format), where=path, device=device)
 
 
 def _with_dtype(cfg: ml_collections.ConfigDict, dtype: str | None) -> ml_collections.ConfigDict:
@@ -237,12 +241,21 @@ def _find_tokenizer_near(path: str) -> str | None:
 
 
 def convert(input_path: str, output_dir: str, format: str = "transformers",  # noqa: A002
-            config: ml_collections.ConfigDict | None = None, dtype: str | None = None) -> str:
-  """Converts and writes an orbax directory (+ config.json, + tokenizer/spiece.model when found)."""
+            config: ml_collections.ConfigDict | None = None, dtype: str | None = None,
+            quantization: str = "none") -> str:
+  """Converts and writes an orbax directory (+ config.json, + tokenizer/spiece.model when found).
+
+  ``quantization`` (none | int8 | int4 | fp8) writes the layers' linears quantized (model/quantization.py).
+  """
+  from flax import nnx
   _check_format(format)
   reader = common.CheckpointReader(input_path)
   cfg = _with_dtype(resolve_config(reader, input_path, format, config), dtype)
   pure = convert_state(reader, cfg, format)
+  if quantization and quantization != "none":
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.quantization = quantization
+    pure = nnx.to_pure_dict(nnx.state(_module_from_state(cfg, pure, device=None), nnx.Param))
   out = common.save_converted(output_dir, pure, cfg, component=COMPONENT, source=os.path.abspath(input_path))
   tok = _find_tokenizer_near(input_path)
   if tok:
@@ -254,7 +267,8 @@ def convert(input_path: str, output_dir: str, format: str = "transformers",  # n
 def convert_cli(args) -> str:
   """Entry for ``python -m kaleido_jax.convert --component text_encoder`` (args: format, input, output)."""
   fmt = getattr(args, "format", None) or "transformers"
-  out = convert(args.input, args.output, fmt, dtype=getattr(args, "dtype", None))
+  out = convert(args.input, args.output, fmt, dtype=getattr(args, "dtype", None),
+                quantization=getattr(args, "quantization", None) or "none")
   print(f"text_encoder ({fmt}) {args.input} -> {out}")
   return out
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import ml_collections
 from flax import nnx
@@ -231,31 +231,55 @@ def convert_state(path: str, fmt: str = "diffusers", config: ml_collections.Conf
   return common.unflatten_paths(flat, like), config
 
 
+def build_model(cfg: ml_collections.ConfigDict):
+  """A KaleidoDiT of `cfg` (quantized as cfg.quantization says): the builder module_from_state fills."""
+  from kaleido_jax.model.dit import KaleidoDiT
+  return KaleidoDiT(cfg, rngs=nnx.Rngs(0))
+
+
 def load_transformer(path: str, format: str = "diffusers",  # noqa: A002 - the CLI's name
-                     config: ml_collections.ConfigDict | None = None):
+                     config: ml_collections.ConfigDict | None = None, *, device: Any = "default"):
   """A ready KaleidoDiT from a PyTorch checkpoint, or from a directory written by this converter.
 
   A converted directory loads into either layer layout (``config.scan_layers``), whichever it was written in.
+  ``config.quantization`` other than the checkpoint's: float weights are quantized on the host as they load
+  (common.module_from_state); quantized weights load only into their own scheme.
   """
-  from kaleido_jax.model.dit import KaleidoDiT, relayout_blocks
+  from kaleido_jax.model.dit import relayout_blocks
+  saved = "none"
   if os.path.exists(os.path.join(path, common.CONFIG_FILE)) and os.path.isdir(
       os.path.join(path, common.STATE_DIR)):
     state, saved_cfg = common.load_converted(path, component=COMPONENT)
+    saved = common.saved_quantization(path)
     cfg = saved_cfg if config is None else config
     state = relayout_blocks(state, bool(cfg.scan_layers))  # stacked <-> per-layer, if the configs differ
   else:
-    state, cfg = convert_state(path, format, config)
-  model = nnx.eval_shape(lambda: KaleidoDiT(cfg, rngs=nnx.Rngs(0)))
-  graphdef, abstract_state = nnx.split(model)
+    state, cfg = convert_state(path, format, float_config(config))
+    if config is not None:
+      cfg = config
   try:
-    nnx.replace_by_pure_dict(abstract_state, state)
-  except (KeyError, ValueError) as e:
+    return common.module_from_state(build_model, cfg, state, saved_scheme=saved, where=path, device=device)
+  except (KeyError, ValueError, TypeError) as e:
+    if isinstance(e, common.ConversionError):
+      raise
     raise common.ConversionError(f"converted state in {path!r} does not fit the model config: {e}") from e
-  return nnx.merge(graphdef, abstract_state)
+
+
+def float_config(config: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict | None:
+  """`config` with float weights: what a PyTorch checkpoint holds."""
+  if config is None or config.get("quantization", "none") == "none":
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.quantization = "none"
+  return config
 
 
 def convert_cli(args: argparse.Namespace) -> str:
   state, cfg = convert_state(args.input, args.format)
+  scheme = getattr(args, "quantization", None) or "none"
+  if scheme != "none":  # written quantized: a Colab session then loads 14 GB of int8, not 57 GB of float32
+    cfg.quantization = scheme
+    state = nnx.to_pure_dict(nnx.state(common.module_from_state(build_model, cfg, state, device=None), nnx.Param))
   out = common.save_converted(args.output, state, cfg, component=COMPONENT, source=f"{args.format}:{args.input}")
   print(f"wrote {out} ({cfg.num_layers} layers, dim {cfg.num_heads * cfg.head_dim})")
   return out

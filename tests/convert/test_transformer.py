@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -149,3 +150,35 @@ def test_converted_checkpoint_loads_into_either_layer_layout(tmp_path, torch_mod
                                    as_list, component="transformer", source="t")
   _check(convert_tf.load_transformer(list_dir, config=cfg), torch_model, inputs)
   _check(convert_tf.load_transformer(list_dir), torch_model, inputs)
+
+
+def test_quantized_conversion_writes_int8_and_loads_back_as_quantize_on_load(tmp_path, torch_model, inputs):
+  from flax import nnx
+  from kaleido_jax.convert.__main__ import main
+  from kaleido_jax.model import quantization as quant
+  src = ref.save_diffusers(torch_model, str(tmp_path / "wan"))
+  assert main(["--format", "diffusers", "--input", src, "--output", str(tmp_path / "q8"),
+               "--quantization", "int8"]) == 0
+  assert common.saved_quantization(str(tmp_path / "q8")) == "int8"
+  # Its leaves are int8 on disk: a quarter of the float bytes for the blocks' kernels.
+  state, saved_cfg = common.load_converted(str(tmp_path / "q8"), component="transformer")
+  assert state["blocks"]["ffn"]["proj_in"]["qvalue"].dtype == np.int8
+  cfg = saved_cfg
+  loaded = convert_tf.load_transformer(str(tmp_path / "q8"), "diffusers", cfg)
+  # The same numbers as quantizing the float model on load (from the PyTorch checkpoint, from a float dir).
+  on_load = convert_tf.load_transformer(src, "diffusers", cfg)
+  assert quant.scheme_of(loaded) == quant.scheme_of(on_load) == "int8"
+  a, b = nnx.state(loaded, nnx.Param), nnx.state(on_load, nnx.Param)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  expected = ref.run_diffusers(torch_model, *inputs)
+  got = np.asarray(loaded(*(jnp.asarray(x) for x in inputs)))
+  assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.01
+  # A quantized directory loads only into its own scheme, with one line saying what to set.
+  other = saved_cfg.copy_and_resolve_references()
+  other.quantization = "int4"
+  with pytest.raises(common.ConversionError, match="holds int8 weights but config.model.quantization='int4'"):
+    convert_tf.load_transformer(str(tmp_path / "q8"), "diffusers", other)
+  # The VAE has no linears to quantize: one line, exit 2.
+  assert main(["--component", "vae", "--format", "diffusers", "--input", src, "--output",
+               str(tmp_path / "v"), "--quantization", "int8"]) == 2

@@ -101,6 +101,7 @@ def vae_config(**overrides) -> ml_collections.ConfigDict:
       decode_chunk_frames=1,   # latent frames per jitted decode step (causal cache carries the rest)
       tile_size=None,          # spatial tiling (pixels) for large frames; None = no tiling
       tile_overlap=32,
+      cpu_kernels='auto',      # the CPU-only conv rewrites (model/vae.py, model/cpu.py): auto | on | off
   ))
   cfg.update(overrides)
   return cfg
@@ -219,6 +220,8 @@ def sample_config(**overrides) -> ml_collections.ConfigDict:
       checkpoint='',            # '' = the workdir's latest training checkpoint, else init_from.transformer
       use_ema=True,             # sample with the EMA weights when the checkpoint has them
       gif=True,                 # also write a GIF and a PNG strip next to the video
+      text_encoder_device='accelerator',  # where umT5 lives and runs: accelerator | host (the host CPU; keeps the
+                                # 5.7B encoder out of HBM, prompts are encoded once each)
   ))
   cfg.update(overrides)
   return cfg

@@ -84,11 +84,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     pipe_lib.check_request(config, [s.prompt], [len(s.refs)], int(s.num_frames), int(s.height), int(s.width))
     for i, r in enumerate(s.refs):
       refs_lib.load_reference(r, 8, 8, index=i)
-    pipe = pipe_lib.S2VPipeline.from_config(config, workdir=workdir, checkpoint=s.checkpoint)
+    # The one-chip memory plan (a one-shot run): umT5 encodes the two prompts and is released before the DiT
+    # loads; the DiT is released before the VAE decodes. So the chip holds one of the three at a time (plus
+    # the small VAE), which `python -m kaleido_jax.tools.aot --step sample` checks for a slice.
+    encoders = enc_lib.Encoders.from_config(config, workdir=workdir)
+    encoders.text([s.prompt, s.negative_prompt])
+    encoders.release_text_encoder()
+    pipe = pipe_lib.S2VPipeline.from_config(config, workdir=workdir, checkpoint=s.checkpoint, encoders=encoders)
     progress = StepProgress(int(s.num_steps))
     try:
       inputs = pipe.prepare(list(s.refs), s.prompt, seed=int(s.seed))
       latents = pipe.sample_latents(inputs, pipe.sample_config(), on_step=progress)
+      pipe.release_weights()
       frames = enc_lib.to_uint8(pipe.encoders.decode(latents))[0]
     finally:
       progress.close()
@@ -99,4 +106,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     sys.exit(2)
   print(f'wrote {", ".join(paths.values())} ({frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]}, '
         f'weights: {pipe.weights_from})')
+  line = pipe_lib.peak_memory_line()
+  if line:
+    print(line)
   return {'paths': paths, 'frames': frames}

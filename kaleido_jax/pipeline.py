@@ -8,7 +8,8 @@ Stages: prompt -> umT5 (cached) | references -> fit-and-pad on white -> each VAE
 -> normalised latents in `max_refs` slots with a mask | seeded noise -> the jitted sampler (one lax.scan,
 text CFG with the same references in both branches, kaleido_jax/diffusion/sampler.py) -> VAE decode -> uint8.
 With a `mesh`, weights are placed by their logical axis names (kaleido_jax/train/mesh.py) and the batch over
-(data, fsdp), and the sampler runs under that mesh.
+(data, fsdp), and the sampler runs under that mesh and its logical rules: guidance branches and prompts over
+(data, fsdp), the token sequence over `context` (the context-parallel attention), weights over fsdp / tensor.
 
 Weights (`checkpoint`): '' = the workdir's newest training checkpoint, else `config.init_from.transformer`;
 a path = a training checkpoint directory (WORKDIR, WORKDIR/checkpoints or one step directory), a directory
@@ -214,6 +215,10 @@ class S2VPipeline:
     encoders = encoders or enc_lib.Encoders.from_config(config, workdir=workdir)
     return cls(config, encoders, graphdef, state, mesh=mesh, weights_from=where)
 
+  def release_weights(self) -> None:
+    """Drops the DiT weights (a one-shot run does so before the VAE decodes); sampling again needs new ones."""
+    self.state = None
+
   @property
   def max_refs(self) -> int:
     return int(self.config.model.max_refs)
@@ -249,6 +254,8 @@ class S2VPipeline:
 
   def sample_latents(self, inputs: dict[str, Any], cfg: ml_collections.ConfigDict,
                      on_step: Callable[[Any], None] | None = None) -> jax.Array:
+    if self.state is None:
+      raise UserInputError('this pipeline released its DiT weights (release_weights); build a new one')
     args = [inputs[k] for k in ('noise', 'text_cond', 'text_uncond', 'refs', 'ref_mask')]
     if self.mesh is None:
       return sampler_lib.sample(self.graphdef, self.state, *args, cfg=cfg, on_step=on_step)
@@ -256,7 +263,10 @@ class S2VPipeline:
     placed = [None if a is None else jax.device_put(
         a, mesh_lib.batch_sharding(self.mesh, np.ndim(a)) if np.shape(a)[0] % mesh_lib.data_parallel_size(
             self.mesh) == 0 else mesh_lib.replicated(self.mesh)) for a in args]
-    with jax.set_mesh(self.mesh):
+    # Under the mesh and its logical rules the guidance branches (concatenated on the batch inside the step)
+    # and the prompts go over data x fsdp, the tokens over context (context-parallel attention,
+    # model.context_parallel), the weights as their names say (fsdp, context, tensor).
+    with jax.set_mesh(self.mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
       return sampler_lib.sample(self.graphdef, self.state, *placed, cfg=cfg, on_step=on_step)
 
   def sample_config(self, num_steps: int | None = None, guidance_scale: float | None = None,
@@ -283,6 +293,18 @@ class S2VPipeline:
                           negative_prompt=negative_prompt)
     latents = self.sample_latents(inputs, cfg, on_step)
     return enc_lib.to_uint8(self.encoders.decode(latents))
+
+
+def peak_memory_line(device: Any = None) -> str:
+  """'peak accelerator memory: X GiB of Y GiB (device)' where the backend counts it (TPU, GPU), else ''."""
+  device = device or jax.local_devices()[0]
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if not stats or 'peak_bytes_in_use' not in stats:
+    return ''
+  gib = 1024 ** 3
+  limit = stats.get('bytes_limit')
+  of = f' of {limit / gib:.2f} GiB' if limit else ''
+  return f'peak accelerator memory: {stats["peak_bytes_in_use"] / gib:.2f} GiB{of} ({device.device_kind})'
 
 
 def generate(refs: Any, prompt: Any, *, config: ml_collections.ConfigDict, workdir: str | None = None,

@@ -157,3 +157,24 @@ def test_sharded_pipeline_matches_single_device(pixel_pipe, tmp_path):
   got = sharded.sample_latents(inputs, cfg)
   assert len(got.sharding.device_set) == 8
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('axes,cp', [(dict(data=2, fsdp=1, context=4, tensor=1), 'ring'),
+                                     (dict(data=2, fsdp=2, context=1, tensor=2), 'gather')])
+def test_one_video_sampled_over_eight_devices_matches_single_device(pixel_pipe, tmp_path, axes, cp):
+  # One video, text CFG: its two guidance branches over data, the tokens over context (ring attention) or
+  # the weights over fsdp x tensor; the same latents as one device.
+  from kaleido_jax.train import mesh as mesh_lib
+  config = pixel_pipe.config.copy_and_resolve_references()
+  config.model.context_parallel = cp
+  config.mesh.update(**axes)
+  graphdef = pipe_lib.abstract_model(config.model)[0]
+  sharded = pipe_lib.S2VPipeline(config, pixel_pipe.encoders, graphdef, pixel_pipe.state,
+                                 mesh=mesh_lib.make_mesh(config.mesh))
+  a = write_reference(str(tmp_path / 'a.png'))
+  inputs = pixel_pipe.prepare([a], 'A red square moves left.', seed=3)
+  cfg = pixel_pipe.sample_config()
+  assert cfg.guidance_scale != 1.0  # two branches
+  want = np.asarray(pixel_pipe.sample_latents(inputs, cfg))
+  got = sharded.sample_latents(inputs, cfg)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)

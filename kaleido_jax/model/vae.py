@@ -89,8 +89,9 @@ def _conv_frames(x, kernel, stride, padding, taps=None):
 class CausalConv3d(nnx.Module):
   """3D conv, channels-last, zero 'same' padding in space and causal (cached) context in time.
 
-  Computed as a sum over the kt time taps of 2D convs over all frames at once, not as one
-  ``lax.conv_general_dilated`` in 3D: XLA CPU's 3D convolution ran 3x3x3 convs at the VAE's sizes
+  On TPU / GPU one ``lax.conv_general_dilated`` in 3D over [cached context | frames]. Where the program is
+  built for the CPU (model/cpu.py's switch, ``vae.cpu_kernels``) a sum over the kt time taps of 2D convs
+  over all frames at once instead: XLA CPU's 3D convolution ran 3x3x3 convs at the VAE's sizes
   (96-384 channels) at ~40 GFLOP/s on 2 cores, its 2D path (YNNPACK) at ~65-110. bench/vae.py at
   17x256x256 vs diffusers in the same run went from 0.23x / 0.33x (encode / decode) with the 3D conv to
   0.68x / 0.74x with this (plus frame groups and the step changes below), on a busy 2-core machine.
@@ -106,6 +107,13 @@ class CausalConv3d(nnx.Module):
 
   def conv(self, x):
     """Valid in time, 'same' in space, over all frames of ``x`` (the context already prepended)."""
+    if not cpu.active():  # one 3D convolution: the program TPUs and GPUs run
+      _, kh, kw = self.kernel_size
+      y = jax.lax.conv_general_dilated(x, self.kernel.value.astype(x.dtype), self.stride,
+                                       ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)),
+                                       dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+                                       precision=jax.lax.Precision.HIGHEST)
+      return y + self.bias.value.astype(y.dtype)
     st = self.stride[0]
     fo = (x.shape[1] - self.kernel_size[0]) // st + 1
     return self._taps([x[:, t:t + st * (fo - 1) + 1:st] for t in range(self.kernel_size[0])])
@@ -133,6 +141,8 @@ class CausalConv3d(nnx.Module):
 
     if cache is not None:
       cache.put(x[:, -CACHE_T:] if n >= CACHE_T else jnp.concatenate([front(), x], axis=1)[:, -CACHE_T:])
+    if not cpu.active():
+      return self.conv(jnp.concatenate([front(), x], axis=1))
     # Tap t reads frames t .. t+n-1 of [context | x]: the last tap is x itself (no copy), and taps that
     # would read only the zero context of the first chunk are skipped (exact: they add 0).
     taps = []
@@ -157,7 +167,13 @@ class Conv2d(nnx.Module):
 
   def __call__(self, x):
     b, f = x.shape[:2]
-    y = _conv_frames(x.reshape((b * f,) + x.shape[2:]), self.kernel.value, self.stride, self.padding)
+    frames = x.reshape((b * f,) + x.shape[2:])
+    if cpu.active():
+      y = _conv_frames(frames, self.kernel.value, self.stride, self.padding)
+    else:
+      y = jax.lax.conv_general_dilated(frames, self.kernel.value.astype(x.dtype), self.stride, self.padding,
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       precision=jax.lax.Precision.HIGHEST)
     y = y + self.bias.value.astype(x.dtype)
     return y.reshape((b, f) + y.shape[1:])
 
@@ -365,9 +381,10 @@ class WanVAE(nnx.Module):
   # -- encoding ------------------------------------------------------------------------------------
 
   def encode_step(self, chunk, caches, first: bool):
-    cache = Cache(caches)
-    out = self.encoder(chunk, cache, first)
-    return out, cache.out
+    with cpu.kernels(self.config.get("cpu_kernels", "auto")):
+      cache = Cache(caches)
+      out = self.encoder(chunk, cache, first)
+      return out, cache.out
 
   def encode(self, video):
     """Posterior mean in the raw latent space, (B, 1 + (F-1)/4, H/8, W/8, z) (diffusers' latent_dist.mean)."""
@@ -386,9 +403,10 @@ class WanVAE(nnx.Module):
   # -- decoding ------------------------------------------------------------------------------------
 
   def decode_step(self, z_chunk, caches, first: bool):
-    cache = Cache(caches)
-    out = self.decoder(z_chunk, cache, first)
-    return out, cache.out
+    with cpu.kernels(self.config.get("cpu_kernels", "auto")):
+      cache = Cache(caches)
+      out = self.decoder(z_chunk, cache, first)
+      return out, cache.out
 
   def _decode_untiled(self, z, chunk_frames: int):
     x = self.post_quant_conv(jnp.asarray(z, jnp.float32))

@@ -2,6 +2,8 @@ r"""Ahead-of-time fit check: compile the real training step for a TPU slice on t
 
   python -m kaleido_jax.tools.aot --config configs/kaleido_14b.py --topology v5p:2x2x2 \
       [--config.mesh.fsdp=-1] [--config.model.remat_policy=full] [--batch_size 0]
+  python -m kaleido_jax.tools.aot --step sample --config configs/kaleido_14b.py --topology v6e:1x1 \
+      --config.model.quantization=int8 [--config.sample.text_encoder_device=host]
 
 With libtpu installed (`pip install "jax[tpu]==<jax version>"`), `get_topology_desc` gives abstract TPU
 devices; the train step (same code as `kaleido_jax.train.step`, same shardings) is lowered for them and
@@ -36,10 +38,36 @@ _UNIT = {'K': 1024, 'M': 1024 ** 2, 'G': GIB, 'T': 1024 ** 4}
 
 
 def topology_devices(topology: str):
-  """Abstract TPU devices of `generation:AxBxC` (needs libtpu; no TPU)."""
+  """Abstract TPU devices of `generation:AxBxC` (needs libtpu; no TPU). One-chip slices (v6e:1x1, v5e:1x1,
+  v5p:1x1x1) need chips_per_host_bounds=(1, 1, 1): without it libtpu assumes a full host's chips."""
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  return topologies.get_topology_desc(topology, platform='tpu').devices
+  dims = [int(d) for d in topology.split(':')[1].split('x')]
+  extra = {'chips_per_host_bounds': (1, 1, 1)} if all(d == 1 for d in dims) else {}
+  return topologies.get_topology_desc(topology, platform='tpu', **extra).devices
+
+
+def _memory(compiled) -> dict[str, float]:
+  """Per-chip bytes of a compiled program: arguments, temporaries, output not aliased, code, their total."""
+  mem = compiled.memory_analysis()
+  out = max(mem.output_size_in_bytes - mem.alias_size_in_bytes, 0)
+  total = mem.argument_size_in_bytes + mem.temp_size_in_bytes + out + mem.generated_code_size_in_bytes
+  return dict(args=mem.argument_size_in_bytes, temp=mem.temp_size_in_bytes, out=out,
+              code=mem.generated_code_size_in_bytes, total=total,
+              host_temp=getattr(mem, 'host_temp_size_in_bytes', 0))
+
+
+def _compile(lowered) -> tuple[Any, dict[str, float] | None]:
+  """(compiled, None) or (None, the refusal's numbers) when the TPU compiler says it cannot fit."""
+  try:
+    return lowered.compile(), None
+  except Exception as e:  # pylint: disable=broad-except
+    m = _OOM.search(str(e))
+    if m is None:
+      raise
+    need = float(m.group(1)) * _UNIT[m.group(2)]
+    return None, dict(args=float('nan'), temp=need, out=float('nan'), code=float('nan'), total=need,
+                      host_temp=0, note=str(e).splitlines()[0][:200])
 
 
 def hbm_bytes(topology: str) -> int:
@@ -82,32 +110,17 @@ def analyse(config, topology: str, batch_size: int = 0, num_refs: int = -1) -> d
               remat=config.model.get('remat_policy', 'none'), attention=config.model.get('attention', ''),
               capacity=hbm_bytes(topology), analytic_flops_per_chip=analytic / len(devices))
   with jax.set_mesh(mesh):
-    lowered = jitted.lower(spec.abstract_state, batch, key)
-    try:
-      compiled = lowered.compile()
-    except Exception as e:  # pylint: disable=broad-except
-      # The TPU compiler refuses programs that cannot fit: report its numbers as "does not fit".
-      m = _OOM.search(str(e))
-      if m is None:
-        raise
-      need = float(m.group(1)) * _UNIT[m.group(2)]
-      return dict(base, args=float('nan'), temp=need, out=float('nan'), code=float('nan'), total=need,
-                  xla_flops=float('nan'), census_flops_per_chip=census_flops(config, shapes) / len(devices),
-                  compile_s=time.time() - t0, fits=False, note=str(e).splitlines()[0][:200])
+    compiled, refused = _compile(jitted.lower(spec.abstract_state, batch, key))
   compile_s = time.time() - t0
-  mem = compiled.memory_analysis()
+  census = census_flops(config, shapes) / len(devices)
+  if refused:  # the TPU compiler refuses programs that cannot fit: its numbers, "does not fit"
+    return dict(base, **refused, xla_flops=float('nan'), census_flops_per_chip=census, compile_s=compile_s,
+                fits=False)
+  mem = _memory(compiled)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  args = mem.argument_size_in_bytes
-  temp = mem.temp_size_in_bytes
-  out = max(mem.output_size_in_bytes - mem.alias_size_in_bytes, 0)
-  code = mem.generated_code_size_in_bytes
-  total = args + temp + out + code
-  return dict(base, args=args, temp=temp, out=out, code=code, total=total,
-              host_temp=getattr(mem, 'host_temp_size_in_bytes', 0),
-              xla_flops=float(cost.get('flops', float('nan'))) if cost else float('nan'),
-              census_flops_per_chip=census_flops(config, shapes) / len(devices),
-              compile_s=compile_s, fits=total <= hbm_bytes(topology))
+  return dict(base, **mem, xla_flops=float(cost.get('flops', float('nan'))) if cost else float('nan'),
+              census_flops_per_chip=census, compile_s=compile_s, fits=mem['total'] <= hbm_bytes(topology))
 
 
 def census_flops(config, shapes) -> float:
@@ -125,6 +138,148 @@ def census_flops(config, shapes) -> float:
   key = jax.eval_shape(lambda: jax.random.key(0))
   census = flops_lib.matmul_census(step_lib.train_step_fn(config, spec), spec.abstract_state, shapes, key)
   return float(sum(m.flops * n for m, n in census.items()))
+
+
+def _abstract_with_shardings(state, mesh):
+  """ShapeDtypeStructs of an abstract nnx State, each with the NamedSharding its logical names give."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  leaves, treedef = jax.tree.flatten(state)
+  shardings = jax.tree.leaves(mesh_lib.state_shardings(state, mesh))
+  return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+                                      for x, sh in zip(leaves, shardings)])
+
+
+def _bytes_per_chip(abstract) -> float:
+  """Per-chip bytes of sharded ShapeDtypeStructs (int4 packs two values a byte)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  total = 0.0
+  for x in jax.tree.leaves(abstract):
+    shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    n = 1
+    for d in shard:
+      n *= d
+    total += n * (0.5 if x.dtype == jnp.int4 else jnp.dtype(x.dtype).itemsize)
+  return total
+
+
+def analyse_sample(config, topology: str, batch_size: int = 1, num_refs: int = -1) -> dict[str, Any]:
+  """Compile, for `topology`, what sampling runs: one DiT denoising call with every guidance branch at
+  `config.sample`'s size, the umT5 encoder on (prompt, negative prompt) and one VAE decode chunk; returns
+  each program's per-chip HBM and the memory plans' peaks (see `format_sample_table`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from kaleido_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.diffusion import guidance, sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.model import codec as codec_lib, quantization, text_encoder as te  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.train import flops as flops_lib, mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
+  devices = topology_devices(topology)
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  s = config.sample
+  t_f, s_f, z = codec_lib.factors(config.vae)
+  f, h, w = 1 + (s.num_frames - 1) // t_f, s.height // s_f, s.width // s_f
+  r = config.model.max_refs if num_refs < 0 else num_refs
+  b = batch_size
+  branches = guidance.num_branches(float(s.guidance_scale), float(s.get('image_guidance_scale', 0.0)))
+  text_len, text_dim = config.text_encoder.max_length, config.model.text_dim
+  rep = jax.sharding.NamedSharding(mesh, jax.P())
+  sds = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
+  v_tok, r_tok = flops_lib.tokens((f, h, w), r, (h, w), config.model.patch_size)
+  rows: dict[str, dict[str, Any]] = {}
+
+  # The DiT: one denoising call, guidance branches concatenated on the batch (diffusion/guidance.py).
+  graphdef, abstract = pipeline.abstract_model(config.model)
+  weights = _abstract_with_shardings(abstract, mesh)
+
+  def denoise(state, x, t, text_c, text_u, refs, ref_mask):
+    fn = sampler_lib.nnx_denoise_fn(graphdef, state)
+    return guidance.guided_velocity(fn, x, t, text_c, text_u, refs, ref_mask, text_scale=float(s.guidance_scale),
+                                    image_scale=float(s.get('image_guidance_scale', 0.0)))
+
+  args = (weights, sds((b, f, h, w, z)), sds((b,)), sds((b, text_len, text_dim)), sds((1, text_len, text_dim)),
+          sds((b, r, h, w, z)) if r else None, sds((b, r), jnp.bool_) if r else None)
+  t0 = time.time()
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
+    compiled, refused = _compile(jax.jit(denoise).lower(*args))
+  rows['dit'] = dict(refused or _memory(compiled), weights=_bytes_per_chip(weights), compile_s=time.time() - t0,
+                     what=f'DiT denoising call: {branches} branch(es) x {b} video(s), {v_tok} video + {r_tok} '
+                          f'ref tokens, {quantization.weight_bytes(nnx.merge(graphdef, abstract)) / 1e9:.2f} '
+                          f'GB of weights ({config.model.get("quantization", "none")})')
+
+  # umT5 on the prompt and the negative prompt (skipped when it lives on the host).
+  te_on_chip = config.sample.get('text_encoder_device', 'accelerator') == 'accelerator'
+  te_graph, te_abstract = nnx.split(nnx.eval_shape(lambda: te.UMT5Encoder(config.text_encoder,
+                                                                         rngs=nnx.Rngs(0))))
+  te_weights = _abstract_with_shardings(te_abstract, mesh)
+
+  def encode(state, ids, mask):
+    return nnx.merge(te_graph, state)(ids, mask)
+
+  if te_on_chip:
+    t0 = time.time()
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
+      compiled, refused = _compile(jax.jit(encode).lower(te_weights, sds((2, text_len), jnp.int32),
+                                                         sds((2, text_len), jnp.int32)))
+    rows['umt5'] = dict(refused or _memory(compiled), weights=_bytes_per_chip(te_weights),
+                        compile_s=time.time() - t0,
+                        what=f'umT5 encoder: 2 prompts x {text_len} tokens '
+                             f'({config.text_encoder.get("quantization", "none")})')
+
+  # One VAE decode chunk (the steady state: `vae.decode_chunk_frames` latent frames with the causal caches).
+  if config.vae.get('kind', 'wan') == 'wan':
+    vae_graph, vae_abstract = nnx.split(nnx.eval_shape(lambda: codec_lib.make_codec(config.vae,
+                                                                                   rngs=nnx.Rngs(0))))
+    vae_weights = _abstract_with_shardings(vae_abstract, mesh)
+    tile = config.vae.get('tile_size') or 0
+    th, tw = (min(h, tile // s_f), min(w, tile // s_f)) if tile else (h, w)
+    chunk = int(config.vae.decode_chunk_frames or 1)
+    first = lambda st, zc: nnx.merge(vae_graph, st).decode_step(zc, None, True)
+    _, caches = jax.eval_shape(first, vae_abstract, jax.ShapeDtypeStruct((b, 1, th, tw, z), jnp.float32))
+    caches = jax.tree.map(lambda x: sds(x.shape, x.dtype), caches)
+    step = lambda st, zc, c: nnx.merge(vae_graph, st).decode_step(zc, c, False)
+    t0 = time.time()
+    with jax.set_mesh(mesh):
+      compiled, refused = _compile(jax.jit(step).lower(vae_weights, sds((b, min(chunk, max(f - 1, 1)), th, tw, z)),
+                                                       caches))
+    rows['vae'] = dict(refused or _memory(compiled), weights=_bytes_per_chip(vae_weights),
+                       compile_s=time.time() - t0,
+                       what=f'VAE decode chunk: {chunk} latent frame(s) of {th}x{tw}' + (f' (tile {tile} px)'
+                                                                                        if tile else ''))
+  vae_w = rows['vae']['weights'] if 'vae' in rows else 0.0
+  # One-shot run (`--mode sample`): umT5, then the DiT, then the VAE decode; the VAE's weights stay throughout.
+  one_shot = max([rows['dit']['total'] + vae_w] + ([rows['umt5']['total'] + vae_w] if 'umt5' in rows else [])
+                 + ([rows['vae']['total']] if 'vae' in rows else []))
+  # S2VPipeline: every weight resident (umT5 too, on 'accelerator'), the largest program's working memory.
+  resident_w = rows['dit']['weights'] + vae_w + (rows['umt5']['weights'] if 'umt5' in rows else 0.0)
+  resident = resident_w + max(r_['total'] - r_['weights'] for r_ in rows.values())
+  cap = hbm_bytes(topology)
+  return dict(topology=topology, chips=len(devices), mesh=dict(mesh.shape), rows=rows, capacity=cap,
+              one_shot=one_shot, resident=resident, text_encoder_device=config.sample.get('text_encoder_device',
+                                                                                          'accelerator'),
+              size=f'{s.num_frames}x{s.height}x{s.width}', refs=r, branches=branches,
+              fits=one_shot <= cap and all('note' not in r_ for r_ in rows.values()))
+
+
+def format_sample_table(r: dict[str, Any]) -> str:
+  g = lambda x: f'{x / GIB:7.2f} GiB'
+  pct = lambda x: f'{100 * x / r["capacity"]:5.1f}%'
+  mesh = ' '.join(f'{k}={v}' for k, v in r['mesh'].items())
+  lines = [f"topology {r['topology']} ({r['chips']} chips)  mesh {mesh}  sample {r['size']} + {r['refs']} refs, "
+           f"{r['branches']} guidance branch(es); per-chip HBM of {g(r['capacity'])}"]
+  for name, row in r['rows'].items():
+    lines.append(f"{name:5s} {row['what']}")
+    lines.append(f"      weights {g(row['weights'])}  arguments {g(row['args'])}  temporaries {g(row['temp'])}  "
+                 f"total {g(row['total'])} ({pct(row['total'])})  compile {row['compile_s']:.1f} s"
+                 + (f"  compiler: {row['note']}" if row.get('note') else ''))
+  lines.append(f"plan  one-shot (--mode sample: umT5, free, DiT, free, VAE decode) peak {g(r['one_shot'])} "
+               f"({pct(r['one_shot'])})")
+  lines.append(f"plan  resident (S2VPipeline, umT5 on {r['text_encoder_device']}) peak {g(r['resident'])} "
+               f"({pct(r['resident'])})")
+  lines.append('fits' if r['fits'] else 'does not fit')
+  return '\n'.join(lines)
 
 
 def format_table(r: dict[str, Any]) -> str:
@@ -162,7 +317,10 @@ def _define_flags():
                           'v5p:2x2x2 (v5p-16), v6e:4x4 (v6e-16).'),
       flags.DEFINE_integer('batch_size', 0, 'Global batch; 0 = one sample per data-parallel shard '
                            '(data * fsdp).'),
-      flags.DEFINE_integer('num_refs', -1, 'References per sample; -1 = data.max_refs.'),
+      flags.DEFINE_integer('num_refs', -1, 'References per sample; -1 = data.max_refs (train) or '
+                           'model.max_refs (sample).'),
+      flags.DEFINE_enum('step', 'train', ['train', 'sample'], 'train: the training step; sample: one '
+                        'denoising call with all guidance branches, the umT5 encoder and a VAE decode chunk.'),
   )
 
 
@@ -176,8 +334,11 @@ def main(argv):
   except ImportError:
     print('error: libtpu is not installed; pip install "jax[tpu]==<your jax version>"', file=sys.stderr)
     sys.exit(2)
-  config, topology, batch, refs = _FLAGS
-  print(format_table(analyse(config.value, topology.value, batch.value, refs.value)))
+  config, topology, batch, refs, step = _FLAGS
+  if step.value == 'sample':
+    print(format_sample_table(analyse_sample(config.value, topology.value, batch.value or 1, refs.value)))
+  else:
+    print(format_table(analyse(config.value, topology.value, batch.value, refs.value)))
 
 
 if __name__ == '__main__':

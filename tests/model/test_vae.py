@@ -60,6 +60,27 @@ def test_encode_and_decode_match_diffusers(pair, frames, h, w):
   assert np.abs(got - expected).max() < 1e-4
 
 
+@pytest.mark.torch
+def test_plain_convolutions_match_diffusers(pair):
+  # vae.cpu_kernels='off': the program TPUs and GPUs run (one 3D conv per causal conv, no frame groups),
+  # here on the CPU, against the same reference and tolerance as the CPU rewrite above.
+  import torch
+  ref, ours, case = pair
+  cfg = ours.config.copy_and_resolve_references()
+  cfg.cpu_kernels = "off"
+  plain = WanVAE(cfg, rngs=nnx.Rngs(0))
+  nnx.update(plain, nnx.state(ours))
+  video = np.random.default_rng(case).uniform(-1, 1, size=(1, 9, 16, 16, 3)).astype(np.float32)
+  with torch.no_grad():
+    mean = ref.encode(torch.from_numpy(video.transpose(0, 4, 1, 2, 3).copy())).latent_dist.mean
+    dec = ref.decode(mean).sample
+  expected_mean = mean.numpy().transpose(0, 2, 3, 4, 1)
+  assert np.abs(np.asarray(plain.encode(jnp.asarray(video))) - expected_mean).max() < 1e-4 * max(
+      1, np.abs(expected_mean).max())
+  got = np.asarray(plain.decode(jnp.asarray(expected_mean)))
+  assert np.abs(got - dec.numpy().transpose(0, 2, 3, 4, 1)).max() < 1e-4
+
+
 def test_chunked_decode_equals_one_step_decode():
   cfg = kcfg.vae_config(base_dim=8, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1,
                         temporal_downsample=(False, True), latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)

@@ -1,0 +1,23 @@
+"""Kaleido-14B for sampling: bf16 weights (no float32 masters), umT5-XXL in bf16, 480x832x81 with <= 3 refs.
+
+One TPU chip (the memory plan of `python -m kaleido_jax.tools.aot --step sample`, bench/sample.py --aot):
+  v6e-1 (32 GiB)  --config.model.quantization=int8
+  v5e-1 (16 GiB)  --config.model.quantization=int4 --config.text_encoder.quantization=int8
+  v5p-1 (95 GiB)  as it is (bf16)
+Many chips: --config.mesh.data=2 --config.mesh.context=4 (guidance branches over data, tokens over context).
+Weights: --config.init_from.transformer=DIR (a converted, possibly `--quantization int8`, directory) and
+init_from.vae / .text_encoder likewise; text_encoder.tokenizer_path for the umT5 sentencepiece model.
+"""
+
+from kaleido_jax import config as kcfg
+
+
+def get_config():
+  config = kcfg.base_config()
+  config.model = kcfg.model_config(**kcfg.WAN_14B, dtype='bfloat16', param_dtype='bfloat16', attention='auto')
+  config.text_encoder.dtype = 'bfloat16'
+  config.data.update(max_refs=3)
+  config.vae.update(decode_chunk_frames=1)
+  config.mesh.update(data=1, fsdp=1)
+  config.sample.update(num_frames=81, height=480, width=832)
+  return config

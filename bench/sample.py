@@ -2,6 +2,7 @@
 
   python bench/sample.py [--config configs/demo.py] [--batch 1] [--repeats 3]
                          [--big-config configs/wan_1_3b.py] [--layers 1] [--frames 5] [--refs 1]
+  python bench/sample.py --aot [--rows v6e-1,v5e-1] [--override model.attention=xla]   # the TPU fit table
   python bench/sample.py --skip-demo --frames 21 --refs 0 --cfg-batch 1   # true 480x832x81 size: 32760
       # video tokens; our scores need ~100 GiB per batch row (--cfg-batch 2: ~200 GiB), ~5 min per layer-call on 2 cores
 
@@ -301,6 +302,53 @@ def big_rows(args) -> str:
   return "\n".join(table)
 
 
+# The one-chip / many-chip sampling fit table (issue: the released Kaleido-14B on one TPU chip and many):
+# (row, TPU topology, config overrides on configs/kaleido_14b_sample.py: 480x832x81, 3 refs, text CFG).
+_INT8_UMT5 = {'text_encoder.quantization': 'int8'}
+SAMPLE_AOT_ROWS = [
+    ('14B 480p+3 refs, int8, v6e-1', 'v6e:1x1', {'model.quantization': 'int8', **_INT8_UMT5}),
+    ('14B 480p+3 refs, int4, v5e-1 (umT5 int8, VAE 512-px tiles)', 'v5e:1x1',
+     {'model.quantization': 'int4', **_INT8_UMT5, 'vae.tile_size': 512}),
+    ('14B 480p+3 refs, bf16, v5p-1', 'v5p:1x1x1', {}),
+    ('14B 720p+3 refs, bf16, v6e-8, data 2 x context 4', 'v6e:2x4',
+     {'sample.height': 720, 'sample.width': 1280, 'mesh.data': 2, 'mesh.context': 4,
+      'model.context_parallel': 'ulysses'}),
+]
+
+
+def aot_table(args) -> str:
+  """One row per program (DiT call, umT5, VAE chunk) and plan of every SAMPLE_AOT_ROWS entry."""
+  from kaleido_jax import config as kcfg  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.tools import aot  # pylint: disable=g-import-not-at-top
+  out = ["| row | slice | mesh | program | weights GiB | total GiB | % HBM | compile s | verdict |",
+         "|---|---|---|---|---|---|---|---|---|"]
+  print("\n".join(out), flush=True)
+  for name, topo, overrides in SAMPLE_AOT_ROWS:
+    if args.rows and not any(r in name for r in args.rows.split(",")):
+      continue
+    config = load_config("configs/kaleido_14b_sample.py")
+    for k, v in overrides.items():
+      kcfg.set_path(config, k, v)
+    for o in args.override:
+      kcfg.set_path(config, *o.split("=", 1))
+    r = aot.analyse_sample(config, topo)
+    g = lambda x: f"{x / aot.GIB:.2f}"
+    pct = lambda x: f"{100 * x / r['capacity']:.1f}"
+    mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1) or "1"
+    lines = []
+    for prog, row in r["rows"].items():
+      lines.append(f"| {name} | {topo} | {mesh} | {row['what']} | {g(row['weights'])} | {g(row['total'])} | "
+                   f"{pct(row['total'])} | {row['compile_s']:.0f} | {'does not fit' if row.get('note') else ''} |")
+    lines.append(f"| {name} | {topo} | {mesh} | plan: one-shot `--mode sample` peak | | {g(r['one_shot'])} | "
+                 f"{pct(r['one_shot'])} | | {'fits' if r['fits'] else 'does not fit'} |")
+    lines.append(f"| {name} | {topo} | {mesh} | plan: S2VPipeline, all resident (umT5 on "
+                 f"{r['text_encoder_device']}) | | {g(r['resident'])} | {pct(r['resident'])} | | "
+                 f"{'fits' if r['resident'] <= r['capacity'] else 'does not fit'} |")
+    print("\n".join(lines), flush=True)
+    out += lines
+  return "\n".join(out)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="configs/demo.py")
@@ -319,7 +367,14 @@ def main():
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--skip-demo", action="store_true")
   p.add_argument("--skip-big", action="store_true")
+  p.add_argument("--aot", action="store_true", help="the TPU sampling fit table (SAMPLE_AOT_ROWS), nothing else")
+  p.add_argument("--rows", default="", help="--aot: comma list of substrings of row names (default: all)")
+  p.add_argument("--override", action="append", default=[], help="--aot: config key=value for every row")
   args = p.parse_args()
+  if args.aot:
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    aot_table(args)
+    return
   jax.config.update("jax_default_matmul_precision", "highest")
 
   out = []

@@ -113,20 +113,9 @@ AOT_ROWS = [
 ]
 
 
-def _set(config, key, value):
-  """config[a][b] = value for key 'a.b'; a string for a non-string key takes that key's type (CLI overrides)."""
-  *parents, leaf = key.split('.')
-  node = config
-  for part in parents:
-    node = node[part]
-  old = node[leaf]
-  if isinstance(value, str) and not isinstance(old, str):
-    value = value.lower() in ('1', 'true') if isinstance(old, bool) else type(old)(value)
-  node[leaf] = value
-
-
 def aot_table(args) -> None:
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  from kaleido_jax import config as kcfg  # pylint: disable=g-import-not-at-top
   from kaleido_jax.tools import aot  # pylint: disable=g-import-not-at-top
   print('| row | slice | mesh | batch | tokens/sample | remat | attention | args GiB | temp GiB | total GiB | '
         'HBM GiB | % HBM | host GiB | model TFLOP/chip | traced TFLOP/chip | compile s | verdict |')
@@ -136,9 +125,9 @@ def aot_table(args) -> None:
       continue
     config = _load_config(path, args.model_factory)
     for k, v in overrides.items():
-      _set(config, k, v)
+      kcfg.set_path(config, k, v)
     for o in args.override:
-      _set(config, *o.split('=', 1))
+      kcfg.set_path(config, *o.split('=', 1))
     _aot_row(aot, config, name, topo, batch)
 
 

@@ -33,6 +33,23 @@ WAN_NEGATIVE_PROMPT = (
     '手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走')
 
 
+class ConfigError(ValueError):
+  """A config value the run cannot use; the CLI prints the message as one line and exits with status 2."""
+
+
+def set_path(config: ml_collections.ConfigDict, key: str, value) -> None:
+  """config[a][b] = value for the dotted key 'a.b'; a string for a non-string key is parsed as that key's type
+  (bench / notebook overrides), a list becomes a tuple."""
+  *parents, leaf = key.split('.')
+  node = config
+  for part in parents:
+    node = node[part]
+  old = node[leaf]
+  if isinstance(value, str) and old is not None and not isinstance(old, str):
+    value = value.lower() in ('1', 'true') if isinstance(old, bool) else type(old)(value)
+  node[leaf] = tuple(value) if isinstance(value, list) else value
+
+
 def model_config(**overrides) -> ml_collections.ConfigDict:
   """The DiT section. Defaults are the Kaleido-14B architecture."""
   cfg = ml_collections.ConfigDict(dict(

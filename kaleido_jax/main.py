@@ -132,7 +132,12 @@ def main(argv):
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  resolve(mode)(config, _WORKDIR.value)
+  from kaleido_jax import config as kcfg  # pylint: disable=g-import-not-at-top
+  try:
+    resolve(mode)(config, _WORKDIR.value)
+  except kcfg.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,15 @@ def check_request(config: ml_collections.ConfigDict, prompts: Sequence[str], num
 
   Needs only the config (no weights), so the CLI can refuse a request before loading anything.
   """
+  from kaleido_jax.model import quantization  # pylint: disable=g-import-not-at-top
+  for section in ('model', 'text_encoder'):
+    try:
+      quantization.check_scheme(config[section].get('quantization', 'none'), f'config.{section}.quantization')
+    except ValueError as e:
+      raise UserInputError(f'{e} (--config.{section}.quantization=...)') from e
+  if config.sample.get('text_encoder_device', 'accelerator') not in enc_lib.TEXT_ENCODER_DEVICES:
+    raise UserInputError(f'config.sample.text_encoder_device={config.sample.text_encoder_device!r}; choose one '
+                         f'of {enc_lib.TEXT_ENCODER_DEVICES}')
   for i, p in enumerate(prompts):
     if not isinstance(p, str) or not p.strip():
       raise UserInputError(f'prompt #{i} is empty; describe the video to make (--prompt "...")')

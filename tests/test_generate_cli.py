@@ -21,7 +21,8 @@ def _run_mode(config, workdir, capsys):
 
 
 @pytest.mark.parametrize('case', ['missing_ref', 'corrupt_ref', 'too_many_refs', 'empty_prompt', 'bad_frames',
-                                  'bad_size', 'wrong_architecture', 'bad_extension', 'no_weights'])
+                                  'bad_size', 'wrong_architecture', 'bad_extension', 'no_weights',
+                                  'bad_quantization', 'quantized_checkpoint_other_scheme'])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
   config = tiny_config(checkpoint='random', prompt='A red square moves right.')
   ref = write_reference(str(tmp_path / 'a.png'))
@@ -34,7 +35,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
       'missing_ref': 'does not exist', 'corrupt_ref': 'bad.jpg', 'too_many_refs': 'at most 2',
       'empty_prompt': 'prompt is empty', 'bad_frames': '1 \\+ 4k', 'bad_size': 'divisible by',
       'wrong_architecture': 'different architecture|cannot be loaded', 'bad_extension': 'unknown video extension',
-      'no_weights': 'no weights'}[case]
+      'no_weights': 'no weights', 'bad_quantization': "model.quantization='int3'",
+      'quantized_checkpoint_other_scheme': "holds int8 weights but config.model.quantization='int4'"}[case]
   if case == 'missing_ref':
     config.sample.refs = (str(tmp_path / 'nope.png'),)
   elif case == 'corrupt_ref':
@@ -60,6 +62,18 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     config.sample.output = str(tmp_path / 'out' / 'v.avi')
   elif case == 'no_weights':
     config.sample.checkpoint = ''
+  elif case == 'bad_quantization':
+    config.model.quantization = 'int3'
+  elif case == 'quantized_checkpoint_other_scheme':
+    from flax import nnx
+    from kaleido_jax import pipeline
+    from kaleido_jax.convert import common
+    q8 = config.model.copy_and_resolve_references()
+    q8.quantization = 'int8'
+    _, state = pipeline.random_weights(q8)
+    common.save_converted(str(tmp_path / 'q8'), nnx.to_pure_dict(state), q8, component='transformer')
+    config.sample.checkpoint = str(tmp_path / 'q8')
+    config.model.quantization = 'int4'
   code, err = _run_mode(config, tmp_path / 'work', capsys)
   lines = err.strip().splitlines()
   assert code == 2 and lines[-1].startswith('error: ') and 'Traceback' not in err, err
@@ -112,3 +126,15 @@ def test_a_bad_config_override_is_one_line_with_status_2(tmp_path, override, say
   lines = p.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: ') and says in lines[0]
   assert not (tmp_path / 'w').exists()
+
+
+def test_int8_sampling_run_writes_the_video(tmp_path, capsys):
+  # The one-shot plan end to end: umT5 encodes and is released, the DiT (int8, quantized on load from random
+  # float weights) samples and is released, the VAE decodes.
+  config = tiny_config('wan', checkpoint='random', prompt='A red square moves right.',
+                       output=str(tmp_path / 'v.mp4'), gif=False)
+  config.model.quantization = 'int8'
+  config.sample.refs = (write_reference(str(tmp_path / 'a.png')),)
+  out = generate.run(config, str(tmp_path / 'work'))
+  assert out['frames'].shape == (5, 16, 16, 3) and os.path.exists(tmp_path / 'v.mp4')
+  assert 'random weights' in capsys.readouterr().out

@@ -178,3 +178,50 @@ def test_one_video_sampled_over_eight_devices_matches_single_device(pixel_pipe, 
   want = np.asarray(pixel_pipe.sample_latents(inputs, cfg))
   got = sharded.sample_latents(inputs, cfg)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
+
+
+def test_peak_memory_line_reads_the_backends_counter():
+  class Tpu:
+    device_kind = 'TPU v6 lite'
+
+    def memory_stats(self):
+      return {'peak_bytes_in_use': 3 * 2 ** 30, 'bytes_limit': 32 * 2 ** 30}
+
+  class Cpu:
+    device_kind = 'cpu'
+
+    def memory_stats(self):
+      return None
+
+  assert pipe_lib.peak_memory_line(Tpu()) == 'peak accelerator memory: 3.00 GiB of 32.00 GiB (TPU v6 lite)'
+  assert pipe_lib.peak_memory_line(Cpu()) == ''
+
+
+def test_host_text_encoder_and_float_checkpoint_quantized_on_load(tmp_path):
+  # sample.text_encoder_device=host puts umT5 on the host CPU device; a float converted DiT loads into an int8
+  # config quantized (the same values as quantizing the float model directly).
+  from kaleido_jax.model import quantization as quant
+  config = tiny_config()
+  _, state = pipe_lib.random_weights(config.model)
+  conv_common.save_converted(str(tmp_path / 'f32'), nnx.to_pure_dict(state), config.model, component='transformer')
+  config.model.quantization = 'int8'
+  graphdef, qstate, where = pipe_lib.load_weights(config, str(tmp_path / 'f32'))
+  assert where == str(tmp_path / 'f32') and quant.scheme_of(nnx.merge(graphdef, qstate)) == 'int8'
+  float_model = nnx.merge(*pipe_lib.random_weights(_float(config.model)))
+  direct = quant.quantize(float_model, 'int8')
+  for a, b in zip(jax.tree.leaves(nnx.state(direct)), jax.tree.leaves(qstate)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  config.sample.text_encoder_device = 'host'
+  enc = enc_lib.Encoders.from_config(config, workdir=str(tmp_path))
+  assert next(iter(enc.text_encoder.embed.embedding[...].devices())).platform == 'cpu'
+  assert enc.text(['A red square.']).shape[0] == 1
+  enc.release_text_encoder()
+  assert enc.text(['A red square.']).shape[0] == 1  # cached
+  with pytest.raises(KeyError, match='not cached'):
+    enc.text(['A new prompt.'])
+
+
+def _float(model_cfg):
+  cfg = model_cfg.copy_and_resolve_references()
+  cfg.quantization = 'none'
+  return cfg

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from kaleido_jax import config as kcfg
 from kaleido_jax.train import checkpoint as ckpt_lib
 from kaleido_jax.train import flops as flops_lib
 from kaleido_jax.train import inputs as inputs_lib
@@ -80,8 +81,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       problems.append(f'data.batch_size={b} must be divisible by {jax.process_count()} processes')
   if config.model.dtype not in ('float32', 'bfloat16'):
     problems.append(f'model.dtype {config.model.dtype!r} not in float32 | bfloat16')
+  if config.model.get('quantization', 'none') != 'none':
+    problems.append(f'model.quantization={config.model.quantization!r} is for sampling (quantized weights take '
+                    'no gradients); train with --config.model.quantization=none')
   if problems:
-    raise ValueError('invalid training config:\n  ' + '\n  '.join(problems))
+    raise kcfg.ConfigError('invalid training config: ' + '; '.join(problems))
 
 
 def _align(loaded: Any, template: Any, path: str = '') -> Any:

@@ -57,3 +57,33 @@ def test_aot_context_parallel_offloaded_step_compiles_for_tpu(context_parallel):
   print(aot.format_table(r))
   assert r['fits'] and r['mesh']['context'] == 4 and r['batch'] == 1
   assert r['host_temp'] > 0  # the block inputs really live in host memory between forward and backward
+
+
+def _tiny_sample_config(quantization='int8'):
+  from tests.sampling_common import tiny_config as tiny_sampling_config
+  config = tiny_sampling_config('wan')
+  config.model.update(quantization=quantization, text_dim=32)
+  config.text_encoder.update(vocab_size=320, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+                             quantization='int8')
+  config.sample.update(num_frames=9, height=32, width=32)
+  return config
+
+
+def test_aot_sample_step_compiles_one_chip_and_a_sharded_slice():
+  # One chip (v5e:1x1 needs chips_per_host_bounds=(1, 1, 1)) with int8 weights; then the guidance branches
+  # over data and the tokens over context on v6e-8, as the 720p row of bench/sample.py --aot.
+  config = _tiny_sample_config()
+  r = aot.analyse_sample(config, 'v5e:1x1')
+  table = aot.format_sample_table(r)
+  print(table)
+  assert r['chips'] == 1 and set(r['rows']) == {'dit', 'umt5', 'vae'} and r['branches'] == 3
+  assert all(row['total'] >= row['weights'] > 0 for row in r['rows'].values())
+  assert '(int8)' in r['rows']['dit']['what'] and r['fits'] and table.splitlines()[-1] == 'fits'
+  assert r['one_shot'] <= r['resident']  # the one-shot plan never holds more than everything resident
+  config.mesh.update(data=2, context=4)
+  config.model.context_parallel = 'ulysses'
+  config.sample.text_encoder_device = 'host'  # umT5 off the chip: no umT5 program
+  r8 = aot.analyse_sample(config, 'v6e:2x4')
+  assert r8['chips'] == 8 and r8['mesh']['context'] == 4 and set(r8['rows']) == {'dit', 'vae'}
+  # Weights are split over context (the `embed` rule): a quarter per chip of the one-chip bytes, roughly.
+  assert r8['rows']['dit']['weights'] < 0.6 * r['rows']['dit']['weights']

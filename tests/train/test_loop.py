@@ -177,3 +177,13 @@ def test_init_from_converted_transformer(tmp_path):
   config.model.num_layers = 3
   with pytest.raises(ValueError):
     loop.run(config, str(tmp_path / 'run2'))
+
+
+def test_a_quantized_model_config_is_refused_for_training():
+  from kaleido_jax import config as kcfg
+  from kaleido_jax.train import loop
+  config = kcfg.base_config()
+  config.model.quantization = 'int8'
+  config.data.batch_size = 1
+  with pytest.raises(kcfg.ConfigError, match="model.quantization='int8' is for sampling"):
+    loop.validate(config, 1)

@@ -303,16 +303,29 @@ def big_rows(args) -> str:
 
 
 # The one-chip / many-chip sampling fit table (issue: the released Kaleido-14B on one TPU chip and many):
-# (row, TPU topology, config overrides on configs/kaleido_14b_sample.py: 480x832x81, 3 refs, text CFG).
+# (row, TPU topology, config overrides on configs/kaleido_14b_sample.py: 480x832x81, 3 refs, text CFG
+# [, programs compiled: default DiT call, umT5 and a VAE decode chunk]).
 _INT8_UMT5 = {'text_encoder.quantization': 'int8'}
 SAMPLE_AOT_ROWS = [
     ('14B 480p+3 refs, int8, v6e-1', 'v6e:1x1', {'model.quantization': 'int8', **_INT8_UMT5}),
     ('14B 480p+3 refs, int4, v5e-1 (umT5 int8, VAE 512-px tiles)', 'v5e:1x1',
      {'model.quantization': 'int4', **_INT8_UMT5, 'vae.tile_size': 512}),
     ('14B 480p+3 refs, bf16, v5p-1', 'v5p:1x1x1', {}),
+    # The notebook's settings (S2VPipeline keeps its weights between videos: the resident plan must fit).
+    ('notebook v6e-1: int8, umT5 int8 on the host', 'v6e:1x1',
+     {'model.quantization': 'int8', **_INT8_UMT5, 'sample.text_encoder_device': 'host'}),
+    ('notebook v5e-1: int4, umT5 int8 on the host, VAE 256-px tiles', 'v5e:1x1',
+     {'model.quantization': 'int4', **_INT8_UMT5, 'sample.text_encoder_device': 'host', 'vae.tile_size': 256}),
+    ('14B 480p+3 refs, int8 weights x int8 activations, v6e-1 (DiT only)', 'v6e:1x1',
+     {'model.quantization': 'int8', 'model.quantize_activations': True}, ('dit',)),
     ('14B 720p+3 refs, bf16, v6e-8, data 2 x context 4', 'v6e:2x4',
      {'sample.height': 720, 'sample.width': 1280, 'mesh.data': 2, 'mesh.context': 4,
       'model.context_parallel': 'ulysses'}),
+    # The VAE runs replicated on every chip (its decode is not sharded): at 720p one chunk wants 30 GiB, so the
+    # resident plan needs it in tiles.
+    ('  same, VAE 512-px tiles', 'v6e:2x4',
+     {'sample.height': 720, 'sample.width': 1280, 'mesh.data': 2, 'mesh.context': 4,
+      'model.context_parallel': 'ulysses', 'vae.tile_size': 512}),
 ]
 
 
@@ -323,7 +336,7 @@ def aot_table(args) -> str:
   out = ["| row | slice | mesh | program | weights GiB | total GiB | % HBM | compile s | verdict |",
          "|---|---|---|---|---|---|---|---|---|"]
   print("\n".join(out), flush=True)
-  for name, topo, overrides in SAMPLE_AOT_ROWS:
+  for name, topo, overrides, *programs in SAMPLE_AOT_ROWS:
     if args.rows and not any(r in name for r in args.rows.split(",")):
       continue
     config = load_config("configs/kaleido_14b_sample.py")
@@ -331,7 +344,7 @@ def aot_table(args) -> str:
       kcfg.set_path(config, k, v)
     for o in args.override:
       kcfg.set_path(config, *o.split("=", 1))
-    r = aot.analyse_sample(config, topo)
+    r = aot.analyse_sample(config, topo, **({"programs": programs[0]} if programs else {}))
     g = lambda x: f"{x / aot.GIB:.2f}"
     pct = lambda x: f"{100 * x / r['capacity']:.1f}"
     mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1) or "1"

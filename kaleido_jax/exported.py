@@ -73,8 +73,11 @@ class ExportedSampler:
       self.exported = jax.export.deserialize(bytearray(fh.read()))
     self.weights: list[np.ndarray] = []
     if sig['weights'] == 'argument':
+      # npz keeps bfloat16 / int4 / float8 (ml_dtypes) only as raw bytes ('V' dtypes): view them back as the
+      # program's own input types.
+      avals = self.exported.in_avals[:sig['num_weights']]
       with np.load(os.path.join(directory, WEIGHTS_FILE)) as data:
-        self.weights = [data[f'w{i:05d}'] for i in range(sig['num_weights'])]
+        self.weights = [_as_dtype(data[f'w{i:05d}'], avals[i].dtype) for i in range(sig['num_weights'])]
     self._sp = spm.SentencePieceProcessor()
     self._sp.Load(os.path.join(directory, sig['tokenizer']))
     self.video = sig['video']
@@ -127,3 +130,7 @@ class ExportedSampler:
     out = self.exported.call(self.weights, seeds, ids, mask, neg_ids, neg_mask,
                              np.asarray(ref_images, np.float32), np.asarray(ref_mask, bool))
     return np.asarray(out)
+
+
+def _as_dtype(x: np.ndarray, dtype: Any) -> np.ndarray:
+  return x.view(dtype) if x.dtype.kind == 'V' else x

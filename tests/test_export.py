@@ -78,3 +78,16 @@ def test_loader_imports_no_model_code(tmp_path):
           'print(bad); sys.exit(1 if bad or "flax" in sys.modules else 0)')
   p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
   assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_an_int4_sampler_exports_with_its_weights_as_an_argument(tmp_path):
+  # int4 (and bfloat16 / fp8) weights pass through weights.npz as raw bytes and are viewed back on load.
+  config = tiny_config()
+  config.model.quantization = 'int4'
+  q4 = pipeline.S2VPipeline.from_config(config, workdir=str(tmp_path / 'w'), checkpoint='random')
+  out = export.export_sampler(q4, str(tmp_path / 'art'), weights='argument', platforms=('cpu',))
+  sampler = exported.ExportedSampler(out)
+  assert any(w.dtype.name == 'int4' for w in sampler.weights)
+  refs, mask = _refs()
+  got = sampler(PROMPTS[:1], ref_images=refs[:1], ref_mask=mask[:1], seeds=[3])
+  _same_video(got, q4.generate([[refs[0, 0]]], PROMPTS[:1], seed=[3]))

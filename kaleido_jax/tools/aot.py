@@ -164,10 +164,12 @@ def _bytes_per_chip(abstract) -> float:
   return total
 
 
-def analyse_sample(config, topology: str, batch_size: int = 1, num_refs: int = -1) -> dict[str, Any]:
+def analyse_sample(config, topology: str, batch_size: int = 1, num_refs: int = -1,
+                   programs: tuple[str, ...] = ('dit', 'umt5', 'vae')) -> dict[str, Any]:
   """Compile, for `topology`, what sampling runs: one DiT denoising call with every guidance branch at
-  `config.sample`'s size, the umT5 encoder on (prompt, negative prompt) and one VAE decode chunk; returns
-  each program's per-chip HBM and the memory plans' peaks (see `format_sample_table`)."""
+  `config.sample`'s size, the umT5 encoder on (prompt, negative prompt) and one VAE decode chunk (`programs`
+  picks which; the plans count only those); returns each program's per-chip HBM and the memory plans' peaks
+  (see `format_sample_table`)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -210,7 +212,7 @@ def analyse_sample(config, topology: str, batch_size: int = 1, num_refs: int = -
                           f'GB of weights ({config.model.get("quantization", "none")})')
 
   # umT5 on the prompt and the negative prompt (skipped when it lives on the host).
-  te_on_chip = config.sample.get('text_encoder_device', 'accelerator') == 'accelerator'
+  te_on_chip = config.sample.get('text_encoder_device', 'accelerator') == 'accelerator' and 'umt5' in programs
   te_graph, te_abstract = nnx.split(nnx.eval_shape(lambda: te.UMT5Encoder(config.text_encoder,
                                                                          rngs=nnx.Rngs(0))))
   te_weights = _abstract_with_shardings(te_abstract, mesh)
@@ -229,7 +231,7 @@ def analyse_sample(config, topology: str, batch_size: int = 1, num_refs: int = -
                              f'({config.text_encoder.get("quantization", "none")})')
 
   # One VAE decode chunk (the steady state: `vae.decode_chunk_frames` latent frames with the causal caches).
-  if config.vae.get('kind', 'wan') == 'wan':
+  if config.vae.get('kind', 'wan') == 'wan' and 'vae' in programs:
     vae_graph, vae_abstract = nnx.split(nnx.eval_shape(lambda: codec_lib.make_codec(config.vae,
                                                                                    rngs=nnx.Rngs(0))))
     vae_weights = _abstract_with_shardings(vae_abstract, mesh)

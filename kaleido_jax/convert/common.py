@@ -365,8 +365,8 @@ def module_from_state(build: Callable[[ml_collections.ConfigDict], Any], cfg: ml
   then quantized here, on the host CPU device, so the float copy never reaches the accelerator: loading a
   float 14B checkpoint for int8 sampling puts 14 GB, not 57 GB, on the chip. Leaves are cast to the
   module's dtypes (a float32 directory loaded into a bfloat16 config halves host memory). The result is put
-  on ``device`` ('default': the first local device, the accelerator where there is one; None: left on the
-  host CPU device).
+  on ``device`` ('default': the default device, uncommitted, so a mesh can still place it; None: left on the
+  host CPU device; or a device).
   """
   import jax
   import jax.numpy as jnp
@@ -392,6 +392,8 @@ def module_from_state(build: Callable[[ml_collections.ConfigDict], Any], cfg: ml
       quantization.quantize(model, wanted, activations=bool(cfg.get("quantize_activations", False)))
       graphdef, _ = nnx.split(nnx.eval_shape(lambda: build(cfg)))  # cfg's graph (its config says `wanted`)
   state = nnx.state(model)
-  if device is not None:
-    state = jax.device_put(state, jax.local_devices()[0] if device == "default" else device)
+  if device == "default":  # uncommitted on the default device (a trainer's mesh may still place it), leaf by leaf
+    state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state)
+  elif device is not None:
+    state = jax.device_put(state, device)
   return nnx.merge(graphdef, state)

@@ -18,6 +18,6 @@ def get_config():
   config.text_encoder.dtype = 'bfloat16'
   config.data.update(max_refs=3)
   config.vae.update(decode_chunk_frames=1)
-  config.mesh.update(data=1, fsdp=1)
+  config.mesh.update(data=-1, fsdp=1)  # one chip: 1; a host of n chips: set context (data fills the rest)
   config.sample.update(num_frames=81, height=480, width=832)
   return config

@@ -90,7 +90,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     encoders = enc_lib.Encoders.from_config(config, workdir=workdir)
     encoders.text([s.prompt, s.negative_prompt])
     encoders.release_text_encoder()
-    pipe = pipe_lib.S2VPipeline.from_config(config, workdir=workdir, checkpoint=s.checkpoint, encoders=encoders)
+    # Every visible chip: guidance branches over data, tokens over context, weights by their names (config.mesh).
+    import jax  # pylint: disable=g-import-not-at-top
+    mesh = None
+    if jax.device_count() > 1:
+      from kaleido_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+      try:
+        mesh = mesh_lib.make_mesh(config.mesh)
+      except ValueError as e:
+        raise pipe_lib.UserInputError(f'{e}; set --config.mesh.* to use the {jax.device_count()} devices') from e
+    pipe = pipe_lib.S2VPipeline.from_config(config, workdir=workdir, checkpoint=s.checkpoint, encoders=encoders,
+                                            mesh=mesh)
     progress = StepProgress(int(s.num_steps))
     try:
       inputs = pipe.prepare(list(s.refs), s.prompt, seed=int(s.seed))

@@ -15,7 +15,9 @@ Weights (`checkpoint`): '' = the workdir's newest training checkpoint, else `con
 a path = a training checkpoint directory (WORKDIR, WORKDIR/checkpoints or one step directory), a directory
 written by `python -m kaleido_jax.convert`, or a PyTorch-side checkpoint (`init_from.transformer_format`);
 'random' = fresh random weights (tests, the untrained baseline of the demo). A checkpoint whose parameters
-do not fit `config.model` raises :class:`UserInputError` naming the first mismatch.
+do not fit `config.model` raises :class:`UserInputError` naming the first mismatch. With
+`config.model.quantization` (int8 | int4 | fp8) float weights are quantized on the host as they load and a
+directory written with `convert --quantization` loads as it is (kaleido_jax/model/quantization.py).
 
 Every problem a user can cause (prompt, references, sizes, checkpoint) raises :class:`UserInputError` (or
 data.references.ReferenceImageError) with one line that names the input and the fix; `generate.py` turns

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import qwix
 from flax import nnx
 
+from kaleido_jax.model import sharding
+
 SCHEMES = ("none", "int8", "int4", "fp8")
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4, "fp8": jnp.float8_e4m3fn}
 # Activation types with activations=True (int4 weights take int8 activations).
@@ -49,14 +51,6 @@ def check_scheme(scheme: str, where: str = "quantization") -> str:
   if scheme not in SCHEMES:
     raise ValueError(f"{where}={scheme!r}; choose one of {SCHEMES}")
   return scheme
-
-
-def _names(var: nnx.Variable) -> tuple | None:
-  meta = var.get_metadata()
-  for key in ("out_sharding", "sharding_names", "sharding"):
-    if meta.get(key):
-      return tuple(meta[key])
-  return None
 
 
 class QuantizedLinear(nnx.Module):
@@ -101,7 +95,7 @@ def quantized_linear(linear: nnx.Linear, scheme: str, *, activations: bool = Fal
   kernel = linear.kernel
   dtype = linear.dtype or kernel.value.dtype
   q = quantize_kernel(kernel.value, scheme, dtype)
-  names = _names(kernel)
+  names = sharding.variable_names(kernel)
   meta = {k: v for k, v in kernel.get_metadata().items() if k not in ("out_sharding", "sharding_names",
                                                                         "sharding")}
   scale_names = None

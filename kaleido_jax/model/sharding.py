@@ -32,3 +32,12 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     used.update(axes)
     spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
   return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def variable_names(var) -> tuple | None:
+  """The logical axis names an nnx Variable carries (its sharding metadata), or None."""
+  meta = var.get_metadata()
+  for key in ('out_sharding', 'sharding_names', 'sharding'):
+    if meta.get(key):
+      return tuple(meta[key])
+  return None

@@ -25,6 +25,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from kaleido_jax.model import sharding as sharding_lib
+
 MESH_AXES = ('data', 'fsdp', 'context', 'tensor')
 
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
@@ -93,18 +95,10 @@ def logical_to_spec(names: Sequence[Any] | None, shape: Sequence[int], mesh: Mes
   return P(*out)
 
 
-def _var_names(var: nnx.Variable):
-  meta = var.get_metadata()
-  for key in ('out_sharding', 'sharding_names', 'sharding'):
-    if meta.get(key):
-      return tuple(meta[key])
-  return None
-
-
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
   """NamedSharding for every Variable of an (abstract) nnx State, from its logical names."""
   def f(var):
-    return NamedSharding(mesh, logical_to_spec(_var_names(var), var.value.shape, mesh))
+    return NamedSharding(mesh, logical_to_spec(sharding_lib.variable_names(var), var.value.shape, mesh))
   return jax.tree.map(f, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

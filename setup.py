@@ -45,6 +45,7 @@ extras_require = {
         "diffusers==0.42.1",
         "transformers==5.24.0",
         "accelerate==1.15.0",
+        "peft==0.21.2",  # LoRA parity: diffusers load_lora_adapter needs it
         "nbclient==0.11.0",
         "nbformat==5.11.1",
         "ipykernel==7.4.0",

@@ -236,6 +236,8 @@ def sample_config(**overrides) -> ml_collections.ConfigDict:
       output='',                # video path (.mp4 / .gif); '' = WORKDIR/samples/sample.mp4
       checkpoint='',            # '' = the workdir's latest training checkpoint, else init_from.transformer
       use_ema=True,             # sample with the EMA weights when the checkpoint has them
+      loras=(),                 # LoRA files merged into the DiT as it loads, 'path' or 'path:scale' each (diffusers /
+                                # PEFT, Wan / ComfyUI or kohya layout; kaleido_jax/convert/lora.py); --lora PATH:SCALE
       gif=True,                 # also write a GIF and a PNG strip next to the video
       text_encoder_device='accelerator',  # where umT5 lives and runs: accelerator | host (the host CPU; keeps the
                                 # 5.7B encoder out of HBM, prompts are encoded once each)

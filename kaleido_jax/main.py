@@ -3,7 +3,7 @@ r"""Entry point: ``python -m kaleido_jax.main --config configs/X.py --workdir DI
 Modes (default: ``config.mode``): train | sample | export | eval | prepare | demo. Each mode is one
 function ``run(config, workdir)`` in the module that owns it; this file only parses flags, validates the
 config and dispatches, so nothing imports ``main``. The sampling flags (--prompt, --ref, --out, --checkpoint,
---steps, --guidance, --seed, --frames, --size) are shorthands for ``config.sample`` keys.
+--lora, --steps, --guidance, --seed, --frames, --size) are shorthands for ``config.sample`` keys.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ _MODE = flags.DEFINE_enum("mode", None, ["train", "sample", "export", "eval", "p
 # Sampling shorthands: each sets one config.sample key (so `--steps 20` == `--config.sample.num_steps=20`).
 _PROMPT = flags.DEFINE_string("prompt", None, "Text prompt (config.sample.prompt).")
 _REF = flags.DEFINE_multi_string("ref", None, "Reference image, repeat per subject (config.sample.refs).")
+_LORA = flags.DEFINE_multi_string("lora", None, "LoRA file merged into the DiT, PATH or PATH:SCALE; repeat for "
+                                  "several (config.sample.loras).")
 _OUT = flags.DEFINE_string("out", None, "Output video .mp4/.gif (config.sample.output).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Weights: training checkpoint dir, converted dir, PyTorch "
                                   "checkpoint or 'random' (config.sample.checkpoint).")
@@ -57,6 +59,8 @@ def apply_sample_flags(config) -> None:
       s[key] = cast(flag.value)
   if _REF.value is not None:
     s.refs = tuple(_REF.value)
+  if _LORA.value is not None:
+    s.loras = tuple(_LORA.value)
   if _SIZE.value is not None:
     s.height, s.width = parse_size(_SIZE.value)
 

@@ -18,6 +18,7 @@ written by `python -m kaleido_jax.convert`, or a PyTorch-side checkpoint (`init_
 do not fit `config.model` raises :class:`UserInputError` naming the first mismatch. With
 `config.model.quantization` (int8 | int4 | fp8) float weights are quantized on the host as they load and a
 directory written with `convert --quantization` loads as it is (kaleido_jax/model/quantization.py).
+`config.sample.loras` ('path[:scale]', ...) are merged into the weights as they load (kaleido_jax/convert/lora.py).
 
 Every problem a user can cause (prompt, references, sizes, checkpoint) raises :class:`UserInputError` (or
 data.references.ReferenceImageError) with one line that names the input and the fix; `generate.py` turns
@@ -109,10 +110,37 @@ def _align(loaded: Any, template: Any, where: str, path: str = '') -> Any:
 
 def load_weights(config: ml_collections.ConfigDict, checkpoint: str = '', workdir: str | None = None
                  ) -> tuple[nnx.GraphDef, nnx.State, str]:
-  """(graphdef, params state, description of where they came from); see the module docstring."""
+  """(graphdef, params state, description of where they came from); see the module docstring.
+
+  The LoRAs of ``config.sample.loras`` are merged into the float weights as they load, before any
+  quantization; into a quantized checkpoint or random weights, after (dequantized, merged, quantized again).
+  """
+  graphdef, state, where, merged = _load_base_weights(config, checkpoint, workdir)
+  loras = tuple(config.sample.get('loras', ()))
+  if loras and not merged:
+    pure = nnx.to_pure_dict(state)
+    _merge_loras(config, pure)
+    nnx.replace_by_pure_dict(state, pure)
+  return graphdef, state, where + (f' + LoRA {", ".join(loras)}' if loras else '')
+
+
+def _merge_loras(config: ml_collections.ConfigDict, pure: dict) -> dict:
+  """config.sample.loras merged into a pure DiT state (numpy leaves in place); UserInputError naming a bad LoRA."""
+  from kaleido_jax.convert import common as conv_common  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.convert import lora as lora_conv  # pylint: disable=g-import-not-at-top
+  try:
+    return lora_conv.merge_loras_into_state(pure, tuple(config.sample.get('loras', ())),
+                                            int(config.model.num_layers))
+  except conv_common.ConversionError as e:
+    raise UserInputError(f'{e} (--config.sample.loras / --lora)') from e
+
+
+def _load_base_weights(config: ml_collections.ConfigDict, checkpoint: str, workdir: str | None
+                       ) -> tuple[nnx.GraphDef, nnx.State, str, bool]:
+  """load_weights without LoRAs, and whether config.sample.loras is already merged."""
   if checkpoint == 'random':
     graphdef, state = random_weights(config.model, config.seed)
-    return graphdef, state, 'random weights'
+    return graphdef, state, 'random weights', False
   if not checkpoint:
     if workdir and _training_checkpoint_dir(workdir):
       checkpoint = workdir
@@ -139,20 +167,20 @@ def load_weights(config: ml_collections.ConfigDict, checkpoint: str = '', workdi
         conv_common.saved_quantization(checkpoint) != 'none'):
       # Written quantized by the converter: restored as it is, into config.model's scheme.
       return (*nnx.split(conv.load_transformer(checkpoint, config.init_from.transformer_format, config.model)),
-              checkpoint)
+              checkpoint, False)
     else:
       loaded = conv.load_transformer(checkpoint, config.init_from.transformer_format, float_cfg, device=None)
       params, where = nnx.to_pure_dict(nnx.state(loaded, nnx.Param)), checkpoint
-    params = _align(params, template, checkpoint)
+    params = _merge_loras(config, _align(params, template, checkpoint))
     if scheme != 'none':  # float weights, quantized on the host as they load
       return (*nnx.split(conv_common.module_from_state(conv.build_model, config.model, params, where=checkpoint)),
-              where)
+              where, True)
   except (conv_common.ConversionError, ValueError, KeyError) as e:
     if isinstance(e, UserInputError):
       raise
     raise UserInputError(f'checkpoint {checkpoint!r} cannot be loaded for config.model: {e}') from e
   nnx.replace_by_pure_dict(abstract, params)
-  return graphdef, jax.tree.map(jnp.asarray, abstract), where
+  return graphdef, jax.tree.map(jnp.asarray, abstract), where, True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,6 +203,13 @@ def check_request(config: ml_collections.ConfigDict, prompts: Sequence[str], num
   if config.sample.get('text_encoder_device', 'accelerator') not in enc_lib.TEXT_ENCODER_DEVICES:
     raise UserInputError(f'config.sample.text_encoder_device={config.sample.text_encoder_device!r}; choose one '
                          f'of {enc_lib.TEXT_ENCODER_DEVICES}')
+  if config.sample.get('loras', ()):
+    from kaleido_jax.convert import common as conv_common  # pylint: disable=g-import-not-at-top
+    from kaleido_jax.convert import lora as lora_conv  # pylint: disable=g-import-not-at-top
+    try:
+      lora_conv.check_specs(tuple(config.sample.loras))
+    except conv_common.ConversionError as e:
+      raise UserInputError(f'{e} (--config.sample.loras / --lora)') from e
   for i, p in enumerate(prompts):
     if not isinstance(p, str) or not p.strip():
       raise UserInputError(f'prompt #{i} is empty; describe the video to make (--prompt "...")')

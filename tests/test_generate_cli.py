@@ -22,7 +22,8 @@ def _run_mode(config, workdir, capsys):
 
 @pytest.mark.parametrize('case', ['missing_ref', 'corrupt_ref', 'too_many_refs', 'empty_prompt', 'bad_frames',
                                   'bad_size', 'wrong_architecture', 'bad_extension', 'no_weights',
-                                  'bad_quantization', 'quantized_checkpoint_other_scheme'])
+                                  'bad_quantization', 'quantized_checkpoint_other_scheme', 'missing_lora',
+                                  'lora_of_another_model'])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
   config = tiny_config(checkpoint='random', prompt='A red square moves right.')
   ref = write_reference(str(tmp_path / 'a.png'))
@@ -36,7 +37,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
       'empty_prompt': 'prompt is empty', 'bad_frames': '1 \\+ 4k', 'bad_size': 'divisible by',
       'wrong_architecture': 'different architecture|cannot be loaded', 'bad_extension': 'unknown video extension',
       'no_weights': 'no weights', 'bad_quantization': "model.quantization='int3'",
-      'quantized_checkpoint_other_scheme': "holds int8 weights but config.model.quantization='int4'"}[case]
+      'quantized_checkpoint_other_scheme': "holds int8 weights but config.model.quantization='int4'",
+      'missing_lora': 'LoRA .*nope.safetensors.* does not exist', 'lora_of_another_model': 'another model size'}[case]
   if case == 'missing_ref':
     config.sample.refs = (str(tmp_path / 'nope.png'),)
   elif case == 'corrupt_ref':
@@ -74,6 +76,14 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     common.save_converted(str(tmp_path / 'q8'), nnx.to_pure_dict(state), q8, component='transformer')
     config.sample.checkpoint = str(tmp_path / 'q8')
     config.model.quantization = 'int4'
+  elif case == 'missing_lora':
+    config.sample.loras = (str(tmp_path / 'nope.safetensors') + ':0.5',)
+  elif case == 'lora_of_another_model':
+    from safetensors.numpy import save_file
+    save_file({'transformer.blocks.0.attn1.to_q.lora_A.weight': np.ones((4, 999), np.float32),
+               'transformer.blocks.0.attn1.to_q.lora_B.weight': np.ones((999, 4), np.float32)},
+              str(tmp_path / 'big.safetensors'))
+    config.sample.loras = (str(tmp_path / 'big.safetensors'),)
   code, err = _run_mode(config, tmp_path / 'work', capsys)
   lines = err.strip().splitlines()
   assert code == 2 and lines[-1].startswith('error: ') and 'Traceback' not in err, err

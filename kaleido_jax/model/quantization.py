@@ -90,6 +90,11 @@ def quantize_kernel(kernel: jax.Array, scheme: str, scale_dtype: Any) -> qwix.QA
                        scale_dtype=scale_dtype)
 
 
+def dequantize_kernel(qvalue: jax.Array, scale: jax.Array, scheme: str) -> jax.Array:
+  """The float kernel (in ``scale``'s dtype) of a quantized one (merging a LoRA into a quantized model)."""
+  return qwix.dequantize(qwix.QArray(qvalue=qvalue, scale=scale, qtype=QTYPES[scheme]))
+
+
 def quantized_linear(linear: nnx.Linear, scheme: str, *, activations: bool = False) -> QuantizedLinear:
   """The QuantizedLinear of an nnx.Linear (its kernel may carry a leading stacked-layers axis)."""
   kernel = linear.kernel

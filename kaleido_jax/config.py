@@ -222,6 +222,9 @@ def sample_config(**overrides) -> ml_collections.ConfigDict:
       unipc_order=2,            # UniPC-BH2 order (Wan: 2); 1 | 2
       num_steps=50,
       shift=7.0,
+      timesteps=(),             # explicit model timesteps, e.g. (1000, 750, 500, 250) for 4-step distilled LoRAs
+                                # (with guidance_scale=1); replaces num_steps; () = the solver's grid
+      warp_timesteps=False,     # map `timesteps` through `shift` (CausVid / LightX2V warp_denoising_step)
       guidance_scale=6.0,       # text classifier-free guidance; same references in both branches
       image_guidance_scale=0.0, # optional third branch without references (0 = off)
       negative_prompt=WAN_NEGATIVE_PROMPT,  # unconditional text of CFG ('' = the empty prompt)

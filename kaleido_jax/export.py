@@ -121,7 +121,8 @@ def export_sampler(pipe: Any, output_dir: str, *, weights: str = 'argument',
       'video': {'num_frames': f, 'height': h, 'width': w, 'fps': float(cfg.fps)},
       'max_refs': max_refs, 'text_len': pipe.encoders.text_len, 'tokenizer': 'spiece.model',
       'negative_prompt': cfg.negative_prompt,
-      'sample': {k: cfg[k] for k in ('solver', 'num_steps', 'shift', 'guidance_scale', 'image_guidance_scale')},
+      'sample': {**{k: cfg[k] for k in ('solver', 'num_steps', 'shift', 'guidance_scale', 'image_guidance_scale',
+                                        'warp_timesteps')}, 'timesteps': [float(t) for t in cfg.timesteps]},
       'weights_from': pipe.weights_from,
   }
   output_dir = os.path.abspath(output_dir)

@@ -101,7 +101,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise pipe_lib.UserInputError(f'{e}; set --config.mesh.* to use the {jax.device_count()} devices') from e
     pipe = pipe_lib.S2VPipeline.from_config(config, workdir=workdir, checkpoint=s.checkpoint, encoders=encoders,
                                             mesh=mesh)
-    progress = StepProgress(int(s.num_steps))
+    from kaleido_jax.diffusion import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+    progress = StepProgress(sampler_lib.num_steps(s))
     try:
       inputs = pipe.prepare(list(s.refs), s.prompt, seed=int(s.seed))
       latents = pipe.sample_latents(inputs, pipe.sample_config(), on_step=progress)

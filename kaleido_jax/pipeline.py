@@ -210,6 +210,10 @@ def check_request(config: ml_collections.ConfigDict, prompts: Sequence[str], num
       lora_conv.check_specs(tuple(config.sample.loras))
     except conv_common.ConversionError as e:
       raise UserInputError(f'{e} (--config.sample.loras / --lora)') from e
+  try:
+    sampler_lib.step_schedule(config.sample)
+  except ValueError as e:
+    raise UserInputError(f'{e} (--config.sample.timesteps / --steps)') from e
   for i, p in enumerate(prompts):
     if not isinstance(p, str) or not p.strip():
       raise UserInputError(f'prompt #{i} is empty; describe the video to make (--prompt "...")')

@@ -30,7 +30,8 @@ Public API:
       the loop without a jit of its own, for a caller tracing a larger program (kaleido_jax/export.py).
   `cfg` is the `sample` config section (kaleido_jax.config.sample_config): solver ('euler' | 'unipc'),
   num_steps, shift, guidance_scale (text CFG; 1 = one branch), image_guidance_scale (0 = off; see
-  guidance.py for the formula), unipc_order (1 | 2).
+  guidance.py for the formula), unipc_order (1 | 2), timesteps (an explicit list of model timesteps, e.g.
+  (1000, 750, 500, 250) for 4-step distilled LoRAs; replaces num_steps) and warp_timesteps (shift that list).
   `text_uncond` is the negative-prompt embedding, batch B or 1; `refs (B, N, h, w, C)`, `ref_mask (B, N)`.
 """
 
@@ -68,9 +69,25 @@ def initial_noise(seeds, shape, dtype=jnp.float32) -> jax.Array:
   return jax.vmap(lambda k: jax.random.normal(k, tuple(shape), dtype))(keys)
 
 
+def step_schedule(cfg: ml_collections.ConfigDict) -> schedules.Schedule:
+  """The σ grid of a `sample` config: `timesteps` when given (then `num_steps` = its length and `shift` applies
+  only with `warp_timesteps`), else the solver's shifted grid of `num_steps`."""
+  explicit = tuple(cfg.get('timesteps', ()) or ())
+  if explicit:
+    shift = float(cfg.shift) if cfg.get('warp_timesteps', False) else 1.0
+    return schedules.make_schedule(cfg.solver, len(explicit), shift, explicit)
+  return schedules.make_schedule(cfg.solver, int(cfg.num_steps), float(cfg.shift))
+
+
+def num_steps(cfg: ml_collections.ConfigDict) -> int:
+  """Denoising steps of a `sample` config (the explicit list's length when `timesteps` is given)."""
+  explicit = tuple(cfg.get('timesteps', ()) or ())
+  return len(explicit) if explicit else int(cfg.num_steps)
+
+
 def _solver_args(cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """The per-step arrays the jitted loop scans over (numpy, so shift changes do not recompile)."""
-  sched = schedules.make_schedule(cfg.solver, int(cfg.num_steps), float(cfg.shift))
+  sched = step_schedule(cfg)
   args = dict(index=np.arange(len(sched.timesteps), dtype=np.int32), timesteps=sched.timesteps,
               sigma=sched.sigmas[:-1],
               dt=(sched.sigmas[1:] - sched.sigmas[:-1]).astype(np.float32))

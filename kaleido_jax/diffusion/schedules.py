@@ -19,7 +19,8 @@ Public API:
   Schedule(sigmas (n + 1,) float32, timesteps (n,) float32)
   euler_schedule(num_steps, shift, num_train_timesteps=1000) -> Schedule
   unipc_schedule(num_steps, shift, num_train_timesteps=1000) -> Schedule
-  make_schedule(solver, num_steps, shift) -> Schedule       solver: 'euler' | 'unipc'
+  explicit_schedule(timesteps, shift=1, solver='euler') -> Schedule   an explicit list of model timesteps
+  make_schedule(solver, num_steps, shift, timesteps=()) -> Schedule       solver: 'euler' | 'unipc'
   unipc_coefficients(sigmas, order=2, solver_type='bh2') -> dict of (n,) float32 arrays
     The UniPC-BH predictor/corrector (Zhao et al. 2023, data-prediction form, as in diffusers'
     `multistep_uni_p_bh_update` / `multistep_uni_c_bh_update` with `lower_order_final=True`) reduced to
@@ -82,8 +83,34 @@ def unipc_schedule(num_steps: int, shift: float, num_train_timesteps: int = 1000
   return Schedule(sigmas, timesteps)
 
 
-def make_schedule(solver: str, num_steps: int, shift: float) -> Schedule:
-  """The grid diffusers uses for `solver` ('euler' | 'unipc')."""
+def explicit_schedule(timesteps, shift: float = 1.0, solver: str = 'euler',
+                      num_train_timesteps: int = 1000) -> Schedule:
+  """A grid from an explicit list of model timesteps (few-step distilled LoRAs: 1000, 750, 500, 250).
+
+  σ_i = t_i / 1000, shifted when `shift` ≠ 1 (CausVid / LightX2V's `warp_denoising_step` maps their list through
+  the shifted training grid); a terminal σ = 0 is appended. For UniPC a first σ of 1 is nudged below 1 as
+  diffusers does. Raises ValueError unless the list is strictly decreasing within (0, 1000].
+  """
+  t = np.asarray([float(x) for x in timesteps], np.float64)
+  if t.ndim != 1 or not len(t) or np.any(t <= 0) or np.any(t > num_train_timesteps) or np.any(np.diff(t) >= 0):
+    raise ValueError(f'sample.timesteps={tuple(timesteps)}: give model timesteps strictly decreasing within '
+                     f'(0, {num_train_timesteps}], e.g. (1000, 750, 500, 250)')
+  sigmas = t / num_train_timesteps
+  if shift != 1.0:
+    sigmas = shift_sigmas_np(sigmas, shift)
+  if solver == 'unipc' and abs(sigmas[0] - 1.0) < 1e-6:
+    sigmas[0] -= 1e-6
+  sigmas = sigmas.astype(np.float32)
+  return Schedule(np.concatenate([sigmas, np.zeros(1, np.float32)]), sigmas * np.float32(num_train_timesteps))
+
+
+def make_schedule(solver: str, num_steps: int, shift: float, timesteps=()) -> Schedule:
+  """The grid diffusers uses for `solver` ('euler' | 'unipc'), or the explicit `timesteps` when given (their
+  `shift` then applies only if the caller asks for it: see explicit_schedule)."""
+  if len(timesteps):
+    if solver not in SOLVERS:
+      raise ValueError(f'unknown solver {solver!r}; expected one of {SOLVERS}')
+    return explicit_schedule(timesteps, shift, solver)
   if solver == 'euler':
     return euler_schedule(num_steps, shift)
   if solver == 'unipc':

@@ -198,3 +198,34 @@ def test_nnx_sampler_exports_with_jax_export():
           jnp.array([[True, False], [True, True]]))
   exported = jax.export.deserialize(jax.export.export(jax.jit(run))(*args).serialize())
   np.testing.assert_allclose(np.asarray(exported.call(*args)), np.asarray(run(*args)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('warp', [False, True])
+def test_explicit_timesteps_run_euler_on_that_grid(warp):
+  # Few-step distilled LoRAs: 4 model calls at t = 1000, 750, 500, 250 (shifted by 5 when warped), then σ = 0.
+  ts = (1000.0, 750.0, 500.0, 250.0)
+  cfg = kcfg.sample_config(solver='euler', timesteps=ts, warp_timesteps=warp, shift=5.0, guidance_scale=1.0)
+  sched = sampler.step_schedule(cfg)
+  sig = np.asarray(ts) / 1000
+  if warp:
+    sig = 5 * sig / (1 + 4 * sig)
+  np.testing.assert_allclose(sched.sigmas, np.concatenate([sig, [0.0]]), rtol=1e-6)
+  assert sampler.num_steps(cfg) == 4
+  noise = jax.random.normal(jax.random.key(0), SHAPE)
+  x = np.asarray(noise, np.float64)
+  for i in range(4):  # the Euler update by hand, with the fake velocity
+    v = A * x + B * np.sin(K * sched.timesteps[i])
+    x = x + (sched.sigmas[i + 1] - sched.sigmas[i]) * v
+  out = sampler.sample_fn(_fake_jax, noise, jnp.zeros((2, 1, 1)), cfg=cfg)
+  np.testing.assert_allclose(np.asarray(out), x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('bad', [(250.0, 500.0), (1200.0, 10.0), (0.0,), (500.0, 500.0)])
+def test_bad_explicit_timesteps_are_refused(bad):
+  with pytest.raises(ValueError, match='strictly decreasing'):
+    sampler.step_schedule(kcfg.sample_config(timesteps=bad))
+
+
+def test_unipc_takes_an_explicit_grid_starting_at_1000():
+  sched = sampler.step_schedule(kcfg.sample_config(solver='unipc', timesteps=(1000.0, 500.0, 100.0)))
+  assert sched.sigmas[0] < 1.0 and np.all(np.isfinite(schedules.unipc_coefficients(sched.sigmas)['p_a']))

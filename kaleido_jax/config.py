@@ -225,6 +225,18 @@ def sample_config(**overrides) -> ml_collections.ConfigDict:
       timesteps=(),             # explicit model timesteps, e.g. (1000, 750, 500, 250) for 4-step distilled LoRAs
                                 # (with guidance_scale=1); replaces num_steps; () = the solver's grid
       warp_timesteps=False,     # map `timesteps` through `shift` (CausVid / LightX2V warp_denoising_step)
+      # Fewer DiT calls per video (kaleido_jax/diffusion/caching.py); thresholds are traced: one compilation each.
+      cache='none',             # step cache: none | magcache | teacache (both read cache_calibration)
+      cache_calibration='',     # step_cache.json of --mode calibrate; '' = WORKDIR/step_cache.json
+      magcache_threshold=0.12,  # MagCache's Wan2.1 defaults: accumulated-error bound, max consecutive skips,
+      magcache_max_skip=2,      # and the fraction of first steps always computed
+      magcache_retention=0.2,
+      teacache_threshold=0.2,   # TeaCache: bound on the accumulated rescaled input change; first steps computed
+      teacache_retention=0.1,
+      cfg_cache=False,          # FasterCache-style: full guidance every cfg_cache_period steps, the conditional
+      cfg_cache_period=2,       # branch alone between (the other branches from the cached differences),
+      cfg_cache_start=0.2,      # after this fraction of the steps
+      text_kv_cache=False,      # cross-attention keys / values of the prompt computed once, not every step
       guidance_scale=6.0,       # text classifier-free guidance; same references in both branches
       image_guidance_scale=0.0, # optional third branch without references (0 = off)
       negative_prompt=WAN_NEGATIVE_PROMPT,  # unconditional text of CFG ('' = the empty prompt)

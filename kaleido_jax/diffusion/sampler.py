@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from kaleido_jax.diffusion import guidance, schedules
+from kaleido_jax.diffusion import caching, guidance, schedules
 
 DenoiseFn = Callable[..., jax.Array]
 
@@ -98,42 +98,156 @@ def _solver_args(cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
 
 def _loop(denoise_fn: DenoiseFn, solver: str, text_scale: float, image_scale: float, return_trajectory: bool,
           on_step: Callable[[Any], None] | None, steps: dict[str, jax.Array], noise, text_cond, text_uncond,
-          refs, ref_mask):
-  """The scan over steps (traced once). Carry for UniPC: (x, last corrected x, m_{i−1}, m_{i−2})."""
+          refs, ref_mask, *, static: caching.Static = caching.Static(), model_fn: Callable[[], Any] | None = None,
+          cache_params: dict[str, jax.Array] | None = None):
+  """The scan over steps (traced once). Carry: (x [, UniPC history], cache state); see caching.py for the caches.
+
+  Returns (x, trajectory or None, stats) with stats = {'model_calls': block passes per video, 'step_calls' (n,),
+  and with static.calibrate the per-step statistics caching.fit_calibration takes}.
+  """
   x0 = noise.astype(jnp.float32)
   b = x0.shape[0]
+  branches = guidance.num_branches(text_scale, image_scale)
+  n = steps['index'].shape[0]
+  if static.active and model_fn is None:
+    if static.kind != 'none' or static.text_kv or static.calibrate:
+      raise caching.CacheError('step caches and the text K/V cache need the NNX model sampler (sample(graphdef, '
+                               'state, ...)); a plain denoise_fn only takes the CFG cache')
+  if ref_mask is not None:
+    ref_mask = ref_mask.astype(bool)
+  p = cache_params or {}
 
-  def velocity(x, t, i):
+  text_kv = None
+  cstate: dict[str, jax.Array] = {'calls': jnp.zeros((), jnp.int32), 'have': jnp.zeros((), bool)}
+  if model_fn is not None and static.active:
+    m = model_fn()
+    args0 = guidance.batch_branches(x0, jnp.zeros((b,), jnp.float32), text_cond, text_uncond, refs, ref_mask,
+                                    branches)
+    with m.kernels():
+      if static.text_kv:
+        text_kv = m.text_key_values(m.embed_text(args0[2]))
+      probe = jax.eval_shape(lambda: m.embed(*args0)['tokens'])
+    cstate = caching.init_state(b * branches, probe.shape[1], probe.shape[2], probe.dtype, x0.shape, branches, static)
+  elif static.cfg_cache and branches > 1:
+    cstate = caching.init_state(b * branches, 0, 0, jnp.float32, x0.shape, branches, static)
+
+  def blocks_call(m, args, rows, cs, s):
+    """One DiT pass over `rows` batch rows with the step cache; (velocity, cache state, statistics)."""
+    xb, tb, textb, refsb, maskb = args
+    emb = m.embed(xb, tb, textb, refsb, maskb)
+    kv = None if text_kv is None else jax.tree.map(lambda a: a[:, :rows], text_kv)
+    x_in = emb['tokens']
+
+    def run():
+      return m.run_blocks(x_in, emb['mod'], emb['text'], emb['rope'], emb['mask'], kv)
+
+    new, stats = dict(cs), {}
+    if static.kind == 'none' and not static.calibrate:
+      out, computed = run(), jnp.ones((), bool)
+    else:
+      skip = jnp.zeros((), bool)
+      if 'prev_input' in cs:
+        inp = m.modulated_input(emb).astype(cs['prev_input'].dtype)
+        change = caching.rel_l1(inp, cs['prev_input'][:rows])
+        new['prev_input'] = cs['prev_input'].at[:rows].set(inp)
+      if static.kind == 'magcache':
+        skip, acc = caching.magcache_decide(cs, s['index'], s['mag_ratio'], p)
+        new.update(acc)
+      elif static.kind == 'teacache':
+        skip, acc = caching.teacache_decide(cs, s['index'], change, n - 1, p)
+        new.update(acc)
+      prev = cs['residual'][:rows]
+
+      def computed_blocks():
+        out = run()
+        return out, (out - x_in).astype(prev.dtype)
+
+      out, res = jax.lax.cond(skip, lambda: ((x_in + prev).astype(x_in.dtype), prev), computed_blocks)
+      new['residual'] = cs['residual'].at[:rows].set(res)
+      computed = ~skip
+      if static.calibrate:
+        have = cs['have']
+        stats = {'mag_ratio': jnp.where(have, caching.magnitude_ratio(res, prev), 1.0),
+                 'input_change': jnp.where(have, change, 0.0),
+                 'output_change': jnp.where(have, caching.rel_l1(res, prev), 0.0)}
+    new['have'] = jnp.ones((), bool)
+    new['calls'] = cs['calls'] + jnp.where(computed, rows // b, 0).astype(jnp.int32)
+    return m.head(out, emb), new, stats
+
+  def velocity(x, s, cs):
+    t, i = s['timesteps'], s['index']
     if on_step is not None:  # host callback (progress bars); not exportable, so off by default
       jax.debug.callback(on_step, i)
-    return guidance.guided_velocity(denoise_fn, x, jnp.full((b,), t, jnp.float32), text_cond, text_uncond,
-                                    refs, ref_mask, text_scale=text_scale, image_scale=image_scale)
+    ts = jnp.full((b,), t, jnp.float32)
+    if model_fn is None or not static.active:
+      def call(args, rows, c, _):
+        return denoise_fn(*args).astype(jnp.float32), {**c, 'calls': c['calls'] + rows // b}, {}
+      m = None
+    else:
+      m = model_fn()
+      call = functools.partial(blocks_call, m)
+
+    def full(c):
+      args = guidance.batch_branches(x, ts, text_cond, text_uncond, refs, ref_mask, branches)
+      v, c, stats = call(args, branches * b, c, s)
+      parts = v.reshape((branches, b) + v.shape[1:])  # a reshape, not jnp.split: symbolic batch sizes
+      if 'cfg_delta' in c:
+        c = {**c, 'cfg_delta': parts[:1] - parts[1:]}
+      return guidance.combine(parts[0], parts[1] if branches > 1 else None, parts[2] if branches > 2 else None,
+                              text_scale, image_scale), c, stats
+
+    def conditional_only(c):
+      v_c, c, stats = call((x, ts, text_cond, refs, ref_mask), b, c, s)
+      others = v_c[None] - c['cfg_delta']
+      return guidance.combine(v_c, others[0], others[1] if branches > 2 else None, text_scale, image_scale), c, stats
+
+    def guided(c):
+      if 'cfg_delta' in c:
+        return jax.lax.cond(caching.cfg_full_step(i, p), full, conditional_only, c)
+      return full(c)
+
+    if m is not None:
+      with m.kernels():
+        return guided(cs)
+    return guided(cs)
+
+  def record(cs_before, cs_after, stats):
+    return {'step_calls': cs_after['calls'] - cs_before['calls'], **stats}
 
   if solver == 'euler':
-    def body(x, s):
-      x = x + s['dt'] * velocity(x, s['timesteps'], s['index'])
-      return x, (x if return_trajectory else None)
-    x, traj = jax.lax.scan(body, x0, steps)
+    def body(carry, s):
+      x, cs = carry
+      v, cs2, stats = velocity(x, s, cs)
+      x = x + s['dt'] * v
+      return (x, cs2), (x if return_trajectory else None, record(cs, cs2, stats))
+    (x, cs), (traj, ys) = jax.lax.scan(body, (x0, cstate), steps)
   elif solver == 'unipc':
     def body(carry, s):
-      x, last, m1, m2 = carry
-      m = x - s['sigma'] * velocity(x, s['timesteps'], s['index'])  # data prediction from the uncorrected sample
+      (x, last, m1, m2), cs = carry
+      v, cs2, stats = velocity(x, s, cs)
+      m = x - s['sigma'] * v  # data prediction from the uncorrected sample
       corrected = (s['c_a'] * last - s['c_m'] * m1 - s['c_f'] * (m2 - m1) - s['c_g'] * (m - m1))
       x = jnp.where(s['use_corr'] > 0, corrected, x)
       x_next = s['p_a'] * x - s['p_m'] * m - s['p_f'] * (m1 - m)
-      return (x_next, x, m, m1), (x_next if return_trajectory else None)
+      return ((x_next, x, m, m1), cs2), (x_next if return_trajectory else None, record(cs, cs2, stats))
     zeros = jnp.zeros_like(x0)
-    (x, _, _, _), traj = jax.lax.scan(body, (x0, x0, zeros, zeros), steps)
+    ((x, _, _, _), cs), (traj, ys) = jax.lax.scan(body, ((x0, x0, zeros, zeros), cstate), steps)
   else:
     raise ValueError(f'unknown solver {solver!r}; expected one of {schedules.SOLVERS}')
-  return (x, traj) if return_trajectory else x
+  return x, traj, {'model_calls': cs['calls'], **ys}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _jit_callable(denoise_fn, solver, text_scale, image_scale, return_trajectory, on_step, steps, noise,
-                  text_cond, text_uncond, refs, ref_mask):
+def _finish(out, return_trajectory: bool, return_stats: bool):
+  x, traj, stats = out
+  result = (x,) + ((traj,) if return_trajectory else ()) + ((stats,) if return_stats else ())
+  return result if len(result) > 1 else x
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _jit_callable(denoise_fn, solver, text_scale, image_scale, return_trajectory, on_step, static, steps,
+                  cache_params, noise, text_cond, text_uncond, refs, ref_mask):
   return _loop(denoise_fn, solver, text_scale, image_scale, return_trajectory, on_step, steps, noise, text_cond,
-               text_uncond, refs, ref_mask)
+               text_uncond, refs, ref_mask, static=static, cache_params=cache_params)
 
 
 def nnx_denoise_fn(graphdef: nnx.GraphDef, state: nnx.State) -> DenoiseFn:
@@ -147,11 +261,12 @@ def nnx_denoise_fn(graphdef: nnx.GraphDef, state: nnx.State) -> DenoiseFn:
   return denoise_fn
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4, 5, 6))
-def _jit_nnx(graphdef, state, solver, text_scale, image_scale, return_trajectory, on_step, steps, noise,
-             text_cond, text_uncond, refs, ref_mask):
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4, 5, 6, 7))
+def _jit_nnx(graphdef, state, solver, text_scale, image_scale, return_trajectory, on_step, static, steps,
+             cache_params, noise, text_cond, text_uncond, refs, ref_mask):
   return _loop(nnx_denoise_fn(graphdef, state), solver, text_scale, image_scale, return_trajectory, on_step,
-               steps, noise, text_cond, text_uncond, refs, ref_mask)
+               steps, noise, text_cond, text_uncond, refs, ref_mask, static=static,
+               model_fn=lambda: nnx.merge(graphdef, state), cache_params=cache_params)
 
 
 def sample_traced(denoise_fn: DenoiseFn, noise: jax.Array, text_cond: jax.Array, text_uncond: jax.Array | None,
@@ -159,7 +274,7 @@ def sample_traced(denoise_fn: DenoiseFn, noise: jax.Array, text_cond: jax.Array,
   """The denoising loop without its own jit, for callers that trace a bigger program (the exporter)."""
   solver, g_t, g_i = _static(cfg)
   return _loop(denoise_fn, solver, g_t, g_i, False, None, _solver_args(cfg), noise, text_cond, text_uncond,
-               refs, ref_mask)
+               refs, ref_mask)[0]
 
 
 def _static(cfg: ml_collections.ConfigDict) -> tuple[str, float, float]:
@@ -168,24 +283,49 @@ def _static(cfg: ml_collections.ConfigDict) -> tuple[str, float, float]:
   return cfg.solver, float(cfg.guidance_scale), float(cfg.get('image_guidance_scale', 0.0))
 
 
+def _cache_args(cfg: ml_collections.ConfigDict, calibration: dict[str, Any] | None, calibrate: bool):
+  static = caching.static_settings(cfg, calibrate)
+  steps = _solver_args(cfg)
+  per_step, scalars = caching.params(cfg, len(steps['index']), calibration)
+  return static, {**steps, **per_step}, scalars
+
+
 def sample_fn(denoise_fn: DenoiseFn, noise: jax.Array, text_cond: jax.Array, text_uncond: jax.Array | None = None,
               refs: jax.Array | None = None, ref_mask: jax.Array | None = None, *,
               cfg: ml_collections.ConfigDict, return_trajectory: bool = False,
-              on_step: Callable[[Any], None] | None = None) -> Any:
-  """Denoise `noise` (B, F, H, W, C) from σ = 1 to 0 with a plain callable model (see module docstring)."""
+              on_step: Callable[[Any], None] | None = None, return_stats: bool = False) -> Any:
+  """Denoise `noise` (B, F, H, W, C) from σ = 1 to 0 with a plain callable model (see module docstring).
+
+  Of the caches only the CFG cache applies to a plain callable (the step caches need the model's parts).
+  """
   solver, g_t, g_i = _static(cfg)
-  return _jit_callable(denoise_fn, solver, g_t, g_i, bool(return_trajectory), on_step, _solver_args(cfg), noise,
-                       text_cond, text_uncond, refs, ref_mask)
+  if cfg.get('cache', 'none') != 'none' or cfg.get('text_kv_cache', False):
+    raise caching.CacheError('sample.cache and sample.text_kv_cache need the NNX model sampler (sample(graphdef, '
+                             'state, ...)); a plain denoise_fn only takes the CFG cache')
+  static, steps, scalars = _cache_args(cfg, None, False)
+  out = _jit_callable(denoise_fn, solver, g_t, g_i, bool(return_trajectory), on_step, static, steps, scalars,
+                      noise, text_cond, text_uncond, refs, ref_mask)
+  return _finish(out, return_trajectory, return_stats)
 
 
 def sample(graphdef: nnx.GraphDef, state: nnx.State, noise: jax.Array, text_cond: jax.Array,
            text_uncond: jax.Array | None = None, refs: jax.Array | None = None,
            ref_mask: jax.Array | None = None, *, cfg: ml_collections.ConfigDict,
-           return_trajectory: bool = False, on_step: Callable[[Any], None] | None = None) -> Any:
+           return_trajectory: bool = False, on_step: Callable[[Any], None] | None = None,
+           return_stats: bool = False, calibration: dict[str, Any] | None = None, calibrate: bool = False) -> Any:
   """Denoise `noise` with an NNX model given as `nnx.split(model)` (weights are a jit argument).
 
-  `on_step(i)` (a hashable callable, e.g. a bound method) is called on the host as step i starts.
+  `on_step(i)` (a hashable callable, e.g. a bound method) is called on the host as step i starts. The caches of
+  `cfg` (caching.py) apply; `calibration` is the step-cache calibration record (caching.load_calibration) that
+  magcache / teacache need. `calibrate=True` runs uncached and returns the per-step statistics in the stats.
+  `return_stats=True` adds a dict: model_calls (block passes per video), step_calls (per step) [, calibration].
   """
   solver, g_t, g_i = _static(cfg)
-  return _jit_nnx(graphdef, state, solver, g_t, g_i, bool(return_trajectory), on_step, _solver_args(cfg), noise,
-                  text_cond, text_uncond, refs, ref_mask)
+  if calibrate:
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.cache, cfg.cfg_cache = 'none', False
+  static, steps, scalars = _cache_args(cfg, calibration, calibrate)
+  out = _jit_nnx(graphdef, state, solver, g_t, g_i, bool(return_trajectory), on_step, static, steps, scalars,
+                 noise, text_cond, text_uncond, refs, ref_mask)
+  return _finish(out, return_trajectory, return_stats or calibrate)

@@ -117,14 +117,19 @@ class Attention(nnx.Module):
     self.norm_q = RMSNorm(dim, cfg.eps, ("heads",), _dtype(cfg.param_dtype))
     self.norm_k = RMSNorm(dim, cfg.eps, ("heads",), _dtype(cfg.param_dtype))
 
-  def __call__(self, x, context=None, rope=None, mask=None):
+  def key_value(self, context):
+    """(k, v) of ``context``, (B, L, heads, head_dim) each: what the text cache holds per layer."""
+    b, lk, _ = context.shape
+    k = self.norm_k(self.to_k(context)).reshape(b, lk, self.num_heads, self.head_dim)
+    return k, self.to_v(context).reshape(b, lk, self.num_heads, self.head_dim)
+
+  def __call__(self, x, context=None, rope=None, mask=None, kv=None):
     # Self-attention (no context) runs context-parallel over the sequence; cross-attention keeps the text local.
-    context_parallel = self.context_parallel if context is None else None
-    context = x if context is None else context
+    # ``kv``: the context's keys / values already projected (the sampler's text cache; they do not change per step).
+    context_parallel = self.context_parallel if context is None and kv is None else None
     b, lq, _ = x.shape
     q = self.norm_q(self.to_q(x)).reshape(b, lq, self.num_heads, self.head_dim)
-    k = self.norm_k(self.to_k(context)).reshape(b, context.shape[1], self.num_heads, self.head_dim)
-    v = self.to_v(context).reshape(b, context.shape[1], self.num_heads, self.head_dim)
+    k, v = kv if kv is not None else self.key_value(x if context is None else context)
     if rope is not None:
       cos, sin = rope
       q, k = rope_lib.apply_rope(q, cos, sin), rope_lib.apply_rope(k, cos, sin)
@@ -165,7 +170,12 @@ class WanBlock(nnx.Module):
         jax.random.normal(rngs.params(), (1, 6, dim), pdt) / math.sqrt(dim),
         out_sharding=(None, None, "embed"))
 
-  def __call__(self, x, mod, text, rope, mask):
+  def modulated_input(self, x, mod):
+    """The self-attention's input LayerNorm(x)·(1 + scale) + shift (TeaCache's change signal, first block)."""
+    shift, scale = jnp.split(self.scale_shift_table.value.astype(jnp.float32) + mod, 6, axis=1)[:2]
+    return _layer_norm(x, self.eps) * (1 + scale) + shift
+
+  def __call__(self, x, mod, text, rope, mask, text_kv=None):
     x = checkpoint_name(x, "block_input")  # what remat_policy='offload' moves to host memory
     m = self.scale_shift_table.value.astype(jnp.float32) + mod
     # Per-sample (B, 1, dim) vectors, broadcast over the tokens.
@@ -182,7 +192,7 @@ class WanBlock(nnx.Module):
       if cpu.active():
         scale, bias = cpu.broadcast_like(scale, h), cpu.broadcast_like(bias, h)
       h = h * scale + bias
-    x = x + self.cross_attn(h.astype(self.dtype), context=text).astype(self.dtype)
+    x = x + self.cross_attn(h.astype(self.dtype), context=text, kv=text_kv).astype(self.dtype)
     h = (_layer_norm(x, self.eps) * (1 + scale_ff) + shift_ff).astype(self.dtype)
     x = x.astype(jnp.float32) + self.ffn(h).astype(jnp.float32) * gate_ff
     return constrain(x.astype(self.dtype), _ACT)
@@ -281,20 +291,22 @@ class KaleidoDiT(nnx.Module):
     return x.reshape(b, f * pt, h * ph, w * pw, -1)
 
   def _layer_fn(self, graphdef, mod, text, rope, mask):
-    """(x, layer state) -> x for one block, under jax.checkpoint with config.model.remat_policy."""
-    def layer(x, layer_state):
-      return nnx.merge(graphdef, layer_state)(x, mod, text, rope, mask)
+    """(x, layer state, layer's text k/v or None) -> x for one block, under jax.checkpoint (model.remat_policy)."""
+    def layer(x, layer_state, text_kv):
+      return nnx.merge(graphdef, layer_state)(x, mod, text, rope, mask, text_kv)
 
     if self.config.remat_policy == "none":
       return layer
     return jax.checkpoint(layer, policy=REMAT_POLICIES[self.config.remat_policy], prevent_cse=False)
 
-  def _run_blocks(self, x, mod, text, rope, mask):
+  def run_blocks(self, x, mod, text, rope, mask, text_kv=None):
+    """All blocks on the tokens ``x``; ``text_kv`` = :meth:`text_key_values` (a stacked (k, v) per layer) or None."""
     if not self.scan_layers:
       # The same remat per layer as the scan below (a functional split -> checkpoint -> merge per block).
-      for block in self.blocks:
+      for i, block in enumerate(self.blocks):
         graphdef, state = nnx.split(block)
-        x = self._layer_fn(graphdef, mod, text, rope, mask)(x, state)
+        kv = None if text_kv is None else (text_kv[0][i], text_kv[1][i])
+        x = self._layer_fn(graphdef, mod, text, rope, mask)(x, state, kv)
       return x
 
     # A functional scan over the stacked block state (split -> lax.scan -> merge per layer) rather than
@@ -303,22 +315,47 @@ class KaleidoDiT(nnx.Module):
     graphdef, state = nnx.split(self.blocks)
     layer = self._layer_fn(graphdef, mod, text, rope, mask)
 
-    def body(carry, layer_state):
-      return layer(carry, layer_state), None
+    def body(carry, xs):
+      layer_state, kv = xs
+      return layer(carry, layer_state, kv), None
 
     # Unrolling drops the while loop: XLA:CPU then neither zero-fills and copies the per-layer residual stacks
     # nor slices the stacked weights per iteration (configs/demo.py train step, measured as bench/train.py
     # does: 350 vs 460 ms).
-    x, _ = jax.lax.scan(body, x, state, length=self.config.num_layers,
+    x, _ = jax.lax.scan(body, x, (state, text_kv), length=self.config.num_layers,
                         unroll=min(self.config.scan_unroll, self.config.num_layers))
     return x
 
+  def text_key_values(self, ctx):
+    """Every block's cross-attention (k, v) of the embedded text ``ctx``, stacked on a leading layer axis.
+
+    The text does not change across denoising steps, so the sampler computes these once (sample.text_kv_cache)
+    instead of 2 x num_layers projections of 512 tokens per step.
+    """
+    with self.kernels():
+      if not self.scan_layers:
+        kvs = [block.cross_attn.key_value(ctx) for block in self.blocks]
+        return jnp.stack([k for k, _ in kvs]), jnp.stack([v for _, v in kvs])
+      graphdef, state = nnx.split(self.blocks)
+      return jax.lax.map(lambda st: nnx.merge(graphdef, st).cross_attn.key_value(ctx), state)
+
+  def kernels(self):
+    """The context of this model's CPU-only rewrites (model/cpu.py): callers of embed / run_blocks / head enter it."""
+    return cpu.kernels(self.config.get("cpu_kernels", "auto"))
+
   def __call__(self, video, timestep, text, refs=None, ref_mask=None):
     # CPU-only rewrites (model/cpu.py) for this trace: on where the program is built for the CPU.
-    with cpu.kernels(self.config.get("cpu_kernels", "auto")):
-      return self._forward(video, timestep, text, refs, ref_mask)
+    with self.kernels():
+      emb = self.embed(video, timestep, text, refs, ref_mask)
+      x = self.run_blocks(emb["tokens"], emb["mod"], emb["text"], emb["rope"], emb["mask"])
+      return self.head(x, emb)
 
-  def _forward(self, video, timestep, text, refs, ref_mask):
+  def embed(self, video, timestep, text, refs=None, ref_mask=None) -> dict[str, Any]:
+    """Everything the blocks take: tokens ``[refs | video]``, modulation, embedded text, RoPE tables, key mask.
+
+    With :meth:`run_blocks` and :meth:`head` this is ``__call__`` in three parts, so a step cache can skip the
+    blocks (the sampler's MagCache / TeaCache) and reuse their residual. ``grid`` is static (Python ints).
+    """
     cfg = self.config
     b = video.shape[0]
     x, grid = self._patchify(video)
@@ -343,15 +380,27 @@ class KaleidoDiT(nnx.Module):
     temb = self.time_linear_2(jax.nn.silu(self.time_linear_1(
         timestep_features(jnp.asarray(timestep).reshape(b), cfg.freq_dim))))
     mod = self.time_proj(jax.nn.silu(temb)).astype(jnp.float32).reshape(b, 6, self.dim)
-    ctx = self.text_linear_2(jax.nn.gelu(self.text_linear_1(text.astype(self.dtype)), approximate=True))
+    return dict(tokens=x, mod=mod, temb=temb, text=self.embed_text(text), rope=rope, mask=mask, grid=grid)
 
-    x = self._run_blocks(x, mod, ctx, rope, mask)
+  def embed_text(self, text):
+    """umT5 states (B, L, text_dim) -> the blocks' context (B, L, dim)."""
+    return self.text_linear_2(jax.nn.gelu(self.text_linear_1(text.astype(self.dtype)), approximate=True))
+
+  def modulated_input(self, emb: dict[str, Any]) -> jax.Array:
+    """The first block's modulated input (float32): what TeaCache measures the change of between steps."""
+    first = jax.tree.map(lambda a: a[0], nnx.split(self.blocks)[1]) if self.scan_layers else None
+    block = nnx.merge(nnx.split(self.blocks)[0], first) if self.scan_layers else self.blocks[0]
+    return block.modulated_input(emb["tokens"], emb["mod"])
+
+  def head(self, x, emb: dict[str, Any]) -> jax.Array:
+    """Video tokens after the blocks -> velocity (B, F, H, W, C_out) float32 (reference tokens dropped)."""
+    grid = emb["grid"]
     x = x[:, x.shape[1] - int(np.prod(grid)):]   # drop reference tokens
-    shift, scale = jnp.split(self.head_table.value.astype(jnp.float32) + temb.astype(jnp.float32)[:, None], 2,
-                             axis=1)
+    shift, scale = jnp.split(self.head_table.value.astype(jnp.float32) + emb["temb"].astype(jnp.float32)[:, None],
+                             2, axis=1)
     if cpu.active():
       shift, scale = cpu.broadcast_like(shift, x), cpu.broadcast_like(scale, x)
-    x = (_layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(self.dtype)
+    x = (_layer_norm(x, self.config.eps) * (1 + scale) + shift).astype(self.dtype)
     out = self.proj_out(x)
     return self._unpatchify(out, grid).astype(jnp.float32)
 

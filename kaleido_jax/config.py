@@ -326,7 +326,7 @@ def mesh_config(**overrides) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
   """Every key the package reads, with the released-Kaleido values where one exists."""
   config = ml_collections.ConfigDict()
-  config.mode = 'train'         # train | sample | export | eval | prepare | demo
+  config.mode = 'train'         # train | sample | export | eval | prepare | demo | calibrate
   config.seed = 0
   config.model = model_config()
   config.vae = vae_config()

@@ -116,7 +116,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   print(f'wrote {", ".join(paths.values())} ({frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]}, '
-        f'weights: {pipe.weights_from})')
+        f'weights: {pipe.weights_from}; {pipe.last_stats.get("model_calls", "?")} DiT passes)')
   line = pipe_lib.peak_memory_line()
   if line:
     print(line)

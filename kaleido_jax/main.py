@@ -1,6 +1,6 @@
 r"""Entry point: ``python -m kaleido_jax.main --config configs/X.py --workdir DIR [--mode MODE]``.
 
-Modes (default: ``config.mode``): train | sample | export | eval | prepare | demo. Each mode is one
+Modes (default: ``config.mode``): train | sample | export | eval | prepare | demo | calibrate. Each mode is one
 function ``run(config, workdir)`` in the module that owns it; this file only parses flags, validates the
 config and dispatches, so nothing imports ``main``. The sampling flags (--prompt, --ref, --out, --checkpoint,
 --lora, --steps, --guidance, --seed, --frames, --size) are shorthands for ``config.sample`` keys.
@@ -20,7 +20,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/demo.py", "Python config file (get_config() -> ConfigDict); override any key "
     "with --config.a.b=value.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/kaleido-demo", "Checkpoints, logs and outputs go here.")
-_MODE = flags.DEFINE_enum("mode", None, ["train", "sample", "export", "eval", "prepare", "demo"],
+_MODE = flags.DEFINE_enum("mode", None, ["train", "sample", "export", "eval", "prepare", "demo", "calibrate"],
                           "What to run; default: config.mode.")
 
 # Sampling shorthands: each sets one config.sample key (so `--steps 20` == `--config.sample.num_steps=20`).
@@ -73,6 +73,7 @@ MODES = {
     "eval": "kaleido_jax.eval.runner:run",
     "prepare": "kaleido_jax.data.prepare:run",
     "demo": "kaleido_jax.demo:run",
+    "calibrate": "kaleido_jax.calibrate:run",
 }
 
 

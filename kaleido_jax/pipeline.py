@@ -214,6 +214,11 @@ def check_request(config: ml_collections.ConfigDict, prompts: Sequence[str], num
     sampler_lib.step_schedule(config.sample)
   except ValueError as e:
     raise UserInputError(f'{e} (--config.sample.timesteps / --steps)') from e
+  from kaleido_jax.diffusion import caching  # pylint: disable=g-import-not-at-top
+  try:
+    caching.static_settings(config.sample)
+  except caching.CacheError as e:
+    raise UserInputError(f'{e} (--config.sample.cache)') from e
   for i, p in enumerate(prompts):
     if not isinstance(p, str) or not p.strip():
       raise UserInputError(f'prompt #{i} is empty; describe the video to make (--prompt "...")')
@@ -251,9 +256,11 @@ class S2VPipeline:
   """Encoders + DiT weights + sampler settings; `generate` makes videos (see the module docstring)."""
 
   def __init__(self, config: ml_collections.ConfigDict, encoders: enc_lib.Encoders, graphdef: nnx.GraphDef,
-               state: nnx.State, *, mesh: Any = None, weights_from: str = ''):
+               state: nnx.State, *, mesh: Any = None, weights_from: str = '', workdir: str | None = None):
     self.config, self.encoders = config, encoders
     self.graphdef, self.state, self.mesh, self.weights_from = graphdef, state, mesh, weights_from
+    self.workdir = workdir
+    self.last_stats: dict[str, Any] = {}   # model_calls (DiT passes per video) of the last sample_latents
     if mesh is not None:
       from kaleido_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
       self.state = jax.device_put(state, mesh_lib.state_shardings(state, mesh))
@@ -263,7 +270,7 @@ class S2VPipeline:
                   mesh: Any = None, encoders: enc_lib.Encoders | None = None) -> 'S2VPipeline':
     graphdef, state, where = load_weights(config, checkpoint, workdir)
     encoders = encoders or enc_lib.Encoders.from_config(config, workdir=workdir)
-    return cls(config, encoders, graphdef, state, mesh=mesh, weights_from=where)
+    return cls(config, encoders, graphdef, state, mesh=mesh, weights_from=where, workdir=workdir)
 
   def release_weights(self) -> None:
     """Drops the DiT weights (a one-shot run does so before the VAE decodes); sampling again needs new ones."""
@@ -302,13 +309,35 @@ class S2VPipeline:
                 text_uncond=self.encoders.text([neg]), refs=ref_latents,
                 ref_mask=jnp.asarray(ref_mask) if self.max_refs else None, ref_images=np.stack(images))
 
+  def calibration(self, cfg: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """The step-cache calibration sample.cache needs (caching.py), or None without a step cache."""
+    from kaleido_jax.diffusion import caching  # pylint: disable=g-import-not-at-top
+    if cfg.get('cache', 'none') == 'none':
+      return None
+    path = caching.calibration_path(cfg, self.workdir)
+    if not os.path.exists(path):
+      raise UserInputError(f'sample.cache={cfg.cache!r} needs the step-cache calibration {path!r}, which does not '
+                           'exist: run `python -m kaleido_jax.main --mode calibrate` with this model and config '
+                           'first, or set --config.sample.cache_calibration=PATH')
+    return caching.load_calibration(path)
+
   def sample_latents(self, inputs: dict[str, Any], cfg: ml_collections.ConfigDict,
-                     on_step: Callable[[Any], None] | None = None) -> jax.Array:
+                     on_step: Callable[[Any], None] | None = None, *, calibrate: bool = False) -> Any:
+    """Latents (B, F, H, W, C); with ``calibrate`` (latents, per-step statistics) of an uncached run.
+
+    Sets ``last_stats['model_calls']`` (DiT passes per video).
+    """
+    from kaleido_jax.diffusion import caching  # pylint: disable=g-import-not-at-top
     if self.state is None:
       raise UserInputError('this pipeline released its DiT weights (release_weights); build a new one')
     args = [inputs[k] for k in ('noise', 'text_cond', 'text_uncond', 'refs', 'ref_mask')]
-    if self.mesh is None:
-      return sampler_lib.sample(self.graphdef, self.state, *args, cfg=cfg, on_step=on_step)
+    try:
+      options = dict(cfg=cfg, on_step=on_step, return_stats=True, calibrate=calibrate,
+                     calibration=None if calibrate else self.calibration(cfg))
+      if self.mesh is None:
+        return self._keep_stats(sampler_lib.sample(self.graphdef, self.state, *args, **options), calibrate)
+    except caching.CacheError as e:
+      raise UserInputError(f'{e} (--config.sample.*)') from e
     from kaleido_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
     placed = [None if a is None else jax.device_put(
         a, mesh_lib.batch_sharding(self.mesh, np.ndim(a)) if np.shape(a)[0] % mesh_lib.data_parallel_size(
@@ -317,7 +346,12 @@ class S2VPipeline:
     # and the prompts go over data x fsdp, the tokens over context (context-parallel attention,
     # model.context_parallel), the weights as their names say (fsdp, context, tensor).
     with jax.set_mesh(self.mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
-      return sampler_lib.sample(self.graphdef, self.state, *placed, cfg=cfg, on_step=on_step)
+      return self._keep_stats(sampler_lib.sample(self.graphdef, self.state, *placed, **options), calibrate)
+
+  def _keep_stats(self, out: tuple, calibrate: bool) -> Any:
+    latents, stats = out
+    self.last_stats = {'model_calls': int(stats['model_calls'])}
+    return (latents, stats) if calibrate else latents
 
   def sample_config(self, num_steps: int | None = None, guidance_scale: float | None = None,
                     shift: float | None = None) -> ml_collections.ConfigDict:

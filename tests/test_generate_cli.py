@@ -23,7 +23,8 @@ def _run_mode(config, workdir, capsys):
 @pytest.mark.parametrize('case', ['missing_ref', 'corrupt_ref', 'too_many_refs', 'empty_prompt', 'bad_frames',
                                   'bad_size', 'wrong_architecture', 'bad_extension', 'no_weights',
                                   'bad_quantization', 'quantized_checkpoint_other_scheme', 'missing_lora',
-                                  'lora_of_another_model'])
+                                  'lora_of_another_model', 'cache_without_calibration', 'unknown_cache',
+                                  'bad_timesteps'])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
   config = tiny_config(checkpoint='random', prompt='A red square moves right.')
   ref = write_reference(str(tmp_path / 'a.png'))
@@ -38,7 +39,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
       'wrong_architecture': 'different architecture|cannot be loaded', 'bad_extension': 'unknown video extension',
       'no_weights': 'no weights', 'bad_quantization': "model.quantization='int3'",
       'quantized_checkpoint_other_scheme': "holds int8 weights but config.model.quantization='int4'",
-      'missing_lora': 'LoRA .*nope.safetensors.* does not exist', 'lora_of_another_model': 'another model size'}[case]
+      'missing_lora': 'LoRA .*nope.safetensors.* does not exist', 'lora_of_another_model': 'another model size',
+      'cache_without_calibration': 'mode calibrate', 'unknown_cache': "sample.cache='deep'",
+      'bad_timesteps': 'strictly decreasing'}[case]
   if case == 'missing_ref':
     config.sample.refs = (str(tmp_path / 'nope.png'),)
   elif case == 'corrupt_ref':
@@ -84,6 +87,12 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
                'transformer.blocks.0.attn1.to_q.lora_B.weight': np.ones((999, 4), np.float32)},
               str(tmp_path / 'big.safetensors'))
     config.sample.loras = (str(tmp_path / 'big.safetensors'),)
+  elif case == 'cache_without_calibration':
+    config.sample.cache = 'teacache'
+  elif case == 'unknown_cache':
+    config.sample.cache = 'deep'
+  elif case == 'bad_timesteps':
+    config.sample.timesteps = (250.0, 750.0)
   code, err = _run_mode(config, tmp_path / 'work', capsys)
   lines = err.strip().splitlines()
   assert code == 2 and lines[-1].startswith('error: ') and 'Traceback' not in err, err

@@ -252,6 +252,11 @@ def evaluate_video(frames: np.ndarray, refs: np.ndarray, ref_mask: np.ndarray | 
   return out
 
 
+# DiT block passes per video (batched guidance branches count one each; a cached step counts 0): the sampler's
+# cost, reported next to the fidelity it buys (diffusion/caching.py).
+MODEL_CALLS = "model_calls_per_video"
+
+
 def aggregate(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
   """Mean of every metric over videos."""
   if not rows:
@@ -262,8 +267,13 @@ def aggregate(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
 def markdown_table(results: Mapping[str, Mapping[str, float]]) -> str:
   """{'model name': {metric: value}} -> a markdown table, one row per model."""
   names = list(results)
-  metrics = list(results[names[0]]) if names else []
+  metrics = list(dict.fromkeys(m for n in names for m in results[n]))  # every row's metrics, first-seen order
+
+  def cell(n, m):
+    v = results[n].get(m)
+    return "—" if v is None else (f"{v:g}" if m == MODEL_CALLS else f"{v:.4f}")
+
   lines = ["| model | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
   for n in names:
-    lines.append(f"| {n} | " + " | ".join(f"{results[n][m]:.4f}" for m in metrics) + " |")
+    lines.append(f"| {n} | " + " | ".join(cell(n, m) for m in metrics) + " |")
   return "\n".join(lines)

@@ -50,14 +50,21 @@ def pipeline_generator(pipe: Any) -> Generator:
   d = pipe.config.data
 
   def generate(requests, seeds):
-    return pipe.generate([list(r['refs']) for r in requests], [r['prompt'] for r in requests],
-                         num_frames=d.num_frames, height=d.height, width=d.width, seed=list(seeds))
+    frames = pipe.generate([list(r['refs']) for r in requests], [r['prompt'] for r in requests],
+                           num_frames=d.num_frames, height=d.height, width=d.width, seed=list(seeds))
+    return frames, pipe.last_stats['model_calls']
   return generate
 
 
 def exported_generator(sampler: Any) -> Generator:
+  from kaleido_jax.diffusion import guidance  # pylint: disable=g-import-not-at-top
+  s = sampler.signature['sample']
+  # The exported program runs the plain sampler: every step, every guidance branch.
+  calls = len(s.get('timesteps') or ()) or int(s['num_steps'])
+  calls *= guidance.num_branches(float(s['guidance_scale']), float(s.get('image_guidance_scale', 0.0)))
+
   def generate(requests, seeds):
-    return sampler([r['prompt'] for r in requests], [list(r['refs']) for r in requests], seeds=list(seeds))
+    return sampler([r['prompt'] for r in requests], [list(r['refs']) for r in requests], seeds=list(seeds)), calls
   return generate
 
 
@@ -72,16 +79,23 @@ def evaluate(config: ml_collections.ConfigDict, generators: Mapping[str, Generat
   requests = list(requests if requests is not None else heldout_requests(config, int(e.num_videos)))
   scorers = tuple(e.scorers)
   videos: dict[str, np.ndarray] = {}
+  calls: dict[str, list[float]] = {}
   for name, gen in generators.items():
     parts = []
     for start in range(0, len(requests), int(e.batch_size)):
       batch = requests[start:start + int(e.batch_size)]
-      parts.append(np.asarray(gen(batch, [int(config.sample.seed) + start + k for k in range(len(batch))])))
+      out = gen(batch, [int(config.sample.seed) + start + k for k in range(len(batch))])
+      if isinstance(out, tuple):  # (frames, DiT calls per video)
+        out, n = out
+        calls.setdefault(name, []).extend([float(n)] * len(batch))
+      parts.append(np.asarray(out))
     videos[name] = np.concatenate(parts)
   videos[TARGET] = np.stack([r['target'] for r in requests])
   rows = {name: [metrics.evaluate_video(_as_float(v), r['refs'], scorers=scorers) for v, r in zip(vids, requests)]
           for name, vids in videos.items()}
   means = {name: metrics.aggregate(r) for name, r in rows.items()}
+  for name, n in calls.items():
+    means[name][metrics.MODEL_CALLS] = float(np.mean(n))
   table = metrics.markdown_table(means)
   os.makedirs(output_dir, exist_ok=True)
   results = {'num_videos': len(requests), 'scorers': list(scorers), 'means': means, 'per_video': rows,
@@ -91,7 +105,8 @@ def evaluate(config: ml_collections.ConfigDict, generators: Mapping[str, Generat
   note = ('Held-out identities, cross-paired references. fidelity_* are distances between the best-matching '
           'window of each frame and the reference subject (lower is better); copy_paste_rate is the fraction '
           'of reference pixels reappearing unchanged; subject_presence the fraction of frames where the '
-          'subject is found; frame_diff_* / flicker measure temporal change.')
+          'subject is found; frame_diff_* / flicker measure temporal change; model_calls_per_video counts DiT '
+          'passes (each guidance branch one; a cached step none).')
   with media.atomic_path(os.path.join(output_dir, 'eval.md')) as tmp, open(tmp, 'w') as fh:
     fh.write(f'# Evaluation: {len(requests)} videos\n\n{note}\n\n{table}\n')
   scale = max(1, 128 // max(int(config.data.height), 1))

@@ -48,3 +48,26 @@ def test_eval_mode_runs_an_exported_artifact(tmp_path):
   # refs that already have the frame size), hence the same scores.
   np.testing.assert_allclose(res['means'][name]['fidelity_histogram'],
                              direct['means']['direct']['fidelity_histogram'], atol=1e-6)
+
+
+def test_calibrate_then_eval_reports_model_calls_per_video(tmp_path, capsys):
+  from kaleido_jax import calibrate
+  config = tiny_config(checkpoint='random', num_steps=10)
+  record = calibrate.run(config, str(tmp_path))
+  assert os.path.exists(tmp_path / 'step_cache.json') and len(record['mag_ratios']) == 10
+  assert 'wrote' in capsys.readouterr().out
+  config.eval.output_dir = str(tmp_path / 'plain')
+  plain = runner.run(config, str(tmp_path))
+  config.sample.update(cache='magcache', magcache_threshold=0.5, magcache_max_skip=3)
+  config.eval.output_dir = str(tmp_path / 'cached')
+  cached = runner.run(config, str(tmp_path))
+  from kaleido_jax.diffusion import guidance
+  full = 10 * guidance.num_branches(config.sample.guidance_scale, config.sample.image_guidance_scale)
+  name = next(n for n in plain['means'] if n.startswith('model'))
+  assert plain['means'][name]['model_calls_per_video'] == full  # 10 steps x every guidance branch
+  assert cached['means'][name]['model_calls_per_video'] < full
+  assert 'model_calls_per_video' not in plain['means'][runner.TARGET]
+  md = open(tmp_path / 'cached' / 'eval.md').read()
+  assert 'model_calls_per_video' in md and '—' in md
+  saved = json.load(open(tmp_path / 'cached' / 'eval.json'))
+  assert saved['means'][name]['model_calls_per_video'] < full

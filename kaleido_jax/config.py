@@ -285,6 +285,11 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       model_factory='',         # 'module:Class' called as Class(config.model, rngs=...); '' = KaleidoDiT
       stop_on_nan=True,         # non-finite loss -> stop, naming the step; no checkpoint of that state
       peak_tflops_per_device=0.0,  # for MFU; 0 = look up jax.devices()[0].device_kind (unknown -> no MFU)
+      # LoRA fine-tuning (kaleido_jax/model/lora.py): rank 0 trains every weight; rank r > 0 trains only rank-r
+      # adapters on `targets` (block linears: paths, leaf names or groups attention | self_attn | cross_attn |
+      # qkv | ffn | all) over a frozen base from init_from (model.param_dtype / model.quantization: bf16 or
+      # quantized); the adapters are written as WORKDIR/lora/pytorch_lora_weights.safetensors (diffusers / PEFT).
+      lora=ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=('attention', 'ffn'), rslora=False)),
   ))
   cfg.update(overrides)
   return cfg

@@ -135,6 +135,27 @@ def _merge_loras(config: ml_collections.ConfigDict, pure: dict) -> dict:
     raise UserInputError(f'{e} (--config.sample.loras / --lora)') from e
 
 
+def _lora_checkpoint(config: ml_collections.ConfigDict, adapters: dict, where: str
+                     ) -> tuple[nnx.GraphDef, nnx.State, str, bool]:
+  """A LoRA training checkpoint (adapters only): its base (init_from.transformer) with the adapters merged."""
+  from kaleido_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  base = config.init_from.transformer
+  if not base:
+    raise UserInputError(f'{where} is a LoRA fine-tune (adapters only); its base weights come from '
+                         'config.init_from.transformer, which is empty: pass the training config (--config) or '
+                         '--config.init_from.transformer=BASE')
+  graphdef, state, base_where, merged = _load_base_weights(config, base, None)
+  lc = config.train.lora
+  updates = lora_lib.updates_from_adapters(adapters, float(lc.alpha), bool(lc.get('rslora', False)))
+  pure = nnx.to_pure_dict(state)
+  try:
+    lora_lib.merge_state(pure, updates, num_layers=int(config.model.num_layers))
+  except lora_lib.LoRAMismatch as e:
+    raise UserInputError(f'{where}: the adapters do not fit the base {base!r}: {e}') from e
+  nnx.replace_by_pure_dict(state, pure)
+  return graphdef, state, f'{base_where} + LoRA adapters of {where}', merged
+
+
 def _load_base_weights(config: ml_collections.ConfigDict, checkpoint: str, workdir: str | None
                        ) -> tuple[nnx.GraphDef, nnx.State, str, bool]:
   """load_weights without LoRAs, and whether config.sample.loras is already merged."""
@@ -163,6 +184,9 @@ def _load_base_weights(config: ml_collections.ConfigDict, checkpoint: str, workd
     if training:
       params, step = _restore_training_params(*training, use_ema=bool(config.sample.use_ema))
       where = f'{training[0]} step {step}'
+      from kaleido_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+      if lora_lib.is_adapter_state(params):
+        return _lora_checkpoint(config, params, where)
     elif os.path.isdir(checkpoint) and os.path.exists(os.path.join(checkpoint, conv_common.CONFIG_FILE)) and (
         conv_common.saved_quantization(checkpoint) != 'none'):
       # Written quantized by the converter: restored as it is, into config.model's scheme.

@@ -295,12 +295,13 @@ def add_adapters(model: nnx.Module, rank: int, alpha: float, targets: Sequence[s
   if not paths:
     raise ValueError(f"no linear of {type(model).__name__}'s blocks matches the LoRA targets {targets!r}")
   layers = int(model.config.num_layers) if model.config.get("scan_layers", False) else None
-  for path in paths:
-    parent = model
-    for key in path[:-1]:
-      parent = _get(parent, key)
-    _set(parent, path[-1], LoRALinear(_get(parent, path[-1]), rank, alpha, rngs=rngs, layers=layers,
-                                      rslora=rslora))
+  with nnx.use_eager_sharding(False):  # logical names are metadata; the trainer places the arrays (as the DiT's)
+    for path in paths:
+      parent = model
+      for key in path[:-1]:
+        parent = _get(parent, key)
+      _set(parent, path[-1], LoRALinear(_get(parent, path[-1]), rank, alpha, rngs=rngs, layers=layers,
+                                        rslora=rslora))
   return model
 
 
@@ -326,6 +327,45 @@ def adapter_weights(model: nnx.Module) -> list[Update]:
       layer = next(p for p in path if isinstance(p, int))
       out.append(Update(f"blocks/{rel}/kernel", layer, a, b, scale=node.scale, source=f"adapter {rel} layer {layer}"))
   return sorted(out, key=lambda u: (u.layer, BLOCK_LINEARS.index(u.leaf[len("blocks/"):-len("/kernel")])))
+
+
+def updates_from_adapters(pure: dict, alpha: float = 0.0, rslora: bool = False) -> list[Update]:
+  """The low-rank updates of a pure adapter state ({..: {'lora_a', 'lora_b'}}: a LoRA training checkpoint's
+  params), stacked (leading layer axis) or per layer; alpha 0 = the rank (scale 1)."""
+  flat: dict[str, Any] = {}
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      (walk(v, f"{prefix}{k}/") if isinstance(v, dict) else flat.__setitem__(f"{prefix}{k}", v))
+  walk(pure, "")
+  out = []
+  for key, a in sorted(flat.items()):
+    if not key.endswith("/lora_a"):
+      continue
+    prefix = key[: -len("/lora_a")]
+    a, b = np.asarray(a, np.float32), np.asarray(flat[prefix + "/lora_b"], np.float32)
+    parts = prefix.split("/")
+    layer_parts = [p for p in parts if p.isdigit()]
+    rel = "/".join(p for p in parts if not p.isdigit())
+    scale = lora_scale(alpha or a.shape[-1], a.shape[-1], rslora)
+    if a.ndim == 3:
+      out.extend(Update(f"{rel}/kernel", i, a[i], b[i], scale=scale, source=f"adapter {rel} layer {i}")
+                 for i in range(a.shape[0]))
+    else:
+      layer = int(layer_parts[0]) if layer_parts else None
+      out.append(Update(f"{rel}/kernel", layer, a, b, scale=scale, source=f"adapter {rel}"))
+  return out
+
+
+def is_adapter_state(pure: dict) -> bool:
+  """Whether a pure parameter dict holds only LoRA factors (a LoRA training checkpoint's params)."""
+  leaves = []
+
+  def walk(node, name):
+    for k, v in node.items():
+      walk(v, str(k)) if isinstance(v, dict) else leaves.append(str(k))
+  walk(pure, "")
+  return bool(leaves) and all(k in ("lora_a", "lora_b") for k in leaves)
 
 
 def fold_adapters(model: nnx.Module) -> nnx.Module:

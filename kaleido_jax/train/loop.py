@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from kaleido_jax import config as kcfg
 from kaleido_jax.train import checkpoint as ckpt_lib
@@ -81,9 +82,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       problems.append(f'data.batch_size={b} must be divisible by {jax.process_count()} processes')
   if config.model.dtype not in ('float32', 'bfloat16'):
     problems.append(f'model.dtype {config.model.dtype!r} not in float32 | bfloat16')
-  if config.model.get('quantization', 'none') != 'none':
-    problems.append(f'model.quantization={config.model.quantization!r} is for sampling (quantized weights take '
-                    'no gradients); train with --config.model.quantization=none')
+  rank = state_lib.lora_rank(config)
+  if config.model.get('quantization', 'none') != 'none' and not rank:
+    problems.append(f'model.quantization={config.model.quantization!r}: quantized weights take no gradients; '
+                    'train with --config.model.quantization=none, or train LoRA adapters over the quantized base '
+                    '(--config.train.lora.rank=16)')
+  if rank < 0:
+    problems.append(f'train.lora.rank must be >= 0 (0 = full fine-tuning), got {rank}')
+  if rank:
+    from kaleido_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+    try:
+      lora_lib.resolve_targets(tuple(config.train.lora.targets))
+    except ValueError as e:
+      problems.append(f'train.lora.targets: {e}')
+    if config.train.lora.alpha < 0:
+      problems.append(f'train.lora.alpha must be >= 0 (0 = the rank), got {config.train.lora.alpha}')
   if problems:
     raise kcfg.ConfigError('invalid training config: ' + '; '.join(problems))
 
@@ -94,6 +107,8 @@ def _align(loaded: Any, template: Any, path: str = '') -> Any:
     if not isinstance(loaded, dict):
       raise ValueError(f'init_from: expected a dict at {path or "/"}, got {type(loaded).__name__}')
     by_str = {str(k): v for k, v in loaded.items()}
+    if set(by_str) != {'base'} and set(template) == {'base'}:  # a LoRA-wrapped linear: the checkpoint's is its base
+      return {'base': _align(loaded, template['base'], f'{path}/base')}
     missing = [str(k) for k in template if str(k) not in by_str]
     extra = sorted(set(by_str) - {str(k) for k in template})
     if missing or extra:
@@ -123,7 +138,6 @@ def load_init_params(config: ml_collections.ConfigDict, template: dict) -> dict 
     loaded = conv.load_transformer(path, config.init_from.transformer_format, config.model)
   if isinstance(loaded, tuple):
     loaded = loaded[0]
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   if isinstance(loaded, nnx.Module):
     loaded = nnx.state(loaded, nnx.Param)
   if isinstance(loaded, nnx.State):
@@ -161,6 +175,30 @@ class _Preempted:
       signal.signal(signal.SIGTERM, self._old)
 
 
+LORA_DIR = 'lora'
+
+
+def save_adapter(config: ml_collections.ConfigDict, spec: state_lib.StateSpec, state: dict, workdir: str) -> str:
+  """The trained LoRA adapters as WORKDIR/lora/pytorch_lora_weights.safetensors (diffusers / PEFT layout)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.convert import lora as lora_conv  # pylint: disable=g-import-not-at-top
+  key = 'ema' if 'ema' in state else 'params'
+  adapters = multihost_utils.process_allgather(state[key], tiled=True)  # every process: host copies of the factors
+  out = os.path.join(workdir, LORA_DIR)
+  if jax.process_index() == 0:
+    # The base stays abstract (shapes only): the writer reads the adapters' factors alone.
+    model = nnx.merge(spec.graphdef, _filled(spec.abstract_params, adapters), spec.abstract_frozen, spec.rest)
+    lora_conv.save_peft_lora(model, out, alpha=float(config.train.lora.alpha or state_lib.lora_rank(config)))
+    logging.info('wrote LoRA adapters (%s) to %s', key, out)
+  return out
+
+
+def _filled(template, pure):
+  state = jax.tree.map(lambda x: x, template)
+  nnx.replace_by_pure_dict(state, pure)
+  return state
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train; returns the last step, its loss, the losses of this run's steps, whether preempted, the state."""
   maybe_initialize_distributed()
@@ -175,12 +213,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.train)
 
   start = ckpt.latest_step()
+  lora = spec.abstract_frozen is not None
+  # LoRA: init_from gives the frozen base (never checkpointed); full fine-tuning: the initial trained weights.
+  init_params = load_init_params(config, spec.abstract_state['frozen' if lora else 'params'])
   if start is not None:
     logging.info('resuming from step %d', start)
-    state = ckpt.restore(start, spec.abstract_state, data)
+    state = ckpt.restore(start, state_lib.checkpointed(spec.abstract_state), data)
+    if lora:
+      state['frozen'] = state_lib.init_state(config, spec, mesh, params=init_params)['frozen']
   else:
     start = 0
-    state = state_lib.init_state(config, spec, mesh, params=load_init_params(config, spec.abstract_state['params']))
+    state = state_lib.init_state(config, spec, mesh, params=init_params)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   if start == 0 and is_main:
@@ -237,12 +280,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           writer.write_scalars(step, scalars)
           last_log_time, last_log_step = now, step
         if sig.flag:
-          ckpt.save(step, state, data, config, force=True)
+          ckpt.save(step, state_lib.checkpointed(state), data, config, force=True)
+          if lora:
+            save_adapter(config, spec, state, workdir)
           preempted = True
           logging.warning('preempted: saved step %d, exiting', step)
           break
         if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
-          ckpt.save(step, state, data, config)
+          ckpt.save(step, state_lib.checkpointed(state), data, config)
+          if lora:
+            save_adapter(config, spec, state, workdir)
     finally:
       ckpt.close()
       writer.flush()

@@ -4,7 +4,11 @@ The model is split once (`nnx.split`) into a static graphdef and its parameters;
 parameters as a pure nested dict (`nnx.to_pure_dict`) so optax, orbax and jit shardings all see one simple
 structure. The step function rebuilds the module with `nnx.merge` inside the loss.
 
-State layout: {'step': int32 scalar, 'params': dict, 'opt_state': optax state, ['ema': dict]}.
+State layout: {'step': int32 scalar, 'params': dict, 'opt_state': optax state, ['ema': dict], ['frozen': dict]}.
+With ``train.lora.rank > 0`` (LoRA fine-tuning, kaleido_jax/model/lora.py) ``params`` holds only the adapters'
+``nnx.LoRAParam`` factors (so gradients, AdamW moments and EMA are LoRA-sized) and ``frozen`` the base weights
+in their own dtype (bf16 or quantized): an input of the step that is never differentiated, and never
+checkpointed (a resumed run loads it again from ``init_from``).
 The model is built abstractly (`nnx.eval_shape`) and then materialised by a jitted init whose outputs
 already carry their NamedShardings, so a 14B model never exists unsharded on one device.
 """
@@ -28,10 +32,27 @@ DEFAULT_MODEL_FACTORY = 'kaleido_jax.model.dit:KaleidoDiT'
 
 
 def model_factory(config: ml_collections.ConfigDict) -> Callable[..., nnx.Module]:
-  """`factory(config.model, rngs=...)` named by `config.train.model_factory` ('module:attr')."""
+  """`factory(config.model, rngs=...)` named by `config.train.model_factory` ('module:attr'); with
+  `train.lora.rank > 0` the built model gets LoRA adapters on `train.lora.targets`."""
   spec = config.train.get('model_factory', '') or DEFAULT_MODEL_FACTORY
   module, attr = spec.split(':')
-  return getattr(importlib.import_module(module), attr)
+  base = getattr(importlib.import_module(module), attr)
+  rank = lora_rank(config)
+  if not rank:
+    return base
+  from kaleido_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  lc = config.train.lora
+
+  def with_adapters(model_cfg, *, rngs):
+    return lora_lib.add_adapters(base(model_cfg, rngs=rngs), rank, float(lc.alpha or rank), tuple(lc.targets),
+                                 rngs=rngs, rslora=bool(lc.get('rslora', False)))
+  return with_adapters
+
+
+def lora_rank(config: ml_collections.ConfigDict) -> int:
+  """train.lora.rank (0 = full fine-tuning)."""
+  lc = config.train.get('lora')
+  return int(lc.rank) if lc is not None else 0
 
 
 def make_schedule(train_cfg: ml_collections.ConfigDict) -> optax.Schedule:
@@ -71,8 +92,9 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransf
 class StateSpec:
   """What the step needs besides the arrays: the static graph, templates and shardings."""
   graphdef: Any
-  abstract_params: nnx.State        # nnx State template of the Param variables (shapes only)
+  abstract_params: nnx.State        # nnx State template of the trained variables (shapes only)
   rest: nnx.State                   # non-Param variables (empty for the DiT), kept constant
+  abstract_frozen: nnx.State | None  # LoRA: template of the frozen base parameters; None for full fine-tuning
   abstract_state: dict              # ShapeDtypeStructs of the train state, with .sharding set
   shardings: dict                   # NamedSharding pytree matching the train state
   tx: optax.GradientTransformation
@@ -105,7 +127,11 @@ def build_spec(config: ml_collections.ConfigDict, mesh: Mesh,
   factory = factory or model_factory(config)
   with nnx.use_eager_sharding(False):
     abstract_model = nnx.eval_shape(lambda: factory(config.model, rngs=nnx.Rngs(config.seed)))
-  graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
+  if lora_rank(config):
+    graphdef, abstract_params, abstract_frozen, rest = nnx.split(abstract_model, nnx.LoRAParam, nnx.Param, ...)
+  else:
+    graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
+    abstract_frozen = None
   tx = make_optimizer(config.train)
   abstract_pure = nnx.to_pure_dict(abstract_params)
   abstract_pure = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_pure)
@@ -118,26 +144,41 @@ def build_spec(config: ml_collections.ConfigDict, mesh: Mesh,
   if config.train.ema_decay > 0:
     shardings['ema'] = params_sh
     abstract['ema'] = abstract_pure
+  if abstract_frozen is not None:
+    shardings['frozen'] = _param_shardings(abstract_frozen, mesh)
+    abstract['frozen'] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                      nnx.to_pure_dict(abstract_frozen))
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-  return StateSpec(graphdef, abstract_params, rest, abstract, shardings, tx)
+  return StateSpec(graphdef, abstract_params, rest, abstract_frozen, abstract, shardings, tx)
 
 
 def init_state(config: ml_collections.ConfigDict, spec: StateSpec, mesh: Mesh,
                factory: Callable[..., nnx.Module] | None = None,
                params: dict | None = None) -> dict:
-  """Materialise the train state directly into its shardings (random init, or given `params`)."""
+  """Materialise the train state directly into its shardings (random init, or given `params`).
+
+  With LoRA (`spec.abstract_frozen`), `params` are the *base* weights (the frozen part, kept in their dtype);
+  the adapters always start from their own init (B = 0: the adapted model starts as the base).
+  """
   factory = factory or model_factory(config)
+  lora = spec.abstract_frozen is not None
 
   def init(params):
-    if params is None:
-      with nnx.use_eager_sharding(False):
-        model = factory(config.model, rngs=nnx.Rngs(config.seed))
-      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating)
-                          else x, params)
-    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': spec.tx.init(params)}
+    with nnx.use_eager_sharding(False):
+      model = factory(config.model, rngs=nnx.Rngs(config.seed))
+    if lora:
+      trained = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+      frozen = nnx.to_pure_dict(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
+      frozen = params if params is not None else frozen
+    else:
+      trained = params if params is not None else nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    trained = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating)
+                           else x, trained)
+    state = {'step': jnp.zeros((), jnp.int32), 'params': trained, 'opt_state': spec.tx.init(trained)}
     if config.train.ema_decay > 0:
-      state['ema'] = jax.tree.map(jnp.copy, params)
+      state['ema'] = jax.tree.map(jnp.copy, trained)
+    if lora:
+      state['frozen'] = jax.tree.map(lambda x, t: jnp.asarray(x, t.dtype), frozen, spec.abstract_state['frozen'])
     return state
 
   with jax.set_mesh(mesh):
@@ -146,11 +187,20 @@ def init_state(config: ml_collections.ConfigDict, spec: StateSpec, mesh: Mesh,
     return jax.jit(init, out_shardings=spec.shardings)(params)
 
 
-def merge_model(spec: StateSpec, params: dict) -> nnx.Module:
-  """nnx.merge of the graphdef with a pure-dict of parameters (used inside jit)."""
+def merge_model(spec: StateSpec, params: dict, frozen: dict | None = None) -> nnx.Module:
+  """nnx.merge of the graphdef with a pure-dict of parameters (and LoRA's frozen base; used inside jit)."""
   template = jax.tree.map(lambda x: x, spec.abstract_params)
   nnx.replace_by_pure_dict(template, params)
-  return nnx.merge(spec.graphdef, template, spec.rest)
+  if spec.abstract_frozen is None:
+    return nnx.merge(spec.graphdef, template, spec.rest)
+  base = jax.tree.map(lambda x: x, spec.abstract_frozen)
+  nnx.replace_by_pure_dict(base, frozen)
+  return nnx.merge(spec.graphdef, template, base, spec.rest)
+
+
+def checkpointed(state: dict) -> dict:
+  """What a checkpoint holds: the state without LoRA's frozen base (init_from has it)."""
+  return {k: v for k, v in state.items() if k != 'frozen'}
 
 
 def count_params(abstract_params: dict) -> int:

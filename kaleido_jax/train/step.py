@@ -58,10 +58,11 @@ def make_loss_fn(config: ml_collections.ConfigDict, spec: state_lib.StateSpec) -
   compute_dtype = jnp.dtype(config.model.dtype)
   patch = tuple(config.model.patch_size)
 
-  def loss_fn(params, batch, rng):
+  def loss_fn(params, batch, rng, frozen=None):
     if compute_dtype != jnp.float32:
       params = _cast_floats(params, compute_dtype)
-    model = state_lib.merge_model(spec, params)
+      frozen = None if frozen is None else _cast_floats(frozen, compute_dtype)
+    model = state_lib.merge_model(spec, params, frozen)
     empty = batch.get('empty_text_embedding')
     batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
     return flow.flow_matching_loss(model, batch, rng, config.diffusion, patch_size=patch,
@@ -81,8 +82,9 @@ def train_step_fn(config: ml_collections.ConfigDict, spec: state_lib.StateSpec) 
   def step(state, batch, rng):
     rng = jax.random.fold_in(rng, state['step'])
     params = state['params']
+    frozen = state.get('frozen')  # LoRA: the base weights, an input that takes no gradient
     if accum == 1:
-      (loss, _), grads = grad_fn(params, batch, rng)
+      (loss, _), grads = grad_fn(params, batch, rng, frozen)
     else:
       def micro(x):
         b = x.shape[0]
@@ -95,7 +97,7 @@ def train_step_fn(config: ml_collections.ConfigDict, spec: state_lib.StateSpec) 
       def body(carry, xs):
         g_sum, l_sum = carry
         i, mb = xs
-        (l, _), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        (l, _), g = grad_fn(params, mb, jax.random.fold_in(rng, i), frozen)
         return (jax.tree.map(jnp.add, g_sum, g), l_sum + l), None
       zeros = jax.tree.map(jnp.zeros_like, params)
       (g_sum, l_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
@@ -106,6 +108,8 @@ def train_step_fn(config: ml_collections.ConfigDict, spec: state_lib.StateSpec) 
     updates, opt_state = spec.tx.update(grads, state['opt_state'], params)
     new_params = optax.apply_updates(params, updates)
     new_state = {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state}
+    if frozen is not None:
+      new_state['frozen'] = frozen
     if 'ema' in state:
       new_state['ema'] = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
                                       state['ema'], new_params)

@@ -201,3 +201,27 @@ def test_sample_loras_merge_as_the_pipeline_loads(peft_setup, quantization):
   else:  # merged in float, then quantized: the int8 values differ from the base model's where the LoRA lands
     changed = [k for k in ref_flat if k.endswith("qvalue") and np.any(np.asarray(got[k]) != np.asarray(ref_flat[k]))]
     assert "blocks/self_attn/to_q/qvalue" in changed and "blocks/cross_attn/to_k/qvalue" in changed
+
+
+def test_trained_adapters_saved_as_peft_load_into_diffusers_with_the_same_output(peft_setup, tmp_path):
+  from diffusers import WanTransformer3DModel
+  base_dir, _, _, inputs = peft_setup
+  cfg = convert_tf.config_from_checkpoint(base_dir, "diffusers", common.CheckpointReader(base_dir))
+  model = convert_tf.load_transformer(base_dir, "diffusers", cfg)
+  lora_lib.add_adapters(model, 4, 8.0, "all", rngs=nnx.Rngs(2))
+  rng = np.random.default_rng(4)
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, lora_lib.LoRALinear):  # as after training: B off zero
+      node.lora_b.value = jnp.asarray(rng.normal(size=node.lora_b.value.shape) * 0.1, jnp.float32)
+  ours = np.asarray(model(*(jnp.asarray(x) for x in inputs)))
+  out = lora_conv.save_peft_lora(model, str(tmp_path / "adapter"), alpha=8.0)
+  assert os.path.basename(out) == lora_conv.LORA_FILE
+  theirs = WanTransformer3DModel.from_pretrained(base_dir).eval()
+  theirs.load_lora_adapter(str(tmp_path / "adapter"), prefix="transformer", weight_name=lora_conv.LORA_FILE)
+  expected = ref.run_diffusers(theirs, *inputs)
+  assert np.abs(ours - expected).max() <= _tol(expected)
+  # And back: the file merges into the base with the same output.
+  merged = convert_tf.load_transformer(base_dir, "diffusers", cfg)
+  lora_conv.load_lora(merged, str(tmp_path / "adapter"))
+  got = np.asarray(merged(*(jnp.asarray(x) for x in inputs)))
+  assert np.abs(got - expected).max() <= _tol(expected)

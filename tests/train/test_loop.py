@@ -185,5 +185,10 @@ def test_a_quantized_model_config_is_refused_for_training():
   config = kcfg.base_config()
   config.model.quantization = 'int8'
   config.data.batch_size = 1
-  with pytest.raises(kcfg.ConfigError, match="model.quantization='int8' is for sampling"):
+  with pytest.raises(kcfg.ConfigError, match="model.quantization='int8': quantized weights take no gradients"):
+    loop.validate(config, 1)
+  config.train.lora.rank = 8  # LoRA adapters over the quantized base: fine
+  loop.validate(config, 1)
+  config.train.lora.targets = ('to_x',)
+  with pytest.raises(kcfg.ConfigError, match='train.lora.targets'):
     loop.validate(config, 1)

@@ -3,6 +3,8 @@
   python bench/sample.py [--config configs/demo.py] [--batch 1] [--repeats 3]
                          [--big-config configs/wan_1_3b.py] [--layers 1] [--frames 5] [--refs 1]
   python bench/sample.py --aot [--rows v6e-1,v5e-1] [--override model.attention=xla]   # the TPU fit table
+  python bench/sample.py --caches [--workdir /tmp/kaleido-demo]   # step / CFG / text caches on the trained demo
+      # (bench/caches.py: DiT calls per video, s / video, fidelity, presence)
   python bench/sample.py --skip-demo --frames 21 --refs 0 --cfg-batch 1   # true 480x832x81 size: 32760
       # video tokens; our scores need ~100 GiB per batch row (--cfg-batch 2: ~200 GiB), ~5 min per layer-call on 2 cores
 
@@ -383,7 +385,18 @@ def main():
   p.add_argument("--aot", action="store_true", help="the TPU sampling fit table (SAMPLE_AOT_ROWS), nothing else")
   p.add_argument("--rows", default="", help="--aot: comma list of substrings of row names (default: all)")
   p.add_argument("--override", action="append", default=[], help="--aot: config key=value for every row")
+  p.add_argument("--caches", action="store_true", help="the cache table on the trained demo (bench/caches.py)")
+  p.add_argument("--workdir", default="/tmp/kaleido-demo", help="--caches: the demo workdir (trained if empty)")
+  p.add_argument("--synthetic-seeds", default="0,1", help="--caches: scored held-out sets")
+  p.add_argument("--calibration-seed", type=int, default=7, help="--caches: held-out set the calibration uses")
+  p.add_argument("--settings", default="", help="--caches: comma list of setting names (default: all)")
   args = p.parse_args()
+  if args.caches:
+    import sys  # pylint: disable=g-import-not-at-top
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import caches  # pylint: disable=g-import-not-at-top
+    caches.main(args)
+    return
   if args.aot:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     aot_table(args)

@@ -86,6 +86,8 @@ def throughput(args) -> None:
 # data-parallel shard), config overrides).
 _720P = {'data.height': 720, 'data.width': 1280}
 _CP4 = {'mesh.fsdp': 1, 'mesh.context': 4}
+_LORA = {'train.lora.rank': 16, 'model.param_dtype': 'bfloat16'}
+_CP2 = {'mesh.fsdp': 4, 'mesh.context': 2, 'model.context_parallel': 'ulysses'}
 AOT_ROWS = [
     ('14B 480p+3 refs, v5p-8, shipped', 'configs/kaleido_14b.py', 'v5p:2x2x1', 0, {}),
     ('  same, remat full (before)', 'configs/kaleido_14b.py', 'v5p:2x2x1', 0, {'model.remat_policy': 'full'}),
@@ -110,6 +112,16 @@ AOT_ROWS = [
     ('14B 720p+5 refs, v5p-16, batch 1, context 8', 'configs/kaleido_14b.py', 'v5p:2x2x2', 1,
      {**_720P, 'mesh.fsdp': 1, 'mesh.context': 8, 'data.max_refs': 5, 'model.max_refs': 5,
       'model.context_parallel': 'ulysses'}),
+    # LoRA fine-tuning (train.lora): adapters on every block linear; the frozen base in bf16 (or int8) is an input
+    # of the step, so only the adapters carry fp32 master weights and AdamW moments.
+    ('14B LoRA r16 480p+3 refs, v5e-8, bf16 base, a sample per chip', 'configs/kaleido_14b.py', 'v5e:2x4', 0,
+     _LORA),
+    ('  LoRA, bf16 base, fsdp 4 x context 2 (ulysses)', 'configs/kaleido_14b.py', 'v5e:2x4', 0, {**_LORA, **_CP2}),
+    ('  LoRA, int8 base, a sample per chip', 'configs/kaleido_14b.py', 'v5e:2x4', 0,
+     {**_LORA, 'model.quantization': 'int8'}),
+    ('  LoRA, int8 base, fsdp 4 x context 2 (ulysses)', 'configs/kaleido_14b.py', 'v5e:2x4', 0,
+     {**_LORA, **_CP2, 'model.quantization': 'int8'}),
+    ('14B full fine-tune 480p+3 refs, v5e-8 (no LoRA, for comparison)', 'configs/kaleido_14b.py', 'v5e:2x4', 0, {}),
 ]
 
 

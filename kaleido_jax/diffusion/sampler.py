@@ -28,6 +28,10 @@ Public API:
       signature), so the weights are a jit argument (shardable, exportable with jax.export).
   sample_traced(denoise_fn, noise, text_cond, text_uncond, refs, ref_mask, *, cfg) -> latents
       the loop without a jit of its own, for a caller tracing a larger program (kaleido_jax/export.py).
+  Both take `return_stats=True` for a dict {model_calls: DiT passes per video, step_calls: per step}; `sample`
+  also runs the caches of `cfg` (caching.py: sample.cache magcache | teacache with `calibration=`, cfg_cache,
+  text_kv_cache; skip decisions are data in the scan, thresholds traced) and `calibrate=True` (an uncached run
+  that returns the per-step statistics caching.fit_calibration takes).
   `cfg` is the `sample` config section (kaleido_jax.config.sample_config): solver ('euler' | 'unipc'),
   num_steps, shift, guidance_scale (text CFG; 1 = one branch), image_guidance_scale (0 = off; see
   guidance.py for the formula), unipc_order (1 | 2), timesteps (an explicit list of model timesteps, e.g.

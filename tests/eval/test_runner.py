@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from kaleido_jax import export, pipeline
 from kaleido_jax.eval import runner
@@ -50,6 +51,7 @@ def test_eval_mode_runs_an_exported_artifact(tmp_path):
                              direct['means']['direct']['fidelity_histogram'], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_calibrate_then_eval_reports_model_calls_per_video(tmp_path, capsys):
   from kaleido_jax import calibrate
   config = tiny_config(checkpoint='random', num_steps=10)

@@ -24,6 +24,7 @@ Public API:
                                                                       None when image_scale == 0)
   batch_branches(x, timestep, text_cond, text_uncond, refs, ref_mask, branches)
       -> (x, timestep, text, refs, ref_mask) concatenated on batch in the order c, u, n
+  combine_branches(v, branches, batch, text_scale, image_scale) -> (v, per-branch parts) of one batched output
   guided_velocity(denoise_fn, x, timestep, text_cond, text_uncond, refs, ref_mask, *,
                   text_scale, image_scale) -> v   one call of
       denoise_fn(x, timestep, text, refs, ref_mask) -> velocity   (the DiT signature, timestep (B,) in
@@ -88,7 +89,12 @@ def guided_velocity(denoise_fn: DenoiseFn, x: jax.Array, timestep: jax.Array, te
   if ref_mask is not None:
     ref_mask = ref_mask.astype(bool)
   args = batch_branches(x, timestep, text_cond, text_uncond, refs, ref_mask, branches)
-  v = denoise_fn(*args).astype(jnp.float32)
-  parts = v.reshape((branches, x.shape[0]) + v.shape[1:])  # a reshape, not jnp.split: symbolic batch sizes
+  return combine_branches(denoise_fn(*args).astype(jnp.float32), branches, x.shape[0], text_scale, image_scale)[0]
+
+
+def combine_branches(v: jax.Array, branches: int, batch, text_scale: float, image_scale: float
+                     ) -> tuple[jax.Array, jax.Array]:
+  """(guided velocity, per-branch velocities (branches, batch, ...)) of one batched call's output (c, u, n)."""
+  parts = v.reshape((branches, batch) + v.shape[1:])  # a reshape, not jnp.split: symbolic batch sizes
   return combine(parts[0], parts[1] if branches > 1 else None, parts[2] if branches > 2 else None,
-                 text_scale, image_scale)
+                 text_scale, image_scale), parts

@@ -194,11 +194,10 @@ def _loop(denoise_fn: DenoiseFn, solver: str, text_scale: float, image_scale: fl
     def full(c):
       args = guidance.batch_branches(x, ts, text_cond, text_uncond, refs, ref_mask, branches)
       v, c, stats = call(args, branches * b, c, s)
-      parts = v.reshape((branches, b) + v.shape[1:])  # a reshape, not jnp.split: symbolic batch sizes
+      guided_v, parts = guidance.combine_branches(v, branches, b, text_scale, image_scale)
       if 'cfg_delta' in c:
         c = {**c, 'cfg_delta': parts[:1] - parts[1:]}
-      return guidance.combine(parts[0], parts[1] if branches > 1 else None, parts[2] if branches > 2 else None,
-                              text_scale, image_scale), c, stats
+      return guided_v, c, stats
 
     def conditional_only(c):
       v_c, c, stats = call((x, ts, text_cond, refs, ref_mask), b, c, s)

@@ -375,6 +375,22 @@ class SyntheticSource:
                 ref_clip_ids=np.asarray(ref_clips, np.int32), ref_frames=np.asarray(ref_frames, np.int32))
 
 
+def plan_truth(plan: dict[str, Any], table: Sequence[dict[str, Any]], num_frames: int, height: int,
+               width: int) -> dict[str, Any]:
+  """What the metrics need to know about a clip: target video, visible masks (F, S, H, W), per-subject motions
+  and per-frame poses (F, S, 4): x, y (fractions of width / height), size (radius over height), angle (rad)."""
+  r = render_plan(plan, table, num_frames, height, width)
+  t = np.arange(num_frames) / max(num_frames - 1, 1)
+  poses = np.stack([np.stack(subject_pose(sub, t), -1) for sub in plan['subjects']], 1).astype(np.float32)
+  return dict(target=r['video'], masks=r['masks'], motions=[sub['motion'] for sub in plan['subjects']],
+              poses=poses)
+
+
+def clip_truth(s: SyntheticSet, index: int) -> dict[str, Any]:
+  """:func:`plan_truth` of clip `index` of a set."""
+  return plan_truth(s.plans[int(index)], s.table, s.num_frames, s.height, s.width)
+
+
 def write_example(out_dir: str, name: str, video: np.ndarray, masks: np.ndarray | None,
                   subject_ids: Sequence[int], caption_text: str, *, fps: int = 8,
                   boxes: np.ndarray | None = None) -> dict[str, Any]:

@@ -23,22 +23,36 @@ Other metrics:
   subject_presence    fraction of frames whose best window is a match (histogram distance below a
                       threshold); on the synthetic benchmark the threshold is calibrated with the known masks.
   temporal_smoothness frame-to-frame |difference| statistics and flicker (mean |second difference|).
+
+The paper's claims (Kaleido: R-RoPE binds several references; cross-pairing stops copy-paste and background
+leakage) need metrics that a mean presence hides:
+  subject_presence_min the presence of a video's least present subject (a vanished second subject shows here).
+  binding_error        multi-subject videos: share of (frame, subject) pairs whose window matches another
+                       reference better than its own (swapped, merged or vanished subjects).
+  background_leakage   share of the references' white surround that reappears in the video.
+  pose_copy_rate       (synthetic truth) share of (frame, subject) pairs showing the reference's own pose
+                       rather than the prompted one.
+  motion_adherence     (synthetic truth) share of subjects whose tracked path follows the prompted motion
+                       (tracking.py: centre and size from the subject's colours, rotation modulo its symmetry).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from kaleido_jax.eval import tracking
 
 WHITE_TOLERANCE = 0.06          # in [-1, 1] units (~8/255): brighter than 1 - tol in all channels = white
 COPY_TOLERANCE = 2.0 / 127.5    # 2/255 in [-1, 1] units
 DEFAULT_SCALES = (0.5, 0.75, 1.0)
 LPIPS_SIZE = 64                 # AlexNet LPIPS needs >= ~32 px; a fixed size keeps one compile
 HISTOGRAM_BINS = 4              # levels per channel of the joint RGB histogram (64 colour cells)
+POSE_MATCH = 0.1                # masked MSE ([-1, 1] units) under which a pasted reference pose "explains" a frame
 
 
 class MetricInputError(ValueError):
@@ -229,17 +243,174 @@ def temporal_smoothness(frames: np.ndarray) -> dict[str, float]:
   return {"frame_diff_mean": float(d1.mean()), "frame_diff_std": float(d1.std()), "flicker": float(d2)}
 
 
+def _histogram_distances(crops: np.ndarray, mask: np.ndarray, patches: Sequence[tuple[np.ndarray, np.ndarray]],
+                         bins: int = HISTOGRAM_BINS) -> np.ndarray:
+  """(F, K): histogram distance of every frame's window (masked by `mask`) to each of K (patch, mask) subjects."""
+  hists = [_colour_histogram(p, m, bins) for p, m in patches]
+  out = np.empty((len(crops), len(patches)), np.float32)
+  for f, c in enumerate(crops):
+    h = _colour_histogram(c, mask, bins)
+    out[f] = [1.0 - np.minimum(h, r).sum() for r in hists]
+  return out
+
+
+def binding_error(frames: np.ndarray, refs: Sequence[np.ndarray], *, scales: Sequence[float] = DEFAULT_SCALES) -> float:
+  """Fraction of (frame, subject) pairs whose best window matches another reference better than its own.
+
+  A subject that vanished leaves its best window on another subject; a merged or swapped pair shows the other
+  reference's colours there. NaN for fewer than two references (nothing to confuse). Uses the histogram scorer
+  (the presence test's): two identities with the same colours cannot be told apart by it, which is why the
+  target clips' own rate is the floor to read a model's against.
+  """
+  if len(refs) < 2:
+    return float('nan')
+  patches = [subject_patch(r) for r in refs]
+  wrong = []
+  for i, ref in enumerate(refs):
+    crops, _, mask, _, _ = localise(frames, ref, scales=scales)
+    d = _histogram_distances(crops, mask, patches)
+    others = np.delete(d, i, axis=1).min(1)
+    wrong.append(others < d[:, i])
+  return float(np.mean(wrong))
+
+
+def _ref_on_canvas(ref: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+  ref = np.asarray(ref, np.float32)
+  return ref if ref.shape[:2] == tuple(shape) else _resize(ref, shape)
+
+
+def background_leakage(frames: np.ndarray, refs: Sequence[np.ndarray], *,
+                       white_tolerance: float = WHITE_TOLERANCE) -> float:
+  """Share of the references' surround (their white canvas outside the subject) that reappears in the video.
+
+  Per reference and frame: the fraction of the canvas's white pixels (references are the video's size, or are
+  resized to it) where the frame is white too. A video that pastes the whole reference scores 1, a subject
+  re-rendered on its own background 0 (the synthetic backgrounds are never white).
+  """
+  frames = _check_video(frames)
+  white = lambda x: np.all(x > 1.0 - white_tolerance, axis=-1)
+  vid_white = white(frames)
+  rates = []
+  for ref in refs:
+    surround = white(_ref_on_canvas(ref, frames.shape[1:3]))
+    if surround.any():
+      rates.append((vid_white & surround[None]).sum((1, 2)) / surround.sum())
+  return float(np.mean(rates)) if rates else 0.0
+
+
+def pose_copy_rate(frames: np.ndarray, refs: Sequence[np.ndarray], target: np.ndarray, masks: np.ndarray, *,
+                   match: float = POSE_MATCH) -> float:
+  """How often a subject shows the reference's own pose instead of the prompted one (synthetic truth needed).
+
+  Two hypotheses per (frame, subject): the reference canvas as it is (its rotation, scale and placement), and the
+  subject where the real clip has it in that frame (`target` (F, H, W, 3), visible `masks` (F, S, H, W), slot
+  i = refs[i]). The pair counts as copied when the reference hypothesis explains the frame better (MSE over the
+  union of both hypotheses' subject pixels) and well (below `match`). Pairs where the subject is hidden in the real frame
+  are skipped.
+  """
+  frames, target = _check_video(frames), _check_video(target)
+  copied, seen = 0, 0
+  for i, ref in enumerate(refs):
+    canvas = _ref_on_canvas(ref, frames.shape[1:3])
+    ref_m = np.any(canvas < 1.0 - WHITE_TOLERANCE, axis=-1)
+    if not ref_m.any():
+      continue
+    for f in range(len(frames)):
+      m = np.asarray(masks[f, i], bool)
+      if not m.any():
+        continue
+      both = m | ref_m  # one pixel set for both hypotheses: a large pasted subject can cover a small true one
+      mse_ref = float(((frames[f] - canvas) ** 2).mean(-1)[both].mean())
+      mse_true = float(((frames[f] - target[f]) ** 2).mean(-1)[both].mean())
+      copied += mse_ref < min(mse_true, match)
+      seen += 1
+  return copied / seen if seen else float('nan')
+
+
+# The prompted quantity of each synthetic motion, read from a track (tracking.py): a signed change over the clip
+# (x right, y down, log size; the known trajectory gives the direction), a path (circles) or a rotation (spins).
+_MOTION_AXES = {'moves right': 'x', 'moves left': 'x', 'moves down': 'y', 'moves up': 'y', 'zooms in': 'log_size',
+                'shrinks away': 'log_size', 'circles around': 'path', 'spins in place': 'rotation'}
+
+
+def _motion_reading(tr, axis: str, patch=None, mask=None, period=None):
+  """The tracked amount of motion along `axis` (a path is returned as centred (F, 2) positions)."""
+  if axis in ('x', 'y'):
+    return tracking.slope(getattr(tr, axis))
+  if axis == 'log_size':
+    return tracking.slope(np.log(tr.size))
+  if axis == 'path':
+    p = np.stack([tr.x, tr.y], -1)
+    return p - np.nanmean(p, 0)
+  angles = tracking.rotation(tr, patch, mask, period)
+  steps = tracking.wrap(np.diff(angles), period)
+  return -float(np.nansum(steps))  # the tracker's angles turn against the renderer's (screen y points down)
+
+
+def _follows(reading, truth, axis: str) -> bool | None:
+  """Whether a reading shows at least half the true change, in its direction (None: cannot be judged)."""
+  if axis == 'path':
+    ok = np.isfinite(reading).all(-1) & np.isfinite(truth).all(-1)
+    if ok.sum() < 3:
+      return None
+    return bool((reading[ok] * truth[ok]).sum() >= 0.5 * (truth[ok] ** 2).sum())
+  if not (np.isfinite(reading) and np.isfinite(truth)) or truth == 0:
+    return None
+  return bool(reading * np.sign(truth) >= 0.5 * abs(truth))
+
+
+def motion_adherence(frames: np.ndarray, refs: Sequence[np.ndarray], motions: Sequence[str], target: np.ndarray,
+                     poses: np.ndarray) -> tuple[float, float]:
+  """(fraction of subjects whose tracked path follows the prompted motion, fraction judged) (synthetic truth needed).
+
+  `motions[i]` is subject i's prompted motion (synthetic.MOTIONS), `poses` (F, S, 4) its known per-frame
+  (x, y, size, angle) and `target` the real clip. A subject follows when the generated video shows at least
+  half of the real change along the prompted quantity, in the prompted direction: horizontal / vertical
+  travel, log size (zoom / shrink), the circling path (projected on the real one), or the rotation read
+  modulo the subject's symmetry (spins). Only subjects whose real motion the same tracker recovers from the
+  real clip are judged (a plain disc's spin cannot be seen; an occluded end can hide a zoom), so the target
+  clips score 1 by construction and the share judged is reported beside it (``motion_judged``).
+  """
+  frames, target = _check_video(frames), _check_video(target)
+  verdicts = []
+  for i, (ref, motion) in enumerate(zip(refs, motions)):
+    axis = _MOTION_AXES[motion]
+    patch, mask = subject_patch(ref)
+    period = None
+    if axis == 'rotation':
+      period = tracking.symmetry_period(patch, mask)
+      if period is None:
+        continue
+    x, y, size, angle = (np.asarray(poses[:, i, k], np.float64) for k in range(4))
+    if axis == 'path':
+      truth = np.stack([x, y], -1) - np.stack([x, y], -1).mean(0)
+    elif axis == 'rotation':
+      truth = float(np.sum(tracking.wrap(np.degrees(np.diff(angle)), period)))
+    else:
+      truth = tracking.slope({'x': x, 'y': y, 'log_size': np.log(size)}[axis])
+    real = _follows(_motion_reading(tracking.track(target, patch, mask), axis, patch, mask, period), truth, axis)
+    if not real:
+      continue
+    verdicts.append(bool(_follows(_motion_reading(tracking.track(frames, patch, mask), axis, patch, mask, period),
+                                  truth, axis)))
+  return (float(np.mean(verdicts)) if verdicts else float('nan')), len(verdicts) / max(len(refs), 1)
+
+
 def evaluate_video(frames: np.ndarray, refs: np.ndarray, ref_mask: np.ndarray | None = None, *,
-                   scorers: Sequence[str] = ("lpips", "histogram"),
-                   presence_threshold: float = 0.5) -> dict[str, float]:
-  """All metrics for one video and its references (padded reference slots are skipped)."""
+                   truth: Mapping[str, Any] | None = None, scorers: Sequence[str] = ("lpips", "histogram"),
+                   presence_threshold: float = 0.5, subjects: list | None = None) -> dict[str, float]:
+  """All metrics for one video and its references (padded reference slots are skipped).
+
+  `truth` (the synthetic set's, optional): target (F, H, W, 3), masks (F, S, H, W) visible subject masks,
+  motions (S,) and poses (F, S, 4), slot i for reference i; it adds pose_copy_rate and motion_adherence.
+  `subjects`, when given, receives one row per reference (its fidelity, copy-paste rate and presence).
+  """
   refs = np.asarray(refs)
   refs = refs.astype(np.float32) / 127.5 - 1.0 if refs.dtype == np.uint8 else refs.astype(np.float32)
   ref_mask = np.ones(len(refs), bool) if ref_mask is None else np.asarray(ref_mask, bool)
+  real = [ref for ref, keep in zip(refs, ref_mask) if keep]
   per_ref = []
-  for ref, real in zip(refs, ref_mask):
-    if not real:
-      continue
+  for ref in real:
     scores = subject_fidelity(frames, ref, scorers=scorers)
     scores["copy_paste_rate"] = copy_paste_rate(frames, ref)
     scores["subject_presence"] = subject_presence(frames, ref, threshold=presence_threshold)
@@ -248,7 +419,22 @@ def evaluate_video(frames: np.ndarray, refs: np.ndarray, ref_mask: np.ndarray | 
     raise MetricInputError("no real reference to evaluate against (ref_mask is all False)")
   out = {f"fidelity_{k}" if k in SCORERS else k: float(np.mean([s[k] for s in per_ref]))
          for k in per_ref[0]}
+  out["subject_presence_min"] = float(min(s["subject_presence"] for s in per_ref))
+  if len(real) > 1:
+    out["binding_error"] = binding_error(frames, real)
+  out["background_leakage"] = background_leakage(frames, real)
+  if truth is not None:
+    slots = np.nonzero(ref_mask)[0]
+    masks = np.asarray(truth["masks"])[:, slots]
+    out["pose_copy_rate"] = pose_copy_rate(frames, real, truth["target"], masks)
+    adherence, judged = motion_adherence(frames, real, [truth["motions"][k] for k in slots], truth["target"],
+                                         np.asarray(truth["poses"])[:, slots])
+    out["motion_judged"] = judged
+    if np.isfinite(adherence):
+      out["motion_adherence"] = adherence
   out.update(temporal_smoothness(frames))
+  if subjects is not None:
+    subjects.extend(per_ref)
   return out
 
 
@@ -258,10 +444,14 @@ MODEL_CALLS = "model_calls_per_video"
 
 
 def aggregate(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
-  """Mean of every metric over videos."""
-  if not rows:
-    return {}
-  return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+  """Mean of every metric over the videos that have it (binding_error needs two subjects), NaN skipped."""
+  keys = list(dict.fromkeys(k for r in rows for k in r))
+  out = {}
+  for k in keys:
+    vals = [r[k] for r in rows if k in r and np.isfinite(r[k])]
+    if vals:
+      out[k] = float(np.mean(vals))
+  return out
 
 
 def markdown_table(results: Mapping[str, Mapping[str, float]]) -> str:

@@ -41,8 +41,11 @@ def heldout_requests(config: ml_collections.ConfigDict, num_videos: int) -> list
     rec = source[i]
     slots = np.asarray(rec['ref_slots'])
     picks = [int(np.nonzero(slots == s)[0][0]) for s in range(len(rec['subject_ids']))][:config.model.max_refs]
+    truth = synthetic.clip_truth(source.set, i)
+    truth['masks'], truth['poses'] = truth['masks'][:, :len(picks)], truth['poses'][:, :len(picks)]
+    truth['motions'] = truth['motions'][:len(picks)]
     out.append(dict(prompt=str(rec['caption']), refs=np.asarray(rec['refs'])[picks],
-                    target=np.asarray(rec['video']), clip=int(rec['clip_id'])))
+                    target=np.asarray(rec['video']), clip=int(rec['clip_id']), truth=truth))
   return out
 
 
@@ -91,14 +94,24 @@ def evaluate(config: ml_collections.ConfigDict, generators: Mapping[str, Generat
       parts.append(np.asarray(out))
     videos[name] = np.concatenate(parts)
   videos[TARGET] = np.stack([r['target'] for r in requests])
-  rows = {name: [metrics.evaluate_video(_as_float(v), r['refs'], scorers=scorers) for v, r in zip(vids, requests)]
-          for name, vids in videos.items()}
+  rows, subjects = {}, {}
+  for name, vids in videos.items():
+    rows[name], subjects[name] = [], []
+    for v, r in zip(vids, requests):
+      per = []
+      rows[name].append(metrics.evaluate_video(_as_float(v), r['refs'], truth=r.get('truth'), scorers=scorers,
+                                               subjects=per))
+      subjects[name].append(per)
   means = {name: metrics.aggregate(r) for name, r in rows.items()}
   for name, n in calls.items():
     means[name][metrics.MODEL_CALLS] = float(np.mean(n))
   table = metrics.markdown_table(means)
+  by_subject = {f'{name} · subject {k + 1}': metrics.aggregate([per[k] for per in subjects[name] if len(per) > k])
+                for name in subjects for k in range(max(len(p) for p in subjects[name]))}
+  subject_table = metrics.markdown_table(by_subject)
   os.makedirs(output_dir, exist_ok=True)
   results = {'num_videos': len(requests), 'scorers': list(scorers), 'means': means, 'per_video': rows,
+             'per_subject': subjects, 'subject_means': by_subject,
              'prompts': [r['prompt'] for r in requests], 'clips': [r['clip'] for r in requests]}
   with media.atomic_path(os.path.join(output_dir, 'eval.json')) as tmp, open(tmp, 'w') as fh:
     json.dump(results, fh, indent=2)
@@ -106,9 +119,15 @@ def evaluate(config: ml_collections.ConfigDict, generators: Mapping[str, Generat
           'window of each frame and the reference subject (lower is better); copy_paste_rate is the fraction '
           'of reference pixels reappearing unchanged; subject_presence the fraction of frames where the '
           'subject is found; frame_diff_* / flicker measure temporal change; model_calls_per_video counts DiT '
-          'passes (each guidance branch one; a cached step none).')
+          'passes (each guidance branch one; a cached step none). subject_presence_min is the presence of each video\'s '
+          'least present subject; binding_error the share of (frame, subject) pairs matching another reference '
+          'better than their own; background_leakage the share of the references\' white surround found in the '
+          'video; pose_copy_rate the share of (frame, subject) pairs showing the reference\'s own pose rather '
+          'than the prompted one; motion_adherence the share of subjects whose tracked path follows the prompted '
+          'motion (of the share motion_judged whose real motion the tracker recovers).')
   with media.atomic_path(os.path.join(output_dir, 'eval.md')) as tmp, open(tmp, 'w') as fh:
-    fh.write(f'# Evaluation: {len(requests)} videos\n\n{note}\n\n{table}\n')
+    fh.write(f'# Evaluation: {len(requests)} videos\n\n{note}\n\n{table}\n\n## Per subject (k-th subject of '
+             f'each video that has one)\n\n{subject_table}\n')
   scale = max(1, 128 // max(int(config.data.height), 1))
   for i, r in enumerate(requests[:int(e.save_videos)]):
     rows_img = [media.upscale(r['refs'], scale)] + [media.upscale(videos[n][i], scale) for n in videos]

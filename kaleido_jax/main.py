@@ -8,6 +8,7 @@ config and dispatches, so nothing imports ``main``. The sampling flags (--prompt
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import sys
@@ -99,19 +100,28 @@ def _unknown_override(argv) -> str | None:
     config = module.get_config()
   except Exception:  # pylint: disable=broad-except  # the parser's own error then stands
     return None
+  known = list(_dotted_keys(config))
   for arg in argv:
     if not arg.startswith("--config."):
       continue
-    node = config
     key = arg[len("--config."):].split("=", 1)[0]
-    for i, part in enumerate(key.split(".")):
-      if not hasattr(node, "keys") or part not in node:
-        have = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none (a value)"
-        where = ".".join(["config"] + key.split(".")[:i])
-        return (f"error: --config.{key}: {where} has no key {part!r} (its keys: {have}); every key is defined "
-                "in kaleido_jax/config.py")
-      node = node[part]
+    if key in known or any(k.startswith(key + ".") for k in known):
+      continue
+    near = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    leaf = key.rsplit(".", 1)[-1]
+    near += [k for k in known if k.rsplit(".", 1)[-1] == leaf and k not in near][:3 - len(near)]
+    hint = f"nearest known keys: {', '.join(near)}" if near else "no known key is close"
+    return f"error: --config.{key}: unknown config key ({hint}); every key is defined in kaleido_jax/config.py"
   return None
+
+
+def _dotted_keys(node, prefix=""):
+  """Every key path of a ConfigDict, 'a.b.c' (sections and leaves)."""
+  for k in node.keys():
+    path = f"{prefix}{k}"
+    yield path
+    if hasattr(node[k], "keys"):
+      yield from _dotted_keys(node[k], path + ".")
 
 
 def parse_flags(argv):

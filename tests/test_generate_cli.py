@@ -134,7 +134,8 @@ def test_cli_writes_video_gif_and_strip(tmp_path):
   assert not (tmp_path / 'bad.mp4').exists()
 
 
-@pytest.mark.parametrize('override,says', [('--config.model.nope=3', "config.model has no key 'nope'"),
+@pytest.mark.parametrize('override,says', [('--config.model.nonexistent=3', '--config.model.nonexistent: unknown'),
+                                           ('--config.model.rope_shceme=none', 'nearest known keys: model.rope_scheme'),
                                            ('--config.model.num_layers=abc', 'invalid literal for int()')])
 def test_a_bad_config_override_is_one_line_with_status_2(tmp_path, override, says):
   cmd = [sys.executable, '-m', 'kaleido_jax.main', '--config', os.path.join(REPO, 'configs', 'demo.py'), override,

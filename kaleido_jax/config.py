@@ -165,6 +165,9 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       occluder_prob=0.3,       # synthetic: chance of a passing grey bar in a clip
       subject_scale=1.0,       # synthetic: multiplies every subject's size
       synthetic_seed=0,        # synthetic: content seed (the loader's `seed` only shuffles / augments)
+      pairing='cross',         # synthetic: cross (references from other clips of the subject, Kaleido) |
+                               #   same_clip (cut from the target clip itself: the non-cross-paired baseline)
+      synthesis=False,         # synthetic: re-render each target clip (background, geometry, colour; synthesis.py)
       batch_size=1,            # global batch size
       shuffle=True,
       worker_count=0,          # grain worker processes (needs absl.app.run)

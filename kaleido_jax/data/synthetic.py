@@ -34,6 +34,7 @@ MOTIONS = ('moves right', 'moves left', 'moves down', 'moves up', 'circles aroun
            'shrinks away', 'spins in place')
 SPLITS = {'train': 0, 'heldout': 1}
 BACKGROUNDS = ('procedural', 'plain', 'grey')
+PAIRINGS = ('cross', 'same_clip')
 
 
 def identity_table(num_identities: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -290,9 +291,15 @@ class SyntheticSet:
 
   def __init__(self, *, num_clips: int, num_identities: int, heldout_identities: int, split: str,
                num_frames: int, height: int, width: int, seed: int = 0, max_subjects: int = 4,
-               background: str = 'procedural', occluder_prob: float = 0.3, subject_scale: float = 1.0):
+               background: str = 'procedural', occluder_prob: float = 0.3, subject_scale: float = 1.0,
+               exclude_seed: int | None = None):
     self.table = identity_table(num_identities, seed)
     self.pool = split_identities(num_identities, heldout_identities, split)
+    if split == 'heldout' and exclude_seed is not None and exclude_seed != seed:
+      # Held-out identities of another content seed may look like training identities of the seed a model was
+      # trained on (same shape, pattern and colours); drop those so that "held out" still means unseen.
+      seen = {t['name'] for t in identity_table(num_identities, exclude_seed)[:num_identities - heldout_identities]}
+      self.pool = np.asarray([i for i in self.pool if self.table[int(i)]['name'] not in seen], np.int64)
     self.split, self.seed = split, seed
     self.num_frames, self.height, self.width = num_frames, height, width
     self.plans = [clip_plan(seed, split, i, self.pool, max_subjects, background=background,
@@ -327,18 +334,24 @@ class SyntheticSource:
   candidates from distinct other clips containing the identity, never from clip i (the loader samples one);
   -1 = fallback when no other clip has the identity: the target clip's end frame with the most visible
   subject, augmented by
-  `pairing.augment_reference`).
+  `pairing.augment_reference`). `pairing='same_clip'` cuts every candidate from clip i itself (ref_clip_ids = i:
+  the non-cross-paired baseline); `synthesis` re-renders the target clip (synthesis.synthesize: background,
+  geometry, colour). The held-out split is always cross-paired and never synthesised (make_source).
   """
 
   def __init__(self, *, num_clips: int, num_identities: int, heldout_identities: int, split: str,
                num_frames: int, height: int, width: int, seed: int = 0, max_subjects: int = 4,
                cutout_margin: float = 0.1, probe_frames: int = 5, refs_per_subject: int = 2,
-               background: str = 'procedural', occluder_prob: float = 0.3, subject_scale: float = 1.0):
-    self.per_subject = refs_per_subject
+               background: str = 'procedural', occluder_prob: float = 0.3, subject_scale: float = 1.0,
+               pairing: str = 'cross', synthesis: bool = False, exclude_seed: int | None = None):
+    if pairing not in PAIRINGS:
+      raise ValueError(f'unknown pairing {pairing!r}; use one of {PAIRINGS}')
+    self.per_subject, self.pairing, self.synthesis = refs_per_subject, pairing, synthesis
     self.set = SyntheticSet(num_clips=num_clips, num_identities=num_identities,
                             heldout_identities=heldout_identities, split=split, num_frames=num_frames,
                             height=height, width=width, seed=seed, max_subjects=max_subjects,
-                            background=background, occluder_prob=occluder_prob, subject_scale=subject_scale)
+                            background=background, occluder_prob=occluder_prob, subject_scale=subject_scale,
+                            exclude_seed=exclude_seed)
     self.margin, self.probe = cutout_margin, probe_frames
 
   def __len__(self) -> int:
@@ -352,7 +365,18 @@ class SyntheticSource:
     refs, slots, ref_clips, ref_frames = [], [], [], []
     for slot, sid in enumerate(clip['subject_ids']):
       others = [c for c in s.clips_of[int(sid)] if c != index]
-      if others:
+      if self.pairing == 'same_clip':
+        # The baseline Kaleido argues against: references cut from the very clip the model must generate.
+        frames = np.sort(rng.choice(s.num_frames, size=min(self.probe, s.num_frames), replace=False))
+        sub = dict(masks=clip['masks'][frames], full_masks=clip['full_masks'][frames])
+        for k in np.unique([_best_frame(sub, slot)] + list(rng.choice(len(frames), self.per_subject - 1)))[
+            :self.per_subject]:
+          refs.append(cutout(clip['video'][frames[k]], clip['masks'][frames[k], slot], (s.height, s.width),
+                             self.margin))
+          slots.append(slot)
+          ref_clips.append(index)
+          ref_frames.append(int(frames[k]))
+      elif others:
         for src in rng.choice(others, size=min(self.per_subject, len(others)), replace=False):
           plan = s.plans[int(src)]
           frames = np.sort(rng.choice(s.num_frames, size=min(self.probe, s.num_frames), replace=False))
@@ -370,8 +394,13 @@ class SyntheticSource:
         slots.append(slot)
         ref_clips.append(-1)
         ref_frames.append(k)
-    return dict(video=clip['video'], refs=np.stack(refs), ref_slots=np.asarray(slots, np.int32),
-                subject_ids=clip['subject_ids'], caption=clip['caption'], clip_id=np.int32(index),
+    video, text = clip['video'], clip['caption']
+    if self.synthesis:  # background disentanglement on the target only: references stay cut-outs on white
+      from kaleido_jax.data import synthesis  # pylint: disable=g-import-not-at-top
+      out = synthesis.synthesize(clip, np.random.default_rng([s.seed, SPLITS[s.split], index, 0x5E]))
+      video, text = out['video'], out['caption']
+    return dict(video=video, refs=np.stack(refs), ref_slots=np.asarray(slots, np.int32),
+                subject_ids=clip['subject_ids'], caption=text, clip_id=np.int32(index),
                 ref_clip_ids=np.asarray(ref_clips, np.int32), ref_frames=np.asarray(ref_frames, np.int32))
 
 
@@ -440,8 +469,8 @@ def export_clips(out_dir: str, *, num_clips: int, num_identities: int, heldout_i
   return path
 
 
-def make_source(data_config: Any, split: str) -> SyntheticSource:
-  """The synthetic source a `config.data` section describes."""
+def make_source(data_config: Any, split: str, exclude_seed: int | None = None) -> SyntheticSource:
+  """The synthetic source a `config.data` section describes (`exclude_seed`: see SyntheticSet)."""
   n = data_config.num_clips if split == 'train' else data_config.heldout_clips
   return SyntheticSource(num_clips=n, num_identities=data_config.num_identities,
                          heldout_identities=data_config.heldout_identities, split=split,
@@ -451,4 +480,7 @@ def make_source(data_config: Any, split: str) -> SyntheticSource:
                          refs_per_subject=data_config.prepare.refs_per_subject,
                          background=data_config.get('background', 'procedural'),
                          occluder_prob=data_config.get('occluder_prob', 0.3),
-                         subject_scale=data_config.get('subject_scale', 1.0))
+                         subject_scale=data_config.get('subject_scale', 1.0),
+                         pairing=data_config.get('pairing', 'cross') if split == 'train' else 'cross',
+                         synthesis=bool(data_config.get('synthesis', False)) and split == 'train',
+                         exclude_seed=exclude_seed)

@@ -5,6 +5,8 @@ first `eval.num_videos` clips, its caption as the prompt and one cross-paired re
 from *another* clip of that identity). Each generator (the model through kaleido_jax.pipeline, or an exported
 artifact through kaleido_jax.exported when `eval.exported` is set) makes one video per request, seed
 `sample.seed + i`. The real held-out clip is scored the same way as a ceiling row ("target clips").
+`--config.data.synthetic_seed=S` evaluates on another seed's held-out identities (the tokenizer stays the
+workdir's): identities that look like one the checkpoint was trained on (its config's seed) are left out.
 
 Writes `eval.json` (per-video rows and means per generator), `eval.md` (the markdown table) and GIF/PNG
 strips (references | each generator | target) for the first `eval.save_videos` requests under
@@ -29,10 +31,15 @@ Generator = Callable[[Sequence[dict[str, Any]], Sequence[int]], np.ndarray]
 TARGET = 'target clips (ceiling)'
 
 
-def heldout_requests(config: ml_collections.ConfigDict, num_videos: int) -> list[dict[str, Any]]:
-  """prompt, refs (k, H, W, 3) uint8 (one cross-paired cut-out per subject, k <= max_refs), target clip."""
+def heldout_requests(config: ml_collections.ConfigDict, num_videos: int,
+                     trained_seed: int | None = None) -> list[dict[str, Any]]:
+  """prompt, refs (k, H, W, 3) uint8 (one cross-paired cut-out per subject, k <= max_refs), target clip, truth.
+
+  `trained_seed`: the content seed the model was trained on, when it differs from `data.synthetic_seed`: the
+  other seed's held-out identities that look like a training identity of that seed are left out.
+  """
   from kaleido_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  source = synthetic.make_source(config.data, 'heldout')
+  source = synthetic.make_source(config.data, 'heldout', exclude_seed=trained_seed)
   if num_videos > len(source):
     raise ValueError(f'eval.num_videos={num_videos} but the held-out split has {len(source)} clips '
                      '(data.heldout_clips)')
@@ -75,11 +82,23 @@ def _as_float(frames: np.ndarray) -> np.ndarray:
   return np.asarray(frames, np.float32) / 127.5 - 1.0
 
 
+def trained_seed(workdir: str) -> int | None:
+  """data.synthetic_seed of the newest checkpoint's config under WORKDIR/checkpoints (None: none there)."""
+  root = os.path.join(workdir, 'checkpoints')
+  steps = sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True) if os.path.isdir(root) else []
+  for step in steps:
+    path = os.path.join(root, str(step), 'config', 'metadata')
+    if os.path.exists(path):
+      with open(path) as fh:
+        return int(json.load(fh).get('data', {}).get('synthetic_seed', 0))
+  return None
+
+
 def evaluate(config: ml_collections.ConfigDict, generators: Mapping[str, Generator], output_dir: str, *,
-             requests: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+             requests: Sequence[dict[str, Any]] | None = None, exclude_seed: int | None = None) -> dict[str, Any]:
   """Generate with every generator, score, write eval.json / eval.md / strips; returns the results dict."""
   e = config.eval
-  requests = list(requests if requests is not None else heldout_requests(config, int(e.num_videos)))
+  requests = list(requests if requests is not None else heldout_requests(config, int(e.num_videos), exclude_seed))
   scorers = tuple(e.scorers)
   videos: dict[str, np.ndarray] = {}
   calls: dict[str, list[float]] = {}
@@ -110,7 +129,8 @@ def evaluate(config: ml_collections.ConfigDict, generators: Mapping[str, Generat
                 for name in subjects for k in range(max(len(p) for p in subjects[name]))}
   subject_table = metrics.markdown_table(by_subject)
   os.makedirs(output_dir, exist_ok=True)
-  results = {'num_videos': len(requests), 'scorers': list(scorers), 'means': means, 'per_video': rows,
+  results = {'num_videos': len(requests), 'synthetic_seed': int(config.data.synthetic_seed),
+             'trained_seed': exclude_seed, 'scorers': list(scorers), 'means': means, 'per_video': rows,
              'per_subject': subjects, 'subject_means': by_subject,
              'prompts': [r['prompt'] for r in requests], 'clips': [r['clip'] for r in requests]}
   with media.atomic_path(os.path.join(output_dir, 'eval.json')) as tmp, open(tmp, 'w') as fh:
@@ -156,7 +176,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       pipe = pipe_lib.S2VPipeline.from_config(config, workdir=workdir, checkpoint=config.sample.checkpoint)
       generators = {f'model ({pipe.weights_from})': pipeline_generator(pipe)}
     out_dir = e.output_dir or os.path.join(workdir, 'eval')
-    results = evaluate(config, generators, out_dir)
+    seed = trained_seed(workdir) if not e.exported else None
+    results = evaluate(config, generators, out_dir, exclude_seed=seed)
   except (pipe_lib.UserInputError, exported_lib.ExportedSamplerError, FileNotFoundError) as err:
     print(f'error: {err}', file=sys.stderr)
     sys.exit(2)

@@ -79,6 +79,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                       f'grad_accum={t.grad_accum}')
     if b % jax.process_count():
       problems.append(f'data.batch_size={b} must be divisible by {jax.process_count()} processes')
+  d = config.data
+  if d.get('pairing', 'cross') not in ('cross', 'same_clip'):
+    problems.append(f"data.pairing {d.pairing!r} not in cross | same_clip")
+  elif d.get('pairing', 'cross') != 'cross' and d.source != 'synthetic':
+    problems.append(f"data.pairing={d.pairing!r} applies to data.source='synthetic'; prepared shards are "
+                    'cross-paired when they are written (data.prepare)')
+  if d.get('synthesis', False) and d.source != 'synthetic':
+    problems.append("data.synthesis applies to data.source='synthetic'; prepared shards hold their synthesised "
+                    'variants already (data.prepare.synth_per_clip)')
   if config.model.dtype not in ('float32', 'bfloat16'):
     problems.append(f'model.dtype {config.model.dtype!r} not in float32 | bfloat16')
   rank = state_lib.lora_rank(config)

@@ -97,3 +97,40 @@ def test_background_styles_keep_the_subjects_and_grey_is_flat():
     plain_bg = clips['plain']['video'][outside]
     assert (plain_bg == plain_bg[:1]).all()  # one flat colour per clip ...
     assert ref['video'][outside].std(0).min() > 1  # ... the procedural one is not
+
+
+def test_same_clip_pairing_cuts_references_from_the_target_itself():
+  cross, same = _source(), _source(pairing='same_clip')
+  for i in range(6):
+    a, b = cross[i], same[i]
+    assert (a['ref_clip_ids'] != i).all() and (b['ref_clip_ids'] == i).all()
+    np.testing.assert_array_equal(a['video'], b['video'])  # only the references change
+    assert set(b['ref_slots']) == set(range(len(b['subject_ids'])))
+    # Each reference is the cut-out of the target's own subject in one of its frames.
+    clip = same.set.clip(i)
+    for ref, slot, frame in zip(b['refs'], b['ref_slots'], b['ref_frames']):
+      np.testing.assert_array_equal(ref, synthetic.cutout(clip['video'][frame], clip['masks'][frame, slot],
+                                                          (32, 32), same.margin))
+
+
+def test_synthesis_rerenders_the_target_but_not_the_references():
+  plain, synth = _source(), _source(synthesis=True)
+  a, b = plain[2], synth[2]
+  assert not np.array_equal(a['video'], b['video'])
+  np.testing.assert_array_equal(a['refs'], b['refs'])
+  np.testing.assert_array_equal(b['video'], synth[2]['video'])  # deterministic per index
+  held = synthetic.SyntheticSource(num_clips=4, num_identities=12, heldout_identities=4, split='heldout',
+                                   num_frames=5, height=16, width=16, synthesis=False)
+  assert held[0]['video'].shape == (5, 16, 16, 3)
+
+
+def test_heldout_of_another_seed_drops_lookalikes_of_the_trained_seed():
+  n, h = 240, 24
+  seen = {t['name'] for t in synthetic.identity_table(n, 0)[:n - h]}
+  plain = synthetic.SyntheticSet(num_clips=1, num_identities=n, heldout_identities=h, split='heldout', num_frames=2,
+                                 height=8, width=8, seed=1)
+  clean = synthetic.SyntheticSet(num_clips=1, num_identities=n, heldout_identities=h, split='heldout', num_frames=2,
+                                 height=8, width=8, seed=1, exclude_seed=0)
+  overlap = [i for i in plain.pool if plain.table[int(i)]['name'] in seen]
+  assert overlap and len(clean.pool) == len(plain.pool) - len(overlap)  # seed 1 shares 4 of its 24 with seed 0
+  assert not [i for i in clean.pool if clean.table[int(i)]['name'] in seen]

@@ -192,3 +192,21 @@ def test_a_quantized_model_config_is_refused_for_training():
   config.train.lora.targets = ('to_x',)
   with pytest.raises(kcfg.ConfigError, match='train.lora.targets'):
     loop.validate(config, 1)
+
+
+def test_pairing_and_synthesis_options_are_validated():
+  from kaleido_jax import config as kcfg
+  from kaleido_jax.train import loop
+  config = kcfg.base_config()
+  config.data.batch_size = 1
+  config.data.pairing = 'same_clip'
+  loop.validate(config, 1)
+  config.data.pairing = 'nearby'
+  with pytest.raises(kcfg.ConfigError, match='data.pairing'):
+    loop.validate(config, 1)
+  config.data.update(pairing='same_clip', source='tfds')
+  with pytest.raises(kcfg.ConfigError, match='prepared shards are cross-paired'):
+    loop.validate(config, 1)
+  config.data.update(pairing='cross', synthesis=True)
+  with pytest.raises(kcfg.ConfigError, match='data.synthesis applies'):
+    loop.validate(config, 1)

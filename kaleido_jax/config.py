@@ -19,6 +19,9 @@ Sections (each owned by one part of the package):
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+
 import ml_collections
 
 # Wan2.1 / diffusers `WanTransformer3DModel` 14B values (see shared DESIGN.md, table in section 1).
@@ -35,6 +38,53 @@ WAN_NEGATIVE_PROMPT = (
 
 class ConfigError(ValueError):
   """A config value the run cannot use; the CLI prints the message as one line and exits with status 2."""
+
+
+def dotted_keys(node: ml_collections.ConfigDict, prefix: str = ''):
+  """Every key path of a ConfigDict, 'a.b.c' (sections and leaves)."""
+  for k in node.keys():
+    path = f'{prefix}{k}'
+    yield path
+    if hasattr(node[k], 'keys'):
+      yield from dotted_keys(node[k], path + '.')
+
+
+def nearest_keys(config: ml_collections.ConfigDict, key: str, n: int = 3) -> list[str]:
+  """Known key paths closest to a mistyped one (difflib), then those with the same last name."""
+  known = list(dotted_keys(config))
+  near = difflib.get_close_matches(key, known, n=n, cutoff=0.5)
+  leaf = key.rsplit('.', 1)[-1]
+  return near + [k for k in known if k.rsplit('.', 1)[-1] == leaf and k not in near][:n - len(near)]
+
+
+def unknown_key_error(config: ml_collections.ConfigDict, key: str, flag: str = '--config.') -> str | None:
+  """One error line for a key path the config does not define (None when it does)."""
+  known = set(dotted_keys(config))
+  if key in known:
+    return None
+  near = nearest_keys(config, key)
+  hint = f"nearest known keys: {', '.join(near)}" if near else 'no known key is close'
+  return f'error: {flag}{key}: unknown config key ({hint}); every key is defined in kaleido_jax/config.py'
+
+
+def unknown_override(argv, default_path: str) -> str | None:
+  """The error line for the first --config.a.b override in argv that the config file does not define."""
+  path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if path is None and '--config' in argv[:-1]:
+    path = argv[argv.index('--config') + 1]
+  try:
+    spec = importlib.util.spec_from_file_location('_kaleido_config', path or default_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+  except Exception:  # pylint: disable=broad-except  # the parser's own error then stands
+    return None
+  for arg in argv:
+    if arg.startswith('--config.'):
+      line = unknown_key_error(config, arg[len('--config.'):].split('=', 1)[0])
+      if line:
+        return line
+  return None
 
 
 def set_path(config: ml_collections.ConfigDict, key: str, value) -> None:

@@ -8,7 +8,6 @@ config and dispatches, so nothing imports ``main``. The sampling flags (--prompt
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.util
 import sys
@@ -88,48 +87,13 @@ def resolve(mode: str):
   return getattr(importlib.import_module(module), fn)
 
 
-def _unknown_override(argv) -> str | None:
-  """The first --config.a.b override in argv whose key the config file does not define, as an error line."""
-  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if path is None and "--config" in argv[:-1]:
-    path = argv[argv.index("--config") + 1]
-  try:
-    spec = importlib.util.spec_from_file_location("_kaleido_config", path or _CONFIG.default)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-  except Exception:  # pylint: disable=broad-except  # the parser's own error then stands
-    return None
-  known = list(_dotted_keys(config))
-  for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    key = arg[len("--config."):].split("=", 1)[0]
-    if key in known or any(k.startswith(key + ".") for k in known):
-      continue
-    near = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
-    leaf = key.rsplit(".", 1)[-1]
-    near += [k for k in known if k.rsplit(".", 1)[-1] == leaf and k not in near][:3 - len(near)]
-    hint = f"nearest known keys: {', '.join(near)}" if near else "no known key is close"
-    return f"error: --config.{key}: unknown config key ({hint}); every key is defined in kaleido_jax/config.py"
-  return None
-
-
-def _dotted_keys(node, prefix=""):
-  """Every key path of a ConfigDict, 'a.b.c' (sections and leaves)."""
-  for k in node.keys():
-    path = f"{prefix}{k}"
-    yield path
-    if hasattr(node[k], "keys"):
-      yield from _dotted_keys(node[k], path + ".")
-
-
 def parse_flags(argv):
   """absl's flag parsing, with an unknown or malformed --config.* override as one line and exit status 2."""
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    line = _unknown_override(argv)
+    from kaleido_jax import config as kcfg  # pylint: disable=g-import-not-at-top
+    line = kcfg.unknown_override(argv, _CONFIG.default)
     print(line or f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}; see --help", file=sys.stderr)
     sys.exit(2)
 

@@ -32,7 +32,8 @@ def get_config():
                      prefetch=4)
   config.diffusion.update(text_dropout=0.1, ref_dropout=0.0, logit_mean=-0.5, use_resolution_shift=False)
   config.train.update(input='pipeline', num_steps=1800, learning_rate=3e-3, schedule='cosine', warmup_steps=30,
-                      weight_decay=0.0, grad_clip=1.0, log_every=50, checkpoint_every=400, ema_decay=0.99)
+                      weight_decay=0.0, grad_clip=1.0, log_every=50, checkpoint_every=400, ema_decay=0.99,
+                      console='progress')
   config.sample.update(solver='unipc', num_steps=20, shift=3.0, guidance_scale=2.0, image_guidance_scale=1.0,
                        num_frames=5, height=32, width=32, fps=4, negative_prompt='')
   config.eval.update(num_videos=16, batch_size=8, save_videos=4)

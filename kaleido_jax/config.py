@@ -329,6 +329,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       moments_dtype='float32',  # Adam first moment: float32 | bfloat16 (train/state.py make_optimizer)
       ema_decay=0.0,            # 0 = no EMA
       log_every=10,
+      console='log',            # log (clu's writer lines, INFO logs) | progress (one line: steps/s, ETA; train/console.py)
       checkpoint_every=500,
       keep_checkpoints=3,
       keep_every=0,             # also keep every K-th step forever (0 = off)

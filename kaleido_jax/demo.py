@@ -20,16 +20,29 @@ import ml_collections
 
 from kaleido_jax import generate as generate_lib
 from kaleido_jax import pipeline as pipe_lib
+from kaleido_jax.eval import metrics
 from kaleido_jax.eval import runner
+
+# The console table's columns (eval.md has every metric).
+DEMO_COLUMNS = ('fidelity_lpips', 'fidelity_histogram', 'subject_presence', 'subject_presence_min', 'binding_error',
+                'pose_copy_rate', 'motion_adherence', 'frame_diff_mean', metrics.MODEL_CALLS)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  from kaleido_jax.train import console  # pylint: disable=g-import-not-at-top
+  with console.quiet_logs(config.train.get('console', 'log') == 'progress'):
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from kaleido_jax.train import loop  # pylint: disable=g-import-not-at-top
+  print(f'training {config.train.num_steps} steps into {workdir} (resumes from its checkpoints)', flush=True)
   train = loop.run(config, workdir)
   trained = pipe_lib.S2VPipeline.from_config(config, workdir=workdir)
   graphdef, state = pipe_lib.random_weights(config.model, config.seed)
   untrained = pipe_lib.S2VPipeline(config, trained.encoders, graphdef, state, weights_from='random weights')
   requests = runner.heldout_requests(config, int(config.eval.num_videos))
+  print(f'sampling and scoring {len(requests)} held-out videos with the trained and the untrained weights', flush=True)
   eval_dir = config.eval.output_dir or os.path.join(workdir, 'eval')
   results = runner.evaluate(config, {'trained': runner.pipeline_generator(trained),
                                      'untrained': runner.pipeline_generator(untrained)},
@@ -47,11 +60,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   better = [k for k in means['trained'] if k.startswith('fidelity_')
             and means['trained'][k] < means['untrained'][k]]
   print(f'\ntrained {train["step"]} steps (last loss {train["loss"]:.4f}); weights: {trained.weights_from}')
-  print(results['table'])
+  shown = {n: {k: v for k, v in m.items() if k in DEMO_COLUMNS} for n, m in means.items()}
+  print(metrics.markdown_table(shown))
   print(f'trained beats untrained on {len(better)} of '
         f'{sum(k.startswith("fidelity_") for k in means["trained"])} fidelity metrics ({", ".join(better)})')
   for gif, prompt in written:
     print(f'  {gif}  <- "{prompt}"')
-  print(f'evaluation: {os.path.join(eval_dir, "eval.md")} (strips: refs | trained | untrained | target)')
+  print(f'evaluation: {os.path.join(eval_dir, "eval.md")} (every metric, per subject) and eval.json; strips: '
+        f'{os.path.join(eval_dir, "video_XX.png")} (refs | trained | untrained | target)')
   print(f'training curves: tensorboard --logdir {workdir}')
   return {'train': train, 'eval': results, 'samples': written}

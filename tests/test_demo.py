@@ -25,6 +25,7 @@ def test_demo_mode_writes_samples_eval_and_logs(tmp_path, capsys):
   assert any(f.startswith('events') for f in os.listdir(tmp_path))
   printed = capsys.readouterr().out
   assert '| trained |' in printed and 'tensorboard --logdir' in printed
+  assert 'train step 4/4' in printed and 'subject_presence_min' in printed
   # A second run resumes: no more training, same evaluation inputs.
   again = demo.run(config, str(tmp_path))
   assert again['train']['step'] == 4 and again['train']['losses'] == []

@@ -29,6 +29,7 @@ from flax import nnx
 
 from kaleido_jax import config as kcfg
 from kaleido_jax.train import checkpoint as ckpt_lib
+from kaleido_jax.train import console
 from kaleido_jax.train import flops as flops_lib
 from kaleido_jax.train import inputs as inputs_lib
 from kaleido_jax.train import mesh as mesh_lib
@@ -209,6 +210,13 @@ def _filled(template, pure):
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train; returns the last step, its loss, the losses of this run's steps, whether preempted, the state."""
+  if config.train.get('console', 'log') not in ('log', 'progress'):
+    raise kcfg.ConfigError(f"train.console {config.train.console!r} not in log | progress")
+  with console.quiet_logs(config.train.get('console', 'log') == 'progress'):
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   maybe_initialize_distributed()
   validate(config, jax.device_count())
   from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top  (imports TF)
@@ -238,6 +246,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer.write_hparams({k: v for k, v in config.train.to_dict().items()
                           if isinstance(v, (int, float, str, bool))})
   hooks = []
+  progress = None
+  if is_main and config.train.get('console', 'log') == 'progress' and start < config.train.num_steps:
+    progress = console.ProgressLine(start, config.train.num_steps)
   if is_main:
     hooks.append(periodic_actions.ReportProgress(num_train_steps=config.train.num_steps, writer=writer))
     if config.train.profile_steps:
@@ -277,6 +288,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
               f'step {ckpt.latest_step()} in {os.path.join(workdir, "checkpoints")}')
         for h in hooks:
           h(step)
+        if progress is not None:
+          progress(step, loss)
         if step % config.train.log_every == 0 or step == config.train.num_steps:
           now = time.time()
           steps_per_s = (step - last_log_step) / max(now - last_log_time, 1e-9)
@@ -299,6 +312,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           if lora:
             save_adapter(config, spec, state, workdir)
     finally:
+      if progress is not None:
+        progress.close()
       ckpt.close()
       writer.flush()
   return {'step': step, 'loss': loss, 'losses': losses, 'preempted': preempted, 'state': state}

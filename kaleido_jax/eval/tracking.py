@@ -25,7 +25,7 @@ ANGLE_STEP = 10.0  # degrees between the rotated templates of the angle search
 SYMMETRY_MATCH = 0.25  # a rotation that reproduces the patch within this fraction of its worst self-mismatch
 
 
-def _resize(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def resize(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
   zoom = (shape[0] / x.shape[0], shape[1] / x.shape[1]) + (1,) * (x.ndim - 2)
   out = ndimage.zoom(x, zoom, order=1, mode='nearest', grid_mode=True)
   return out[:shape[0], :shape[1]]
@@ -84,7 +84,7 @@ def track(frames: np.ndarray, patch: np.ndarray, mask: np.ndarray, *,
     sh, sw = max(2, round(h * s)), max(2, round(w * s))
     if sh > height or sw > width:
       continue
-    p, m = (patch, mask) if (sh, sw) == (h, w) else (_resize(patch, (sh, sw)), _resize(mask, (sh, sw)))
+    p, m = (patch, mask) if (sh, sw) == (h, w) else (resize(patch, (sh, sw)), resize(mask, (sh, sw)))
     ssd = masked_ssd(frames, p, m).reshape(num_frames, -1)
     mse = ssd.min(1) / (3.0 * max(float(m.sum()), 1e-6))
     where = ssd.argmin(1)
@@ -113,7 +113,7 @@ def track(frames: np.ndarray, patch: np.ndarray, mask: np.ndarray, *,
     wh, ww = max(2, round(h * k)), max(2, round(w * k))
     y0, x0 = int(round(cy - wh / 2)), int(round(cx - ww / 2))
     pad = np.pad(frames[f], ((wh, wh), (ww, ww), (0, 0)), mode='edge')
-    windows[f] = _resize(pad[y0 + wh:y0 + 2 * wh, x0 + ww:x0 + 2 * ww], (h, w))
+    windows[f] = resize(pad[y0 + wh:y0 + 2 * wh, x0 + ww:x0 + 2 * ww], (h, w))
   return Track(x, y, size, windows)
 
 

@@ -263,6 +263,9 @@ def diffusion_config(**overrides) -> ml_collections.ConfigDict:
       ref_dropout=0.0,          # probability of dropping each reference (masked out)
       all_refs_dropout=0.0,     # probability of dropping all of a sample's references (trains the
                                 # no-reference branch of image guidance, sample.image_guidance_scale)
+      subject_loss_weight=0.0,  # lambda: per-element loss weight 1 + lambda * u, u = each subject's pixels weighted
+                                # by (mean subject area / its area), so a small second subject counts as much as a
+                                # large one; normalised to mean 1 per clip (needs the synthetic source's masks)
   ))
   cfg.update(overrides)
   return cfg

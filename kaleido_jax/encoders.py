@@ -137,7 +137,26 @@ class Encoders:
                ref_mask=np.asarray(batch['ref_mask'], bool),
                text_embedding=self.text(list(batch['caption'])))
     out['empty_text_embedding'] = np.repeat(self.text([empty_prompt]), b, axis=0)
+    if 'subject_weight' in batch:
+      out['subject_weight'] = pool_to_latents(np.asarray(batch['subject_weight'], np.float32),
+                                              out['video_latents'].shape[1:4])
     return out
+
+
+def pool_to_latents(x: np.ndarray, latent_grid: tuple[int, int, int]) -> np.ndarray:
+  """(B, F, H, W) pixel map -> (B, f, h, w) latent map: area mean over each latent's pixels.
+
+  Spatially s x s blocks; in time the causal codecs' grouping (Wan: latent 0 <- frame 0, latent j <- frames
+  4j-3 .. 4j), i.e. frame 0 alone and then groups of (F - 1) / (f - 1).
+  """
+  b, f_px, h_px, w_px = x.shape
+  f, h, w = latent_grid
+  x = x.reshape(b, f_px, h, h_px // h, w, w_px // w).mean((3, 5))
+  if f == f_px:
+    return x
+  group = (f_px - 1) // max(f - 1, 1)
+  rest = x[:, 1:1 + group * (f - 1)].reshape(b, f - 1, group, h, w).mean(2)
+  return np.concatenate([x[:, :1], rest], axis=1)
 
 
 def to_uint8(video: Any) -> np.ndarray:

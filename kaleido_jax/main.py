@@ -112,8 +112,10 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   from kaleido_jax import config as kcfg  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.train import console  # pylint: disable=g-import-not-at-top
   try:
-    resolve(mode)(config, _WORKDIR.value)
+    with console.quiet_logs(config.train.get('console', 'log') == 'progress'):
+      resolve(mode)(config, _WORKDIR.value)
   except kcfg.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

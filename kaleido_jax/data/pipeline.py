@@ -120,6 +120,8 @@ class PairAndAugment(grain.transforms.RandomMap):
     padded[:n] = refs.astype(np.float32) / 127.5 - 1
     out['refs'] = padded
     out['video'] = video.astype(np.float32) / 127.5 - 1
+    if 'subject_weight' in rec:  # synthetic source: the balanced subject term of the loss weight
+      out['subject_weight'] = np.asarray(rec['subject_weight'], np.float32)
     return out
 
 

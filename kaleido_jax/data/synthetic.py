@@ -318,6 +318,27 @@ class SyntheticSet:
     return out
 
 
+MAX_SUBJECT_WEIGHT = 4.0  # cap of a tiny subject's per-pixel weight (subject_weight)
+
+
+def subject_weight(masks: np.ndarray) -> np.ndarray:
+  """(F, H, W) float32: 0 on background, on subject k's visible pixels mean_area / area_k (capped).
+
+  The balanced term of the subject loss weight (diffusion.subject_loss_weight): every subject's pixels carry
+  the same total, so a small or mostly hidden second subject weighs as much in the loss as a large one.
+  """
+  masks = np.asarray(masks, bool)
+  out = np.zeros((masks.shape[0],) + masks.shape[2:], np.float32)
+  areas = masks.sum((0, 2, 3)).astype(np.float64)
+  present = areas > 0
+  if not present.any():
+    return out
+  mean_area = areas[present].mean()
+  for k in np.nonzero(present)[0]:
+    out = np.maximum(out, masks[:, k] * np.float32(min(mean_area / areas[k], MAX_SUBJECT_WEIGHT)))
+  return out
+
+
 def _best_frame(rendered: dict[str, np.ndarray], slot: int) -> int:
   """The probed frame showing most of the subject: visible area weighted by the unoccluded fraction."""
   vis = rendered['masks'][:, slot].sum((1, 2)).astype(np.float64)
@@ -394,14 +415,15 @@ class SyntheticSource:
         slots.append(slot)
         ref_clips.append(-1)
         ref_frames.append(k)
-    video, text = clip['video'], clip['caption']
+    video, text, masks = clip['video'], clip['caption'], clip['masks']
     if self.synthesis:  # background disentanglement on the target only: references stay cut-outs on white
       from kaleido_jax.data import synthesis  # pylint: disable=g-import-not-at-top
       out = synthesis.synthesize(clip, np.random.default_rng([s.seed, SPLITS[s.split], index, 0x5E]))
-      video, text = out['video'], out['caption']
+      video, text, masks = out['video'], out['caption'], out['masks']
     return dict(video=video, refs=np.stack(refs), ref_slots=np.asarray(slots, np.int32),
                 subject_ids=clip['subject_ids'], caption=text, clip_id=np.int32(index),
-                ref_clip_ids=np.asarray(ref_clips, np.int32), ref_frames=np.asarray(ref_frames, np.int32))
+                ref_clip_ids=np.asarray(ref_clips, np.int32), ref_frames=np.asarray(ref_frames, np.int32),
+                subject_weight=subject_weight(masks))
 
 
 def plan_truth(plan: dict[str, Any], table: Sequence[dict[str, Any]], num_frames: int, height: int,

@@ -81,7 +81,8 @@ def flow_matching_loss(model: Callable[..., jax.Array], batch: Mapping[str, Any]
   Args:
     model: `model(video, timestep, text, refs=None, ref_mask=None) -> velocity` (the KaleidoDiT contract).
     batch: `video_latents (B, F, H, W, C)`, `text_embedding (B, L, D)`, optional `ref_latents (B, R, h, w, C)`
-      with `ref_mask (B, R)` bool (True = real reference).
+      with `ref_mask (B, R)` bool (True = real reference), optional `subject_weight (B, F, H, W)` (the
+      balanced subject map, used when `cfg.subject_loss_weight` > 0).
     rng: key for σ, noise and the dropouts.
     cfg: `config.diffusion`.
     patch_size: the DiT's patch size (for the resolution shift's token count).
@@ -126,6 +127,14 @@ def flow_matching_loss(model: Callable[..., jax.Array], batch: Mapping[str, Any]
   timestep = cfg.timestep_scale * sigmas
   pred = model(x_t, timestep, text, refs=refs, ref_mask=ref_mask)
   err = jnp.square(pred.astype(jnp.float32) - target)
+  lam = float(cfg.get('subject_loss_weight', 0.0))
+  if lam > 0:
+    if 'subject_weight' not in batch:
+      raise KeyError('diffusion.subject_loss_weight > 0 needs a subject_weight map in the batch (the synthetic '
+                     'source provides it)')
+    w = 1.0 + lam * jnp.asarray(batch['subject_weight'], jnp.float32)  # (B, F, H, W) on the latent grid
+    w = w / jnp.mean(w, axis=(1, 2, 3), keepdims=True)  # mean 1 per clip: the loss keeps its scale
+    err = err * w[..., None]
   per_sample = jnp.mean(err, axis=tuple(range(1, err.ndim)))
   loss = jnp.mean(per_sample)
   return loss, {'sigma_mean': jnp.mean(sigmas), 'per_sample_loss': per_sample}

@@ -494,7 +494,7 @@ def evaluate_video(frames: np.ndarray, refs: np.ndarray, ref_mask: np.ndarray | 
       out["motion_adherence"] = adherence
   out.update(temporal_smoothness(frames))
   if subjects is not None:
-    subjects.extend(per_ref)
+    subjects.extend({f"fidelity_{k}" if k in SCORERS else k: v for k, v in r.items()} for r in per_ref)
   return out
 
 

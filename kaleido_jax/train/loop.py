@@ -86,6 +86,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   elif d.get('pairing', 'cross') != 'cross' and d.source != 'synthetic':
     problems.append(f"data.pairing={d.pairing!r} applies to data.source='synthetic'; prepared shards are "
                     'cross-paired when they are written (data.prepare)')
+  if config.diffusion.get('subject_loss_weight', 0.0) < 0:
+    problems.append(f'diffusion.subject_loss_weight must be >= 0, got {config.diffusion.subject_loss_weight}')
+  elif config.diffusion.get('subject_loss_weight', 0.0) > 0 and (d.source != 'synthetic' or
+                                                                  t.input != 'pipeline'):
+    problems.append("diffusion.subject_loss_weight needs the synthetic source's subject masks: data.source="
+                    "'synthetic' with train.input='pipeline'")
   if d.get('synthesis', False) and d.source != 'synthetic':
     problems.append("data.synthesis applies to data.source='synthetic'; prepared shards hold their synthesised "
                     'variants already (data.prepare.synth_per_clip)')
@@ -270,7 +276,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         local = next(data)
         if train_step is None:
           shapes = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + np.shape(v)[1:], np.asarray(v).dtype)
-                    for k, v in local.items() if k in step_lib.BATCH_KEYS + ('empty_text_embedding',)}
+                    for k, v in local.items() if k in step_lib.BATCH_KEYS + ('empty_text_embedding',)
+                    and (k != 'subject_weight' or config.diffusion.get('subject_loss_weight', 0.0) > 0)}
           train_step, b_sh = step_lib.make_train_step(config, spec, mesh, shapes)
           v_tok, r_tok, t_len = _tokens_per_step(config, shapes)
           tokens_per_step = config.data.batch_size * v_tok

@@ -25,7 +25,7 @@ from kaleido_jax.diffusion import flow
 from kaleido_jax.train import mesh as mesh_lib
 from kaleido_jax.train import state as state_lib
 
-BATCH_KEYS = ('video_latents', 'ref_latents', 'ref_mask', 'text_embedding')
+BATCH_KEYS = ('video_latents', 'ref_latents', 'ref_mask', 'text_embedding', 'subject_weight')
 
 
 def batch_shardings(batch_shapes: Mapping[str, Any], mesh: Mesh) -> dict:

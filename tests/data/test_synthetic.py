@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from kaleido_jax.data import synthetic
 
@@ -134,3 +135,26 @@ def test_heldout_of_another_seed_drops_lookalikes_of_the_trained_seed():
   overlap = [i for i in plain.pool if plain.table[int(i)]['name'] in seen]
   assert overlap and len(clean.pool) == len(plain.pool) - len(overlap)  # seed 1 shares 4 of its 24 with seed 0
   assert not [i for i in clean.pool if clean.table[int(i)]['name'] in seen]
+
+
+def test_subject_weight_balances_subjects_and_pools_to_latents():
+  from kaleido_jax import encoders
+  masks = np.zeros((5, 2, 8, 8), bool)
+  masks[:, 0, :4, :4] = True   # 80 px over the clip
+  masks[:, 1, 6:, 6:] = True   # 20 px
+  w = synthetic.subject_weight(masks)
+  assert w[0, 0, 0] == pytest.approx(50 / 80) and w[0, 7, 7] == pytest.approx(50 / 20) and w[0, 5, 0] == 0
+  # Each subject's pixels carry the same total.
+  assert w[:, :4, :4].sum() == pytest.approx(w[:, 6:, 6:].sum())
+  tiny = masks.copy()
+  tiny[:, 1] = False
+  tiny[0, 1, 7, 7] = True
+  assert synthetic.subject_weight(tiny).max() == synthetic.MAX_SUBJECT_WEIGHT
+  # Pixel codec (no temporal compression) and a Wan-style causal grid (frame 0, then groups of 4).
+  x = np.arange(5 * 8 * 8, dtype=np.float32).reshape(1, 5, 8, 8)
+  np.testing.assert_allclose(encoders.pool_to_latents(x, (5, 4, 4))[0, :, 0, 0], x[0, :, :2, :2].mean((1, 2)))
+  pooled = encoders.pool_to_latents(x, (2, 2, 2))
+  np.testing.assert_allclose(pooled[0, 0, 0, 0], x[0, 0, :4, :4].mean())
+  np.testing.assert_allclose(pooled[0, 1, 0, 0], x[0, 1:5, :4, :4].mean())
+  rec = _source()[0]
+  assert rec['subject_weight'].shape == rec['video'].shape[:3] and rec['subject_weight'].max() > 0

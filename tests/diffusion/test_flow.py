@@ -158,3 +158,30 @@ def test_padded_reference_slot_never_changes_loss():
   a, _ = flow.flow_matching_loss(RefSensitive(), batch, jax.random.key(0), cfg)
   c, _ = flow.flow_matching_loss(RefSensitive(), changed, jax.random.key(0), cfg)
   assert float(a) != float(c)
+
+
+def test_subject_loss_weight_reweights_elements_and_keeps_the_scale():
+  batch = _batch()
+  rng = jax.random.key(3)
+  u = np.zeros((3, 3, 4, 4), np.float32)
+  u[:, :, :2, :2] = 2.0  # a small subject in the top-left corner of every frame
+  batch['subject_weight'] = u
+  plain, _ = flow.flow_matching_loss(Recorder(), batch, rng, kcfg.diffusion_config(text_dropout=0.0))
+  cfg = kcfg.diffusion_config(text_dropout=0.0, subject_loss_weight=1.5)
+  loss, _ = flow.flow_matching_loss(Recorder(), batch, rng, cfg)
+  k_sigma, k_noise, _, _ = jax.random.split(rng, 4)
+  sig = flow.sample_sigmas(k_sigma, 3, cfg, 12)
+  eps = jax.random.normal(k_noise, batch['video_latents'].shape)
+  x0 = batch['video_latents']
+  err = jnp.square(0.5 * flow.interpolate(x0, eps, sig) - (eps - x0))
+  w = 1.0 + 1.5 * u
+  w = w / w.mean(axis=(1, 2, 3), keepdims=True)
+  assert float(loss) == pytest.approx(float(jnp.mean(err * w[..., None])), rel=1e-6)
+  assert float(loss) != pytest.approx(float(plain), rel=1e-3)
+  # A uniform map is no reweighting at all.
+  batch['subject_weight'] = np.ones_like(u)
+  same, _ = flow.flow_matching_loss(Recorder(), batch, rng, cfg)
+  assert float(same) == pytest.approx(float(plain), rel=1e-6)
+  del batch['subject_weight']
+  with pytest.raises(KeyError, match='subject_weight'):
+    flow.flow_matching_loss(Recorder(), batch, rng, cfg)

@@ -9,7 +9,8 @@ API (stable; the trainer calls these):
 
 Batch keys (CONTRIBUTING, "Data"): video (B, F, H, W, 3) float32 [-1, 1], refs (B, R, H, W, 3) float32 [-1, 1]
 white-padded, ref_mask (B, R) bool, subject_ids (B, R) int32 (-1 = padding), caption (list of B str), clip_id
-(list of B str). With `data.precomputed_latents` (shards written with encoders plugged into `prepare`):
+(list of B str); from the synthetic source also subject_weight (B, F, H, W) float32 (synthetic.subject_weight:
+the balanced subject map behind `diffusion.subject_loss_weight`). With `data.precomputed_latents` (shards written with encoders plugged into `prepare`):
 video_latents (B, f, h, w, c), ref_latents (B, R, h', w', c) zero-padded, text_embedding (B, L, D), ref_mask,
 subject_ids; no pixels.
 

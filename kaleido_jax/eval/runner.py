@@ -11,7 +11,8 @@ workdir's): identities that look like one the checkpoint was trained on (its con
 Writes `eval.json` (per-video rows and means per generator), `eval.md` (the markdown table) and GIF/PNG
 strips (references | each generator | target) for the first `eval.save_videos` requests under
 `eval.output_dir` (default WORKDIR/eval). Metrics: kaleido_jax/eval/metrics.py (fidelity per scorer, lower
-is better; copy-paste rate, subject presence, temporal smoothness).
+is better; copy-paste rate, subject presence and its per-video minimum, binding error, background leakage,
+pose-copy rate and motion adherence from the synthetic truth, temporal smoothness).
 """
 
 from __future__ import annotations

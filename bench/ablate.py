@@ -235,13 +235,21 @@ def run(base, key: str, values: Sequence[str], seeds: int, steps: int, out: str,
 
 
 FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs', 'demo.py'),
-                                          'base config file (big_vision style)', lock_config=True)
-flags.DEFINE_string('factor', None, 'key=value1,value2,... (e.g. model.rope_scheme=kaleido,temporal,none)')
-flags.DEFINE_integer('seeds', 3, 'training seeds per value')
-flags.DEFINE_integer('steps', None, 'training steps per run (default: the config\'s train.num_steps)')
-flags.DEFINE_string('out', None, 'output directory (runs/, ablation.md, ablation.json, ablation.png)')
-flags.DEFINE_string('eval_seeds', '', 'content seeds whose held-out identities score each run (default: the config\'s)')
+_CONFIG = None
+
+
+def _define_flags() -> None:
+  """Only when run as a script: importing this module (the tests do) must not define absl flags that clash
+  with kaleido_jax.main's --config."""
+  global _CONFIG
+  _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs', 'demo.py'),
+                                            'base config file (big_vision style)', lock_config=True)
+  flags.DEFINE_string('factor', None, 'key=value1,value2,... (e.g. model.rope_scheme=kaleido,temporal,none)')
+  flags.DEFINE_integer('seeds', 3, 'training seeds per value')
+  flags.DEFINE_integer('steps', None, 'training steps per run (default: the config\'s train.num_steps)')
+  flags.DEFINE_string('out', None, 'output directory (runs/, ablation.md, ablation.json, ablation.png)')
+  flags.DEFINE_string('eval_seeds', '', 'content seeds whose held-out identities score each run '
+                      '(default: the config\'s)')
 
 
 def _fail(line: str) -> None:
@@ -277,4 +285,10 @@ def parse_flags(argv):
 
 
 if __name__ == '__main__':
+  from kaleido_jax import config as _kcfg  # pylint: disable=g-import-not-at-top
+  _bad = _kcfg.unknown_override(sys.argv, os.path.join(ROOT, 'configs', 'demo.py'))
+  if _bad:  # config_flags parses the overrides while the flag is defined: check them first
+    print(_bad, file=sys.stderr)
+    sys.exit(2)
+  _define_flags()
   app.run(main, flags_parser=parse_flags)

@@ -46,7 +46,6 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import ndimage
 
 from kaleido_jax.eval import tracking
 
@@ -245,11 +244,7 @@ def subject_pixels(frames: np.ndarray, ref: np.ndarray, *, scales: Sequence[floa
   best = np.full(num_frames, np.inf)
   out: list = [None] * num_frames
   for angle in rotations:
-    if angle % 360:
-      p = ndimage.rotate(patch, angle, axes=(1, 0), reshape=True, order=1, mode='constant', cval=1.0)
-      m = ndimage.rotate(mask, angle, axes=(1, 0), reshape=True, order=1, mode='constant', cval=0.0)
-    else:
-      p, m = patch, mask
+    p, m = tracking.rotated(patch, mask, angle, reshape=True) if angle % 360 else (patch, mask)
     full = m > 0.5
     for s in scales:
       sh, sw = max(2, round(m.shape[0] * s)), max(2, round(m.shape[1] * s))

@@ -117,16 +117,17 @@ def track(frames: np.ndarray, patch: np.ndarray, mask: np.ndarray, *,
   return Track(x, y, size, windows)
 
 
-def _rotated(patch: np.ndarray, mask: np.ndarray, angle: float):
-  p = ndimage.rotate(patch, angle, axes=(1, 0), reshape=False, order=1, mode='constant', cval=1.0)
-  m = ndimage.rotate(mask, angle, axes=(1, 0), reshape=False, order=1, mode='constant', cval=0.0)
+def rotated(patch: np.ndarray, mask: np.ndarray, angle: float, reshape: bool = False):
+  """A subject patch (on white) and its mask turned by `angle` degrees; `reshape` grows the box to fit."""
+  p = ndimage.rotate(patch, angle, axes=(1, 0), reshape=reshape, order=1, mode='constant', cval=1.0)
+  m = ndimage.rotate(mask, angle, axes=(1, 0), reshape=reshape, order=1, mode='constant', cval=0.0)
   return p, m
 
 
 def _angle_scores(window: np.ndarray, patch: np.ndarray, mask: np.ndarray, angles: np.ndarray) -> np.ndarray:
   out = np.empty(len(angles))
   for i, a in enumerate(angles):
-    p, m = _rotated(patch, mask, float(a))
+    p, m = rotated(patch, mask, float(a))
     out[i] = float((((window - p) ** 2).mean(-1) * m).sum() / max(float(m.sum()), 1e-6))
   return out
 

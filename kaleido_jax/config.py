@@ -241,7 +241,24 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
           synth_per_clip=1,             # extra synthesised variants per kept clip
           shard_size=64,
           split='train',                # TFDS split name the prepared examples are written to
-          fps=8,                        # synthetic export frame rate
+          fps=8,                        # frame rate clips are decoded at (raw videos) and exported at (synthetic)
+          # Raw videos (data/ingest.py): grounding none = annotations given (annotations.jsonl);
+          #   motion = background subtraction (static camera, no weights); transformers = detector + SAM.
+          grounding='none',
+          captions='',                  # captions jsonl ({"video", "caption", ["start", "end"], ["subjects"]})
+          captioner='',                 # local transformers image-to-text model dir for videos without a caption
+          decode_short_side=0,          # downscale while decoding so the short side is at most this (0: as is)
+          shot_threshold=0.5,           # colour-histogram distance that is always a cut (video.shot_cuts)
+          window_stride=0,              # training windows per shot: 0 = one centred, else every `stride` frames
+          motion_threshold=30.0,        # motion grounder: |frame - background| (0..255) that is foreground
+          max_tracks=4,                 # subjects kept per shot (largest first)
+          identity_threshold=0.35,      # descriptor distance under which two shots' tracks are one subject
+          detector_dir='',              # transformers grounder: local OWLv2 / OWL-ViT / Grounding DINO directory
+          segmenter_dir='',             # transformers grounder: local SAM directory ('' = box masks)
+          box_threshold=0.2,            # transformers grounder: detection score threshold
+          engine='local',               # local (one process) | beam (Apache Beam; beam_args -> PipelineOptions)
+          beam_args='',                 # e.g. '--runner=DirectRunner --direct_num_workers=2
+                                        #   --direct_running_mode=multi_processing'
       )),
   ))
   cfg.update(overrides)

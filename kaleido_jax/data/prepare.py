@@ -43,6 +43,7 @@ from kaleido_jax.data import pairing
 from kaleido_jax.data import synthesis
 from kaleido_jax.data import synthetic
 from kaleido_jax.data import tfds_builder
+from kaleido_jax.data import video as video_lib
 
 VideoEncoder = Callable[[np.ndarray], np.ndarray]  # (F, H, W, 3) float32 [-1, 1] -> latents (f, h, w, c)
 TextEncoder = Callable[[str], np.ndarray]          # caption -> (L, D) float32
@@ -83,6 +84,10 @@ def read_masks(line: dict[str, Any], input_dir: str, shape: tuple[int, int, int]
     with np.load(os.path.join(input_dir, line['masks'])) as z:
       mshape = tuple(int(x) for x in z['shape'])
       masks = np.unpackbits(z['bits'])[:int(np.prod(mshape))].reshape(mshape).astype(bool)
+    if masks.shape[2:] != (h, w) and masks.shape[0] == f and abs(masks.shape[2] * w - masks.shape[3] * h) <= max(h, w):
+      # Grounded at a lower decode resolution (data.prepare.decode_short_side): nearest upsampling.
+      yi, xi = np.arange(h) * masks.shape[2] // h, np.arange(w) * masks.shape[3] // w
+      masks = masks[:, :, yi][:, :, :, xi]
     if masks.shape[0] != f or masks.shape[2:] != (h, w):
       raise ValueError(f'masks {masks.shape} do not match video {shape}')
     return masks[:, [int(s.get('index', k)) for k, s in enumerate(subjects)]]
@@ -114,22 +119,47 @@ def _resize(video: np.ndarray, masks: np.ndarray, height: int, width: int) -> tu
   return v, masks[:, :, yi][:, :, :, xi]
 
 
+def read_line(line: dict[str, Any], input_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+  """(video, masks, subject ids, caption) of one annotation line.
+
+  A line with "fps" (a grounded line, grounding.py) is decoded at that rate and cut to its [start, end) frames,
+  so `grounded.jsonl` reads back as input exactly as it was made; otherwise every frame of the file.
+  """
+  path = os.path.join(input_dir, line['video'])
+  if 'fps' in line:
+    frames = video_lib.decode(path, float(line['fps'])).frames
+    start, end = int(line.get('start', 0)), int(line.get('end', len(frames)))
+    if end > len(frames):
+      raise ValueError(f'frames [{start}, {end}) past the end of {line["video"]} ({len(frames)} at {line["fps"]} fps)')
+    frames = frames[start:end]
+  else:
+    frames = read_video(path)
+  masks = read_masks(line, input_dir, frames.shape[:3])
+  ids = np.asarray([int(s['id']) for s in line.get('subjects') or []], np.int32)
+  return frames, masks, ids, str(line['caption'])
+
+
 def process_clip(line: dict[str, Any], input_dir: str, data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Stage 1 + 2 for one clip: {'drop': reason} or the normalised window, masks, cut-outs and hash."""
-  cfg = data_cfg.prepare
+  """Stage 1 + 2 for one annotated clip: {'drop': reason} or the normalised window, masks, cut-outs and hash."""
   try:
-    video = read_video(os.path.join(input_dir, line['video']))
-    masks = read_masks(line, input_dir, video.shape[:3])
-    ids = np.asarray([int(s['id']) for s in line.get('subjects') or []], np.int32)
-    caption = str(line['caption'])
+    video, masks, ids, caption = read_line(line, input_dir)
   except Exception as e:  # pylint: disable=broad-except
     return dict(drop='unreadable', error=f'{type(e).__name__}: {e}'[:300])
+  return clip_record(video, masks, ids, caption, data_cfg)
+
+
+def clip_record(video: np.ndarray, masks: np.ndarray, ids: np.ndarray, caption: str,
+                data_cfg: ml_collections.ConfigDict, window: tuple[int, int] | None = None) -> dict[str, Any]:
+  """Filters, then the training window (centred unless given), its masks and the subjects' cut-outs."""
+  cfg = data_cfg.prepare
   reason = filters.check_clip(video, masks, cfg)
   if reason:
     return dict(drop=reason)
   nf = data_cfg.num_frames
-  start = (len(video) - nf) // 2
-  window = (start, start + nf)
+  if window is None:
+    start = (len(video) - nf) // 2
+    window = (start, start + nf)
+  start = window[0]
   far = pairing.far_frame(len(video), window)
   v, m = _resize(video, masks, data_cfg.height, data_cfg.width)
   size = (data_cfg.height, data_cfg.width)
@@ -172,6 +202,116 @@ def _references(target: str, ids: np.ndarray, index: dict[int, list[str]], clips
   return np.stack(refs), prov
 
 
+def _cached_or(work: str, name: str, make: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+  """A clip's stage 1 + 2 result from the cache under `work`, or made and cached (atomically); (result, resumed)."""
+  npz, drop_json = os.path.join(work, name + '.npz'), os.path.join(work, name + '.drop.json')
+  if os.path.exists(npz):
+    return _load_cached(npz), True
+  if os.path.exists(drop_json):
+    with open(drop_json) as g:
+      return json.load(g), True
+  d = make()
+  if 'drop' in d:
+    _atomic_json(drop_json, d)
+  else:
+    _atomic_savez(npz, **d)
+  return d, False
+
+
+def _annotated_stage(data_cfg, input_dir: str, annotations: str, work: str):
+  """Stage 1 + 2 on annotated clips: read, filter, normalise, cut out (cached per clip for resuming)."""
+  dropped: dict[str, str] = {}
+  errors: dict[str, str] = {}
+  clips: dict[str, dict] = {}
+  resumed = 0
+  with open(annotations) as f:
+    raw_lines = [l for l in f.read().splitlines() if l.strip()]
+  for n, raw in enumerate(raw_lines):
+    try:
+      line = json.loads(raw)
+      name = line.get('clip') or os.path.splitext(os.path.basename(line['video']))[0]
+    except Exception as e:  # pylint: disable=broad-except
+      dropped[f'line_{n}'] = 'unreadable'
+      errors[f'line_{n}'] = f'{type(e).__name__}: {e}'[:300]
+      continue
+    if name in clips or name in dropped:
+      dropped[f'{name}#line_{n}'] = 'near_duplicate'
+      continue
+    d, was = _cached_or(work, name, lambda line=line: process_clip(line, input_dir, data_cfg))
+    resumed += was
+    if 'drop' in d:
+      dropped[name] = d['drop']
+      if 'error' in d:
+        errors[name] = d['error']
+    else:
+      clips[name] = d
+  return clips, dropped, errors, resumed, len(raw_lines)
+
+
+def _ground_stage(data_cfg, input_dir: str, output_dir: str, work: str):
+  """Stage 0-2 on raw videos (ingest.py): decode, shots, captions, grounding, windows; then filter and cut out.
+
+  Per video the grounded lines and drops are cached in `work/videos/`, every window's record like an annotated
+  clip's; `output_dir/grounded.jsonl` is rewritten (atomically) from the caches at the end.
+  """
+  from kaleido_jax.data import ingest  # pylint: disable=g-import-not-at-top
+  cfg = data_cfg.prepare
+  grounder = captions = None
+  vdir = os.path.join(work, 'videos')
+  os.makedirs(vdir, exist_ok=True)
+  dropped: dict[str, str] = {}
+  errors: dict[str, str] = {}
+  clips: dict[str, dict] = {}
+  resumed, total, shots = 0, 0, 0
+  all_lines = []
+  videos = video_lib.list_videos(input_dir)
+  for rel in videos:
+    stem = ingest.source_name(rel)
+    cache = os.path.join(vdir, stem + '.json')
+    if os.path.exists(cache):
+      with open(cache) as f:
+        done = json.load(f)
+      resumed += 1
+      windows = None
+    else:
+      if grounder is None:
+        grounder, captions = ingest.make_grounder(cfg), ingest.make_captions(cfg, input_dir)
+      try:
+        done, windows = ingest.ground_video(rel, input_dir, data_cfg, grounder, captions,
+                                            os.path.join(output_dir, 'grounded'))
+      except video_lib.VideoError as e:
+        done, windows = dict(lines=[], drops={stem: 'unreadable'}, shots=0, error=str(e)[:300]), []
+    if 'error' in done:
+      errors[stem] = done['error']
+    dropped.update(done['drops'])
+    total += len(done['lines']) + len(done['drops'])
+    shots += done['shots']
+    made = {w[0]: w for w in windows or []}
+    for line in done['lines']:
+      name = line['clip']
+      if name in made:
+        _, frames, masks, window = made[name]
+        ids = np.asarray([s['id'] for s in line['subjects']], np.int32)
+        make = lambda f=frames, m=masks, i=ids, c=line['caption'], w=window: clip_record(f, m, i, c, data_cfg, w)
+      else:  # resumed video, window not yet processed: read it back from its grounded line
+        make = lambda line=line: process_clip(line, input_dir, data_cfg)
+      d, _ = _cached_or(work, name, make)
+      if 'drop' in d:
+        dropped[name] = d['drop']
+      else:
+        clips[name] = d
+    if not os.path.exists(cache):
+      _atomic_json(cache, done)
+    all_lines += done['lines']
+  path = os.path.join(output_dir, 'grounded.jsonl')
+  with open(path + '.tmp', 'w') as f:
+    for line in all_lines:
+      f.write(json.dumps(line) + '\n')
+  os.replace(path + '.tmp', path)
+  extra = dict(videos=len(videos), shots=shots, grounded=path, grounding=cfg.grounding)
+  return clips, dropped, errors, resumed, total, extra
+
+
 def prepare(data_cfg: ml_collections.ConfigDict, *, output_dir: str, input_dir: str = '',
             annotations: str = '', seed: int = 0, video_encoder: VideoEncoder | None = None,
             text_encoder: TextEncoder | None = None, verbose: bool = True) -> dict[str, Any]:
@@ -196,49 +336,14 @@ def prepare(data_cfg: ml_collections.ConfigDict, *, output_dir: str, input_dir: 
                              heldout_identities=data_cfg.heldout_identities, split='train',
                              num_frames=data_cfg.num_frames, height=data_cfg.height, width=data_cfg.width,
                              seed=data_cfg.synthetic_seed, max_subjects=data_cfg.max_subjects, fps=cfg.fps)
-  annotations = annotations or cfg.annotations or os.path.join(input_dir, 'annotations.jsonl')
   work = os.path.join(output_dir, '_work')
   os.makedirs(work, exist_ok=True)
-
-  # Stage 1 + 2: read, filter, normalise, cut out (cached per clip for resuming).
-  dropped: dict[str, str] = {}
-  errors: dict[str, str] = {}
-  clips: dict[str, dict] = {}
-  resumed = 0
-  with open(annotations) as f:
-    raw_lines = [l for l in f.read().splitlines() if l.strip()]
-  for n, raw in enumerate(raw_lines):
-    try:
-      line = json.loads(raw)
-      name = os.path.splitext(os.path.basename(line['video']))[0]
-    except Exception as e:  # pylint: disable=broad-except
-      dropped[f'line_{n}'] = 'unreadable'
-      errors[f'line_{n}'] = f'{type(e).__name__}: {e}'[:300]
-      continue
-    if name in clips or name in dropped:
-      dropped[f'{name}#line_{n}'] = 'near_duplicate'
-      continue
-    npz, drop_json = os.path.join(work, name + '.npz'), os.path.join(work, name + '.drop.json')
-    if os.path.exists(npz):
-      clips[name] = _load_cached(npz)
-      resumed += 1
-      continue
-    if os.path.exists(drop_json):
-      with open(drop_json) as g:
-        d = json.load(g)
-      resumed += 1
-    else:
-      d = process_clip(line, input_dir, data_cfg)
-      if 'drop' in d:
-        _atomic_json(drop_json, d)
-      else:
-        _atomic_savez(npz, **d)
-    if 'drop' in d:
-      dropped[name] = d['drop']
-      if 'error' in d:
-        errors[name] = d['error']
-    else:
-      clips[name] = d
+  if cfg.grounding != 'none':
+    clips, dropped, errors, resumed, total, extra = _ground_stage(data_cfg, input_dir, output_dir, work)
+  else:
+    annotations = annotations or cfg.annotations or os.path.join(input_dir, 'annotations.jsonl')
+    clips, dropped, errors, resumed, total = _annotated_stage(data_cfg, input_dir, annotations, work)
+    extra = {}
 
   # Near-duplicates: in name order, a clip close to an already kept one is dropped.
   dedup = filters.Deduplicator(cfg.dedup_threshold)
@@ -251,6 +356,9 @@ def prepare(data_cfg: ml_collections.ConfigDict, *, output_dir: str, input_dir: 
 
   # Stage 3 + 4: cross-pairing and synthesis.
   index = pairing.build_index({k: v['subject_ids'] for k, v in clips.items()})
+  shot_mates: dict[str, list[str]] = {}
+  for k in sorted(clips):
+    shot_mates.setdefault(_shot_of(k), []).append(k)
   names = sorted(clips)
   plan = []  # (key, target name, variant, other name or '')
   for name in names:
@@ -271,6 +379,8 @@ def prepare(data_cfg: ml_collections.ConfigDict, *, output_dir: str, input_dir: 
       ex = synthesis.synthesize(c, rng, o, max_subjects=data_cfg.max_subjects)
       if 'compose' in ex['ops']:
         exclude = (other,)
+    # Windows of one shot are one clip to cross-pairing: never each other's references.
+    exclude += tuple(o for o in shot_mates.get(_shot_of(name), ()) if o != name)
     refs, prov = _references(name, ex['subject_ids'], index, clips, rng, exclude, cfg.refs_per_subject)
     out = dict(video=ex['video'], refs=refs, ref_slots=np.asarray([p['slot'] for p in prov], np.int32),
                subject_ids=np.asarray(ex['subject_ids'], np.int32),
@@ -305,14 +415,20 @@ def prepare(data_cfg: ml_collections.ConfigDict, *, output_dir: str, input_dir: 
   num_shards = -(-len(plan) // cfg.shard_size)
   tfds_builder.write(output_dir, feats, {cfg.split: generate}, num_shards)
   dt = time.time() - t0
-  report = dict(input=len(raw_lines), kept=len(clips), dropped=_counts(dropped), dropped_clips=dropped,
+  report = dict(input=total, kept=len(clips), dropped=_counts(dropped), dropped_clips=dropped,
                 errors=errors, synthesised=len(plan) - len(clips), examples=len(plan), references=modes,
-                resumed_clips=resumed, seconds=round(dt, 2), clips_per_s=round(len(raw_lines) / max(dt, 1e-9), 3),
-                dataset_dir=ds_dir, split=cfg.split, num_shards=num_shards)
+                resumed_clips=resumed, seconds=round(dt, 2), clips_per_s=round(total / max(dt, 1e-9), 3),
+                dataset_dir=ds_dir, split=cfg.split, num_shards=num_shards, **extra)
   _atomic_json(report_path, report)
   if verbose:
     print(format_report(report))
   return report
+
+
+def _shot_of(name: str) -> str:
+  """The shot a grounded window belongs to (`<source>_s<shot>_w<window>`); any other clip is its own."""
+  head, sep, tail = name.rpartition('_w')
+  return head if sep and tail.isdigit() and '_s' in head else name
 
 
 def _counts(dropped: dict[str, str]) -> dict[str, int]:
@@ -333,11 +449,36 @@ def format_report(report: dict[str, Any]) -> str:
   return '\n'.join(f'{k:<{w}}  {v}' for k, v in rows)
 
 
+def validate(data_cfg: ml_collections.ConfigDict) -> None:
+  """The prepare settings a run cannot use, as one kcfg.ConfigError naming the key and the fix."""
+  from kaleido_jax import config as kcfg  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.data import ingest  # pylint: disable=g-import-not-at-top
+  cfg = data_cfg.prepare
+  problems = []
+  if cfg.grounding not in ingest.GROUNDINGS:
+    problems.append(f'data.prepare.grounding={cfg.grounding!r} not in {" | ".join(ingest.GROUNDINGS)}')
+  if cfg.engine not in ('local', 'beam'):
+    problems.append(f'data.prepare.engine={cfg.engine!r} not in local | beam')
+  if cfg.grounding == 'transformers' and not os.path.isdir(cfg.detector_dir or ''):
+    problems.append(f'data.prepare.detector_dir={cfg.detector_dir!r} is not a directory; grounding=transformers '
+                    'needs a local OWLv2 / OWL-ViT / Grounding DINO model directory (nothing is downloaded)')
+  for key in ('segmenter_dir', 'captioner', 'captions'):
+    path = cfg.get(key, '')
+    if path and not os.path.exists(path):
+      problems.append(f'data.prepare.{key}={path!r} does not exist')
+  if cfg.grounding != 'none' and not cfg.input_dir:
+    problems.append('data.prepare.grounding needs data.prepare.input_dir (a directory of raw videos)')
+  if problems:
+    raise kcfg.ConfigError('invalid prepare config: ' + '; '.join(problems))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """`--mode prepare`: output to data.prepare.output_dir (or the workdir)."""
+  from kaleido_jax import config as kcfg  # pylint: disable=g-import-not-at-top
   out = config.data.prepare.output_dir or workdir
   if not out:
-    raise ValueError('set data.prepare.output_dir or --workdir')
+    raise kcfg.ConfigError('set data.prepare.output_dir or --workdir')
+  validate(config.data)
   return prepare(config.data, output_dir=out, seed=config.seed)
 
 

@@ -449,16 +449,8 @@ def write_example(out_dir: str, name: str, video: np.ndarray, masks: np.ndarray 
 
   video.mp4 + `name.masks.npz` (masks (F, S, H, W) bool, bit-packed) or per-frame boxes (F, S, 4) x0,y0,x1,y1.
   """
-  import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
-  f, h, w = video.shape[:3]
-  writer = imageio_ffmpeg.write_frames(os.path.join(out_dir, f'{name}.mp4'), (w, h), fps=fps, codec='libx264',
-                                       pix_fmt_out='yuv444p', output_params=['-crf', '10'], macro_block_size=1,
-                                       ffmpeg_log_level='error')
-  writer.send(None)
-  for frame in video:
-    writer.send(np.ascontiguousarray(frame))
-  writer.close()
+  _write_mp4(os.path.join(out_dir, f'{name}.mp4'), video, fps)
   subjects = [dict(id=int(i), index=k) for k, i in enumerate(subject_ids)]
   line = dict(video=f'{name}.mp4', caption=caption_text, subjects=subjects)
   if masks is not None:
@@ -489,6 +481,102 @@ def export_clips(out_dir: str, *, num_clips: int, num_identities: int, heldout_i
       f.write(json.dumps(line) + '\n')
   os.replace(path + '.tmp', path)
   return path
+
+
+def _write_mp4(path: str, video: np.ndarray, fps: int) -> None:
+  import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
+  f, h, w = video.shape[:3]
+  writer = imageio_ffmpeg.write_frames(path, (w, h), fps=fps, codec='libx264', pix_fmt_out='yuv444p',
+                                       output_params=['-crf', '10'], macro_block_size=1, ffmpeg_log_level='error')
+  writer.send(None)
+  for frame in video:
+    writer.send(np.ascontiguousarray(frame))
+  writer.close()
+
+
+def export_raw_videos(out_dir: str, *, num_videos: int, shots_per_video: int = 2, num_identities: int,
+                      heldout_identities: int, num_frames: int, height: int, width: int, seed: int = 0,
+                      max_subjects: int = 2, fps: int = 8, background: str = 'plain') -> str:
+  """Raw input for `prepare` with grounding: long videos with scene cuts, captions, and no annotations.
+
+  Video k concatenates `shots_per_video` synthetic clips that share a subject (so that the same subject appears
+  in several shots of one source, which cross-pairing needs), written as `video_{k:04d}.mp4` with a
+  per-shot captions file `captions.jsonl` ({"video", "start", "end" (seconds), "caption"}). The truth, which
+  `prepare` never reads, goes to `truth.jsonl`: per video the cut frames and per shot the subject ids and
+  per-frame boxes (x0, y0, x1, y1 of the visible mask; null where hidden). Static camera (`background` 'plain' or 'grey'), the
+  setting the motion grounder is for. Returns the captions path.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  s = SyntheticSet(num_clips=num_videos * shots_per_video * 4, num_identities=num_identities,
+                   heldout_identities=heldout_identities, split='train', num_frames=num_frames, height=height,
+                   width=width, seed=seed, max_subjects=max_subjects, background=background, occluder_prob=0.0)
+  used: set[int] = set()
+  captions, truths = [], []
+  for k in range(num_videos):
+    # The first unused clip, then clips sharing its first subject.
+    first = next(i for i in range(len(s)) if i not in used)
+    sid = int(s.plans[first]['ids'][0])
+    group = [first] + [i for i in s.clips_of[sid] if i != first and i not in used][:shots_per_video - 1]
+    used.update(group)
+    name = f'video_{k:04d}.mp4'
+    parts, shots = [], []
+    for j, i in enumerate(group):
+      c = s.clip(i)
+      start = j * num_frames
+      parts.append(c['video'])
+      boxes = [[_mask_box_list(c['masks'][t, n]) for t in range(num_frames)] for n in range(len(c['subject_ids']))]
+      shots.append(dict(start=start, end=start + num_frames, subject_ids=[int(x) for x in c['subject_ids']],
+                        boxes=boxes))
+      captions.append(dict(video=name, start=start / fps, end=(start + num_frames) / fps, caption=c['caption']))
+    _write_mp4(os.path.join(out_dir, name), np.concatenate(parts), fps)
+    truths.append(dict(video=name, cuts=[sh['start'] for sh in shots[1:]], shots=shots))
+  for fname, rows in (('captions.jsonl', captions), ('truth.jsonl', truths)):
+    with open(os.path.join(out_dir, fname + '.tmp'), 'w') as f:
+      for row in rows:
+        f.write(json.dumps(row) + '\n')
+    os.replace(os.path.join(out_dir, fname + '.tmp'), os.path.join(out_dir, fname))
+  return os.path.join(out_dir, 'captions.jsonl')
+
+
+def grounding_accuracy(grounded: Sequence[dict[str, Any]], truth_path: str) -> dict[str, float]:
+  """How well grounded lines (ingest.py) match the truth of `export_raw_videos`.
+
+  Per true subject of every grounded window: the best grounded subject's mean box IoU over the frames where the
+  true subject is visible (0 when none overlaps). mean_iou, recall_50 (share with IoU >= 0.5), subjects (count),
+  and same_id: of the true subjects seen in two shots of one video and matched (IoU >= 0.5) in both, the share
+  whose grounded ids agree (what cross-pairing needs).
+  """
+  from kaleido_jax.data import grounding as grounding_lib  # pylint: disable=g-import-not-at-top
+  with open(truth_path) as f:
+    truth = {t['video']: t for t in (json.loads(l) for l in f if l.strip())}
+  ious, matched = [], {}
+  for line in grounded:
+    t = truth[line['video']]
+    shot = next(sh for sh in t['shots'] if sh['start'] <= line['start'] < sh['end'])
+    for sid, boxes in zip(shot['subject_ids'], shot['boxes']):
+      best, best_id = 0.0, None
+      for sub in line['subjects']:
+        vals = [grounding_lib.box_iou(np.asarray(tb, np.float32), np.asarray(gb if gb else [np.nan] * 4, np.float32))
+                for tb, gb in zip(boxes[line['start'] - shot['start']:line['end'] - shot['start']], sub['boxes'])
+                if tb is not None]
+        v = float(np.mean(vals)) if vals else 0.0
+        if v > best:
+          best, best_id = v, sub['id']
+      ious.append(best)
+      if best >= 0.5:
+        matched.setdefault((line['video'], sid), {})[shot['start']] = best_id
+  pairs = [m for m in matched.values() if len(m) > 1]
+  same = [len(set(m.values())) == 1 for m in pairs]
+  return dict(mean_iou=float(np.mean(ious)) if ious else 0.0,
+              recall_50=float(np.mean(np.asarray(ious) >= 0.5)) if ious else 0.0, subjects=len(ious),
+              same_id=float(np.mean(same)) if same else float('nan'), same_id_pairs=len(same))
+
+
+def _mask_box_list(mask: np.ndarray) -> list[float] | None:
+  ys, xs = np.nonzero(mask)
+  if not len(ys):
+    return None
+  return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
 def make_source(data_config: Any, split: str, exclude_seed: int | None = None) -> SyntheticSource:

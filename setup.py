@@ -8,6 +8,7 @@ kaleido_jax/ imports them at run time (the converter reads safetensors directly)
 from setuptools import find_packages, setup
 
 JAX_VERSION = "0.10.2"
+BEAM = "apache-beam==2.77.0"
 
 install_requires = [
     f"jax=={JAX_VERSION}",
@@ -53,7 +54,11 @@ extras_require = {
         # libtpu, so that the AOT fit-check tests compile for abstract TPU slices (no TPU needed; the tests run
         # with JAX_PLATFORMS=cpu): `pip install -e ".[test]"` alone runs the same tests as CI.
         f"jax[tpu]=={JAX_VERSION}",
+        BEAM,  # the Beam engine's tests (DirectRunner)
     ],
+    # `prepare` on Apache Beam (data.prepare.engine='beam'): DirectRunner here; on Dataflow
+    # `pip install "apache-beam[gcp]==2.77.0"`, on Flink / Spark their job servers.
+    "beam": [BEAM],
     "tpu": [f"jax[tpu]=={JAX_VERSION}"],
     "gpu": [f"jax[cuda13]=={JAX_VERSION}"],
 }

@@ -25,6 +25,8 @@ Stages (counts in the final report, `output_dir/report.json`; input == kept + su
 
 Every per-clip result is cached under `output_dir/_work` (written to a temporary name, then renamed), so a
 rerun resumes where an interrupted one stopped; the shards themselves are written atomically by TFDS.
+`data.prepare.engine='beam'` runs the same stages as an Apache Beam pipeline (beam_pipeline.py) on the runner
+`data.prepare.beam_args` names (DirectRunner with worker processes, Dataflow, Flink, Spark).
 """
 
 from __future__ import annotations
@@ -66,14 +68,9 @@ def _atomic_json(path: str, obj: Any) -> None:
 
 
 def read_video(path: str) -> np.ndarray:
-  """(F, H, W, 3) uint8 frames of any container ffmpeg reads (mp4 / webm / gif)."""
-  import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
-  gen = imageio_ffmpeg.read_frames(path, pix_fmt='rgb24')
-  w, h = next(gen)['size']
-  frames = [np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in gen]
-  if not frames:
-    raise ValueError('no frames')
-  return np.stack(frames)
+  """(F, H, W, 3) uint8, every frame of any container FFmpeg reads (mp4 / webm / gif), decoded in-process by
+  PyAV (video.decode): an ffmpeg subprocess forked from a Beam worker that holds gRPC threads fails at random."""
+  return video_lib.decode(path).frames
 
 
 def read_masks(line: dict[str, Any], input_dir: str, shape: tuple[int, int, int]) -> np.ndarray:
@@ -218,12 +215,11 @@ def _cached_or(work: str, name: str, make: Callable[[], dict[str, Any]]) -> tupl
   return d, False
 
 
-def _annotated_stage(data_cfg, input_dir: str, annotations: str, work: str):
-  """Stage 1 + 2 on annotated clips: read, filter, normalise, cut out (cached per clip for resuming)."""
+def parse_annotations(annotations: str) -> tuple[list[tuple[str, dict]], dict[str, str], dict[str, str], int]:
+  """(name, line) per clip to process, {line: drop reason} for unreadable / repeated lines, errors, line count."""
   dropped: dict[str, str] = {}
   errors: dict[str, str] = {}
-  clips: dict[str, dict] = {}
-  resumed = 0
+  entries, seen = [], set()
   with open(annotations) as f:
     raw_lines = [l for l in f.read().splitlines() if l.strip()]
   for n, raw in enumerate(raw_lines):
@@ -234,10 +230,26 @@ def _annotated_stage(data_cfg, input_dir: str, annotations: str, work: str):
       dropped[f'line_{n}'] = 'unreadable'
       errors[f'line_{n}'] = f'{type(e).__name__}: {e}'[:300]
       continue
-    if name in clips or name in dropped:
+    if name in seen:
       dropped[f'{name}#line_{n}'] = 'near_duplicate'
       continue
-    d, was = _cached_or(work, name, lambda line=line: process_clip(line, input_dir, data_cfg))
+    seen.add(name)
+    entries.append((name, line))
+  return entries, dropped, errors, len(raw_lines)
+
+
+def annotated_one(name: str, line: dict, data_cfg, input_dir: str, work: str) -> tuple[dict[str, Any], bool]:
+  """Stage 1 + 2 of one annotated clip, cached: (record or drop dict, resumed)."""
+  return _cached_or(work, name, lambda: process_clip(line, input_dir, data_cfg))
+
+
+def _annotated_stage(data_cfg, input_dir: str, annotations: str, work: str):
+  """Stage 1 + 2 on annotated clips: read, filter, normalise, cut out (cached per clip for resuming)."""
+  entries, dropped, errors, total = parse_annotations(annotations)
+  clips: dict[str, dict] = {}
+  resumed = 0
+  for name, line in entries:
+    d, was = annotated_one(name, line, data_cfg, input_dir, work)
     resumed += was
     if 'drop' in d:
       dropped[name] = d['drop']
@@ -245,20 +257,63 @@ def _annotated_stage(data_cfg, input_dir: str, annotations: str, work: str):
         errors[name] = d['error']
     else:
       clips[name] = d
-  return clips, dropped, errors, resumed, len(raw_lines)
+  return clips, dropped, errors, resumed, total
+
+
+class _Lazy:
+  """The grounder and captions, built on first use (a fully resumed run loads no model)."""
+
+  def __init__(self, cfg, input_dir):
+    self.cfg, self.input_dir, self.value = cfg, input_dir, None
+
+  def get(self):
+    from kaleido_jax.data import ingest  # pylint: disable=g-import-not-at-top
+    if self.value is None:
+      self.value = ingest.make_grounder(self.cfg), ingest.make_captions(self.cfg, self.input_dir)
+    return self.value
+
+
+def ground_one(rel: str, data_cfg, input_dir: str, output_dir: str, work: str, models: _Lazy):
+  """One raw video through stage 0-2 (ingest.py), cached: (summary, {window: record or drop dict}, resumed).
+
+  The summary (grounded lines, drops, shot count, error) is cached in `work/videos/` after every window's
+  record is cached like an annotated clip's, so a run killed anywhere redoes at most the video it was in.
+  """
+  from kaleido_jax.data import ingest  # pylint: disable=g-import-not-at-top
+  stem = ingest.source_name(rel)
+  cache = os.path.join(work, 'videos', stem + '.json')
+  windows = None
+  if os.path.exists(cache):
+    with open(cache) as f:
+      done = json.load(f)
+  else:
+    grounder, captions = models.get()
+    try:
+      done, windows = ingest.ground_video(rel, input_dir, data_cfg, grounder, captions,
+                                          os.path.join(output_dir, 'grounded'))
+    except video_lib.VideoError as e:
+      done, windows = dict(lines=[], drops={stem: 'unreadable'}, shots=0, error=str(e)[:300]), []
+  made = {w[0]: w for w in windows or []}
+  records = {}
+  for line in done['lines']:
+    name = line['clip']
+    if name in made:
+      _, frames, masks, window = made[name]
+      ids = np.asarray([s['id'] for s in line['subjects']], np.int32)
+      make = lambda f=frames, m=masks, i=ids, c=line['caption'], w=window: clip_record(f, m, i, c, data_cfg, w)
+    else:  # resumed video, window not cached: read it back from its grounded line
+      make = lambda line=line: process_clip(line, input_dir, data_cfg)
+    records[name], _ = _cached_or(work, name, make)
+  if not os.path.exists(cache):
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    _atomic_json(cache, done)
+  return done, records, windows is None
 
 
 def _ground_stage(data_cfg, input_dir: str, output_dir: str, work: str):
-  """Stage 0-2 on raw videos (ingest.py): decode, shots, captions, grounding, windows; then filter and cut out.
-
-  Per video the grounded lines and drops are cached in `work/videos/`, every window's record like an annotated
-  clip's; `output_dir/grounded.jsonl` is rewritten (atomically) from the caches at the end.
-  """
-  from kaleido_jax.data import ingest  # pylint: disable=g-import-not-at-top
-  cfg = data_cfg.prepare
-  grounder = captions = None
-  vdir = os.path.join(work, 'videos')
-  os.makedirs(vdir, exist_ok=True)
+  """Stage 0-2 on raw videos, one video at a time (`ground_one`); `output_dir/grounded.jsonl` is rewritten
+  (atomically) from the caches at the end."""
+  models = _Lazy(data_cfg.prepare, input_dir)
   dropped: dict[str, str] = {}
   errors: dict[str, str] = {}
   clips: dict[str, dict] = {}
@@ -266,56 +321,117 @@ def _ground_stage(data_cfg, input_dir: str, output_dir: str, work: str):
   all_lines = []
   videos = video_lib.list_videos(input_dir)
   for rel in videos:
-    stem = ingest.source_name(rel)
-    cache = os.path.join(vdir, stem + '.json')
-    if os.path.exists(cache):
-      with open(cache) as f:
-        done = json.load(f)
-      resumed += 1
-      windows = None
-    else:
-      if grounder is None:
-        grounder, captions = ingest.make_grounder(cfg), ingest.make_captions(cfg, input_dir)
-      try:
-        done, windows = ingest.ground_video(rel, input_dir, data_cfg, grounder, captions,
-                                            os.path.join(output_dir, 'grounded'))
-      except video_lib.VideoError as e:
-        done, windows = dict(lines=[], drops={stem: 'unreadable'}, shots=0, error=str(e)[:300]), []
-    if 'error' in done:
-      errors[stem] = done['error']
-    dropped.update(done['drops'])
+    done, records, was = ground_one(rel, data_cfg, input_dir, output_dir, work, models)
+    resumed += was
+    _merge_video(done, records, clips, dropped, errors)
     total += len(done['lines']) + len(done['drops'])
     shots += done['shots']
-    made = {w[0]: w for w in windows or []}
-    for line in done['lines']:
-      name = line['clip']
-      if name in made:
-        _, frames, masks, window = made[name]
-        ids = np.asarray([s['id'] for s in line['subjects']], np.int32)
-        make = lambda f=frames, m=masks, i=ids, c=line['caption'], w=window: clip_record(f, m, i, c, data_cfg, w)
-      else:  # resumed video, window not yet processed: read it back from its grounded line
-        make = lambda line=line: process_clip(line, input_dir, data_cfg)
-      d, _ = _cached_or(work, name, make)
-      if 'drop' in d:
-        dropped[name] = d['drop']
-      else:
-        clips[name] = d
-    if not os.path.exists(cache):
-      _atomic_json(cache, done)
     all_lines += done['lines']
+  return clips, dropped, errors, resumed, total, _grounded_summary(data_cfg, output_dir, videos, shots, all_lines)
+
+
+def _merge_video(done, records, clips, dropped, errors) -> None:
+  if 'error' in done:
+    errors[next(iter(done['drops']))] = done['error']
+  dropped.update(done['drops'])
+  for name, d in records.items():
+    if 'drop' in d:
+      dropped[name] = d['drop']
+    else:
+      clips[name] = d
+
+
+def _grounded_summary(data_cfg, output_dir, videos, shots, all_lines) -> dict[str, Any]:
   path = os.path.join(output_dir, 'grounded.jsonl')
   with open(path + '.tmp', 'w') as f:
-    for line in all_lines:
-      f.write(json.dumps(line) + '\n')
+    for line in sorted(all_lines, key=lambda l: l['clip']):
+      f.write(json.dumps(line, sort_keys=True) + '\n')
   os.replace(path + '.tmp', path)
-  extra = dict(videos=len(videos), shots=shots, grounded=path, grounding=cfg.grounding)
-  return clips, dropped, errors, resumed, total, extra
+  return dict(videos=len(videos), shots=shots, grounded=path, grounding=data_cfg.prepare.grounding)
+
+
+def near_duplicates(hashes: dict[str, np.ndarray], threshold: int) -> dict[str, str]:
+  """In name order, a clip close to an already kept one is a near-duplicate: {name: 'near_duplicate'}."""
+  dedup = filters.Deduplicator(threshold)
+  out = {}
+  for name in sorted(hashes):
+    if dedup.is_duplicate(hashes[name]):
+      out[name] = 'near_duplicate'
+    else:
+      dedup.add(hashes[name])
+  return out
+
+
+def plan_examples(names: list[str], seed: int, synth_per_clip: int) -> list[tuple[str, str, int, str]]:
+  """(key, target name, variant, other name or '') of every example, from the sorted kept names."""
+  plan = []
+  for name in names:
+    plan.append((name, name, 0, ''))
+    for j in range(synth_per_clip):
+      rng = _rng(seed, name, 'other', str(j))
+      other = names[int(rng.integers(len(names)))] if len(names) > 1 else ''
+      plan.append((f'{name}~s{j}', name, j + 1, other if other != name else ''))
+  return plan
+
+
+def shot_mates(names: list[str]) -> dict[str, tuple[str, ...]]:
+  out: dict[str, list[str]] = {}
+  for k in sorted(names):
+    out.setdefault(_shot_of(k), []).append(k)
+  return {k: tuple(v) for k, v in out.items()}
+
+
+def make_example(entry: tuple[str, str, int, str], clips: dict[str, dict], index: dict[int, list[str]],
+                 mates: tuple[str, ...], data_cfg, seed: int, video_encoder: VideoEncoder | None = None,
+                 text_encoder: TextEncoder | None = None) -> dict[str, Any]:
+  """Stage 3 + 4 for one planned example: synthesis (variant > 0), cross-paired references, encoders.
+
+  `clips` needs the target and `other` in full and, of every clip `index` lists for the example's subjects,
+  subject_ids / cutouts / cutout_frames (what the Beam engine joins in by subject id).
+  """
+  key, name, variant, other = entry
+  cfg = data_cfg.prepare
+  rng = _rng(seed, key)
+  c = clips[name]
+  ex = dict(video=c['video'], masks=c['masks'], subject_ids=c['subject_ids'], caption=c['caption'], ops=[])
+  exclude: tuple[str, ...] = ()
+  if variant:
+    o = dict(clips[other], caption=clips[other]['caption']) if other else None
+    ex = synthesis.synthesize(c, rng, o, max_subjects=data_cfg.max_subjects)
+    if 'compose' in ex['ops']:
+      exclude = (other,)
+  # Windows of one shot are one clip to cross-pairing: never each other's references.
+  exclude += tuple(o for o in mates if o != name)
+  refs, prov = _references(name, ex['subject_ids'], index, clips, rng, exclude, cfg.refs_per_subject)
+  out = dict(video=ex['video'], refs=refs, ref_slots=np.asarray([p['slot'] for p in prov], np.int32),
+             subject_ids=np.asarray(ex['subject_ids'], np.int32),
+             caption=ex['caption'], clip_id=key, pairing=json.dumps(prov), synthesis=json.dumps(ex['ops']))
+  if video_encoder is not None:
+    out['video_latents'] = np.asarray(video_encoder(ex['video'].astype(np.float32) / 127.5 - 1), np.float32)
+    out['ref_latents'] = np.stack([np.asarray(video_encoder(r[None].astype(np.float32) / 127.5 - 1),
+                                              np.float32)[0] for r in refs])
+  if text_encoder is not None:
+    out['text_embedding'] = np.asarray(text_encoder(ex['caption']), np.float32)
+  return out
+
+
+def latent_features(data_cfg, video_encoder: VideoEncoder | None = None, text_encoder: TextEncoder | None = None):
+  """The TFDS features; the latent shapes are the encoders' outputs on zero inputs of the example shapes."""
+  latent_shapes = {}
+  if video_encoder is not None:
+    f, h, w = data_cfg.num_frames, data_cfg.height, data_cfg.width
+    latent_shapes['video_latents'] = np.shape(video_encoder(np.zeros((f, h, w, 3), np.float32)))
+    latent_shapes['ref_latents'] = (None,) + np.shape(video_encoder(np.zeros((1, h, w, 3), np.float32)))[1:]
+  if text_encoder is not None:
+    latent_shapes['text_embedding'] = np.shape(text_encoder(''))
+  return tfds_builder.features(data_cfg.num_frames, data_cfg.height, data_cfg.width, latent_shapes)
 
 
 def prepare(data_cfg: ml_collections.ConfigDict, *, output_dir: str, input_dir: str = '',
             annotations: str = '', seed: int = 0, video_encoder: VideoEncoder | None = None,
             text_encoder: TextEncoder | None = None, verbose: bool = True) -> dict[str, Any]:
-  """Run every stage; returns (and writes to output_dir/report.json) the report."""
+  """Run every stage (in this process, or on Beam with data.prepare.engine='beam'); returns (and writes to
+  output_dir/report.json) the report."""
   cfg = data_cfg.prepare
   input_dir = input_dir or cfg.input_dir
   os.makedirs(output_dir, exist_ok=True)
@@ -338,91 +454,108 @@ def prepare(data_cfg: ml_collections.ConfigDict, *, output_dir: str, input_dir: 
                              seed=data_cfg.synthetic_seed, max_subjects=data_cfg.max_subjects, fps=cfg.fps)
   work = os.path.join(output_dir, '_work')
   os.makedirs(work, exist_ok=True)
-  if cfg.grounding != 'none':
-    clips, dropped, errors, resumed, total, extra = _ground_stage(data_cfg, input_dir, output_dir, work)
-  else:
-    annotations = annotations or cfg.annotations or os.path.join(input_dir, 'annotations.jsonl')
-    clips, dropped, errors, resumed, total = _annotated_stage(data_cfg, input_dir, annotations, work)
-    extra = {}
-
-  # Near-duplicates: in name order, a clip close to an already kept one is dropped.
-  dedup = filters.Deduplicator(cfg.dedup_threshold)
-  for name in sorted(clips):
-    if dedup.is_duplicate(clips[name]['hash']):
-      dropped[name] = 'near_duplicate'
-    else:
-      dedup.add(clips[name]['hash'])
-  clips = {k: v for k, v in clips.items() if k not in dropped}
-
-  # Stage 3 + 4: cross-pairing and synthesis.
-  index = pairing.build_index({k: v['subject_ids'] for k, v in clips.items()})
-  shot_mates: dict[str, list[str]] = {}
-  for k in sorted(clips):
-    shot_mates.setdefault(_shot_of(k), []).append(k)
-  names = sorted(clips)
-  plan = []  # (key, target name, variant, other name or '')
-  for name in names:
-    plan.append((name, name, 0, ''))
-    for j in range(cfg.synth_per_clip):
-      rng = _rng(seed, name, 'other', str(j))
-      other = names[int(rng.integers(len(names)))] if len(names) > 1 else ''
-      plan.append((f'{name}~s{j}', name, j + 1, other if other != name else ''))
-  modes = {'cross': 0, 'far_frame': 0}
-
-  def example(key: str, name: str, variant: int, other: str) -> dict[str, Any]:
-    rng = _rng(seed, key)
-    c = clips[name]
-    ex = dict(video=c['video'], masks=c['masks'], subject_ids=c['subject_ids'], caption=c['caption'], ops=[])
-    exclude: tuple[str, ...] = ()
-    if variant:
-      o = dict(clips[other], caption=clips[other]['caption']) if other else None
-      ex = synthesis.synthesize(c, rng, o, max_subjects=data_cfg.max_subjects)
-      if 'compose' in ex['ops']:
-        exclude = (other,)
-    # Windows of one shot are one clip to cross-pairing: never each other's references.
-    exclude += tuple(o for o in shot_mates.get(_shot_of(name), ()) if o != name)
-    refs, prov = _references(name, ex['subject_ids'], index, clips, rng, exclude, cfg.refs_per_subject)
-    out = dict(video=ex['video'], refs=refs, ref_slots=np.asarray([p['slot'] for p in prov], np.int32),
-               subject_ids=np.asarray(ex['subject_ids'], np.int32),
-               caption=ex['caption'], clip_id=key, pairing=json.dumps(prov), synthesis=json.dumps(ex['ops']))
-    if video_encoder is not None:
-      out['video_latents'] = np.asarray(video_encoder(ex['video'].astype(np.float32) / 127.5 - 1), np.float32)
-      out['ref_latents'] = np.stack([np.asarray(video_encoder(r[None].astype(np.float32) / 127.5 - 1),
-                                                np.float32)[0] for r in refs])
-    if text_encoder is not None:
-      out['text_embedding'] = np.asarray(text_encoder(ex['caption']), np.float32)
-    return out
-
-  if not plan:
-    raise ValueError(f'no clip survived the filters: {_counts(dropped)}')
-  latent_shapes = {}
-  if video_encoder is not None or text_encoder is not None:
-    first = example(*plan[0])
-    for k in ('video_latents', 'text_embedding'):
-      if k in first:
-        latent_shapes[k] = first[k].shape
-    if 'ref_latents' in first:
-      latent_shapes['ref_latents'] = (None,) + first['ref_latents'].shape[1:]
-  feats = tfds_builder.features(data_cfg.num_frames, data_cfg.height, data_cfg.width, latent_shapes)
-
-  def generate():
-    for p in plan:
-      ex = example(*p)
-      for q in json.loads(ex['pairing']):
-        modes[q['mode']] += 1
-      yield p[0], ex
-
-  num_shards = -(-len(plan) // cfg.shard_size)
-  tfds_builder.write(output_dir, feats, {cfg.split: generate}, num_shards)
+  annotations = annotations or cfg.annotations or os.path.join(input_dir, 'annotations.jsonl')
+  feats = latent_features(data_cfg, video_encoder, text_encoder)
+  run_engine = _run_beam if cfg.engine == 'beam' else _run_local
+  counts = run_engine(data_cfg, input_dir, output_dir, annotations, work, seed, feats, video_encoder, text_encoder)
   dt = time.time() - t0
-  report = dict(input=total, kept=len(clips), dropped=_counts(dropped), dropped_clips=dropped,
-                errors=errors, synthesised=len(plan) - len(clips), examples=len(plan), references=modes,
-                resumed_clips=resumed, seconds=round(dt, 2), clips_per_s=round(total / max(dt, 1e-9), 3),
-                dataset_dir=ds_dir, split=cfg.split, num_shards=num_shards, **extra)
+  dropped = counts.pop('dropped')
+  report = dict(input=counts.pop('input'), kept=counts['kept'], dropped=_counts(dropped), dropped_clips=dropped,
+                errors=counts.pop('errors'), synthesised=counts['examples'] - counts.pop('kept'),
+                examples=counts.pop('examples'), references=counts.pop('references'),
+                resumed_clips=counts.pop('resumed'), seconds=round(dt, 2),
+                dataset_dir=ds_dir, split=cfg.split, num_shards=tfds_builder.num_shards(output_dir, cfg.split),
+                engine=cfg.engine, **counts)
+  report['clips_per_s'] = round(report['input'] / max(dt, 1e-9), 3)
   _atomic_json(report_path, report)
   if verbose:
     print(format_report(report))
   return report
+
+
+def _run_local(data_cfg, input_dir, output_dir, annotations, work, seed, feats, video_encoder, text_encoder):
+  """Every stage in this process, one clip at a time; the counts the report needs."""
+  cfg = data_cfg.prepare
+  if cfg.grounding != 'none':
+    clips, dropped, errors, resumed, total, extra = _ground_stage(data_cfg, input_dir, output_dir, work)
+  else:
+    clips, dropped, errors, resumed, total = _annotated_stage(data_cfg, input_dir, annotations, work)
+    extra = {}
+
+  dropped.update(near_duplicates({k: v['hash'] for k, v in clips.items()}, cfg.dedup_threshold))
+  clips = {k: v for k, v in clips.items() if k not in dropped}
+
+  # Stage 3 + 4: cross-pairing and synthesis.
+  index = pairing.build_index({k: v['subject_ids'] for k, v in clips.items()})
+  names = sorted(clips)
+  mates = shot_mates(names)
+  plan = plan_examples(names, seed, cfg.synth_per_clip)
+  if not plan:
+    raise ValueError(f'no clip survived the filters: {_counts(dropped)}')
+  modes = {'cross': 0, 'far_frame': 0}
+
+  def generate():
+    for p in plan:
+      ex = make_example(p, clips, index, mates.get(_shot_of(p[1]), ()), data_cfg, seed, video_encoder,
+                        text_encoder)
+      for q in json.loads(ex['pairing']):
+        modes[q['mode']] += 1
+      yield p[0], ex
+
+  tfds_builder.write(output_dir, feats, {cfg.split: generate}, -(-len(plan) // cfg.shard_size))
+  return dict(input=total, kept=len(clips), dropped=dropped, errors=errors, examples=len(plan), references=modes,
+              resumed=resumed, **extra)
+
+
+def _run_beam(data_cfg, input_dir, output_dir, annotations, work, seed, feats, video_encoder, text_encoder):
+  """Every stage as a Beam pipeline (beam_pipeline.py) on `data.prepare.beam_args`' runner; the same counts."""
+  from kaleido_jax.data import beam_pipeline  # pylint: disable=g-import-not-at-top
+  cfg = data_cfg.prepare
+  if cfg.grounding != 'none':
+    mode, items, dropped, errors, total = 'raw', video_lib.list_videos(input_dir), {}, {}, 0
+  else:
+    entries, dropped, errors, total = parse_annotations(annotations)
+    mode, items = 'annotated', [(name, json.dumps(line)) for name, line in entries]
+  parts_path = os.path.join(work, 'beam_report.json')
+  if os.path.exists(parts_path):
+    os.remove(parts_path)
+  transform = beam_pipeline.PrepareTransform(
+      mode=mode, items=items, data_cfg=data_cfg, input_dir=input_dir, output_dir=output_dir, work=work, seed=seed,
+      report_path=parts_path, video_encoder=video_encoder, text_encoder=text_encoder)
+  try:
+    tfds_builder.write(output_dir, feats, {cfg.split: transform}, None,
+                       beam_pipeline.pipeline_options(cfg.beam_args))
+  except ValueError as e:
+    if 'number of generated examples is 0' not in str(e):
+      raise
+    raise ValueError(f'no clip survived the filters: {_counts({**dropped, **_cached_drops(work)})}') from None
+  parts = _read_json(parts_path)
+  dropped.update(parts['dropped'])
+  errors.update(parts['errors'])
+  out = dict(input=total + parts['inputs'], kept=parts['kept'], dropped=dropped, errors=errors,
+             examples=parts['examples'], references=dict(cross=parts['cross'], far_frame=parts['far_frame']),
+             resumed=parts['resumed'])
+  if mode == 'raw':
+    out.update(_grounded_summary(data_cfg, output_dir, items, parts['shots'], parts['lines']))
+  return out
+
+
+def _read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _cached_drops(work: str) -> dict[str, str]:
+  """{clip or video: reason} of every drop the per-clip / per-video caches under `work` hold."""
+  out = {}
+  for name in os.listdir(work):
+    if name.endswith('.drop.json'):
+      out[name[:-len('.drop.json')]] = _read_json(os.path.join(work, name))['drop']
+  videos = os.path.join(work, 'videos')
+  for name in os.listdir(videos) if os.path.isdir(videos) else ():
+    if name.endswith('.json'):
+      out.update(_read_json(os.path.join(videos, name))['drops'])
+  return out
 
 
 def _shot_of(name: str) -> str:
@@ -468,8 +601,35 @@ def validate(data_cfg: ml_collections.ConfigDict) -> None:
       problems.append(f'data.prepare.{key}={path!r} does not exist')
   if cfg.grounding != 'none' and not cfg.input_dir:
     problems.append('data.prepare.grounding needs data.prepare.input_dir (a directory of raw videos)')
+  if cfg.engine == 'beam':
+    problems += _beam_problems(cfg.beam_args)
   if problems:
     raise kcfg.ConfigError('invalid prepare config: ' + '; '.join(problems))
+
+
+def _beam_problems(beam_args: str) -> list[str]:
+  """What keeps `data.prepare.beam_args` from starting a pipeline: no apache-beam, a bad flag, a bad runner."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  import shlex  # pylint: disable=g-import-not-at-top
+  try:
+    import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return ['data.prepare.engine=beam needs apache-beam: pip install -e ".[beam]" (on Dataflow also '
+            '"apache-beam[gcp]==2.77.0")']
+  try:
+    options = beam.options.pipeline_options.PipelineOptions(shlex.split(beam_args or ''))
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+      try:
+        options.get_all_options()
+      except SystemExit:
+        return [f'data.prepare.beam_args={beam_args!r}: ' + (err.getvalue().strip().splitlines() or ['bad flag'])[-1]]
+    runner = options.view_as(beam.options.pipeline_options.StandardOptions).runner
+    if runner:
+      beam.runners.create_runner(runner)
+  except Exception as e:  # pylint: disable=broad-except
+    return [f'data.prepare.beam_args={beam_args!r}: {str(e).splitlines()[0]}']
+  return []
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

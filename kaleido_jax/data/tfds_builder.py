@@ -14,7 +14,7 @@ video_latents, ref_latents, text_embedding float32 when encoders were plugged in
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from etils import epath
 import numpy as np
@@ -55,7 +55,7 @@ class KaleidoS2V(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def code_path(cls):
     return epath.Path(__file__)
 
-  def __init__(self, *, feature_dict: tfds.features.FeaturesDict, splits: dict[str, Callable[[], Iterable]],
+  def __init__(self, *, feature_dict: tfds.features.FeaturesDict, splits: dict[str, Any],
                **kwargs: Any):
     self._feature_dict = feature_dict
     self._splits = splits
@@ -66,7 +66,8 @@ class KaleidoS2V(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {name: self._generate_examples(fn) for name, fn in self._splits.items()}
+    # A Beam PTransform (prepare's Beam engine) is built by TFDS' Beam writer as it is.
+    return {name: fn if hasattr(fn, 'expand') else self._generate_examples(fn) for name, fn in self._splits.items()}
 
   def _generate_examples(self, fn):
     for key, ex in fn():
@@ -77,12 +78,23 @@ def dataset_dir(data_dir: str, name: str = NAME) -> str:
   return os.path.join(data_dir, name, VERSION)
 
 
-def write(data_dir: str, feature_dict: tfds.features.FeaturesDict, splits: dict[str, Callable[[], Iterable]],
-          num_shards: int) -> str:
-  """Write the splits as ArrayRecord shards under data_dir/kaleido_s2v/1.0.0 (atomically); returns that dir."""
+def write(data_dir: str, feature_dict: tfds.features.FeaturesDict, splits: dict[str, Any],
+          num_shards: int | None, beam_options: Any = None) -> str:
+  """Write the splits as ArrayRecord shards under data_dir/kaleido_s2v/1.0.0 (atomically); returns that dir.
+
+  A split is a callable giving (key, example) pairs, or, with `beam_options` (Beam PipelineOptions), a
+  PTransform from the pipeline's root to (key, example) pairs. `num_shards=None` lets TFDS size the shards by
+  bytes (64 MiB to 1 GiB each, its defaults).
+  """
   b = KaleidoS2V(feature_dict=feature_dict, splits=splits, data_dir=data_dir)
-  b.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=max(1, num_shards)))
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      num_shards=None if num_shards is None else max(1, num_shards), beam_options=beam_options))
   return dataset_dir(data_dir)
+
+
+def num_shards(data_dir: str, split: str, name: str = NAME) -> int:
+  """How many shards a written split has (from its dataset_info.json)."""
+  return len(tfds.builder_from_directory(dataset_dir(data_dir, name)).info.splits[split].filenames)
 
 
 def open_source(data_dir: str, split: str, name: str = NAME):

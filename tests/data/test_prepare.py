@@ -76,10 +76,9 @@ def test_near_duplicate_hash():
   assert not d.is_duplicate(filters.video_hash(b))
 
 
-@pytest.fixture(scope='module')
-def prepared(tmp_path_factory):
-  root = tmp_path_factory.mktemp('prep')
-  inp, out = str(root / 'in'), str(root / 'out')
+def write_inputs(inp: str) -> dict[str, str]:
+  """Good clips, each filter's bad clip, a duplicate, a corrupt file, a box-annotated clip and a broken json
+  line under `inp`; returns {clip: the reason it must be dropped}."""
   s = _good_set(6)
   lines, expected = [], {}
   for i in range(len(s)):
@@ -104,6 +103,14 @@ def prepared(tmp_path_factory):
     for l in lines:
       f.write(json.dumps(l) + '\n')
     f.write('{broken json\n')
+  return expected
+
+
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory):
+  root = tmp_path_factory.mktemp('prep')
+  inp, out = str(root / 'in'), str(root / 'out')
+  expected = write_inputs(inp)
   cfg = _cfg()
   report = prepare.prepare(cfg, output_dir=out, input_dir=inp, seed=0, verbose=False)
   return cfg, inp, out, report, expected

@@ -1,12 +1,17 @@
 r"""Data throughput: the Grain loader (0 / 1 / 2 workers) on the synthetic set and `prepare` in clips/s.
 
-  JAX_PLATFORMS=cpu python bench/data.py [--batches 12] [--prepare_clips 24]
+  JAX_PLATFORMS=cpu python bench/data.py [--batches 12] [--prepare_clips 24] [--raw_videos 24]
 
 Loader: synthetic source at 17 x 128 x 128 with 3 reference slots, batch 4, read_threads 1; the first batch
 (worker start-up) is excluded; samples/s and the ratio against the 0-worker run of the same invocation.
 Prepare: `num_clips` synthetic clips exported to mp4 + masks, then the whole construction pipeline
 (read, filter, cut-out, cross-pair, one synthesised variant per clip, TFDS ArrayRecord write); export time is
 reported separately; then the loader (0 workers) reading those ArrayRecord shards. Runs under absl.app.run (grain worker processes need parsed flags).
+Raw videos: `raw_videos` mp4s of two shots each from `synthetic.export_raw_videos` (no annotations; 33 frames
+per shot at 128 x 128, plain static background), prepared with grounding='motion' (decode, shot cuts, motion
+grounding, captions, then every stage above) by the local engine and by the Beam engine on the DirectRunner
+with 2 worker processes, from empty caches each; source videos/s and clips (grounded windows)/s, the ratio to
+the local engine, and the motion grounder's box IoU against the export's truth.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from absl import flags  # noqa: E402
 _BATCHES = flags.DEFINE_integer('batches', 12, 'timed batches per loader setting')
 _PREP = flags.DEFINE_integer('prepare_clips', 24, 'clips for the prepare benchmark')
 _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'worker counts to time')
+_RAW = flags.DEFINE_integer('raw_videos', 24, 'raw videos for the grounding + engine benchmark (0: skip)')
+_BEAM_ARGS = flags.DEFINE_string('beam_args', '--runner=DirectRunner --direct_num_workers=2 '
+                                 '--direct_running_mode=multi_processing', 'Beam engine options')
 
 
 def _cfg():
@@ -67,6 +75,30 @@ def bench_prepare(n: int, batches: int) -> tuple[float, float, dict, float]:
   return n / export_s, n / prep_s, r, tfds_sps
 
 
+def bench_raw(n: int, beam_args: str) -> list[tuple[str, dict, float, dict]]:
+  """(engine, report, seconds, grounding accuracy) of `prepare` on `n` raw videos, local then Beam."""
+  import json  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.data import prepare, synthetic  # pylint: disable=g-import-not-at-top
+  c = _cfg()
+  c.num_frames, c.max_subjects = 17, 2
+  c.prepare.update(grounding='motion', synth_per_clip=1, min_frames=17)
+  out = []
+  with tempfile.TemporaryDirectory() as d:
+    inp = os.path.join(d, 'in')
+    c.prepare.captions = synthetic.export_raw_videos(inp, num_videos=n, shots_per_video=2, num_identities=12,
+                                                     heldout_identities=2, num_frames=33, height=128, width=128)
+    c.prepare.input_dir = inp
+    for engine in ('local', 'beam'):
+      c.prepare.engine, c.prepare.beam_args = engine, beam_args
+      t = time.perf_counter()
+      r = prepare.prepare(c, output_dir=os.path.join(d, engine), input_dir=inp, verbose=False)
+      dt = time.perf_counter() - t
+      with open(r['grounded']) as f:
+        acc = synthetic.grounding_accuracy([json.loads(l) for l in f], os.path.join(inp, 'truth.jsonl'))
+      out.append((engine, r, dt, acc))
+  return out
+
+
 def main(argv):
   del argv
   rows = []
@@ -84,6 +116,18 @@ def main(argv):
   print(f'|{"-" * 46}|{"-" * 20}|{"-" * 14}|')
   for a, b, c in rows:
     print(f'| {a:<44} | {b:>18} | {c:>12} |')
+  if _RAW.value:
+    raw = bench_raw(_RAW.value, _BEAM_ARGS.value)
+    print(f'\nprepare on {_RAW.value} raw mp4s (2 shots x 33 frames, 128x128), grounding=motion; '
+          f'beam: {_BEAM_ARGS.value}')
+    print('| engine | videos/s | clips/s | vs local | windows kept / grounded | examples | box IoU | '
+          'recall@0.5 | same id |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    local_s = raw[0][2]
+    for engine, r, dt, acc in raw:
+      print(f'| {engine} | {r["videos"] / dt:.2f} | {r["input"] / dt:.2f} | {local_s / dt:.2f}x | '
+            f'{r["kept"]} / {r["input"]} | {r["examples"]} | {acc["mean_iou"]:.3f} | {acc["recall_50"]:.3f} | '
+            f'{acc["same_id"]:.3f} |')
 
 
 if __name__ == '__main__':

@@ -1,7 +1,7 @@
 """`prepare` on Apache Beam (`data.prepare.engine='beam'`): the same stages as Beam transforms, written by TFDS.
 
     read -> decode / shots / ground (raw videos) or read (annotated clips) -> filters + cut-outs   (ParDo)
-    -> near-duplicates (one global pass over the hashes, name order)                              (CombineGlobally)
+    -> near-duplicates (one global pass over the hashes, name order)                         (ToDict, side input)
     -> cross-pairing: subject id -> clips, a GroupByKey on subject id                             (GroupByKey)
     -> plan (target, variant, other) -> join target / other / every candidate reference's cut-outs (CoGroupByKey)
     -> synthesis + references + optional encoders -> (key, example)                               (Map)
@@ -12,11 +12,12 @@ keys, same bytes) and the same report counts (tests/data/test_beam.py, two Direc
 per-clip caches under `output_dir/_work` are shared too, so a failed or killed Beam run resumes like a local one.
 TFDS sizes the Beam engine's shards by bytes (64 MiB to 1 GiB); `shard_size` applies to the local engine. An
 example joins in the cut-outs of every kept clip that holds one of its subjects (what cross-pairing picks from):
-with per-source identities (ingest.py) that is a source's other shots, a few KiB each. `output_dir` must be a path every worker can read and write (on
-Dataflow: a shared file system, e.g. a GCS bucket mounted with gcsfuse). Runner and workers come from
-`data.prepare.beam_args`, passed to Beam's PipelineOptions, e.g. '--runner=DirectRunner --direct_num_workers=2
---direct_running_mode=multi_processing', or '--runner=DataflowRunner --project=P --region=R
---temp_location=gs://B/tmp' (needs `pip install "apache-beam[gcp]==2.77.0"`), FlinkRunner, SparkRunner.
+with per-source identities (ingest.py) that is a source's other shots, a few KiB each. `input_dir` and
+`output_dir` must be POSIX paths every worker can read and write (NFS / Filestore, or a bucket mounted with
+gcsfuse in the workers' container). Runner and workers come from `data.prepare.beam_args`, passed to Beam's
+PipelineOptions, e.g. '--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing', or
+'--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp' (needs `pip install
+"apache-beam[gcp]==2.77.0"`), FlinkRunner, SparkRunner.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class _Stage(beam.DoFn):
     self.models = None
 
   def setup(self):
-    self.models = prepare._Lazy(self.data_cfg.prepare, self.input_dir)  # pylint: disable=protected-access
+    self.models = prepare.LazyModels(self.data_cfg.prepare, self.input_dir)
 
   def process(self, item):
     if self.mode == 'annotated':
@@ -114,7 +115,7 @@ class _Report(beam.CombineFn):
 
 
 def _write_json(obj, path):
-  prepare._atomic_json(path, obj)  # pylint: disable=protected-access
+  prepare.atomic_json(path, obj)
 
 
 def _example(joined, parts, index, mates, data_cfg, seed, video_encoder, text_encoder):
@@ -126,7 +127,7 @@ def _example(joined, parts, index, mates, data_cfg, seed, video_encoder, text_en
   clips[entry[1]] = target
   if other is not None:
     clips[entry[3]] = other
-  ex = prepare.make_example(entry, clips, index, mates.get(prepare._shot_of(entry[1]), ()),  # pylint: disable=protected-access
+  ex = prepare.make_example(entry, clips, index, mates.get(prepare.shot_of(entry[1]), ()),
                             data_cfg, seed, video_encoder, text_encoder)
   return entry[0], ex
 
@@ -170,8 +171,7 @@ class PrepareTransform(beam.PTransform):
                   | 'OtherRec' >> beam.FlatMap(lambda kv: [(e[0], (e, t, kv[1]['c'][0])) for e, t in kv[1]['e']]))
     joined = (none_other, with_other) | 'Joined' >> beam.Flatten()
     # Every candidate reference of the example's subjects (target's and other's: a composed variant has both).
-    needs = joined | 'Needs' >> beam.FlatMap(lambda kv: [(int(s), kv[0]) for s in sorted(set(
-        kv[1][1]['subject_ids'].tolist()) | (set(kv[1][2]['subject_ids'].tolist()) if kv[1][2] is not None else set()))])
+    needs = joined | 'Needs' >> beam.FlatMap(lambda kv: [(s, kv[0]) for s in _subjects(kv[1][1], kv[1][2])])
     parts = ({'need': needs, 'parts': by_subject}
              | 'JoinSubjects' >> beam.CoGroupByKey()
              | 'PartsFor' >> beam.FlatMap(lambda kv: [(k, list(kv[1]['parts'][0])) for k in kv[1]['need']])
@@ -189,6 +189,11 @@ class PrepareTransform(beam.PTransform):
     _ = (tags | 'ReportParts' >> beam.Flatten() | 'Report' >> beam.CombineGlobally(_Report())
          | 'WriteReport' >> beam.Map(_write_json, self.report_path))
     return examples
+
+
+def _subjects(target, other) -> list[int]:
+  ids = set(target['subject_ids'].tolist()) | (set(other['subject_ids'].tolist()) if other is not None else set())
+  return sorted(int(s) for s in ids)
 
 
 def _modes(ex) -> tuple[int, int]:

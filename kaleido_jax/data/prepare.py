@@ -61,7 +61,7 @@ def _atomic_savez(path: str, **arrays: Any) -> None:
   os.replace(tmp, path)
 
 
-def _atomic_json(path: str, obj: Any) -> None:
+def atomic_json(path: str, obj: Any) -> None:
   with open(path + '.tmp', 'w') as f:
     json.dump(obj, f, indent=1, sort_keys=True)
   os.replace(path + '.tmp', path)
@@ -209,7 +209,7 @@ def _cached_or(work: str, name: str, make: Callable[[], dict[str, Any]]) -> tupl
       return json.load(g), True
   d = make()
   if 'drop' in d:
-    _atomic_json(drop_json, d)
+    atomic_json(drop_json, d)
   else:
     _atomic_savez(npz, **d)
   return d, False
@@ -260,7 +260,7 @@ def _annotated_stage(data_cfg, input_dir: str, annotations: str, work: str):
   return clips, dropped, errors, resumed, total
 
 
-class _Lazy:
+class LazyModels:
   """The grounder and captions, built on first use (a fully resumed run loads no model)."""
 
   def __init__(self, cfg, input_dir):
@@ -273,7 +273,7 @@ class _Lazy:
     return self.value
 
 
-def ground_one(rel: str, data_cfg, input_dir: str, output_dir: str, work: str, models: _Lazy):
+def ground_one(rel: str, data_cfg, input_dir: str, output_dir: str, work: str, models: LazyModels):
   """One raw video through stage 0-2 (ingest.py), cached: (summary, {window: record or drop dict}, resumed).
 
   The summary (grounded lines, drops, shot count, error) is cached in `work/videos/` after every window's
@@ -306,14 +306,14 @@ def ground_one(rel: str, data_cfg, input_dir: str, output_dir: str, work: str, m
     records[name], _ = _cached_or(work, name, make)
   if not os.path.exists(cache):
     os.makedirs(os.path.dirname(cache), exist_ok=True)
-    _atomic_json(cache, done)
+    atomic_json(cache, done)
   return done, records, windows is None
 
 
 def _ground_stage(data_cfg, input_dir: str, output_dir: str, work: str):
   """Stage 0-2 on raw videos, one video at a time (`ground_one`); `output_dir/grounded.jsonl` is rewritten
   (atomically) from the caches at the end."""
-  models = _Lazy(data_cfg.prepare, input_dir)
+  models = LazyModels(data_cfg.prepare, input_dir)
   dropped: dict[str, str] = {}
   errors: dict[str, str] = {}
   clips: dict[str, dict] = {}
@@ -377,7 +377,7 @@ def plan_examples(names: list[str], seed: int, synth_per_clip: int) -> list[tupl
 def shot_mates(names: list[str]) -> dict[str, tuple[str, ...]]:
   out: dict[str, list[str]] = {}
   for k in sorted(names):
-    out.setdefault(_shot_of(k), []).append(k)
+    out.setdefault(shot_of(k), []).append(k)
   return {k: tuple(v) for k, v in out.items()}
 
 
@@ -467,7 +467,7 @@ def prepare(data_cfg: ml_collections.ConfigDict, *, output_dir: str, input_dir: 
                 dataset_dir=ds_dir, split=cfg.split, num_shards=tfds_builder.num_shards(output_dir, cfg.split),
                 engine=cfg.engine, **counts)
   report['clips_per_s'] = round(report['input'] / max(dt, 1e-9), 3)
-  _atomic_json(report_path, report)
+  atomic_json(report_path, report)
   if verbose:
     print(format_report(report))
   return report
@@ -496,7 +496,7 @@ def _run_local(data_cfg, input_dir, output_dir, annotations, work, seed, feats, 
 
   def generate():
     for p in plan:
-      ex = make_example(p, clips, index, mates.get(_shot_of(p[1]), ()), data_cfg, seed, video_encoder,
+      ex = make_example(p, clips, index, mates.get(shot_of(p[1]), ()), data_cfg, seed, video_encoder,
                         text_encoder)
       for q in json.loads(ex['pairing']):
         modes[q['mode']] += 1
@@ -558,7 +558,7 @@ def _cached_drops(work: str) -> dict[str, str]:
   return out
 
 
-def _shot_of(name: str) -> str:
+def shot_of(name: str) -> str:
   """The shot a grounded window belongs to (`<source>_s<shot>_w<window>`); any other clip is its own."""
   head, sep, tail = name.rpartition('_w')
   return head if sep and tail.isdigit() and '_s' in head else name

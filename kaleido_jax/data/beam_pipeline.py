@@ -2,10 +2,16 @@
 
     read -> decode / shots / ground (raw videos) or read (annotated clips) -> filters + cut-outs   (ParDo)
     -> near-duplicates (one global pass over the hashes, name order)                         (ToDict, side input)
-    -> cross-pairing: subject id -> clips, a GroupByKey on subject id                             (GroupByKey)
-    -> plan (target, variant, other) -> join target / other / every candidate reference's cut-outs (CoGroupByKey)
-    -> synthesis + references + optional encoders -> (key, example)                               (Map)
+    -> cross-pairing: subject id -> clips                                                         (GroupByKey)
+    -> plan (target, variant, other), spread over the workers                                    (Reshuffle)
+    -> synthesis + cross-paired references + optional encoders -> (key, example)     (Map, index as side input)
     -> ArrayRecord shards through TFDS' Beam writer (the same features and files the local engine writes).
+
+Only names, subject ids and hashes travel between the stages; a clip's frames, masks and cut-outs stay in its
+per-clip cache file and are read by the example that needs them. That keeps the shuffles small and sidesteps
+a DirectRunner fault: with worker processes (or threads) and megabyte elements its CoGroupByKey lost elements
+at random (96 raw videos, clip records in the pipeline: 114 to 120 of 128 clips kept, 214 to 252 of 256
+examples; a pure-Beam pipeline of 256 3-MB elements through a CoGroupByKey lost 98 of 512 joins).
 
 Every per-clip function is the local engine's own (prepare.py), so both engines give the same examples (same
 keys, same bytes) and the same report counts (tests/data/test_beam.py, two DirectRunner worker processes); the
@@ -29,9 +35,6 @@ from typing import Any, Sequence
 import apache_beam as beam
 
 from kaleido_jax.data import prepare
-
-REF_FIELDS = ('subject_ids', 'cutouts', 'cutout_frames')  # what a clip contributes as another clip's reference
-
 
 def pipeline_options(beam_args: str) -> beam.options.pipeline_options.PipelineOptions:
   return beam.options.pipeline_options.PipelineOptions(flags=shlex.split(beam_args or ''))
@@ -64,8 +67,8 @@ class _Stage(beam.DoFn):
     for name, d in records.items():
       if 'drop' in d:
         yield ('drop', name, d['drop'], d.get('error', ''))
-      else:
-        yield ('clip', name, d)
+      else:  # the full record stays in its cache file: only the name, ids and hash travel
+        yield ('clip', name, dict(subject_ids=d['subject_ids'], hash=d['hash']))
 
 
 def _kind(k):
@@ -118,16 +121,21 @@ def _write_json(obj, path):
   prepare.atomic_json(path, obj)
 
 
-def _example(joined, parts, index, mates, data_cfg, seed, video_encoder, text_encoder):
-  entry, target, other = joined
-  clips = {}
-  for group in parts:
-    for name, part in group:
-      clips[name] = part
-  clips[entry[1]] = target
-  if other is not None:
-    clips[entry[3]] = other
-  ex = prepare.make_example(entry, clips, index, mates.get(prepare.shot_of(entry[1]), ()),
+class _CachedClips(dict):
+  """Clip records read from the per-clip caches under `work` on first use (what the example touches: its target,
+  its other clip, the references it picks)."""
+
+  def __init__(self, work: str):
+    super().__init__()
+    self.work = work
+
+  def __missing__(self, name):
+    self[name] = prepare.load_record(self.work, name)
+    return self[name]
+
+
+def _example(entry, index, mates, work, data_cfg, seed, video_encoder, text_encoder):
+  ex = prepare.make_example(entry, _CachedClips(work), index, mates.get(prepare.shot_of(entry[1]), ()),
                             data_cfg, seed, video_encoder, text_encoder)
   return entry[0], ex
 
@@ -153,33 +161,17 @@ class PrepareTransform(beam.PTransform):
     kept = clips | 'Dedup' >> beam.Filter(lambda kv, d: kv[0] not in d, beam.pvalue.AsSingleton(dupes))
     names = (kept | 'Names' >> beam.Keys() | 'AllNames' >> beam.combiners.ToList()
              | 'Sorted' >> beam.Map(sorted))
-    # Cross-pairing: a GroupByKey on subject id gives every subject's clips (the index) and their cut-outs.
+    # Cross-pairing: a GroupByKey on subject id gives every subject's clips, the index references are drawn from.
     # (One entry per occurrence, as pairing.build_index lists a clip once per occurrence of a subject id.)
-    by_subject = (kept | 'BySubject' >> beam.FlatMap(
-        lambda kv: [(int(s), (kv[0], {f: kv[1][f] for f in REF_FIELDS})) for s in kv[1]['subject_ids'].tolist()])
-                  | 'GroupBySubject' >> beam.GroupByKey())
-    index = by_subject | 'Index' >> beam.Map(lambda kv: (kv[0], sorted(n for n, _ in kv[1])))
-    plan = names | 'Plan' >> beam.FlatMap(prepare.plan_examples, self.seed, cfg.synth_per_clip)
-    # Join the target's and the other clip's records.
-    with_target = ({'e': plan | 'ByTarget' >> beam.Map(lambda e: (e[1], e)), 'c': kept}
-                   | 'JoinTarget' >> beam.CoGroupByKey()
-                   | 'TargetRec' >> beam.FlatMap(lambda kv: [(e[3], (e, kv[1]['c'][0])) for e in kv[1]['e']]))
-    none_other = with_target | 'NoOther' >> beam.Filter(lambda kv: not kv[0]) | 'NoOtherKV' >> beam.Map(
-        lambda kv: (kv[1][0][0], (kv[1][0], kv[1][1], None)))
-    with_other = ({'e': with_target | 'HasOther' >> beam.Filter(lambda kv: bool(kv[0])), 'c': kept}
-                  | 'JoinOther' >> beam.CoGroupByKey()
-                  | 'OtherRec' >> beam.FlatMap(lambda kv: [(e[0], (e, t, kv[1]['c'][0])) for e, t in kv[1]['e']]))
-    joined = (none_other, with_other) | 'Joined' >> beam.Flatten()
-    # Every candidate reference of the example's subjects (target's and other's: a composed variant has both).
-    needs = joined | 'Needs' >> beam.FlatMap(lambda kv: [(s, kv[0]) for s in _subjects(kv[1][1], kv[1][2])])
-    parts = ({'need': needs, 'parts': by_subject}
-             | 'JoinSubjects' >> beam.CoGroupByKey()
-             | 'PartsFor' >> beam.FlatMap(lambda kv: [(k, list(kv[1]['parts'][0])) for k in kv[1]['need']])
-             | 'GroupParts' >> beam.GroupByKey())
-    examples = ({'j': joined, 'p': parts} | 'JoinExample' >> beam.CoGroupByKey()
-                | 'Example' >> beam.Map(lambda kv, index, names: _example(
-                    kv[1]['j'][0], kv[1]['p'][0] if kv[1]['p'] else [], index, prepare.shot_mates(names),
-                    self.data_cfg, self.seed, self.video_encoder, self.text_encoder),
+    index = (kept | 'BySubject' >> beam.FlatMap(lambda kv: [(int(s), kv[0]) for s in kv[1]['subject_ids'].tolist()])
+             | 'GroupBySubject' >> beam.GroupByKey()
+             | 'Index' >> beam.MapTuple(lambda sid, clips: (sid, sorted(clips))))
+    # Plan, spread over the workers, then each example from its clips' cached records.
+    examples = (names | 'Plan' >> beam.FlatMap(prepare.plan_examples, self.seed, cfg.synth_per_clip)
+                | 'Spread' >> beam.Reshuffle()
+                | 'Example' >> beam.Map(lambda entry, index, names: _example(
+                    entry, index, prepare.shot_mates(names), self.work, self.data_cfg, self.seed,
+                    self.video_encoder, self.text_encoder),
                     beam.pvalue.AsDict(index), beam.pvalue.AsSingleton(names)))
     # The report: drops, duplicates, kept, example reference modes, resumed items, grounded lines.
     tags = [staged | 'Drops' >> beam.Filter(lambda x: x[0] in ('drop', 'resumed', 'video')),
@@ -189,11 +181,6 @@ class PrepareTransform(beam.PTransform):
     _ = (tags | 'ReportParts' >> beam.Flatten() | 'Report' >> beam.CombineGlobally(_Report())
          | 'WriteReport' >> beam.Map(_write_json, self.report_path))
     return examples
-
-
-def _subjects(target, other) -> list[int]:
-  ids = set(target['subject_ids'].tolist()) | (set(other['subject_ids'].tolist()) if other is not None else set())
-  return sorted(int(s) for s in ids)
 
 
 def _modes(ex) -> tuple[int, int]:

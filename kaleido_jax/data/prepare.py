@@ -172,6 +172,11 @@ def clip_record(video: np.ndarray, masks: np.ndarray, ids: np.ndarray, caption: 
               far_frame=np.int32(far))
 
 
+def load_record(work: str, name: str) -> dict[str, Any]:
+  """A kept clip's stage 1 + 2 record from its cache under `work` (the Beam engine's examples read them)."""
+  return _load_cached(os.path.join(work, name + '.npz'))
+
+
 def _load_cached(path: str) -> dict[str, Any]:
   with np.load(path, allow_pickle=False) as z:
     d = {k: z[k] for k in z.files}

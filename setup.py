@@ -29,7 +29,8 @@ install_requires = [
     "ml_dtypes>=0.5",
     "pillow>=11",
     "safetensors==0.8.0",
-    "sentencepiece==0.2.3",
+    # 0.2.1: 0.2.3's model proto needs protobuf >= 7.36, which apache-beam 2.77 (protobuf < 7) rules out.
+    "sentencepiece==0.2.1",
     "mediapy==1.2.7",
     "imageio-ffmpeg==0.8.1",
     "av==18.1.0",              # PyAV: raw-video decoding for `prepare` (data/video.py)

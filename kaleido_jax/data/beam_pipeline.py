@@ -41,8 +41,8 @@ def pipeline_options(beam_args: str) -> beam.options.pipeline_options.PipelineOp
 
 
 class _Stage(beam.DoFn):
-  """Stage 0-2 of one item: ('clip', name, record) / ('drop', name, reason, error) / ('video', summary) /
-  ('resumed', 1)."""
+  """Stage 0-2 of one item: ('clip', name, {subject_ids, hash}) / ('drop', name, reason, error) /
+  ('video', summary) / ('resumed', 1); the clip's record itself goes to its cache file."""
 
   def __init__(self, mode: str, data_cfg, input_dir: str, output_dir: str, work: str):
     self.mode, self.data_cfg, self.input_dir, self.output_dir, self.work = mode, data_cfg, input_dir, output_dir, work

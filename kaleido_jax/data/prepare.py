@@ -391,8 +391,8 @@ def make_example(entry: tuple[str, str, int, str], clips: dict[str, dict], index
                  text_encoder: TextEncoder | None = None) -> dict[str, Any]:
   """Stage 3 + 4 for one planned example: synthesis (variant > 0), cross-paired references, encoders.
 
-  `clips` needs the target and `other` in full and, of every clip `index` lists for the example's subjects,
-  subject_ids / cutouts / cutout_frames (what the Beam engine joins in by subject id).
+  `clips` maps a clip name to its record: a dict here, the per-clip caches read on demand on Beam; it is read
+  for the target, `other` and the references picked.
   """
   key, name, variant, other = entry
   cfg = data_cfg.prepare

@@ -59,8 +59,8 @@ class _Stage(beam.DoFn):
     else:
       done, records, was = prepare.ground_one(item, self.data_cfg, self.input_dir, self.output_dir, self.work,
                                               self.models)
-      for name, reason in done['drops'].items():
-        yield ('drop', name, reason, done.get('error', ''))
+      for name, reason, error in prepare.video_drops(done):
+        yield ('drop', name, reason, error)
       yield ('video', dict(lines=done['lines'], shots=done['shots'], inputs=len(done['lines']) + len(done['drops'])))
     if was:
       yield ('resumed', 1)

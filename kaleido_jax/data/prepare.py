@@ -335,10 +335,16 @@ def _ground_stage(data_cfg, input_dir: str, output_dir: str, work: str):
   return clips, dropped, errors, resumed, total, _grounded_summary(data_cfg, output_dir, videos, shots, all_lines)
 
 
+def video_drops(done: dict[str, Any]) -> list[tuple[str, str, str]]:
+  """(name, reason, error or '') of a grounded video's drops; an undecodable video's error goes with its one drop."""
+  return [(name, reason, done.get('error', '')) for name, reason in done['drops'].items()]
+
+
 def _merge_video(done, records, clips, dropped, errors) -> None:
-  if 'error' in done:
-    errors[next(iter(done['drops']))] = done['error']
-  dropped.update(done['drops'])
+  for name, reason, error in video_drops(done):
+    dropped[name] = reason
+    if error:
+      errors[name] = error
   for name, d in records.items():
     if 'drop' in d:
       dropped[name] = d['drop']

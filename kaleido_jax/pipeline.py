@@ -63,107 +63,42 @@ def random_weights(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> tuple
     return nnx.split(dit_lib.KaleidoDiT(model_cfg, rngs=nnx.Rngs(seed)))
 
 
-def _training_checkpoint_dir(path: str) -> tuple[str, int | None] | None:
-  """(CheckpointManager directory, step or None = latest) when `path` is a training checkpoint."""
-  path = os.path.abspath(path)
-  for root in (os.path.join(path, 'checkpoints'), path):
-    if os.path.isdir(root) and any(d.isdigit() and os.path.isdir(os.path.join(root, d)) for d in os.listdir(root)):
-      return root, None
-  parent, name = os.path.split(path)
-  if name.isdigit() and os.path.isdir(os.path.join(path, 'state')):
-    return parent, int(name)
-  return None
+def weights_target(model_cfg: ml_collections.ConfigDict, mesh: Any = None) -> tuple[nnx.GraphDef, nnx.State, dict]:
+  """(graphdef, abstract params, the load target): each parameter's sharding from its logical names on
+  ``mesh``, or the default device without one."""
+  from kaleido_jax import weights  # pylint: disable=g-import-not-at-top
+  graphdef, abstract = abstract_model(model_cfg)
+  shardings = None
+  if mesh is not None:
+    from kaleido_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+    shardings = nnx.to_pure_dict(mesh_lib.state_shardings(abstract, mesh))
+  return graphdef, abstract, weights.abstract_target(nnx.to_pure_dict(abstract), shardings)
 
 
-def _restore_training_params(directory: str, step: int | None, use_ema: bool) -> tuple[dict, int]:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  with ocp.CheckpointManager(directory, item_handlers={'state': ocp.StandardCheckpointHandler()}) as mngr:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise UserInputError(f'checkpoint directory {directory!r} holds no finished step; train first or pass '
-                           'another --checkpoint')
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
-  params = state['ema'] if use_ema and 'ema' in state else state['params']
-  return params, int(step)
-
-
-def _align(loaded: Any, template: Any, where: str, path: str = '') -> Any:
-  """Re-key `loaded` (orbax writes int keys as str) onto `template`, naming the first mismatch."""
-  if isinstance(template, dict):
-    if not isinstance(loaded, dict):
-      raise UserInputError(f'checkpoint {where!r} does not fit config.model at {path or "/"}; pass the config '
-                           'the checkpoint was trained with (--config)')
-    by_str = {str(k): v for k, v in loaded.items()}
-    missing = [str(k) for k in template if str(k) not in by_str]
-    extra = sorted(set(by_str) - {str(k) for k in template})
-    if missing or extra:
-      raise UserInputError(f'checkpoint {where!r} has a different architecture than config.model: at '
-                           f'{path or "/"} missing {missing[:4]}, unexpected {extra[:4]}; pass the config '
-                           'the checkpoint was trained with (--config)')
-    return {k: _align(by_str[str(k)], v, where, f'{path}/{k}') for k, v in template.items()}
-  if tuple(np.shape(loaded)) != tuple(template.shape):
-    raise UserInputError(f'checkpoint {where!r} has a different architecture than config.model: {path} is '
-                         f'{tuple(np.shape(loaded))}, the config wants {tuple(template.shape)}; pass the config '
-                         'the checkpoint was trained with (--config)')
-  return np.asarray(loaded, template.dtype)
-
-
-def load_weights(config: ml_collections.ConfigDict, checkpoint: str = '', workdir: str | None = None
-                 ) -> tuple[nnx.GraphDef, nnx.State, str]:
+def load_weights(config: ml_collections.ConfigDict, checkpoint: str = '', workdir: str | None = None,
+                 mesh: Any = None) -> tuple[nnx.GraphDef, nnx.State, str]:
   """(graphdef, params state, description of where they came from); see the module docstring.
 
-  The LoRAs of ``config.sample.loras`` are merged into the float weights as they load, before any
-  quantization; into a quantized checkpoint or random weights, after (dequantized, merged, quantized again).
+  Every leaf lands in its sharding on ``mesh`` (kaleido_jax/weights): no device holds more than its shard
+  and one leaf in flight. The LoRAs of ``config.sample.loras`` are merged as the float weights land, before
+  any quantization; into a quantized checkpoint, dequantized, merged and quantized again.
   """
-  graphdef, state, where, merged = _load_base_weights(config, checkpoint, workdir)
+  from kaleido_jax import weights  # pylint: disable=g-import-not-at-top
   loras = tuple(config.sample.get('loras', ()))
-  if loras and not merged:
-    pure = nnx.to_pure_dict(state)
-    _merge_loras(config, pure)
-    nnx.replace_by_pure_dict(state, pure)
-  return graphdef, state, where + (f' + LoRA {", ".join(loras)}' if loras else '')
-
-
-def _merge_loras(config: ml_collections.ConfigDict, pure: dict) -> dict:
-  """config.sample.loras merged into a pure DiT state (numpy leaves in place); UserInputError naming a bad LoRA."""
-  from kaleido_jax.convert import common as conv_common  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.convert import lora as lora_conv  # pylint: disable=g-import-not-at-top
-  try:
-    return lora_conv.merge_loras_into_state(pure, tuple(config.sample.get('loras', ())),
-                                            int(config.model.num_layers))
-  except conv_common.ConversionError as e:
-    raise UserInputError(f'{e} (--config.sample.loras / --lora)') from e
-
-
-def _lora_checkpoint(config: ml_collections.ConfigDict, adapters: dict, where: str
-                     ) -> tuple[nnx.GraphDef, nnx.State, str, bool]:
-  """A LoRA training checkpoint (adapters only): its base (init_from.transformer) with the adapters merged."""
-  from kaleido_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  base = config.init_from.transformer
-  if not base:
-    raise UserInputError(f'{where} is a LoRA fine-tune (adapters only); its base weights come from '
-                         'config.init_from.transformer, which is empty: pass the training config (--config) or '
-                         '--config.init_from.transformer=BASE')
-  graphdef, state, base_where, merged = _load_base_weights(config, base, None)
-  lc = config.train.lora
-  updates = lora_lib.updates_from_adapters(adapters, float(lc.alpha), bool(lc.get('rslora', False)))
-  pure = nnx.to_pure_dict(state)
-  try:
-    lora_lib.merge_state(pure, updates, num_layers=int(config.model.num_layers))
-  except lora_lib.LoRAMismatch as e:
-    raise UserInputError(f'{where}: the adapters do not fit the base {base!r}: {e}') from e
-  nnx.replace_by_pure_dict(state, pure)
-  return graphdef, state, f'{base_where} + LoRA adapters of {where}', merged
-
-
-def _load_base_weights(config: ml_collections.ConfigDict, checkpoint: str, workdir: str | None
-                       ) -> tuple[nnx.GraphDef, nnx.State, str, bool]:
-  """load_weights without LoRAs, and whether config.sample.loras is already merged."""
+  graphdef, abstract, target = weights_target(config.model, mesh)
   if checkpoint == 'random':
-    graphdef, state = random_weights(config.model, config.seed)
-    return graphdef, state, 'random weights', False
+    _, state = random_weights(config.model, config.seed)
+    source, where = weights.HostSource(nnx.to_pure_dict(state), where='random weights',
+                                       scheme=config.model.get('quantization', 'none')), 'random weights'
+    try:
+      pure = weights.load(source, target, updates=weights.lora_updates(loras, int(config.model.num_layers)),
+                          num_layers=int(config.model.num_layers))
+    except weights.WeightsError as e:
+      raise UserInputError(f'{e} (--config.sample.loras / --lora)') from e
+    nnx.replace_by_pure_dict(abstract, pure)
+    return graphdef, abstract, where + (f' + LoRA {", ".join(loras)}' if loras else '')
   if not checkpoint:
-    if workdir and _training_checkpoint_dir(workdir):
+    if workdir and weights.training_checkpoint_dir(workdir):
       checkpoint = workdir
     elif config.init_from.transformer:
       checkpoint = config.init_from.transformer
@@ -171,40 +106,20 @@ def _load_base_weights(config: ml_collections.ConfigDict, checkpoint: str, workd
       raise UserInputError(f'no weights: {workdir or "the workdir"!r} has no training checkpoint and '
                            'config.init_from.transformer is empty; train first (--mode train), pass '
                            '--checkpoint PATH, or --checkpoint random for an untrained model')
-  if not os.path.exists(checkpoint):
-    raise UserInputError(f'checkpoint {checkpoint!r} does not exist; check the path')
-  from kaleido_jax.convert import common as conv_common  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.convert import transformer as conv  # pylint: disable=g-import-not-at-top
-  scheme = config.model.get('quantization', 'none')
-  float_cfg = conv.float_config(config.model)
-  graphdef, abstract = abstract_model(float_cfg)
-  template = nnx.to_pure_dict(abstract)
-  training = _training_checkpoint_dir(checkpoint)
+  lc = config.train.get('lora')
   try:
-    if training:
-      params, step = _restore_training_params(*training, use_ema=bool(config.sample.use_ema))
-      where = f'{training[0]} step {step}'
-      from kaleido_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
-      if lora_lib.is_adapter_state(params):
-        return _lora_checkpoint(config, params, where)
-    elif os.path.isdir(checkpoint) and os.path.exists(os.path.join(checkpoint, conv_common.CONFIG_FILE)) and (
-        conv_common.saved_quantization(checkpoint) != 'none'):
-      # Written quantized by the converter: restored as it is, into config.model's scheme.
-      return (*nnx.split(conv.load_transformer(checkpoint, config.init_from.transformer_format, config.model)),
-              checkpoint, False)
-    else:
-      loaded = conv.load_transformer(checkpoint, config.init_from.transformer_format, float_cfg, device=None)
-      params, where = nnx.to_pure_dict(nnx.state(loaded, nnx.Param)), checkpoint
-    params = _merge_loras(config, _align(params, template, checkpoint))
-    if scheme != 'none':  # float weights, quantized on the host as they load
-      return (*nnx.split(conv_common.module_from_state(conv.build_model, config.model, params, where=checkpoint)),
-              where, True)
-  except (conv_common.ConversionError, ValueError, KeyError) as e:
-    if isinstance(e, UserInputError):
-      raise
-    raise UserInputError(f'checkpoint {checkpoint!r} cannot be loaded for config.model: {e}') from e
-  nnx.replace_by_pure_dict(abstract, params)
-  return graphdef, jax.tree.map(jnp.asarray, abstract), where, True
+    pure, where = weights.load_transformer(
+        checkpoint, target, model_cfg=config.model, fmt=config.init_from.transformer_format, loras=loras,
+        use_ema=bool(config.sample.use_ema), base=config.init_from.transformer,
+        adapter_alpha=float(lc.alpha) if lc is not None else 0.0,
+        rslora=bool(lc.get('rslora', False)) if lc is not None else False)
+  except FileNotFoundError as e:
+    raise UserInputError(str(e)) from e
+  except weights.WeightsError as e:
+    raise UserInputError(f'checkpoint {checkpoint!r} cannot be loaded for config.model: {e}; pass the config '
+                         'the checkpoint was trained with (--config)') from e
+  nnx.replace_by_pure_dict(abstract, pure)
+  return graphdef, abstract, where
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,7 +207,7 @@ class S2VPipeline:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, *, workdir: str | None = None, checkpoint: str = '',
                   mesh: Any = None, encoders: enc_lib.Encoders | None = None) -> 'S2VPipeline':
-    graphdef, state, where = load_weights(config, checkpoint, workdir)
+    graphdef, state, where = load_weights(config, checkpoint, workdir, mesh)
     encoders = encoders or enc_lib.Encoders.from_config(config, workdir=workdir)
     return cls(config, encoders, graphdef, state, mesh=mesh, weights_from=where, workdir=workdir)
 

@@ -90,7 +90,7 @@ class CheckpointReader:
     if self._torch_state is not None:
       return tuple(self._torch_state[key].shape)
     from safetensors import safe_open
-    with safe_open(self._where[key], framework="flax") as f:
+    with safe_open(self._where[key], framework="np") as f:
       return tuple(f.get_slice(key).get_shape())
 
   def get(self, key: str) -> np.ndarray:
@@ -105,15 +105,16 @@ class CheckpointReader:
         return t.float().numpy().astype(ml_dtypes.bfloat16)
       return t.numpy()
     from safetensors import safe_open
-    # framework="flax" because safetensors' numpy backend cannot represent bfloat16.
-    with safe_open(self._where[key], framework="flax") as f:
+    # numpy, not flax: the flax backend would put every tensor on the default device (a whole leaf on one
+    # chip); safetensors >= 0.7 gives bfloat16 as ml_dtypes.bfloat16.
+    with safe_open(self._where[key], framework="np") as f:
       return np.asarray(f.get_tensor(key))
 
 
 def _safetensors_keys(file: str) -> list[str]:
   from safetensors import safe_open
   try:
-    with safe_open(file, framework="flax") as f:
+    with safe_open(file, framework="np") as f:
       return list(f.keys())
   except Exception as e:  # safetensors raises its own error types for truncated / non-safetensors files
     raise ConversionError(f"cannot read {file!r} as safetensors ({e}); is the file complete?") from e
@@ -199,6 +200,14 @@ def fill_from_plan(
   Raises ConversionError listing *all* missing / unexpected keys and shape mismatches at once, before
   reading any tensor, so a wrong checkpoint fails in seconds rather than after minutes of reading.
   """
+  check_plan(reader, targets, plan, ignore_unused=ignore_unused, what=what)
+  return {name: read_leaf(reader, plan[name], target, dtype=dtype, name=name, what=what)
+          for name, target in targets.items()}
+
+
+def check_plan(reader: CheckpointReader, targets: Mapping[str, Any], plan: Mapping[str, Source], *,
+               ignore_unused: Iterable[str] = (), what: str = "checkpoint") -> None:
+  """ConversionError listing every missing / unexpected key and shape mismatch of a plan, from metadata only."""
   problems: list[str] = []
   missing_plan = sorted(set(targets) - set(plan))
   if missing_plan:
@@ -227,22 +236,21 @@ def fill_from_plan(
   if problems:
     raise ConversionError("cannot convert " + what + ":\n  - " + "\n  - ".join(problems))
 
-  out: dict[str, np.ndarray] = {}
-  for name, target in targets.items():
-    src = plan[name]
-    want_dtype = dtype or target.dtype
-    if src.stacked:
-      buf = np.empty(tuple(target.shape), dtype=want_dtype)
-      for i, k in enumerate(src.keys):
-        buf[i] = src.transform(reader.get(k)).astype(want_dtype)
-      out[name] = buf
-    else:
-      arr = src.transform(reader.get(src.keys[0]))
-      if tuple(arr.shape) != tuple(target.shape):
-        raise ConversionError(f"{name}: expected shape {tuple(target.shape)}, got {arr.shape} from "
-                              f"{src.keys[0]!r} in {what}")
-      out[name] = np.asarray(arr, dtype=want_dtype)
-  return out
+
+def read_leaf(reader: CheckpointReader, src: Source, target: Any, *, dtype: Any = None, name: str = "",
+              what: str = "checkpoint") -> np.ndarray:
+  """One target leaf as a host array: its source tensor(s) read, transformed (stacked over layers) and cast."""
+  want_dtype = dtype or target.dtype
+  if src.stacked:
+    buf = np.empty(tuple(target.shape), dtype=want_dtype)
+    for i, k in enumerate(src.keys):
+      buf[i] = src.transform(reader.get(k)).astype(want_dtype)
+    return buf
+  arr = src.transform(reader.get(src.keys[0]))
+  if tuple(arr.shape) != tuple(target.shape):
+    raise ConversionError(f"{name}: expected shape {tuple(target.shape)}, got {arr.shape} from "
+                          f"{src.keys[0]!r} in {what}")
+  return np.asarray(arr, dtype=want_dtype)
 
 
 def _transformed_shape(shape: tuple[int, ...], count: int, src: Source) -> tuple[int, ...]:

@@ -158,7 +158,7 @@ def make_plan(cfg: ml_collections.ConfigDict, fmt: str) -> dict[str, common.Sour
 # --------------------------------------------------------------------------------------------------
 
 
-def _resolve_path(path: str, fmt: str) -> str:
+def resolve_path(path: str, fmt: str) -> str:
   """Kaleido SAT directories hold ``latest`` naming the step folder with the DeepSpeed shard."""
   if fmt == "kaleido" and os.path.isdir(path):
     latest = os.path.join(path, "latest")
@@ -220,7 +220,7 @@ def convert_state(path: str, fmt: str = "diffusers", config: ml_collections.Conf
   from kaleido_jax.model.dit import KaleidoDiT
   if fmt not in FORMATS:
     raise ValueError(f"unknown transformer format {fmt!r}; choose one of {FORMATS}")
-  path = _resolve_path(path, fmt)
+  path = resolve_path(path, fmt)
   reader = common.CheckpointReader(path)
   if config is None:
     config = config_from_checkpoint(path, fmt, reader)
@@ -241,28 +241,32 @@ def load_transformer(path: str, format: str = "diffusers",  # noqa: A002 - the C
                      config: ml_collections.ConfigDict | None = None, *, device: Any = "default"):
   """A ready KaleidoDiT from a PyTorch checkpoint, or from a directory written by this converter.
 
-  A converted directory loads into either layer layout (``config.scan_layers``), whichever it was written in.
-  ``config.quantization`` other than the checkpoint's: float weights are quantized on the host as they load
-  (common.module_from_state); quantized weights load only into their own scheme.
+  Through the one weight loader (kaleido_jax/weights): a converted directory loads into either layer layout
+  (``config.scan_layers``); ``config.quantization`` other than the checkpoint's: float weights are quantized
+  leaf by leaf as they load; quantized weights load only into their own scheme. ``device``: 'default' (the
+  default device), None (the host CPU device) or a device. Without ``config``: the converted directory's, or
+  the one the PyTorch checkpoint's shapes give.
   """
-  from kaleido_jax.model.dit import relayout_blocks
-  saved = "none"
-  if os.path.exists(os.path.join(path, common.CONFIG_FILE)) and os.path.isdir(
-      os.path.join(path, common.STATE_DIR)):
-    state, saved_cfg = common.load_converted(path, component=COMPONENT)
-    saved = common.saved_quantization(path)
-    cfg = saved_cfg if config is None else config
-    state = relayout_blocks(state, bool(cfg.scan_layers))  # stacked <-> per-layer, if the configs differ
-  else:
-    state, cfg = convert_state(path, format, float_config(config))
-    if config is not None:
-      cfg = config
+  import jax
+  from kaleido_jax import weights
+  if config is None:
+    if weights.is_converted(path):
+      config = ml_collections.ConfigDict(common._lists_to_tuples(weights.transformer.converted_meta(path)["config"]))
+    else:
+      resolved = resolve_path(path, format)
+      config = config_from_checkpoint(resolved, format, common.CheckpointReader(resolved))
+  with nnx.use_eager_sharding(False):
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(config)))
+  where = jax.devices()[0] if device == "default" else jax.devices("cpu")[0] if device is None else device
+  sharding = jax.sharding.SingleDeviceSharding(where)
+  target = weights.abstract_target(nnx.to_pure_dict(abstract), jax.tree.map(lambda _: sharding,
+                                                                           nnx.to_pure_dict(abstract)))
   try:
-    return common.module_from_state(build_model, cfg, state, saved_scheme=saved, where=path, device=device)
-  except (KeyError, ValueError, TypeError) as e:
-    if isinstance(e, common.ConversionError):
-      raise
-    raise common.ConversionError(f"converted state in {path!r} does not fit the model config: {e}") from e
+    pure, _ = weights.load_transformer(path, target, model_cfg=config, fmt=format)
+  except weights.WeightsError as e:
+    raise common.ConversionError(str(e)) from e
+  nnx.replace_by_pure_dict(abstract, pure)
+  return nnx.merge(graphdef, abstract)
 
 
 def float_config(config: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict | None:

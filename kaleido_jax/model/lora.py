@@ -134,52 +134,75 @@ def merge_state(pure: dict, updates: Sequence[Update], strength: float = 1.0, *,
   pair (``qvalue`` / ``scale``) is dequantized, updated and quantized again. Raises :class:`LoRAMismatch`
   naming the first update whose parameter the model lacks or whose shape differs.
   """
-  by_leaf: dict[str, list[Update]] = {}
+  flat: dict[str, Any] = {}
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      (walk(v, f"{prefix}{k}/") if isinstance(v, dict) else flat.__setitem__(f"{prefix}{k}", v))
+  walk(pure, "")
+  stacked = stacked_blocks(flat)
+  for path, group in index_updates(updates, {k: np.shape(v) for k, v in flat.items()}, num_layers=num_layers,
+                                   strength=strength).items():
+    parts = path.split("/")
+    parent = _node(pure, parts[:-1])
+    if parts[-1] == "kernel" and "kernel" not in parent:  # a quantized linear
+      parent["qvalue"], parent["scale"] = apply_to_quantized(parent["qvalue"], parent["scale"], group, stacked)
+    else:
+      parent[parts[-1]] = apply_updates(parent[parts[-1]], group, stacked and parts[0] == "blocks")
+  return pure
+
+
+def stacked_blocks(flat_paths: Any) -> bool:
+  """Whether a flat state ({'blocks/...': leaf}) holds its blocks stacked (True) or one entry per layer."""
+  blocks = [p.split("/")[1] for p in flat_paths if p.startswith("blocks/")]
+  return bool(blocks) and not all(b.isdigit() for b in blocks)
+
+
+def index_updates(updates: Sequence[Update], shapes: dict[str, tuple[int, ...]], *, num_layers: int,
+                  strength: float = 1.0) -> dict[str, list[Update]]:
+  """``{flat parameter path: its updates}`` for a state whose leaves have ``shapes`` (flat paths, stacked or
+  per-layer blocks, quantized linears as ``qvalue`` / ``scale``), every update checked against the model before
+  any weight is touched: :class:`LoRAMismatch` names the first that does not fit. ``strength`` is folded into
+  each update, so the groups apply as they are (:func:`apply_updates`)."""
+  stacked = stacked_blocks(shapes)
+  out: dict[str, list[Update]] = {}
   for u in updates:
     if u.layer is not None and not 0 <= u.layer < num_layers:
       raise LoRAMismatch(f"{u.source}: block {u.layer} does not exist (the model has {num_layers} blocks); this "
                          "LoRA is for a deeper model")
-    by_leaf.setdefault(u.leaf, []).append(u)
-  blocks = pure.get("blocks", {})
-  stacked = bool(blocks) and not all(str(k).isdigit() for k in blocks)
-  for leaf, ups in by_leaf.items():
-    parts = leaf.split("/")
+    parts = u.leaf.split("/")
     in_blocks = parts[0] == "blocks"
-    parent_parts, name = parts[:-1], parts[-1]
-    for group in ([ups] if (stacked or not in_blocks) else _by_layer(ups)):
-      layer = group[0].layer
-      where = parent_parts if (stacked or not in_blocks) else ["blocks", str(layer)] + parent_parts[1:]
-      parent = _node(pure, where)
-      quantized = isinstance(parent, dict) and name == "kernel" and "kernel" not in parent and "qvalue" in parent
-      if not isinstance(parent, dict) or (name not in parent and not quantized):
-        raise LoRAMismatch(f"{group[0].source}: the model has no parameter {leaf!r}; the LoRA targets a layer "
-                           "this model does not have")
-      if quantized:
-        value, scheme = _quantized_float(parent)
-      else:
-        value, scheme = parent[name], None
-      per_layer_shape = tuple(np.shape(value)[1:] if (stacked and in_blocks) else np.shape(value))
-      for u in group:
-        shape = (u.down.shape[0], u.up.shape[-1]) if u.dense is None else tuple(u.dense.shape)
-        if u.dense is None and u.down.shape[1] != u.up.shape[0]:
-          raise LoRAMismatch(f"{u.source}: lora_down has rank {u.down.shape[1]} but lora_up {u.up.shape[0]}")
-        if shape != per_layer_shape:
-          raise LoRAMismatch(f"{u.source}: its update is {shape} but the model's {leaf} is {per_layer_shape}; "
-                             "this LoRA is for another model size")
-      value = _apply(value, group, strength, stacked and in_blocks)
-      if quantized:
-        q = quantization.quantize_kernel(value, scheme, parent["scale"].dtype)
-        parent["qvalue"], parent["scale"] = q.qvalue, q.scale
-      else:
-        parent[name] = value
-  return pure
+    path = u.leaf if (stacked or not in_blocks) else "/".join(["blocks", str(u.layer)] + parts[1:])
+    parent = path.rsplit("/", 1)[0]
+    shape = shapes.get(path)
+    if shape is None and parts[-1] == "kernel":
+      shape = shapes.get(parent + "/qvalue")
+    if shape is None:
+      raise LoRAMismatch(f"{u.source}: the model has no parameter {u.leaf!r}; the LoRA targets a layer "
+                         "this model does not have")
+    per_layer_shape = tuple(shape[1:] if (stacked and in_blocks) else shape)
+    want = (u.down.shape[0], u.up.shape[-1]) if u.dense is None else tuple(u.dense.shape)
+    if u.dense is None and u.down.shape[1] != u.up.shape[0]:
+      raise LoRAMismatch(f"{u.source}: lora_down has rank {u.down.shape[1]} but lora_up {u.up.shape[0]}")
+    if want != per_layer_shape:
+      raise LoRAMismatch(f"{u.source}: its update is {want} but the model's {u.leaf} is {per_layer_shape}; "
+                         "this LoRA is for another model size")
+    if strength != 1.0:
+      u = u._replace(scale=u.scale * strength, dense=None if u.dense is None else np.float32(strength) * u.dense)
+    out.setdefault(path, []).append(u)
+  return out
 
 
-def _by_layer(ups: list[Update]) -> list[list[Update]]:
-  layers: dict[int, list[Update]] = {}
-  for u in ups:
-    layers.setdefault(u.layer, []).append(u)
-  return [layers[k] for k in sorted(layers)]
+def apply_updates(value: Any, group: list[Update], stacked: bool) -> Any:
+  """``value`` (a float leaf; ``stacked``: with a leading layer axis) plus every update of ``group``."""
+  return _apply(value, group, 1.0, stacked)
+
+
+def apply_to_quantized(qvalue: Any, scale: Any, group: list[Update], stacked: bool) -> tuple[Any, Any]:
+  """A quantized kernel with ``group`` merged: dequantized, updated, quantized again in its own scheme."""
+  value, scheme = _quantized_float({"qvalue": qvalue, "scale": scale})
+  q = quantization.quantize_kernel(apply_updates(value, group, stacked), scheme, jnp.asarray(scale).dtype)
+  return q.qvalue, q.scale
 
 
 def _apply(value: Any, group: list[Update], strength: float, stacked: bool) -> Any:

@@ -11,6 +11,8 @@ init_from.vae / .text_encoder likewise; text_encoder.tokenizer_path for the umT5
 
 from kaleido_jax import config as kcfg
 
+TPU_SLICE = 'v5p:1x1x1'  # one v5p chip takes it as shipped (bf16); tests/test_configs.py checks the request there
+
 
 def get_config():
   config = kcfg.base_config()

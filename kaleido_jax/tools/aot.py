@@ -77,25 +77,35 @@ def hbm_bytes(topology: str) -> int:
   return HBM_GIB[gen] * GIB
 
 
-def analyse(config, topology: str, batch_size: int = 0, num_refs: int = -1) -> dict[str, Any]:
-  """Lower + compile the train step for `topology`; returns the numbers the table prints."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.train import inputs, mesh as mesh_lib, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+def topology_processes(devices) -> int:
+  """Hosts of an abstract slice (what `jax.process_count()` will be on it)."""
+  return len({d.process_index for d in devices})
 
+
+def analyse(config, topology: str, batch_size: int = 0, num_refs: int = -1) -> dict[str, Any]:
+  """Lower + compile the train step for `topology`; returns the numbers the table prints.
+
+  The config is first validated as `--mode train` would on that slice (its chips and hosts): a config the
+  trainer refuses raises `config.ConfigError` before anything compiles. The batch is the one the configured
+  input yields (`train.inputs.batch_spec`: keys, shapes, dtypes); `batch_size` / `num_refs` (> 0 / >= 0)
+  override `data.batch_size` / `data.max_refs` before validation.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.train import inputs, loop, mesh as mesh_lib, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+
+  config = config.copy_and_resolve_references()
+  if batch_size:
+    config.data.batch_size = int(batch_size)
+  if num_refs >= 0:
+    config.data.max_refs = int(num_refs)
   devices = topology_devices(topology)
+  loop.validate(config, len(devices), process_count=topology_processes(devices))
   mesh = mesh_lib.make_mesh(config.mesh, devices)
-  dp = mesh_lib.data_parallel_size(mesh)
-  b = batch_size or dp
-  r = config.data.max_refs if num_refs < 0 else num_refs
-  f, h, w, c = inputs.latent_shape(config)
-  text_len = config.text_encoder.max_length
-  shapes = {'video_latents': jax.ShapeDtypeStruct((b, f, h, w, c), jnp.float32),
-            'text_embedding': jax.ShapeDtypeStruct((b, text_len, config.model.text_dim), jnp.float32)}
-  if r:
-    shapes['ref_latents'] = jax.ShapeDtypeStruct((b, r, h, w, c), jnp.float32)
-    shapes['ref_mask'] = jax.ShapeDtypeStruct((b, r), jnp.bool_)
+  shapes = inputs.batch_spec(config)
+  b, r = int(config.data.batch_size), int(config.data.max_refs)
+  f, h, w, _ = inputs.latent_shape(config)
+  text_len = shapes['text_embedding'].shape[1]
   spec = state_lib.build_spec(config, mesh)
   t0 = time.time()
   jitted, b_sh = step_lib.make_train_step(config, spec, mesh, shapes)
@@ -336,11 +346,16 @@ def main(argv):
   except ImportError:
     print('error: libtpu is not installed; pip install "jax[tpu]==<your jax version>"', file=sys.stderr)
     sys.exit(2)
+  from kaleido_jax import config as kcfg  # pylint: disable=g-import-not-at-top
   config, topology, batch, refs, step = _FLAGS
-  if step.value == 'sample':
-    print(format_sample_table(analyse_sample(config.value, topology.value, batch.value or 1, refs.value)))
-  else:
-    print(format_table(analyse(config.value, topology.value, batch.value, refs.value)))
+  try:
+    if step.value == 'sample':
+      print(format_sample_table(analyse_sample(config.value, topology.value, batch.value or 1, refs.value)))
+    else:
+      print(format_table(analyse(config.value, topology.value, batch.value, refs.value)))
+  except kcfg.ConfigError as e:  # what `--mode train` would refuse on this slice: refused before compiling
+    print(f'error: {e} (topology {topology.value})', file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == '__main__':

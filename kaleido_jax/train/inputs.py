@@ -32,6 +32,48 @@ def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]
           config.model.in_channels)
 
 
+SYNTHETIC_TEXT_LEN = 8  # text tokens of SyntheticLatents' per-identity embeddings
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch the configured input yields (keys, shapes, dtypes) as the train step consumes it.
+
+  One function for the trainer (which checks its first batch against it) and tools.aot (which compiles
+  exactly this batch): `video_latents`, `text_embedding` (umT5's `max_length` tokens; SyntheticLatents' own
+  length), `ref_latents` / `ref_mask` when `data.max_refs` > 0, `empty_text_embedding` when the encoders run in
+  the input loop (text dropout's unconditional input), `subject_weight` when the subject-balanced loss is on.
+  """
+  b = int(config.data.batch_size)
+  f, h, w, c = latent_shape(config)
+  r = int(config.data.max_refs)
+  text_len = SYNTHETIC_TEXT_LEN if config.train.input == 'synthetic_latents' else int(config.text_encoder.max_length)
+  text = jax.ShapeDtypeStruct((b, text_len, int(config.model.text_dim)), np.float32)
+  spec = {'video_latents': jax.ShapeDtypeStruct((b, f, h, w, c), np.float32), 'text_embedding': text}
+  if r:
+    spec['ref_latents'] = jax.ShapeDtypeStruct((b, r, h, w, c), np.float32)
+    spec['ref_mask'] = jax.ShapeDtypeStruct((b, r), np.bool_)
+  if config.train.input == 'pipeline' and not config.data.precomputed_latents:
+    spec['empty_text_embedding'] = text
+  if config.diffusion.get('subject_loss_weight', 0.0) > 0:
+    spec['subject_weight'] = jax.ShapeDtypeStruct((b, f, h, w), np.float32)
+  return spec
+
+
+def check_batch(local: dict, spec: dict[str, jax.ShapeDtypeStruct], process_count: int) -> None:
+  """ValueError naming every key whose process-local array differs from `spec` (its local rows)."""
+  problems = []
+  for k, want in spec.items():
+    if k not in local:
+      problems.append(f'{k} missing (the input yields {sorted(local)})')
+      continue
+    x = np.asarray(local[k])
+    shape = (want.shape[0] // process_count,) + tuple(want.shape[1:])
+    if tuple(x.shape) != shape or x.dtype != want.dtype:
+      problems.append(f'{k} is {x.dtype}{list(x.shape)}, the step was built for {np.dtype(want.dtype)}{list(shape)}')
+  if problems:
+    raise ValueError('the input pipeline yields another batch than its config describes: ' + '; '.join(problems))
+
+
 class EncodedBatches:
   """Pixel batches of the data pipeline -> latent batches, keeping the wrapped iterator's checkpoint state."""
 
@@ -60,7 +102,7 @@ class SyntheticLatents:
   """Deterministic, checkpointable iterator of process-local latent batches."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, seed: int, process_index: int = 0,
-               process_count: int = 1, text_len: int = 8):
+               process_count: int = 1, text_len: int = SYNTHETIC_TEXT_LEN):
     b = config.data.batch_size
     if b % process_count:
       raise ValueError(f'global batch {b} not divisible by {process_count} processes')

@@ -54,8 +54,10 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()  # Cloud TPU: hosts discovered from the slice's metadata
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Fail fast, before anything is built, on a config that cannot train."""
+def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int | None = None) -> None:
+  """Fail fast, before anything is built, on a config that cannot train on `num_devices` chips over
+  `process_count` hosts (default: this job's); tools.aot calls it for the slice it compiles for."""
+  process_count = jax.process_count() if process_count is None else process_count
   t = config.train
   problems = []
   if t.num_steps <= 0:
@@ -78,8 +80,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if b % (dp * t.grad_accum):
       problems.append(f'data.batch_size={b} must be divisible by data*fsdp={dp} times '
                       f'grad_accum={t.grad_accum}')
-    if b % jax.process_count():
-      problems.append(f'data.batch_size={b} must be divisible by {jax.process_count()} processes')
+    if b % process_count:
+      problems.append(f'data.batch_size={b} must be divisible by {process_count} processes (hosts)')
   d = config.data
   if d.get('pairing', 'cross') not in ('cross', 'same_clip'):
     problems.append(f"data.pairing {d.pairing!r} not in cross | same_clip")
@@ -116,48 +118,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise kcfg.ConfigError('invalid training config: ' + '; '.join(problems))
 
 
-def _align(loaded: Any, template: Any, path: str = '') -> Any:
-  """Re-key `loaded` (orbax turns int keys into str) onto `template`'s structure, checking shapes."""
-  if isinstance(template, dict):
-    if not isinstance(loaded, dict):
-      raise ValueError(f'init_from: expected a dict at {path or "/"}, got {type(loaded).__name__}')
-    by_str = {str(k): v for k, v in loaded.items()}
-    if set(by_str) != {'base'} and set(template) == {'base'}:  # a LoRA-wrapped linear: the checkpoint's is its base
-      return {'base': _align(loaded, template['base'], f'{path}/base')}
-    missing = [str(k) for k in template if str(k) not in by_str]
-    extra = sorted(set(by_str) - {str(k) for k in template})
-    if missing or extra:
-      raise ValueError(f'init_from: parameter names differ at {path or "/"}: missing {missing[:8]}, '
-                       f'unexpected {extra[:8]}')
-    return {k: _align(by_str[str(k)], v, f'{path}/{k}') for k, v in template.items()}
-  if tuple(np.shape(loaded)) != tuple(template.shape):
-    raise ValueError(f'init_from: {path} has shape {np.shape(loaded)}, the model wants {template.shape}')
-  return loaded
-
-
-def load_init_params(config: ml_collections.ConfigDict, template: dict) -> dict | None:
-  """Parameters of `config.init_from.transformer` aligned to the model's `template`, or None.
-
-  Uses `kaleido_jax.convert.transformer.load_transformer(path, format, config.model)` (converted
-  directory or PyTorch-side checkpoint) when that module exists, else reads a converted directory.
-  """
+def load_init_params(config: ml_collections.ConfigDict, target: dict) -> dict | None:
+  """`config.init_from.transformer` landed straight in the train state's shardings (`target`: the abstract
+  `params`, or LoRA's frozen base), or None without one. kaleido_jax/weights: no device holds more than its
+  shard plus one leaf in flight, whatever the source (converted directory, training checkpoint, PyTorch files)."""
   path = config.init_from.transformer
   if not path:
     return None
+  from kaleido_jax import weights  # pylint: disable=g-import-not-at-top
   try:
-    from kaleido_jax.convert import transformer as conv  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    from kaleido_jax.convert import common  # pylint: disable=g-import-not-at-top
-    loaded = common.load_converted(path, component='transformer')
-  else:
-    loaded = conv.load_transformer(path, config.init_from.transformer_format, config.model)
-  if isinstance(loaded, tuple):
-    loaded = loaded[0]
-  if isinstance(loaded, nnx.Module):
-    loaded = nnx.state(loaded, nnx.Param)
-  if isinstance(loaded, nnx.State):
-    loaded = nnx.to_pure_dict(loaded)
-  return _align(loaded, template)
+    pure, where = weights.load_transformer(path, target, model_cfg=config.model,
+                                           fmt=config.init_from.transformer_format)
+  except (weights.WeightsError, FileNotFoundError) as e:
+    raise kcfg.ConfigError(f'init_from.transformer: {e}') from e
+  logging.info('initial weights: %s', where)
+  return pure
 
 
 def _tokens_per_step(config, batch) -> tuple[int, int, int]:
@@ -236,15 +211,16 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   start = ckpt.latest_step()
   lora = spec.abstract_frozen is not None
-  # LoRA: init_from gives the frozen base (never checkpointed); full fine-tuning: the initial trained weights.
-  init_params = load_init_params(config, spec.abstract_state['frozen' if lora else 'params'])
-  if start is not None:
+  if start is not None:  # a resume restores the training checkpoint; init_from only for LoRA's frozen base
     logging.info('resuming from step %d', start)
     state = ckpt.restore(start, state_lib.checkpointed(spec.abstract_state), data)
     if lora:
-      state['frozen'] = state_lib.init_state(config, spec, mesh, params=init_params)['frozen']
+      state['frozen'] = state_lib.init_state(
+          config, spec, mesh, params=load_init_params(config, spec.abstract_state['frozen']))['frozen']
   else:
     start = 0
+    # LoRA: init_from gives the frozen base (never checkpointed); full fine-tuning: the initial trained weights.
+    init_params = load_init_params(config, spec.abstract_state['frozen' if lora else 'params'])
     state = state_lib.init_state(config, spec, mesh, params=init_params)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
@@ -275,9 +251,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       while step < config.train.num_steps:
         local = next(data)
         if train_step is None:
-          shapes = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + np.shape(v)[1:], np.asarray(v).dtype)
-                    for k, v in local.items() if k in step_lib.BATCH_KEYS + ('empty_text_embedding',)
-                    and (k != 'subject_weight' or config.diffusion.get('subject_loss_weight', 0.0) > 0)}
+          shapes = inputs_lib.batch_spec(config)  # what tools.aot compiles too
+          inputs_lib.check_batch(local, shapes, jax.process_count())
           train_step, b_sh = step_lib.make_train_step(config, spec, mesh, shapes)
           v_tok, r_tok, t_len = _tokens_per_step(config, shapes)
           tokens_per_step = config.data.batch_size * v_tok

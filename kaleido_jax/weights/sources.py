@@ -72,6 +72,8 @@ def _flat(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
     path = f'{prefix}/{k}' if prefix else str(k)
     if isinstance(v, Mapping):
       out.update(_flat(v, path))
+    elif isinstance(v, (list, tuple)) and not hasattr(v, 'shape'):  # optimiser states in orbax metadata
+      out.update(_flat(dict(enumerate(v)), path))
     else:
       out[path] = v
   return out
@@ -96,7 +98,7 @@ class OrbaxSource:
       if prefix not in tree:
         raise WeightsError(f'{self.where!r} has no {prefix!r} entry (it has {sorted(tree)})')
       tree = tree[prefix]
-    self.stored = {k: (tuple(v.shape), v.dtype) for k, v in _flat(tree).items()}
+    self.stored = {k: (tuple(getattr(v, 'shape', ())), getattr(v, 'dtype', None)) for k, v in _flat(tree).items()}
 
   def _plan(self, wanted: Mapping[str, Any]) -> tuple[list, list[str]]:
     """Reads to make: ('same', path) | ('stack', wanted path, stored paths) | ('slice', stored, wanted paths)."""

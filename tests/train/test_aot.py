@@ -19,11 +19,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_aot_compiles_sharded_step_for_tpu_slice():
   config = tiny_config(real_dit=True)
   config.mesh.update(data=1, fsdp=2, tensor=2)
+  config.data.batch_size = 2  # one sample per data-parallel shard: the tool compiles the configured batch
   r = aot.analyse(config, 'v5p:2x2x1')
   table = aot.format_table(r)
   print(table)
   assert r['chips'] == 4 and r['mesh'] == {'data': 1, 'fsdp': 2, 'context': 1, 'tensor': 2}
-  assert r['batch'] == 2  # one sample per data-parallel shard
+  assert r['batch'] == 2  # the config's batch, validated as --mode train would
   assert r['args'] > 0 and r['temp'] > 0 and r['xla_flops'] > 0
   # The traced census counts what the step runs (the attention kernel's backward recomputes its scores), so it
   # is at least the analytic model count; XLA's figure is labelled as the per-loop-body count it is.

@@ -51,9 +51,9 @@ def _config(workdir: str, synthetic_seed: int, overrides: dict):
 
 def main(args) -> None:
   from kaleido_jax import calibrate  # pylint: disable=g-import-not-at-top
-  from kaleido_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from kaleido_jax import pipeline, weights  # pylint: disable=g-import-not-at-top
   from kaleido_jax.eval import runner  # pylint: disable=g-import-not-at-top
-  if pipeline._training_checkpoint_dir(args.workdir) is None:  # pylint: disable=protected-access
+  if weights.training_checkpoint_dir(args.workdir) is None:
     print(f"training configs/demo.py into {args.workdir} first", flush=True)
     subprocess.run([sys.executable, "-m", "kaleido_jax.main", "--config", "configs/demo.py", "--mode", "train",
                     "--workdir", args.workdir], check=True, cwd=ROOT)

@@ -40,12 +40,12 @@ def main():
   p.add_argument("--schemes", default="int8,fp8,int4")
   p.add_argument("--synthetic-seeds", default="0,1", help="held-out sets (data.synthetic_seed values)")
   args = p.parse_args()
-  from kaleido_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from kaleido_jax import pipeline, weights  # pylint: disable=g-import-not-at-top
   from kaleido_jax.eval import runner  # pylint: disable=g-import-not-at-top
   from kaleido_jax.model import quantization as quant  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  if pipeline._training_checkpoint_dir(args.workdir) is None:  # pylint: disable=protected-access
+  if weights.training_checkpoint_dir(args.workdir) is None:
     print(f"training configs/demo.py into {args.workdir} first", flush=True)
     subprocess.run([sys.executable, "-m", "kaleido_jax.main", "--config", "configs/demo.py", "--mode", "train",
                     "--workdir", args.workdir], check=True, cwd=ROOT)

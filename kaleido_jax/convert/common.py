@@ -270,12 +270,15 @@ def _short(keys: list[str], n: int = 12) -> str:
 
 
 def flatten_paths(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """{'a': {'b': x}} -> {'a/b': x}; works on nnx.to_pure_dict() output (int keys become strings)."""
+  """{'a': {'b': x}} -> {'a/b': x}; works on nnx.to_pure_dict() output (int keys become strings) and on orbax
+  metadata trees (lists / tuples, e.g. optimiser states, by index)."""
   flat: dict[str, Any] = {}
   for k, v in tree.items():
     path = f"{prefix}/{k}" if prefix else str(k)
     if isinstance(v, Mapping):
       flat.update(flatten_paths(v, path))
+    elif isinstance(v, (list, tuple)) and not hasattr(v, "shape"):
+      flat.update(flatten_paths(dict(enumerate(v)), path))
     else:
       flat[path] = v
   return flat

@@ -66,17 +66,7 @@ def _nested(flat: Mapping[str, Any]) -> dict:
   return out
 
 
-def _flat(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for k, v in tree.items():
-    path = f'{prefix}/{k}' if prefix else str(k)
-    if isinstance(v, Mapping):
-      out.update(_flat(v, path))
-    elif isinstance(v, (list, tuple)) and not hasattr(v, 'shape'):  # optimiser states in orbax metadata
-      out.update(_flat(dict(enumerate(v)), path))
-    else:
-      out[path] = v
-  return out
+_flat = common.flatten_paths
 
 
 class OrbaxSource:

@@ -123,6 +123,11 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
       # Numerics and execution.
       dtype='float32',         # activations / matmuls: float32 | bfloat16
       param_dtype='float32',   # master weights
+      # The precision policy (model/precision.py): parameters with any path component in this set stay float32
+      # under a bf16 param_dtype and in the bf16 loss (time embedding and projection, modulation tables, norms,
+      # qwix quantization scales), as diffusers' _keep_in_fp32_modules and Wan2.1 keep them.
+      fp32_params=('time_linear_1', 'time_linear_2', 'time_proj', 'scale_shift_table', 'head_table',
+                   'norm2_scale', 'norm2_bias', 'norm_q', 'norm_k', 'scale'),
       scan_layers=True,        # nnx.vmap-built, nnx.scan-run layers (flat compile time in depth)
       scan_unroll=1,           # layers per scan iteration (lax.scan unroll); >= num_layers is straight-line
                                # code over the same stacked parameters: faster steps on CPU, compile time

@@ -10,7 +10,8 @@ Architecture facts (diffusers ``WanTransformer3DModel``, the parity reference; s
   1e-6, 3D RoPE) -> gated residual; affine LayerNorm -> cross-attention to text (q/k RMSNorm) -> *ungated*
   residual; LayerNorm * (1 + scale) + shift -> FFN (GELU tanh) -> gated residual;
 - head: (1, 2, dim) table + temb -> shift / scale, LayerNorm, Linear(dim, prod(patch) * C_out), unpatchify.
-Norms, modulation and the time embedding run in float32; matmuls in ``config.dtype``.
+Norms, modulation and the time embedding run in float32; matmuls in ``config.dtype``. Their parameters stay
+float32 too under a bf16 ``param_dtype`` (the precision policy ``config.fp32_params``, ``precision.py``).
 
 Kaleido: reference latents (clean, never noised) are patch-embedded by the same kernel and put in front of
 the video tokens, ``[ref_0 | ... | ref_{N-1} | video]``; they get the video's modulation, attend to the
@@ -32,6 +33,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from kaleido_jax.model import attention as attention_lib
 from kaleido_jax.model import cpu
+from kaleido_jax.model import precision
 from kaleido_jax.model import quantization
 from kaleido_jax.model import rope as rope_lib
 from kaleido_jax.model.sharding import constrain
@@ -261,9 +263,13 @@ class KaleidoDiT(nnx.Module):
                                 out_sharding=(None, None, "embed"))
     self.proj_out = _linear(dim, int(np.prod(self.patch)) * cfg.out_channels, ("embed", None), cfg, rngs)
     # model.quantization: the blocks' linears become qwix-quantized ones (model/quantization.py).
+    fp32 = tuple(cfg.get("fp32_params", precision.DEFAULT_FP32))
     quantization.quantize(self, quantization.check_scheme(cfg.get("quantization", "none"), "config.model."
                                                           "quantization"),
-                          activations=bool(cfg.get("quantize_activations", False)))
+                          activations=bool(cfg.get("quantize_activations", False)),
+                          scale_dtype=jnp.float32 if precision.keeps_fp32(("scale",), fp32) else None)
+    # The precision policy (model/precision.py): the leaves model.fp32_params names are stored in float32.
+    precision.apply(self, fp32)
 
   # ---------------------------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
   model = quantize(model, "int8")          # in place: every Linear under blocks/ or layers/ is replaced
 
 A :class:`QuantizedLinear` holds its kernel as the two arrays of a qwix ``QArray`` (``qvalue`` in the
-quantized type, ``scale`` in the compute dtype) as ordinary ``nnx.Param`` leaves with the kernel's logical
+quantized type, ``scale`` in the compute dtype or, for the DiT, float32 by its precision policy) as ordinary ``nnx.Param`` leaves with the kernel's logical
 axis names, so the stacked layers (``nnx.vmap`` / ``lax.scan`` over a leading ``layers`` axis), the mesh
 placement (kaleido_jax/train/mesh.py), orbax checkpoints and ``jax.export`` see plain arrays. The matmul is
 ``qwix.dot_general`` on the rebuilt ``QArray``: weight-only by default (qwix multiplies by the float
@@ -62,11 +62,23 @@ class QuantizedLinear(nnx.Module):
     self.scheme, self.dtype, self.activations = scheme, jnp.dtype(dtype), bool(activations)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = qwix.QArray(qvalue=self.qvalue.value, scale=self.scale.value, qtype=QTYPES[self.scheme])
+    qvalue, scale = self.qvalue.value, self.scale.value
     lhs = x.astype(self.dtype)
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
     if self.activations:  # dynamic, one scale per token (all axes but the contracted one)
       lhs = qwix.quantize(lhs, ACT_QTYPES[self.scheme], channelwise_axes=tuple(range(x.ndim - 1)))
-    y = qwix.dot_general(lhs, kernel, (((x.ndim - 1,), (0,)), ((), ()))).astype(self.dtype)
+      y = qwix.dot_general(lhs, qwix.QArray(qvalue=qvalue, scale=scale, qtype=QTYPES[self.scheme]), dims)
+    elif scale.shape[0] == 1:
+      # One scale per output channel: x @ (q * s) == (x @ q) * s. The int8 / int4 / e4m3 values are exact in
+      # bf16, so the matmul runs in the compute dtype (fp32 accumulation) and the scale, float32 by the DiT's
+      # precision policy, applies to the output. qwix's weight-only dot_general would dequantize the kernel
+      # in the scale's dtype instead, which with fp32 scales is an fp32 matmul.
+      y = jax.lax.dot_general(lhs, qvalue.astype(self.dtype), dims, preferred_element_type=jnp.float32)
+      y = y * scale[0].astype(jnp.float32)
+    else:  # int4's sub-channel scales vary along the contraction: qwix's dequantizing dot_general
+      kernel = qwix.QArray(qvalue=qvalue, scale=scale.astype(self.dtype), qtype=QTYPES[self.scheme])
+      y = qwix.dot_general(lhs, kernel, dims)
+    y = y.astype(self.dtype)
     if self.bias is not None:
       y = y + self.bias.value.astype(self.dtype)
     return y
@@ -95,11 +107,15 @@ def dequantize_kernel(qvalue: jax.Array, scale: jax.Array, scheme: str) -> jax.A
   return qwix.dequantize(qwix.QArray(qvalue=qvalue, scale=scale, qtype=QTYPES[scheme]))
 
 
-def quantized_linear(linear: nnx.Linear, scheme: str, *, activations: bool = False) -> QuantizedLinear:
-  """The QuantizedLinear of an nnx.Linear (its kernel may carry a leading stacked-layers axis)."""
+def quantized_linear(linear: nnx.Linear, scheme: str, *, activations: bool = False,
+                     scale_dtype: Any = None) -> QuantizedLinear:
+  """The QuantizedLinear of an nnx.Linear (its kernel may carry a leading stacked-layers axis).
+
+  ``scale_dtype``: the scales' dtype (the DiT's precision policy keeps them float32); default the compute dtype.
+  """
   kernel = linear.kernel
   dtype = linear.dtype or kernel.value.dtype
-  q = quantize_kernel(kernel.value, scheme, dtype)
+  q = quantize_kernel(kernel.value, scheme, scale_dtype or dtype)
   names = sharding.variable_names(kernel)
   meta = {k: v for k, v in kernel.get_metadata().items() if k not in ("out_sharding", "sharding_names",
                                                                         "sharding")}
@@ -115,7 +131,7 @@ def quantized_linear(linear: nnx.Linear, scheme: str, *, activations: bool = Fal
 
 
 def quantize(model: nnx.Module, scheme: str, *, activations: bool = False,
-             include: str = DEFAULT_INCLUDE) -> nnx.Module:
+             include: str = DEFAULT_INCLUDE, scale_dtype: Any = None) -> nnx.Module:
   """Replaces, in place, every nnx.Linear whose path ('blocks/self_attn/to_q') matches ``include``.
 
   Returns ``model`` (same call, same outputs up to the quantization error). In place because the point is
@@ -139,7 +155,7 @@ def quantize(model: nnx.Module, scheme: str, *, activations: bool = False,
     for key in path[:-1]:
       parent = parent[key] if isinstance(key, int) else getattr(parent, key)
     child = parent[path[-1]] if isinstance(path[-1], int) else getattr(parent, path[-1])
-    new = quantized_linear(child, scheme, activations=activations)
+    new = quantized_linear(child, scheme, activations=activations, scale_dtype=scale_dtype)
     if isinstance(path[-1], int):
       parent[path[-1]] = new
     else:

@@ -5,7 +5,8 @@ in/out NamedShardings (train state per `StateSpec.shardings`, batch over `(data,
 frame axis over `context` when it divides, metrics replicated) and the state donated.
 
 Numerics: master weights stay float32; when `config.model.dtype` is bfloat16 the parameters are cast to
-bf16 inside the loss (so the cast is differentiated and gradients arrive in fp32) and the inputs too.
+bf16 inside the loss (so the cast is differentiated and gradients arrive in fp32) and the inputs too, except
+those the precision policy `config.model.fp32_params` keeps in float32 (model/precision.py).
 Gradient accumulation scans over `grad_accum` micro-batches of the per-step batch and averages.
 The per-step key is `fold_in(rng, step)`, so a resumed run draws the same noise as an uninterrupted one.
 """
@@ -22,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kaleido_jax.diffusion import flow
+from kaleido_jax.model import precision
 from kaleido_jax.train import mesh as mesh_lib
 from kaleido_jax.train import state as state_lib
 
@@ -49,19 +51,16 @@ def batch_shardings(batch_shapes: Mapping[str, Any], mesh: Mesh) -> dict:
   return out
 
 
-def _cast_floats(tree, dtype):
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
 def make_loss_fn(config: ml_collections.ConfigDict, spec: state_lib.StateSpec) -> Callable:
   """loss(params, batch, rng) -> (loss, aux): the flow-matching objective of the merged model."""
   compute_dtype = jnp.dtype(config.model.dtype)
   patch = tuple(config.model.patch_size)
+  fp32 = tuple(config.model.get('fp32_params', precision.DEFAULT_FP32))
 
   def loss_fn(params, batch, rng, frozen=None):
     if compute_dtype != jnp.float32:
-      params = _cast_floats(params, compute_dtype)
-      frozen = None if frozen is None else _cast_floats(frozen, compute_dtype)
+      params = precision.cast(params, compute_dtype, fp32)
+      frozen = None if frozen is None else precision.cast(frozen, compute_dtype, fp32)
     model = state_lib.merge_model(spec, params, frozen)
     empty = batch.get('empty_text_embedding')
     batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}

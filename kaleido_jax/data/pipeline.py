@@ -86,10 +86,11 @@ def _text(x: Any) -> str:
 class PairAndAugment(grain.transforms.RandomMap):
   """Record -> training example: cross-pair sampling, reference augmentation, padding to max_refs."""
 
-  def __init__(self, data_config: ml_collections.ConfigDict):
+  def __init__(self, data_config: ml_collections.ConfigDict, empty_text: np.ndarray | None = None):
     self.max_refs = data_config.max_refs
     self.flip = data_config.ref_flip
     self.latents = data_config.precomputed_latents
+    self.empty_text = empty_text  # precomputed latents: the empty prompt's embedding, given to every example
 
   def random_map(self, rec: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
     if rec is None:
@@ -112,6 +113,8 @@ class PairAndAugment(grain.transforms.RandomMap):
       out['ref_latents'][:n] = rl[pick]
       out['video_latents'] = np.asarray(rec['video_latents'], np.float32)
       out['text_embedding'] = np.asarray(rec['text_embedding'], np.float32)
+      if self.empty_text is not None:
+        out['empty_text_embedding'] = self.empty_text
       return out
     refs = np.asarray(rec['refs'])[pick]
     flips = rng.random(n) < self.flip
@@ -135,8 +138,12 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def make_dataset(data_config: ml_collections.ConfigDict, *, split: str, seed: int,
-                 process_index: int | None = None, process_count: int | None = None):
-  """Checkpointable iterator (grain DatasetIterator) of process-local batches; see the module docstring."""
+                 process_index: int | None = None, process_count: int | None = None, empty_text: bool = False):
+  """Checkpointable iterator (grain DatasetIterator) of process-local batches; see the module docstring.
+
+  ``empty_text`` (precomputed latents): every example also carries ``empty_text_embedding``, the empty
+  prompt's embedding that ``prepare`` wrote beside the shards (text dropout's input; a clear error if absent).
+  """
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   if not 0 <= pi < pc:
@@ -152,7 +159,11 @@ def make_dataset(data_config: ml_collections.ConfigDict, *, split: str, seed: in
   if data_config.shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(data_config.num_epochs or None)
-  ds = ds.random_map(PairAndAugment(data_config), seed=seed + 1)
+  empty = None
+  if empty_text and data_config.precomputed_latents:
+    from kaleido_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top  (imports TFDS)
+    empty = tfds_builder.read_empty_text(data_config.data_dir, data_config.dataset_name)
+  ds = ds.random_map(PairAndAugment(data_config, empty), seed=seed + 1)
   ds = ds.filter(lambda x: x is not None)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
                                             prefetch_buffer_size=max(1, data_config.prefetch * local_batch)))

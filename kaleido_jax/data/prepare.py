@@ -469,6 +469,8 @@ def prepare(data_cfg: ml_collections.ConfigDict, *, output_dir: str, input_dir: 
   feats = latent_features(data_cfg, video_encoder, text_encoder)
   run_engine = _run_beam if cfg.engine == 'beam' else _run_local
   counts = run_engine(data_cfg, input_dir, output_dir, annotations, work, seed, feats, video_encoder, text_encoder)
+  if text_encoder is not None:  # text dropout's unconditional input (tfds_builder.EMPTY_TEXT_FILE)
+    tfds_builder.write_empty_text(output_dir, text_encoder(''), data_cfg.dataset_name)
   dt = time.time() - t0
   dropped = counts.pop('dropped')
   report = dict(input=counts.pop('input'), kept=counts['kept'], dropped=_counts(dropped), dropped_clips=dropped,

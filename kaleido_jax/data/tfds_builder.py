@@ -92,6 +92,31 @@ def write(data_dir: str, feature_dict: tfds.features.FeaturesDict, splits: dict[
   return dataset_dir(data_dir)
 
 
+# The empty prompt's text embedding (L, D) float32, beside the shards of a dataset prepared with a text encoder:
+# text dropout's unconditional input when training from precomputed latents (CFG samples with umT5's encoding
+# of a prompt, never with zeros, so dropout must train on the same kind of input).
+EMPTY_TEXT_FILE = 'empty_text_embedding.npy'
+
+
+def write_empty_text(data_dir: str, embedding: np.ndarray, name: str = NAME) -> str:
+  path = epath.Path(dataset_dir(data_dir, name)) / EMPTY_TEXT_FILE
+  with path.open('wb') as f:
+    np.save(f, np.asarray(embedding, np.float32))
+  return str(path)
+
+
+def read_empty_text(data_dir: str, name: str = NAME) -> np.ndarray:
+  """The empty prompt's embedding of a prepared dataset; FileNotFoundError naming the file and the fix."""
+  path = epath.Path(dataset_dir(data_dir, name)) / EMPTY_TEXT_FILE
+  if not path.exists():
+    raise FileNotFoundError(
+        f'{path} is missing: text dropout on precomputed latents trains on the empty prompt\'s embedding, which '
+        '`python -m kaleido_jax.data.prepare` writes when it encodes text (re-run it with the text encoder, or '
+        'set --config.diffusion.text_dropout=0)')
+  with path.open('rb') as f:
+    return np.load(f).astype(np.float32)
+
+
 def num_shards(data_dir: str, split: str, name: str = NAME) -> int:
   """How many shards a written split has (from its dataset_info.json)."""
   return len(tfds.builder_from_directory(dataset_dir(data_dir, name)).info.splits[split].filenames)

@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from kaleido_jax import config as kcfg
 from kaleido_jax.model import codec as codec_lib
 
 
@@ -35,13 +36,17 @@ def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]
 SYNTHETIC_TEXT_LEN = 8  # text tokens of SyntheticLatents' per-identity embeddings
 
 
+def _text_dropout(config: ml_collections.ConfigDict) -> bool:
+  return float(config.diffusion.text_dropout) > 0
+
+
 def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
   """The global batch the configured input yields (keys, shapes, dtypes) as the train step consumes it.
 
   One function for the trainer (which checks its first batch against it) and tools.aot (which compiles
   exactly this batch): `video_latents`, `text_embedding` (umT5's `max_length` tokens; SyntheticLatents' own
   length), `ref_latents` / `ref_mask` when `data.max_refs` > 0, `empty_text_embedding` when the encoders run in
-  the input loop (text dropout's unconditional input), `subject_weight` when the subject-balanced loss is on.
+  the input loop or precomputed latents meet text dropout (its unconditional input: the empty prompt's embedding), `subject_weight` when the subject-balanced loss is on.
   """
   b = int(config.data.batch_size)
   f, h, w, c = latent_shape(config)
@@ -52,7 +57,7 @@ def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStr
   if r:
     spec['ref_latents'] = jax.ShapeDtypeStruct((b, r, h, w, c), np.float32)
     spec['ref_mask'] = jax.ShapeDtypeStruct((b, r), np.bool_)
-  if config.train.input == 'pipeline' and not config.data.precomputed_latents:
+  if config.train.input == 'pipeline' and (not config.data.precomputed_latents or _text_dropout(config)):
     spec['empty_text_embedding'] = text
   if config.diffusion.get('subject_loss_weight', 0.0) > 0:
     spec['subject_weight'] = jax.ShapeDtypeStruct((b, f, h, w), np.float32)
@@ -161,8 +166,11 @@ def make_input(config: ml_collections.ConfigDict, *, seed: int, workdir: str | N
     return SyntheticLatents(config, seed=seed, process_index=pi, process_count=pc)
   if config.train.input == 'pipeline':
     from kaleido_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    data = pipeline.make_dataset(config.data, split=config.data.split, seed=seed, process_index=pi,
-                                 process_count=pc)
+    try:
+      data = pipeline.make_dataset(config.data, split=config.data.split, seed=seed, process_index=pi,
+                                   process_count=pc, empty_text=_text_dropout(config))
+    except FileNotFoundError as e:  # no dataset, a missing shard or the empty prompt's embedding: one line
+      raise kcfg.ConfigError(str(e)) from e
     if config.data.precomputed_latents:
       return data
     from kaleido_jax import encoders  # pylint: disable=g-import-not-at-top

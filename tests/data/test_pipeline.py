@@ -136,7 +136,7 @@ def prepared(tmp_path_factory):
   cfg.num_clips, cfg.prepare.synth_per_clip = 8, 1
   enc = lambda v: v.reshape(v.shape[0], H // 8, 8, W // 8, 8, 3).mean((2, 4))
   r = prepare.prepare(cfg, output_dir=out, seed=0, verbose=False, video_encoder=enc,
-                      text_encoder=lambda s: np.full((4, 6), len(s), np.float32))
+                      text_encoder=lambda s: np.full((4, 6), len(s) + 1.5, np.float32))  # '' -> not zeros
   return out, r
 
 
@@ -153,6 +153,50 @@ def test_tfds_source_pixels_and_latents(prepared):
   assert b['video_latents'].shape == (1, F, H // 8, W // 8, 3) and b['text_embedding'].shape == (1, 4, 6)
   assert b['ref_latents'].shape == (1, 3, H // 8, W // 8, 3)
   assert (b['ref_latents'][~b['ref_mask']] == 0).all()
+
+
+def test_precomputed_latents_carry_the_empty_prompt_embedding_prepare_wrote(prepared, tmp_path):
+  out, _ = prepared
+  cfg = _cfg(source='tfds', data_dir=out, batch_size=2, precomputed_latents=True)
+  b = next(pipeline.make_dataset(cfg, split='train', seed=0, empty_text=True))
+  np.testing.assert_array_equal(b['empty_text_embedding'], np.full((2, 4, 6), 1.5, np.float32))  # encoder('')
+  assert 'empty_text_embedding' not in next(pipeline.make_dataset(cfg, split='train', seed=0))
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(out, copy)
+  os.remove(os.path.join(copy, 'kaleido_s2v', '1.0.0', 'empty_text_embedding.npy'))
+  with pytest.raises(FileNotFoundError, match='empty_text_embedding.npy is missing.*text_dropout=0'):
+    pipeline.make_dataset(_cfg(source='tfds', data_dir=copy, precomputed_latents=True), split='train', seed=0,
+                          empty_text=True)
+
+
+def test_trainer_text_dropout_on_precomputed_shards_feeds_the_empty_prompt(prepared, tmp_path, monkeypatch):
+  from kaleido_jax import config as kcfg
+  from kaleido_jax.diffusion import flow
+  from kaleido_jax.train import loop
+  from tests.train.common import tiny_config
+  out, _ = prepared
+  config = tiny_config(num_steps=1, checkpoint_every=1)
+  config.data.update(source='tfds', data_dir=out, precomputed_latents=True, batch_size=8, num_frames=F,
+                     height=H, width=W, max_refs=3)
+  config.train.input = 'pipeline'
+  config.vae.pixel_downsample = 8  # the fixture's encoder: 8x8 average pooling of the RGB frames
+  config.model.text_dim, config.text_encoder.max_length = 6, 4
+  config.diffusion.text_dropout = 0.5
+  seen = []
+  loss = flow.flow_matching_loss
+
+  def recording(*a, empty_text=None, **kw):
+    seen.append(None if empty_text is None else (tuple(empty_text.shape), empty_text.dtype))
+    return loss(*a, empty_text=empty_text, **kw)
+  monkeypatch.setattr(flow, 'flow_matching_loss', recording)
+  loop.run(config, str(tmp_path / 'run'))
+  assert seen and seen[0] == ((4, 6), np.float32)
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(out, copy)
+  os.remove(os.path.join(copy, 'kaleido_s2v', '1.0.0', 'empty_text_embedding.npy'))
+  config.data.data_dir = copy
+  with pytest.raises(kcfg.ConfigError, match='empty_text_embedding.npy is missing'):
+    loop.run(config, str(tmp_path / 'run2'))
 
 
 def test_missing_dataset_or_shard_is_a_clear_error(prepared, tmp_path):

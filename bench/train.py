@@ -48,7 +48,7 @@ def measure(config_path: str, steps: int, model_factory: str) -> dict:
   local = next(src)
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in local.items()}
   fn, b_sh = step_lib.make_train_step(config, spec, mesh, shapes)
-  batch = inputs.to_global(local, b_sh, config.data.batch_size)
+  batch = inputs.to_global(local, b_sh, config.data.batch_size, inputs.data_shards(mesh, config.data.batch_size)[0])
   rng = jax.random.key(0)
   with jax.set_mesh(mesh):
     state, m = fn(state, batch, rng)

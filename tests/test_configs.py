@@ -13,6 +13,7 @@ import pytest
 
 from kaleido_jax import config as kcfg
 from kaleido_jax import pipeline as pipe_lib
+from kaleido_jax.train import inputs
 from kaleido_jax.train import loop
 from kaleido_jax.train import mesh as mesh_lib
 
@@ -48,7 +49,9 @@ def test_config_validates_as_shipped_on_its_slice(name):
     s = config.sample
     pipe_lib.check_request(config, ['a prompt'], [config.model.max_refs], s.num_frames, s.height, s.width)
   else:
-    loop.validate(config, len(devices), process_count=aot.topology_processes(devices))
+    loop.validate(config, len(devices))
+    shards = inputs.data_shards(mesh_lib.make_mesh(config.mesh, devices), config.data.batch_size)
+    assert len(shards) == len({d.process_index for d in devices})  # every host of the slice feeds rows
 
 
 def test_trainer_refuses_what_it_refused_before():

@@ -77,16 +77,11 @@ def hbm_bytes(topology: str) -> int:
   return HBM_GIB[gen] * GIB
 
 
-def topology_processes(devices) -> int:
-  """Hosts of an abstract slice (what `jax.process_count()` will be on it)."""
-  return len({d.process_index for d in devices})
-
-
 def analyse(config, topology: str, batch_size: int = 0, num_refs: int = -1) -> dict[str, Any]:
   """Lower + compile the train step for `topology`; returns the numbers the table prints.
 
-  The config is first validated as `--mode train` would on that slice (its chips and hosts): a config the
-  trainer refuses raises `config.ConfigError` before anything compiles. The batch is the one the configured
+  The config is first validated as `--mode train` would on that slice (its chips, and the batch rows each of
+  its hosts feeds): a config the trainer refuses raises `config.ConfigError` before anything compiles. The batch is the one the configured
   input yields (`train.inputs.batch_spec`: keys, shapes, dtypes); `batch_size` / `num_refs` (> 0 / >= 0)
   override `data.batch_size` / `data.max_refs` before validation.
   """
@@ -100,8 +95,9 @@ def analyse(config, topology: str, batch_size: int = 0, num_refs: int = -1) -> d
   if num_refs >= 0:
     config.data.max_refs = int(num_refs)
   devices = topology_devices(topology)
-  loop.validate(config, len(devices), process_count=topology_processes(devices))
+  loop.validate(config, len(devices))
   mesh = mesh_lib.make_mesh(config.mesh, devices)
+  inputs.data_shards(mesh, int(config.data.batch_size))  # every host's batch rows, as the trainer maps them
   shapes = inputs.batch_spec(config)
   b, r = int(config.data.batch_size), int(config.data.max_refs)
   f, h, w, _ = inputs.latent_shape(config)

@@ -16,14 +16,16 @@ The trainer consumes `video_latents (B, F, H, W, C)`, `ref_latents (B, R, h, w, 
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kaleido_jax import config as kcfg
 from kaleido_jax.model import codec as codec_lib
+from kaleido_jax.train import mesh as mesh_lib
 
 
 def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
@@ -64,15 +66,58 @@ def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStr
   return spec
 
 
-def check_batch(local: dict, spec: dict[str, jax.ShapeDtypeStruct], process_count: int) -> None:
-  """ValueError naming every key whose process-local array differs from `spec` (its local rows)."""
+class DataShard(NamedTuple):
+  """The batch rows one process feeds: rows [start, stop) of every global batch, its loader's shard
+  `index` of `count` (processes whose devices hold the same rows load the same shard, with the same seeds)."""
+  index: int
+  count: int
+  start: int
+  stop: int
+
+
+def data_shards(mesh: Mesh, global_batch: int) -> dict[int, DataShard]:
+  """Every process's DataShard, computed from the mesh: the rows its devices hold under the batch sharding.
+
+  The batch is sharded over (data, fsdp) (`mesh.batch_axes`). When `context` or `tensor` spans hosts, several
+  processes hold the same rows (each a different part of the sequence or of the heads): they form one group
+  that loads one shard. A layout where a process's rows are not one aligned block (a mesh whose device order
+  interleaves hosts within data x fsdp) is refused: ConfigError naming the process and its rows.
+  """
+  sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(mesh, global_batch)))
+  rows: dict[int, set[int]] = {}
+  for device, index in sharding.devices_indices_map((global_batch,)).items():
+    rows.setdefault(device.process_index, set()).update(range(*index[0].indices(global_batch)))
+  sizes = {len(r) for r in rows.values()}
+  out = {}
+  for p, r in sorted(rows.items()):
+    r = sorted(r)
+    n, start = len(r), r[0]
+    if len(sizes) > 1 or r != list(range(start, start + n)) or start % n:
+      raise kcfg.ConfigError(
+          f'the mesh {dict(mesh.shape)} gives process {p} batch rows {r[:8]}{"..." if n > 8 else ""} of '
+          f'{global_batch}, not one aligned block as large as every other process\'s: order the devices so that '
+          'each host holds whole (data, fsdp) groups (mesh axes that span hosts outermost)')
+    out[p] = DataShard(start // n, global_batch // n, start, start + n)
+  return out
+
+
+def shard_seed(seed: int, shard: DataShard) -> int:
+  """The loader seed of one data shard: shuffles and augmentation differ between shards (and processes that
+  load different rows), and agree between processes of one group."""
+  if shard.count == 1:
+    return int(seed)
+  return int(np.random.SeedSequence([int(seed), shard.index, shard.count]).generate_state(1)[0] >> 1)
+
+
+def check_batch(local: dict, spec: dict[str, jax.ShapeDtypeStruct], shard: DataShard) -> None:
+  """ValueError naming every key whose process-local array differs from `spec` (the shard's rows)."""
   problems = []
   for k, want in spec.items():
     if k not in local:
       problems.append(f'{k} missing (the input yields {sorted(local)})')
       continue
     x = np.asarray(local[k])
-    shape = (want.shape[0] // process_count,) + tuple(want.shape[1:])
+    shape = (shard.stop - shard.start,) + tuple(want.shape[1:])
     if tuple(x.shape) != shape or x.dtype != want.dtype:
       problems.append(f'{k} is {x.dtype}{list(x.shape)}, the step was built for {np.dtype(want.dtype)}{list(shape)}')
   if problems:
@@ -159,16 +204,21 @@ class SyntheticLatents:
     pass
 
 
-def make_input(config: ml_collections.ConfigDict, *, seed: int, workdir: str | None = None):
-  """The process-local training iterator named by `config.train.input` (workdir: where encoders cache)."""
-  pi, pc = jax.process_index(), jax.process_count()
-  if config.train.input == 'synthetic_latents':
-    return SyntheticLatents(config, seed=seed, process_index=pi, process_count=pc)
+def make_input(config: ml_collections.ConfigDict, *, seed: int, shard: DataShard | None = None,
+               workdir: str | None = None):
+  """The process-local training iterator named by `config.train.input` for this process's `shard` (default:
+  one shard per process; the trainer passes `data_shards(mesh, ...)`'s); workdir: where encoders cache."""
+  if shard is None:
+    b, pc = int(config.data.batch_size), jax.process_count()
+    shard = DataShard(jax.process_index(), pc, jax.process_index() * b // pc, (jax.process_index() + 1) * b // pc)
+  if config.train.input == 'synthetic_latents':  # example i is a function of (seed, i): no per-shard seed
+    return SyntheticLatents(config, seed=seed, process_index=shard.index, process_count=shard.count)
   if config.train.input == 'pipeline':
     from kaleido_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     try:
-      data = pipeline.make_dataset(config.data, split=config.data.split, seed=seed, process_index=pi,
-                                   process_count=pc, empty_text=_text_dropout(config))
+      data = pipeline.make_dataset(config.data, split=config.data.split, seed=shard_seed(seed, shard),
+                                   process_index=shard.index, process_count=shard.count,
+                                   empty_text=_text_dropout(config))
     except FileNotFoundError as e:  # no dataset, a missing shard or the empty prompt's embedding: one line
       raise kcfg.ConfigError(str(e)) from e
     if config.data.precomputed_latents:
@@ -178,10 +228,21 @@ def make_input(config: ml_collections.ConfigDict, *, seed: int, workdir: str | N
   raise ValueError(f"unknown train.input {config.train.input!r}; use 'synthetic_latents' | 'pipeline'")
 
 
-def to_global(batch: dict, shardings: dict, global_batch: int) -> dict:
-  """Process-local numpy slices → global jax.Arrays with the step's input shardings."""
+def to_global(batch: dict, shardings: dict, global_batch: int, shard: DataShard) -> dict:
+  """Process-local rows (the `shard`'s) → global jax.Arrays with the step's input shardings.
+
+  Each addressable device gets its block cut from the local rows, whatever else its sharding splits (the
+  latent frames over `context`), so processes of one group (same rows) each place only their devices' parts.
+  """
   out = {}
   for k, s in shardings.items():
     x = np.asarray(batch[k])
-    out[k] = jax.make_array_from_process_local_data(s, x, (global_batch,) + x.shape[1:])
+
+    def block(index, x=x):
+      lo, hi, _ = index[0].indices(global_batch)
+      if lo < shard.start or hi > shard.stop:
+        raise ValueError(f'a device of this process holds batch rows [{lo}, {hi}) outside its shard '
+                         f'[{shard.start}, {shard.stop})')
+      return x[(slice(lo - shard.start, hi - shard.start),) + tuple(index[1:])]
+    out[k] = jax.make_array_from_callback((global_batch,) + x.shape[1:], s, block)
   return out

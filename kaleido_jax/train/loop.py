@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from kaleido_jax import config as kcfg
@@ -54,10 +55,9 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()  # Cloud TPU: hosts discovered from the slice's metadata
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int | None = None) -> None:
-  """Fail fast, before anything is built, on a config that cannot train on `num_devices` chips over
-  `process_count` hosts (default: this job's); tools.aot calls it for the slice it compiles for."""
-  process_count = jax.process_count() if process_count is None else process_count
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Fail fast, before anything is built, on a config that cannot train on `num_devices` chips; tools.aot
+  calls it for the slice it compiles for. (Which rows each host feeds is the mesh's: `inputs.data_shards`.)"""
   t = config.train
   problems = []
   if t.num_steps <= 0:
@@ -80,8 +80,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     if b % (dp * t.grad_accum):
       problems.append(f'data.batch_size={b} must be divisible by data*fsdp={dp} times '
                       f'grad_accum={t.grad_accum}')
-    if b % process_count:
-      problems.append(f'data.batch_size={b} must be divisible by {process_count} processes (hosts)')
   d = config.data
   if d.get('pairing', 'cross') not in ('cross', 'same_clip'):
     problems.append(f"data.pairing {d.pairing!r} not in cross | same_clip")
@@ -144,12 +142,25 @@ def _tokens_per_step(config, batch) -> tuple[int, int, int]:
   return video, ref, batch['text_embedding'].shape[1]
 
 
-class _Preempted:
+class _Preemption:
+  """Whether to save and stop after a step, the same step on every host.
+
+  One process: a SIGTERM handler sets a flag, read after the step. Several (jax.distributed): JAX's preemption
+  service, which `jax.distributed.initialize` starts, catches the SIGTERM of any host and has the hosts agree
+  on one step (the largest any has reached, plus one); orbax's `multihost.reached_preemption(step)`, asked by
+  every host after every step, is True there on all of them, so they enter the checkpoint save (a collective)
+  together and exit 0. No Python handler is installed then: it would take SIGTERM away from the service.
+  """
+
   def __init__(self):
     self.flag = False
     self._old = None
+    self.multihost = jax.process_count() > 1
 
   def __enter__(self):
+    if self.multihost:
+      return self
+
     def handler(signum, frame):
       del signum, frame
       logging.warning('SIGTERM: will checkpoint after the current step and exit')
@@ -159,6 +170,11 @@ class _Preempted:
     except ValueError:  # not the main thread
       self._old = None
     return self
+
+  def reached(self, step: int) -> bool:
+    if self.multihost:
+      return ocp.multihost.reached_preemption(step)
+    return self.flag
 
   def __exit__(self, *exc):
     if self._old is not None:
@@ -190,7 +206,8 @@ def _filled(template, pure):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Train; returns the last step, its loss, the losses of this run's steps, whether preempted, the state."""
+  """Train; returns the last step, its loss, the losses of this run's steps, whether preempted, the state and
+  this process's data shard."""
   if config.train.get('console', 'log') not in ('log', 'progress'):
     raise kcfg.ConfigError(f"train.console {config.train.console!r} not in log | progress")
   with console.quiet_logs(config.train.get('console', 'log') == 'progress'):
@@ -206,7 +223,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   mesh = mesh_lib.make_mesh(config.mesh)
   spec = state_lib.build_spec(config, mesh)
-  data = inputs_lib.make_input(config, seed=config.seed, workdir=workdir)
+  shard = inputs_lib.data_shards(mesh, config.data.batch_size)[jax.process_index()]  # rows from the mesh
+  data = inputs_lib.make_input(config, seed=config.seed, shard=shard, workdir=workdir)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.train)
 
   start = ckpt.latest_step()
@@ -245,57 +263,76 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   step = start
   loss = float('nan')
   losses = []
+  pending = []  # this run's per-step losses still on the device: read on the logging / checkpoint cadence
+
+  def sync_losses() -> float:
+    """Reads the pending losses (one host sync); stops on a NaN before anything after it is saved."""
+    nonlocal loss
+    if pending:
+      first = step - len(pending) + 1
+      values = [float(x) for x in jax.device_get(pending)]
+      pending.clear()
+      losses.extend(values)
+      loss = values[-1]
+      bad = [i for i, v in enumerate(values) if not np.isfinite(v)]
+      if config.train.stop_on_nan and bad:
+        raise TrainingDiverged(
+            f'loss is {values[bad[0]]} at step {first + bad[0]}; stopping without saving. Last good checkpoint: '
+            f'step {ckpt.latest_step()} in {os.path.join(workdir, "checkpoints")}')
+    return loss
+
   preempted = False
-  with _Preempted() as sig:
+  with _Preemption() as preemption:
     try:
       while step < config.train.num_steps:
         local = next(data)
         if train_step is None:
           shapes = inputs_lib.batch_spec(config)  # what tools.aot compiles too
-          inputs_lib.check_batch(local, shapes, jax.process_count())
+          inputs_lib.check_batch(local, shapes, shard)
           train_step, b_sh = step_lib.make_train_step(config, spec, mesh, shapes)
           v_tok, r_tok, t_len = _tokens_per_step(config, shapes)
           tokens_per_step = config.data.batch_size * v_tok
           flops_per_step = flops_lib.train_step_flops(config.model, config.data.batch_size, v_tok, r_tok,
                                                       t_len)
-        batch = inputs_lib.to_global(local, b_sh, config.data.batch_size)
+        batch = inputs_lib.to_global(local, b_sh, config.data.batch_size, shard)
         with jax.set_mesh(mesh):
           state, metrics = train_step(state, batch, rng)
         step += 1
-        loss = float(metrics['loss'])
-        losses.append(loss)
-        if config.train.stop_on_nan and not np.isfinite(loss):
-          raise TrainingDiverged(
-              f'loss is {loss} at step {step}; stopping without saving. Last good checkpoint: '
-              f'step {ckpt.latest_step()} in {os.path.join(workdir, "checkpoints")}')
+        pending.append(metrics['loss'])  # no host sync per step: the device runs ahead of the loop
         for h in hooks:
           h(step)
+        log_now = step % config.train.log_every == 0 or step == config.train.num_steps
+        stop = preemption.reached(step)
+        save_now = stop or step % config.train.checkpoint_every == 0 or step == config.train.num_steps
+        if log_now or save_now:
+          sync_losses()
         if progress is not None:
-          progress(step, loss)
-        if step % config.train.log_every == 0 or step == config.train.num_steps:
+          progress(step, loss)  # the loss as of the last sync (logging / checkpoint cadence)
+        if log_now:
           now = time.time()
           steps_per_s = (step - last_log_step) / max(now - last_log_time, 1e-9)
-          scalars = {k: float(v) for k, v in metrics.items()}
+          scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
           scalars.update(steps_per_s=steps_per_s, tokens_per_s=steps_per_s * tokens_per_step,
                          tflops_per_device=steps_per_s * flops_per_step / jax.device_count() / 1e12)
           if peak:
             scalars['mfu'] = steps_per_s * flops_per_step / (peak * jax.device_count())
           writer.write_scalars(step, scalars)
           last_log_time, last_log_step = now, step
-        if sig.flag:
+        if stop:
           ckpt.save(step, state_lib.checkpointed(state), data, config, force=True)
           if lora:
             save_adapter(config, spec, state, workdir)
           preempted = True
           logging.warning('preempted: saved step %d, exiting', step)
           break
-        if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
+        if save_now:
           ckpt.save(step, state_lib.checkpointed(state), data, config)
           if lora:
             save_adapter(config, spec, state, workdir)
+      sync_losses()
     finally:
       if progress is not None:
         progress.close()
       ckpt.close()
       writer.flush()
-  return {'step': step, 'loss': loss, 'losses': losses, 'preempted': preempted, 'state': state}
+  return {'step': step, 'loss': loss, 'losses': losses, 'preempted': preempted, 'state': state, 'shard': shard}

@@ -116,3 +116,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape['data'] * mesh.shape['fsdp']
+
+
+def batch_axes(mesh: Mesh, global_batch: int) -> tuple[str, str] | None:
+  """The mesh axes of a batch's leading dimension: (data, fsdp) when they divide it, else none (replicated)."""
+  dp = data_parallel_size(mesh)
+  return ('data', 'fsdp') if dp > 1 and global_batch % dp == 0 else None

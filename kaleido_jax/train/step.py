@@ -37,11 +37,10 @@ def batch_shardings(batch_shapes: Mapping[str, Any], mesh: Mesh) -> dict:
   constraints on `activation_length` then keep the token sequence split over `context`.)
   """
   out = {}
-  dp = mesh_lib.data_parallel_size(mesh)
   for k, x in batch_shapes.items():
     spec = [None] * len(x.shape)
-    if x.shape and x.shape[0] % dp == 0 and dp > 1:
-      spec[0] = ('data', 'fsdp')
+    if x.shape:
+      spec[0] = mesh_lib.batch_axes(mesh, x.shape[0])
     if k == 'video_latents' and mesh.shape['context'] > 1:
       for axis in (1, 2, 3):
         if x.shape[axis] % mesh.shape['context'] == 0:

@@ -21,9 +21,10 @@ def _train(config, mesh_overrides, devices, steps):
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in local.items()}
   fn, b_sh = step_lib.make_train_step(config, spec, mesh, shapes)
   losses = []
+  shard = inputs.data_shards(mesh, config.data.batch_size)[0]
   for _ in range(steps):
     with jax.set_mesh(mesh):
-      state, m = fn(state, inputs.to_global(local, b_sh, config.data.batch_size), jax.random.key(0))
+      state, m = fn(state, inputs.to_global(local, b_sh, config.data.batch_size, shard), jax.random.key(0))
     losses.append(float(m['loss']))
     local = next(src)
   return np.array(losses), jax.device_get(state), spec

@@ -1,7 +1,8 @@
 """Subprocess entry for trainer tests: `python -m tests.train.worker ARGS_JSON`.
 
 ARGS: workdir, train (overrides), mesh (overrides), sleep (seconds per batch, so a test can signal the
-process mid-run), out (JSON file for the run's step / losses / preempted)."""
+process mid-run), out (JSON file for the run's step / losses / preempted / data shard; process i > 0 writes
+OUT.i)."""
 
 import json
 import os
@@ -48,9 +49,11 @@ def main():
       return Slow()
     inputs.make_input = slow
   out = loop.run(config, args['workdir'])
-  if args.get('out') and jax.process_index() == 0:
-    with open(args['out'], 'w') as f:
-      json.dump({'step': out['step'], 'losses': out['losses'], 'preempted': out['preempted']}, f)
+  if args.get('out'):  # process 0 writes OUT, process i > 0 OUT.i
+    path = args['out'] + ('' if jax.process_index() == 0 else f'.{jax.process_index()}')
+    with open(path, 'w') as f:
+      json.dump({'step': out['step'], 'losses': out['losses'], 'preempted': out['preempted'],
+                 'shard': list(out['shard'])}, f)
 
 
 if __name__ == '__main__':

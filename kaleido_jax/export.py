@@ -12,7 +12,7 @@ lax.scan, CFG) -> decoder -> uint8 frames, for a fixed video size and a *symboli
 (stored beside the program in weights.npz, so one program serves any fine-tune of the same architecture), or
 an empty list when 'baked' (the parameters are constants inside the program: one self-contained file).
 The artifact directory holds program.jax_exported (serialized jax.export.Exported, lowered for every platform
-in `export.platforms`), weights.npz, spiece.model (the tokenizer) and signature.json (format version, input
+in `export.platforms`, each platform's branch traced for that platform: `per_platform`), weights.npz, spiece.model (the tokenizer) and signature.json (format version, input
 and output signature, platforms, the sampling settings, the video size, the negative prompt).
 `kaleido_jax/exported.py` loads and runs it with jax, numpy and sentencepiece only.
 """
@@ -34,6 +34,7 @@ from flax import nnx
 import kaleido_jax
 from kaleido_jax import exported as exported_lib
 from kaleido_jax.diffusion import sampler as sampler_lib
+from kaleido_jax.model import cpu
 
 FORMAT = exported_lib.FORMAT
 FORMAT_VERSION = exported_lib.FORMAT_VERSION
@@ -80,6 +81,30 @@ def build_program(pipe: Any, cfg: ml_collections.ConfigDict, num_frames: int, he
   return program, leaves
 
 
+def per_platform(program: Any, platforms: tuple[str, ...]) -> Any:
+  """``program`` traced once per platform and chosen by ``lax.platform_dependent`` where the artifact runs.
+
+  Each branch is traced under ``cpu.target_platform(p)``, so every ``auto`` setting (``model.cpu_kernels``,
+  ``model.attention``) resolves for the platform that branch serves, not for the host that exports: the CPU
+  branch carries the CPU rewrites, the TPU and GPU branches the plain program. With one platform that is all;
+  with several, jax lowers every branch for every platform, so attention is the `xla` kernel in each (a
+  splash or cuDNN call lowers only on its own platform: export for `tpu` alone to get splash).
+  """
+  portable = len(platforms) > 1
+
+  def branch(platform):
+    def run(*args):
+      with cpu.target_platform(platform, portable=portable):
+        return program(*args)
+    return run
+
+  def dispatched(*args):
+    if len(platforms) == 1:
+      return branch(platforms[0])(*args)
+    return jax.lax.platform_dependent(*args, **{p: branch(p) for p in platforms})
+  return dispatched
+
+
 def input_specs(pipe: Any, num_frames: int, height: int, width: int, max_refs: int, batch: Any) -> list:
   L = pipe.encoders.text_len
   return [jax.ShapeDtypeStruct((batch,), jnp.uint32),
@@ -101,6 +126,10 @@ def export_sampler(pipe: Any, output_dir: str, *, weights: str = 'argument',
   if weights not in ('argument', 'baked'):
     raise ValueError(f"export.weights {weights!r}: use 'argument' | 'baked'")
   config = pipe.config
+  if len(platforms) > 1 and config.model.attention in ('splash', 'cudnn'):
+    raise ValueError(f'model.attention={config.model.attention!r} lowers only on its own platform, so it cannot '
+                     f'be exported for {list(platforms)}: use --config.export.platforms with that platform alone, '
+                     'or model.attention=auto')
   cfg = cfg or config.sample
   f, h, w = int(cfg.num_frames), int(cfg.height), int(cfg.width)
   max_refs = int(max_refs or config.model.max_refs)
@@ -110,7 +139,8 @@ def export_sampler(pipe: Any, output_dir: str, *, weights: str = 'argument',
   (b,) = jax.export.symbolic_shape('b')
   specs = input_specs(pipe, f, h, w, max_refs, b)
   weight_specs = [] if baked else [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in leaves]
-  exp = jax.export.export(jax.jit(program), platforms=tuple(platforms))(weight_specs, *specs)
+  exp = jax.export.export(jax.jit(per_platform(program, tuple(platforms))),
+                          platforms=tuple(platforms))(weight_specs, *specs)
   out_spec = exp.out_avals[0]
   signature = {
       'format': FORMAT, 'format_version': FORMAT_VERSION, 'kaleido_jax_version': kaleido_jax.__version__,
@@ -159,7 +189,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     out = export_sampler(pipe, config.export.output or os.path.join(workdir, 'exported'),
                          weights=config.export.weights, platforms=tuple(config.export.platforms),
                          max_refs=config.export.max_refs or None)
-  except (pipe_lib.UserInputError, FileNotFoundError) as e:
+  except (pipe_lib.UserInputError, FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   print(f'exported the sampler to {out} (platforms {", ".join(config.export.platforms)}, weights '

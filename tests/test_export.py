@@ -91,3 +91,41 @@ def test_an_int4_sampler_exports_with_its_weights_as_an_argument(tmp_path):
   refs, mask = _refs()
   got = sampler(PROMPTS[:1], ref_images=refs[:1], ref_mask=mask[:1], seeds=[3])
   _same_video(got, q4.generate([[refs[0, 0]]], PROMPTS[:1], seed=[3]))
+
+
+def _record_rewrites(monkeypatch):
+  """Every CPU rewrite of model/cpu.py called while tracing, with the platform the trace was for."""
+  from kaleido_jax.model import cpu
+  calls = []
+  skip = {'platform', 'enabled', 'kernels', 'active', 'target_platform', 'portable'}
+  for name in dir(cpu):
+    fn = getattr(cpu, name)
+    if name.startswith('_') or name in skip or not callable(fn) or getattr(fn, '__module__', '') != cpu.__name__:
+      continue
+
+    def recording(*a, _fn=fn, _name=name, **kw):
+      calls.append((cpu.platform(), _name))
+      return _fn(*a, **kw)
+    monkeypatch.setattr(cpu, name, recording)
+  return calls
+
+
+def _kernels(exp):
+  import re
+  return set(re.findall(r'custom_call @(\w+)', exp.mlir_module())) - {'shape_assertion'}
+
+
+def test_each_platform_of_an_export_gets_its_own_program(pipe, tmp_path, monkeypatch):
+  # Exported on this CPU host for (cpu, tpu): the CPU branch runs the CPU rewrites, the TPU branch the plain
+  # program (no rewrite is traced for it, no Pallas / cuDNN call, which would not lower for the CPU branch).
+  import jax
+  calls = _record_rewrites(monkeypatch)
+  out = export.export_sampler(pipe, str(tmp_path / 'both'), platforms=('cpu', 'tpu'))
+  assert calls and {p for p, _ in calls} == {'cpu'}, sorted(set(calls))
+  exp = jax.export.deserialize(open(os.path.join(out, exported.PROGRAM_FILE), 'rb').read())
+  assert exp.platforms == ('cpu', 'tpu') and not _kernels(exp)
+  # For the TPU alone: the plain program with splash (Mosaic), and still no CPU rewrite.
+  calls.clear()
+  out = export.export_sampler(pipe, str(tmp_path / 'tpu'), platforms=('tpu',))
+  exp = jax.export.deserialize(open(os.path.join(out, exported.PROGRAM_FILE), 'rb').read())
+  assert not calls and _kernels(exp) == {'tpu_custom_call'}

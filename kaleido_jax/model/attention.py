@@ -59,10 +59,16 @@ def dot_product_attention(q, k, v, *, mask=None, implementation: str = "auto",
 
 def resolve_implementation(name: str, dtype=jnp.bfloat16, platform: str | None = None) -> str:
   """``auto`` -> splash on TPU, cudnn on GPU for 16-bit inputs (cuDNN's fused attention takes no float32),
-  xla elsewhere; other names are returned as they are. The platform is the current mesh's (so an AOT
+  xla elsewhere and in a multi-platform export's branches (``cpu.portable``); other names are returned as
+  they are. The platform is the current mesh's (so an AOT
   compile for a TPU slice from a CPU host picks splash), else the default backend."""
   if name != "auto":
+    if cpu.portable() and name in ("splash", "cudnn"):
+      raise ValueError(f"attention={name!r} cannot be part of a program exported for several platforms (its kernel "
+                       "lowers only on its own); export for that platform alone, or use attention=auto (xla)")
     return name
+  if cpu.portable():  # a branch of a multi-platform export: the kernel every platform lowers
+    return "xla"
   platform = platform or cpu.platform()
   if platform == "tpu":
     return "splash"

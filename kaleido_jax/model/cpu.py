@@ -15,8 +15,8 @@ Measured on bench/dit_step.py's shape (train step, remat dots_and_attention, 2 c
 rounds, 2026-12-02): the plain program 1.24x the time of this one; the token-matrix linears alone take it
 to 1.19x, with the norms 1.12x, the broadcasts of the modulation vectors the rest.
 
-``auto`` turns them on only where the program is compiled for the CPU: the platform of the mesh set with
-``jax.set_mesh``, else the default backend. So a TPU / GPU program, and an AOT compile for a TPU slice from a
+``auto`` turns them on only where the program is compiled for the CPU: the platform an export branch names
+(``target_platform``), else the platform of the mesh set with ``jax.set_mesh``, else the default backend. So a TPU / GPU program, and an AOT compile for a TPU slice from a
 CPU host, is the plain one. ``KaleidoDiT.__call__`` sets the switch for its trace (``kernels``); the leaves
 ask ``active()``.
 """
@@ -35,9 +35,35 @@ _STATE = threading.local()
 
 
 def platform() -> str:
-  """The platform the program being traced is for: the current mesh's (jax.set_mesh), else the default backend."""
+  """The platform the program being traced is for: an enclosing :func:`target_platform` (one branch of a
+  multi-platform export), else the current mesh's (jax.set_mesh), else the default backend."""
+  target = getattr(_STATE, "platform", None)
+  if target is not None:
+    return target
   mesh = jax.sharding.get_abstract_mesh()
   return mesh.abstract_device.platform if mesh is not None and not mesh.empty else jax.default_backend()
+
+
+@contextlib.contextmanager
+def target_platform(name: str, portable: bool = False):
+  """Within: the program being traced is for ``name`` (cpu | cuda | rocm | tpu), whatever host traces it, so
+  every ``auto`` (CPU rewrites here, the attention kernel in attention.py) resolves for that platform.
+
+  ``portable``: the trace is one branch of a program lowered for several platforms. jax lowers every branch of
+  ``lax.platform_dependent`` for all of the program's platforms, and a Pallas (splash) or cuDNN call has no
+  lowering off its own platform, so such a branch uses none (:func:`portable`).
+  """
+  previous = getattr(_STATE, "platform", None), getattr(_STATE, "portable", False)
+  _STATE.platform, _STATE.portable = ("gpu" if name in ("cuda", "rocm") else name), bool(portable)
+  try:
+    yield
+  finally:
+    _STATE.platform, _STATE.portable = previous
+
+
+def portable() -> bool:
+  """Whether the trace must lower on every platform of a multi-platform program (no platform-only kernels)."""
+  return bool(getattr(_STATE, "portable", False))
 
 
 def enabled(setting: str) -> bool:

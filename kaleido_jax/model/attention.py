@@ -413,8 +413,32 @@ def _splash_call(kernel, q, k, v, mask):
   return jax.vmap(lambda a, b_, c, s: kernel(a, b_, c, segment_ids=s))(_hl(q), _hl(k), _hl(v), seg)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _splash_attention(q, k, v, mask, blocks: tuple):
+  return _splash_forward(q, k, v, mask, dict(blocks))[0]
+
+
+def _splash_attention_fwd(q, k, v, mask, blocks):
+  # splash's own custom VJP keeps (out, logsumexp) unnamed, so a remat policy could not save them and the
+  # backward of a rematerialised layer re-ran the Pallas forward; here they carry ATTENTION_RESIDUALS' names
+  # (remat 'dots_and_attention' saves them), and the backward is splash's own kernels given them.
+  o, lse = _splash_forward(q, k, v, mask, dict(blocks))
+  o = checkpoint_name(o, ATTENTION_RESIDUALS[0])
+  lse = checkpoint_name(lse, ATTENTION_RESIDUALS[1])
+  return o, (q, k, v, mask, o, lse)
+
+
+def _splash_attention_bwd(blocks, res, do):
+  q, k, v, mask, o, lse = res
+  dq, dk, dv = _splash_backward(q, k, v, mask, o, lse, do, dict(blocks))
+  return dq, dk, dv, None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
+
+
+_splash_attention.defvjp(_splash_attention_fwd, _splash_attention_bwd)
+
+
 def _splash_attend(q, k, v, mask, blocks):
-  return _hl(_splash_call(_splash_kernel(q.shape[1], k.shape[1], q.shape[2], blocks), q, k, v, mask))
+  return _splash_attention(q, k, v, mask, tuple(sorted(blocks.items())))
 
 
 def _splash_forward(q, k, v, mask, blocks):
@@ -424,11 +448,14 @@ def _splash_forward(q, k, v, mask, blocks):
 
 
 def _splash_backward(q, k, v, mask, o, lse, do, blocks):
-  """Splash's own backward kernels given (o, lse) of the whole key sequence: one key block's gradients.
+  """Splash's own backward kernels given (o, lse): the gradients of attention with named residuals
+  (`_splash_attention`) and, with (o, lse) of the whole key sequence, one key block's (ring attention).
 
-  jax's splash has no public entry for this (its forward refuses `save_residuals` under autodiff), so this
-  calls the backward that its custom VJP uses, `_splash_attention_bwd`, with the residuals it expects (jax
-  0.10.2: q, k, v, segment ids, sinks, out, logsumexp, dq / dkv mask infos). Pinned by setup.py.
+  No public entry takes (o, lse) (checked 2026-12-06): jax 0.10.2's splash forward refuses `save_residuals`
+  under autodiff and its backward is the private `_splash_attention_bwd`; tokamax 0.0.12's public
+  `dot_product_attention` returns no residuals, and its ring kernel lives under `tokamax._src` (experimental).
+  So this calls jax's `_splash_attention_bwd` with the residuals it expects (q, k, v, segment ids, sinks, out,
+  logsumexp, dq / dkv mask infos), pinned by setup.py's jax and exercised by the interpret-mode tests.
   """
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   kernel = _splash_kernel(q.shape[1], k.shape[1], q.shape[2], blocks)

@@ -222,3 +222,20 @@ def test_splash_blocks_follow_the_generation_and_are_clamped_to_the_length():
   assert (b.block_q, b.block_kv_dq) == (256, 128)
   with pytest.raises(ValueError, match="unknown splash block"):
     attention.splash_block_sizes(256, 256, {"block_z": 128})
+
+
+def test_dots_and_attention_saves_splash_residuals_instead_of_rerunning_its_forward():
+  # Pallas calls in the lowered gradient of a rematerialised DiT: the forward kernel once per attention, plus
+  # the backward's dq / dkv kernels; dots_no_batch cannot save splash's (out, logsumexp), so its backward
+  # re-runs the forward kernel, dots_and_attention saves them by name as the un-rematerialised step keeps them.
+  tiny = dict(num_heads=2, head_dim=16, in_channels=4, out_channels=4, text_dim=32, freq_dim=16, ffn_dim=64,
+              num_layers=1, attention="splash")
+  r = np.random.default_rng(1)
+  video = jnp.asarray(r.normal(size=(1, 2, 8, 8, 4)), jnp.float32)
+  text = jnp.asarray(r.normal(size=(1, 7, 32)), jnp.float32)
+
+  def kernels(policy):
+    graphdef, state = nnx.split(KaleidoDiT(kcfg.model_config(**tiny, remat_policy=policy), rngs=nnx.Rngs(0)))
+    grad = jax.jit(jax.grad(lambda s: jnp.mean(nnx.merge(graphdef, s)(video, jnp.asarray([3.0]), text) ** 2)))
+    return str(jax.make_jaxpr(grad)(state)).count("pallas_call")
+  assert kernels("dots_and_attention") == kernels("none") < kernels("dots_no_batch")

@@ -305,20 +305,21 @@ def big_rows(args) -> str:
 
 
 # The one-chip / many-chip sampling fit table (issue: the released Kaleido-14B on one TPU chip and many):
-# (row, TPU topology, config overrides on configs/kaleido_14b_sample.py: 480x832x81, 3 refs, text CFG
+# (row, TPU topology, config overrides on configs/kaleido_14b_sample.py: 512x896x81 (upstream's sampling size;
+# 480x832 before 2026-12-06), 3 refs, text CFG
 # [, programs compiled: default DiT call, umT5 and a VAE decode chunk]).
 _INT8_UMT5 = {'text_encoder.quantization': 'int8'}
 SAMPLE_AOT_ROWS = [
-    ('14B 480p+3 refs, int8, v6e-1', 'v6e:1x1', {'model.quantization': 'int8', **_INT8_UMT5}),
-    ('14B 480p+3 refs, int4, v5e-1 (umT5 int8, VAE 512-px tiles)', 'v5e:1x1',
+    ('14B 512x896+3 refs, int8, v6e-1', 'v6e:1x1', {'model.quantization': 'int8', **_INT8_UMT5}),
+    ('14B 512x896+3 refs, int4, v5e-1 (umT5 int8, VAE 512-px tiles)', 'v5e:1x1',
      {'model.quantization': 'int4', **_INT8_UMT5, 'vae.tile_size': 512}),
-    ('14B 480p+3 refs, bf16, v5p-1', 'v5p:1x1x1', {}),
+    ('14B 512x896+3 refs, bf16, v5p-1', 'v5p:1x1x1', {}),
     # The notebook's settings (S2VPipeline keeps its weights between videos: the resident plan must fit).
     ('notebook v6e-1: int8, umT5 int8 on the host', 'v6e:1x1',
      {'model.quantization': 'int8', **_INT8_UMT5, 'sample.text_encoder_device': 'host'}),
     ('notebook v5e-1: int4, umT5 int8 on the host, VAE 256-px tiles', 'v5e:1x1',
      {'model.quantization': 'int4', **_INT8_UMT5, 'sample.text_encoder_device': 'host', 'vae.tile_size': 256}),
-    ('14B 480p+3 refs, int8 weights x int8 activations, v6e-1 (DiT only)', 'v6e:1x1',
+    ('14B 512x896+3 refs, int8 weights x int8 activations, v6e-1 (DiT only)', 'v6e:1x1',
      {'model.quantization': 'int8', 'model.quantize_activations': True}, ('dit',)),
     ('14B 720p+3 refs, bf16, v6e-8, data 2 x context 4', 'v6e:2x4',
      {'sample.height': 720, 'sample.width': 1280, 'mesh.data': 2, 'mesh.context': 4,

@@ -1,4 +1,6 @@
-"""Kaleido-14B for sampling: bf16 weights (no float32 masters), umT5-XXL in bf16, 480x832x81 with <= 3 refs.
+"""Kaleido-14B for sampling as upstream samples it: bf16 weights (no float32 masters), umT5-XXL in bf16, 512x896x81
+with <= 3 refs, Euler on upstream's σ grid (sample.solver='kaleido'), 50 steps, shift 7, CFG 6, Kaleido's
+negative prompt (480x832, the training size: --size 480x832).
 
 One TPU chip (the memory plan of `python -m kaleido_jax.tools.aot --step sample`, bench/sample.py --aot):
   v6e-1 (32 GiB)  --config.model.quantization=int8
@@ -21,5 +23,6 @@ def get_config():
   config.data.update(max_refs=3)
   config.vae.update(decode_chunk_frames=1)
   config.mesh.update(data=-1, fsdp=1)  # one chip: 1; a host of n chips: set context (data fills the rest)
-  config.sample.update(num_frames=81, height=480, width=832)
+  config.sample.update(solver='kaleido', num_steps=50, shift=7.0, guidance_scale=6.0, num_frames=81, height=512,
+                       width=896, negative_prompt=kcfg.KALEIDO_NEGATIVE_PROMPT)
   return config

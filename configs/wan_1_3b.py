@@ -15,5 +15,7 @@ def get_config():
   config.data.update(num_frames=81, height=480, width=832, max_refs=3, source='tfds',
                      precomputed_latents=True, batch_size=8)
   config.mesh.update(data=1, fsdp=-1)
-  config.sample.update(shift=5.0, guidance_scale=5.0)
+  # Wan's own sampling (its negative prompt, 480x832), on diffusers' Euler grid.
+  config.sample.update(solver='euler', shift=5.0, guidance_scale=5.0, negative_prompt=kcfg.WAN_NEGATIVE_PROMPT,
+                       height=480, width=832)
   return config

@@ -34,6 +34,9 @@ WAN_NEGATIVE_PROMPT = (
     '色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，'
     'JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，'
     '手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走')
+# Released Kaleido's `sample_neg_prompt` (configs/sampling/sample_wanvae_concat_14b.yaml): Wan's list without
+# "画得不好的脸部，" (poorly drawn faces).
+KALEIDO_NEGATIVE_PROMPT = WAN_NEGATIVE_PROMPT.replace('画得不好的脸部，', '')
 
 
 class ConfigError(ValueError):
@@ -294,9 +297,11 @@ def diffusion_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def sample_config(**overrides) -> ml_collections.ConfigDict:
-  """Sampler defaults: released Kaleido (Euler, 50 steps, shift 7, text CFG 6)."""
+  """Sampler defaults: released Kaleido as upstream samples it (Euler on its grid, 50 steps, shift 7, text CFG 6,
+  its negative prompt, 512x896x81)."""
   cfg = ml_collections.ConfigDict(dict(
-      solver='euler',           # euler | unipc
+      solver='kaleido',         # kaleido (Euler on upstream Kaleido's grid: schedules.kaleido_schedule) | euler
+                                # (diffusers' FlowMatchEuler grid, Wan's) | unipc
       unipc_order=2,            # UniPC-BH2 order (Wan: 2); 1 | 2
       num_steps=50,
       shift=7.0,
@@ -317,10 +322,11 @@ def sample_config(**overrides) -> ml_collections.ConfigDict:
       text_kv_cache=False,      # cross-attention keys / values of the prompt computed once, not every step
       guidance_scale=6.0,       # text classifier-free guidance; same references in both branches
       image_guidance_scale=0.0, # optional third branch without references (0 = off)
-      negative_prompt=WAN_NEGATIVE_PROMPT,  # unconditional text of CFG ('' = the empty prompt)
+      negative_prompt=KALEIDO_NEGATIVE_PROMPT,  # unconditional text of CFG ('' = the empty prompt); Wan
+                                # checkpoints: WAN_NEGATIVE_PROMPT (configs/wan_1_3b.py)
       num_frames=81,
-      height=480,
-      width=832,
+      height=512,               # upstream's sampling size, 512x896 ("Supports 512P"); it trains at 480x832
+      width=896,
       fps=16,
       seed=0,
       # What `--mode sample` generates (main.py's --prompt / --ref / --out / --checkpoint set these).

@@ -32,7 +32,7 @@ Public API:
   also runs the caches of `cfg` (caching.py: sample.cache magcache | teacache with `calibration=`, cfg_cache,
   text_kv_cache; skip decisions are data in the scan, thresholds traced) and `calibrate=True` (an uncached run
   that returns the per-step statistics caching.fit_calibration takes).
-  `cfg` is the `sample` config section (kaleido_jax.config.sample_config): solver ('euler' | 'unipc'),
+  `cfg` is the `sample` config section (kaleido_jax.config.sample_config): solver ('euler' | 'unipc' | 'kaleido'),
   num_steps, shift, guidance_scale (text CFG; 1 = one branch), image_guidance_scale (0 = off; see
   guidance.py for the formula), unipc_order (1 | 2), timesteps (an explicit list of model timesteps, e.g.
   (1000, 750, 500, 250) for 4-step distilled LoRAs; replaces num_steps) and warp_timesteps (shift that list).
@@ -217,7 +217,7 @@ def _loop(denoise_fn: DenoiseFn, solver: str, text_scale: float, image_scale: fl
   def record(cs_before, cs_after, stats):
     return {'step_calls': cs_after['calls'] - cs_before['calls'], **stats}
 
-  if solver == 'euler':
+  if solver in ('euler', 'kaleido'):  # Euler steps (on diffusers' grid / on upstream Kaleido's)
     def body(carry, s):
       x, cs = carry
       v, cs2, stats = velocity(x, s, cs)

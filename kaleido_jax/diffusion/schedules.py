@@ -8,6 +8,10 @@ pipeline, so our samplers can be checked step by step against diffusers:
   is 1000 values σ_k = k/1000 already shifted (float32), and inference takes n points linearly spaced
   (float64) between its first and last entry, divided by 1000 and shifted *again* — so the last sigma is
   the shift applied twice to 1/1000. Timesteps = 1000·σ (float32); a terminal σ = 0 is appended.
+* Kaleido (upstream zai-org/Kaleido's sampler, `hunyuan_schedule: True`, checked at 4c6c757): Euler on
+  σ_k = shift(u_k), u = linspace(1, 0, n + 1) — the shift applied once to a uniform grid that ends at 0, so
+  the last step runs from σ = s/(n + s − 1) (0.125 for s = 7, n = 50) to 0, where diffusers' Euler grid
+  (shifted twice at the low end) ends at 0.047. Timesteps = 1000·σ.
 * UniPC (`UniPCMultistepScheduler(prediction_type='flow_prediction', use_flow_sigmas=True,
   flow_shift=s, final_sigmas_type='zero')`): n points of linspace(1, 1/1000, n + 1)[:-1] (float64), shifted
   once; a first σ of exactly 1 is nudged down by 1e-6 (so log(1 − σ) stays finite); timesteps are
@@ -19,8 +23,9 @@ Public API:
   Schedule(sigmas (n + 1,) float32, timesteps (n,) float32)
   euler_schedule(num_steps, shift, num_train_timesteps=1000) -> Schedule
   unipc_schedule(num_steps, shift, num_train_timesteps=1000) -> Schedule
+  kaleido_schedule(num_steps, shift, num_train_timesteps=1000) -> Schedule
   explicit_schedule(timesteps, shift=1, solver='euler') -> Schedule   an explicit list of model timesteps
-  make_schedule(solver, num_steps, shift, timesteps=()) -> Schedule       solver: 'euler' | 'unipc'
+  make_schedule(solver, num_steps, shift, timesteps=()) -> Schedule   solver: 'euler' | 'unipc' | 'kaleido'
   unipc_coefficients(sigmas, order=2, solver_type='bh2') -> dict of (n,) float32 arrays
     The UniPC-BH predictor/corrector (Zhao et al. 2023, data-prediction form, as in diffusers'
     `multistep_uni_p_bh_update` / `multistep_uni_c_bh_update` with `lower_order_final=True`) reduced to
@@ -33,7 +38,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-SOLVERS = ('euler', 'unipc')
+SOLVERS = ('euler', 'unipc', 'kaleido')  # 'kaleido': Euler steps on upstream Kaleido's grid
 
 
 class Schedule(NamedTuple):
@@ -83,6 +88,13 @@ def unipc_schedule(num_steps: int, shift: float, num_train_timesteps: int = 1000
   return Schedule(sigmas, timesteps)
 
 
+def kaleido_schedule(num_steps: int, shift: float, num_train_timesteps: int = 1000) -> Schedule:
+  """Upstream Kaleido's grid: σ = shift(linspace(1, 0, n + 1)) (float64, then float32); see module docstring."""
+  _check(num_steps, shift)
+  sigmas = shift_sigmas_np(np.linspace(1.0, 0.0, int(num_steps) + 1), shift).astype(np.float32)
+  return Schedule(sigmas, sigmas[:-1] * np.float32(num_train_timesteps))
+
+
 def explicit_schedule(timesteps, shift: float = 1.0, solver: str = 'euler',
                       num_train_timesteps: int = 1000) -> Schedule:
   """A grid from an explicit list of model timesteps (few-step distilled LoRAs: 1000, 750, 500, 250).
@@ -105,7 +117,7 @@ def explicit_schedule(timesteps, shift: float = 1.0, solver: str = 'euler',
 
 
 def make_schedule(solver: str, num_steps: int, shift: float, timesteps=()) -> Schedule:
-  """The grid diffusers uses for `solver` ('euler' | 'unipc'), or the explicit `timesteps` when given (their
+  """The grid diffusers uses for `solver` ('euler' | 'unipc'), upstream Kaleido's ('kaleido'), or the explicit `timesteps` when given (their
   `shift` then applies only if the caller asks for it: see explicit_schedule)."""
   if len(timesteps):
     if solver not in SOLVERS:
@@ -115,6 +127,8 @@ def make_schedule(solver: str, num_steps: int, shift: float, timesteps=()) -> Sc
     return euler_schedule(num_steps, shift)
   if solver == 'unipc':
     return unipc_schedule(num_steps, shift)
+  if solver == 'kaleido':
+    return kaleido_schedule(num_steps, shift)
   raise ValueError(f'unknown solver {solver!r}; expected one of {SOLVERS}')
 
 

@@ -8,6 +8,7 @@ from flax import nnx
 
 from kaleido_jax import config as kcfg
 from kaleido_jax.diffusion import sampler, schedules
+from kaleido_jax.model.dit import KaleidoDiT
 
 A, B, K = -0.7, 0.9, 0.013  # fake velocity v = A·x + B·sin(K·t) (+ text / refs terms when given)
 SHAPE = (2, 3, 4, 4, 4)
@@ -229,3 +230,55 @@ def test_bad_explicit_timesteps_are_refused(bad):
 def test_unipc_takes_an_explicit_grid_starting_at_1000():
   sched = sampler.step_schedule(kcfg.sample_config(solver='unipc', timesteps=(1000.0, 500.0, 100.0)))
   assert sched.sigmas[0] < 1.0 and np.all(np.isfinite(schedules.unipc_coefficients(sched.sigmas)['p_a']))
+
+
+def test_kaleido_grid_is_upstreams_formula():
+  # Upstream Kaleido (hunyuan_schedule, shift_scale 7): σ_k = 7u / (1 + 6u), u = linspace(1, 0, N + 1).
+  for n, s in ((50, 7.0), (4, 7.0), (13, 3.0)):
+    u = np.linspace(1.0, 0.0, n + 1)
+    sched = sampler.step_schedule(kcfg.sample_config(solver='kaleido', num_steps=n, shift=s))
+    np.testing.assert_allclose(sched.sigmas, s * u / (1 + (s - 1) * u), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(sched.timesteps, 1000 * sched.sigmas[:-1], rtol=1e-6)
+  last = sampler.step_schedule(kcfg.sample_config(num_steps=50)).sigmas[-2]
+  assert abs(last - 0.125) < 1e-6  # the last step runs from 0.125 (diffusers' Euler grid: from 0.047)
+  assert sampler.step_schedule(kcfg.sample_config(solver='euler', num_steps=50, shift=7.0)).sigmas[-2] < 0.05
+
+
+def test_kaleido_defaults_are_upstreams():
+  from configs import kaleido_14b_sample
+  for s in (kcfg.sample_config(), kaleido_14b_sample.get_config().sample):
+    assert (s.solver, s.num_steps, s.shift, s.guidance_scale) == ('kaleido', 50, 7.0, 6.0)
+    assert (s.height, s.width, s.num_frames) == (512, 896, 81)  # sampling_image_size [512, 896], 21 latent frames
+    assert s.negative_prompt == kcfg.WAN_NEGATIVE_PROMPT.replace('画得不好的脸部，', '')
+    assert '画得不好的脸部' not in s.negative_prompt and '画得不好的手部' in s.negative_prompt
+
+
+def test_golden_trajectory_of_upstreams_loop():
+  """Our sampler with the Kaleido settings, step by step, against upstream's loop written here in NumPy from its
+  equations: Euler on σ = 7u/(1+6u), u = linspace(1, 0, N+1); model timestep 1000σ; CFG uncond + s(cond − uncond)
+  with the references in both branches."""
+  model = KaleidoDiT(kcfg.model_config(num_heads=2, head_dim=16, in_channels=4, out_channels=4, text_dim=6,
+                                       freq_dim=16, ffn_dim=32, num_layers=2), rngs=nnx.Rngs(5))
+  graphdef, state = nnx.split(model)
+  r = np.random.default_rng(2)
+  noise = np.asarray(sampler.initial_noise([11, 12], SHAPE[1:]))
+  text_c = r.standard_normal((2, 5, 6)).astype(np.float32)
+  text_u = r.standard_normal((1, 5, 6)).astype(np.float32)  # the negative prompt's embedding
+  refs = r.standard_normal((2, 2, 4, 4, 4)).astype(np.float32)
+  mask = np.array([[True, False], [True, True]])
+  n, s, g = 6, 7.0, 6.0
+  cfg = kcfg.sample_config(num_steps=n)  # the defaults: kaleido grid, shift 7, guidance 6
+  cfg.guidance_scale = g
+  _, traj = sampler.sample(graphdef, state, jnp.asarray(noise), jnp.asarray(text_c), jnp.asarray(text_u),
+                           jnp.asarray(refs), jnp.asarray(mask), cfg=cfg, return_trajectory=True)
+  velocity = jax.jit(lambda x, t, text: model(x, t, text, refs=jnp.asarray(refs), ref_mask=jnp.asarray(mask)))
+  u = np.linspace(1.0, 0.0, n + 1)
+  sigma = s * u / (1.0 + (s - 1.0) * u)
+  x = noise.astype(np.float64)
+  for k in range(n):
+    t = np.full((2,), 1000.0 * sigma[k], np.float32)
+    v_c = np.asarray(velocity(jnp.asarray(x, jnp.float32), t, jnp.asarray(text_c)), np.float64)
+    v_u = np.asarray(velocity(jnp.asarray(x, jnp.float32), t, jnp.asarray(np.repeat(text_u, 2, 0))), np.float64)
+    x = x + (sigma[k + 1] - sigma[k]) * (v_u + g * (v_c - v_u))
+    scale = max(1.0, float(np.abs(x).max()))
+    np.testing.assert_allclose(np.asarray(traj[k]), x, rtol=0, atol=2e-5 * scale, err_msg=f'step {k}')

@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from kaleido_jax import encoders as enc_lib
+from kaleido_jax.convert import release as release_lib
 from kaleido_jax.data import references as refs_lib
 from kaleido_jax.diffusion import sampler as sampler_lib
 from kaleido_jax.model import codec as codec_lib
@@ -191,6 +192,17 @@ def _as_batch(refs: Any, prompts: Any) -> tuple[list[list[Any]], list[str]]:
   return [list(r) if isinstance(r, (list, tuple)) else [r] for r in refs], prompts
 
 
+def _resolve_release(config: ml_collections.ConfigDict, checkpoint: str) -> tuple[ml_collections.ConfigDict, str]:
+  """A converted Kaleido release (convert/release.py) as the checkpoint or init_from.transformer: the config
+  then reads its DiT, VAE, umT5 and tokenizer (a copy; the caller's config is left as it was)."""
+  path = checkpoint or config.init_from.transformer
+  if not release_lib.is_converted_release(path):
+    return config, checkpoint
+  config = config.copy_and_resolve_references()
+  release_lib.apply(config, path)
+  return config, os.path.join(path, 'transformer') if checkpoint else checkpoint
+
+
 class S2VPipeline:
   """Encoders + DiT weights + sampler settings; `generate` makes videos (see the module docstring)."""
 
@@ -207,6 +219,7 @@ class S2VPipeline:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, *, workdir: str | None = None, checkpoint: str = '',
                   mesh: Any = None, encoders: enc_lib.Encoders | None = None) -> 'S2VPipeline':
+    config, checkpoint = _resolve_release(config, checkpoint)
     graphdef, state, where = load_weights(config, checkpoint, workdir, mesh)
     encoders = encoders or enc_lib.Encoders.from_config(config, workdir=workdir)
     return cls(config, encoders, graphdef, state, mesh=mesh, weights_from=where, workdir=workdir)

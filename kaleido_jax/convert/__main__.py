@@ -1,5 +1,8 @@
 """``python -m kaleido_jax.convert --component C --format F --input PATH --output DIR [--quantization int8]``.
 
+``--format kaleido --input RELEASE_DIR`` (the released Kaleido folder: model/, Wan2.1_VAE.pth, umt5-xxl/) converts
+its DiT, VAE and umT5 in one command into the layout ``--mode sample --checkpoint DIR`` reads (convert/release.py).
+
 Writes an orbax checkpoint of the component's NNX state plus its config (atomically: an interrupted or
 failed conversion leaves no output directory). Errors are one line on stderr and exit code 2.
 """
@@ -36,6 +39,10 @@ def main(argv=None) -> int:
     print("error: --quantization applies to the transformer and the text_encoder, not the vae (its convolutions "
           "stay float); drop --quantization", file=sys.stderr)
     return 2
+  if args.component == "transformer" and args.format == "kaleido":
+    from kaleido_jax.convert import release  # pylint: disable=g-import-not-at-top
+    if release.is_release(args.input):  # the whole released folder: DiT, VAE and umT5 in one command
+      module = "kaleido_jax.convert.release"
   try:
     importlib.import_module(module).convert_cli(args)
   except (FileNotFoundError, FileExistsError, ValueError) as e:  # ConversionError is a ValueError

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -120,18 +121,90 @@ def _safetensors_keys(file: str) -> list[str]:
     raise ConversionError(f"cannot read {file!r} as safetensors ({e}); is the file complete?") from e
 
 
+# Wrappers around a state dict that training frameworks add to its keys: DeepSpeed's and DDP's `module.`,
+# torch.compile's `_orig_mod.`, FSDP(2)'s and activation checkpointing's wrapped-module names.
+_KEY_WRAPPERS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
 def _torch_load(path: str) -> dict[str, Any]:
+  """The tensors of a PyTorch pickle, keyed by name, whatever wraps them.
+
+  Plain state dicts, `{'state_dict': ...}`, DeepSpeed / SAT `{'module': ..., <RNG states, args, ...>}` and FSDP2
+  full-state files `{'model': ...}` all give their tensors. torch's `weights_only` loader is tried first; a file
+  whose other entries hold objects it refuses (DeepSpeed's numpy RNG state, an argparse Namespace) is read
+  with an unpickler that builds tensors only and replaces every other object by an inert placeholder: no
+  constructor or function of the file is ever run.
+  """
   try:
     import torch
   except ImportError as e:
     raise ImportError(f"{path!r} is a PyTorch pickle; reading it needs torch (pip install "
                       "'kaleido_jax[test]'), or convert it to safetensors first") from e
-  state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-  if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-    state = state["state_dict"]
-  if isinstance(state, dict) and "module" in state and isinstance(state["module"], dict):
-    state = state["module"]  # DeepSpeed / SAT style wrapper
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+  except pickle.UnpicklingError:
+    obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TensorsOnlyPickle, mmap=True)
+  for key in ("state_dict", "module", "model"):  # the wrapper dicts, outermost first
+    if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+      obj = obj[key]
+  if not isinstance(obj, dict):
+    raise ConversionError(f"{path!r} holds a {type(obj).__name__}, not a state dict of tensors")
+  state = {}
+  for k, v in obj.items():
+    if not isinstance(v, torch.Tensor):
+      continue
+    name = str(k)
+    while name.startswith(_KEY_WRAPPERS):
+      name = name[next(len(w) for w in _KEY_WRAPPERS if name.startswith(w)):]
+    for w in _KEY_WRAPPERS[1:]:  # FSDP / compile wrappers may also sit inside the name
+      name = name.replace("." + w, ".")
+    state[name] = v
+  if not state:
+    raise ConversionError(f"{path!r} holds no tensors (under 'module', 'model' or 'state_dict' either)")
   return state
+
+
+class _Opaque:
+  """What a pickled object other than a tensor becomes: it accepts any arguments and state and keeps none."""
+
+  def __init__(self, *args, **kwargs):
+    del args, kwargs
+
+  def __setstate__(self, state):
+    del state
+
+  def __call__(self, *args, **kwargs):
+    return _Opaque()
+
+
+def _tensor_globals() -> dict[tuple[str, str], Any]:
+  import collections
+  import torch
+  from torch import _utils  # pylint: disable=g-import-not-at-top
+  allowed = {("collections", "OrderedDict"): collections.OrderedDict, ("torch", "Size"): torch.Size,
+             ("torch", "device"): torch.device}
+  for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"):
+    if hasattr(_utils, name):
+      allowed[("torch._utils", name)] = getattr(_utils, name)
+  for name in dir(torch):
+    value = getattr(torch, name, None)
+    if name.endswith("Storage") or isinstance(value, torch.dtype):
+      allowed[("torch", name)] = value
+  allowed[("torch.storage", "UntypedStorage")] = torch.storage.UntypedStorage
+  allowed[("torch.storage", "TypedStorage")] = torch.storage.TypedStorage
+  return allowed
+
+
+class _TensorsOnlyUnpickler(pickle.Unpickler):
+  def find_class(self, module: str, name: str) -> Any:
+    return _tensor_globals().get((module, name), _Opaque)
+
+
+class _TensorsOnlyPickle:
+  """A `pickle_module` for torch.load whose Unpickler resolves tensor machinery only (see `_torch_load`)."""
+  Unpickler = _TensorsOnlyUnpickler
+  load = staticmethod(lambda f, **kw: _TensorsOnlyUnpickler(f, **kw).load())
+  __name__ = "kaleido_jax.tensors_only_pickle"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ Key layouts (learned from the public code; facts, not copies):
   ``model.diffusion_model.``; self-attention q/k/v fused row-wise into ``attention.query_key_value``,
   cross-attention k/v fused into ``cross_attention.key_value``; norms under ``mixins.adaln_layer.*_list.{i}``;
   modulation ``mixins.adaln_layer.adaLN_modulations.{i}``; head ``mixins.final_layer``. The file is a
-  DeepSpeed ``{dir}/{latest}/mp_rank_00_model_states.pt`` holding ``{'module': state_dict}``.
+  DeepSpeed ``{dir}/{latest}/mp_rank_00_model_states.pt`` holding ``{'module': state_dict}`` beside RNG states
+  and other objects (read safely: common._torch_load), or an FSDP2 run's ``fsdp2_rank_0000_checkpoint.pt``;
+  the DiT's keys may sit beside the conditioner's / VAE's (``IGNORED_PREFIXES``).
 """
 
 from __future__ import annotations
@@ -158,14 +160,25 @@ def make_plan(cfg: ml_collections.ConfigDict, fmt: str) -> dict[str, common.Sour
 # --------------------------------------------------------------------------------------------------
 
 
+# The files a Kaleido training run writes: DeepSpeed / SAT's model shard, or an FSDP2 run's rank-0 full state.
+KALEIDO_FILES = ("mp_rank_00_model_states.pt", "fsdp2_rank_0000_checkpoint.pt")
+# Keys a released Kaleido file may carry beside the DiT that are not the DiT (upstream loads with strict=False):
+# the text conditioner, the first-stage (VAE) model and the loss / denoiser modules of SAT's diffusion engine.
+# Any other key the plan does not use is named in an error.
+IGNORED_PREFIXES = {"kaleido": ("conditioner.", "first_stage_model.", "denoiser.", "loss_fn."), "diffusers": (),
+                    "wan": ()}
+
+
 def resolve_path(path: str, fmt: str) -> str:
-  """Kaleido SAT directories hold ``latest`` naming the step folder with the DeepSpeed shard."""
+  """Kaleido directories hold ``latest`` naming the step folder with the DeepSpeed shard (or an FSDP2 rank-0
+  file), or the file itself."""
   if fmt == "kaleido" and os.path.isdir(path):
     latest = os.path.join(path, "latest")
     step = open(latest).read().strip() if os.path.exists(latest) else ""
-    candidate = os.path.join(path, step, "mp_rank_00_model_states.pt")
-    if os.path.exists(candidate):
-      return candidate
+    for name in KALEIDO_FILES:
+      for candidate in (os.path.join(path, step, name), os.path.join(path, name)):
+        if os.path.exists(candidate):
+          return candidate
   if fmt == "diffusers" and os.path.isdir(os.path.join(path, "transformer")):
     return os.path.join(path, "transformer")  # a whole pipeline directory
   return path
@@ -227,7 +240,8 @@ def convert_state(path: str, fmt: str = "diffusers", config: ml_collections.Conf
   abstract = nnx.eval_shape(lambda: KaleidoDiT(config, rngs=nnx.Rngs(0)))
   like = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   targets = common.flatten_paths(like)
-  flat = common.fill_from_plan(reader, targets, make_plan(config, fmt), what=f"{fmt} checkpoint {path!r}")
+  flat = common.fill_from_plan(reader, targets, make_plan(config, fmt), ignore_unused=IGNORED_PREFIXES[fmt],
+                               what=f"{fmt} checkpoint {path!r}")
   return common.unflatten_paths(flat, like), config
 
 
@@ -278,12 +292,18 @@ def float_config(config: ml_collections.ConfigDict | None) -> ml_collections.Con
   return config
 
 
-def convert_cli(args: argparse.Namespace) -> str:
-  state, cfg = convert_state(args.input, args.format)
-  scheme = getattr(args, "quantization", None) or "none"
-  if scheme != "none":  # written quantized: a Colab session then loads 14 GB of int8, not 57 GB of float32
-    cfg.quantization = scheme
+def convert(input_path: str, output_dir: str, fmt: str, quantization: str = "none",
+            config: ml_collections.ConfigDict | None = None) -> tuple[str, ml_collections.ConfigDict]:
+  """Converts and writes an orbax directory; returns (its path, the model config)."""
+  state, cfg = convert_state(input_path, fmt, config)
+  if quantization and quantization != "none":  # a Colab session then loads 14 GB of int8, not 57 GB of float32
+    cfg.quantization = quantization
     state = nnx.to_pure_dict(nnx.state(common.module_from_state(build_model, cfg, state, device=None), nnx.Param))
-  out = common.save_converted(args.output, state, cfg, component=COMPONENT, source=f"{args.format}:{args.input}")
+  out = common.save_converted(output_dir, state, cfg, component=COMPONENT, source=f"{fmt}:{input_path}")
+  return out, cfg
+
+
+def convert_cli(args: argparse.Namespace) -> str:
+  out, cfg = convert(args.input, args.output, args.format, getattr(args, "quantization", None) or "none")
   print(f"wrote {out} ({cfg.num_layers} layers, dim {cfg.num_heads * cfg.head_dim})")
   return out

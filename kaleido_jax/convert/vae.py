@@ -131,8 +131,13 @@ def load_vae(path: str, format: str = "diffusers", config: ml_collections.Config
   return nnx.merge(graphdef, params, rest)
 
 
+def convert(input_path: str, output_dir: str, fmt: str, config: ml_collections.ConfigDict | None = None) -> str:
+  """Converts and writes an orbax directory (the Wan release ships no config: ``config`` or the Wan2.1 VAE's)."""
+  state, cfg = convert_state(input_path, fmt, config)
+  return common.save_converted(output_dir, state, cfg, component=COMPONENT, source=f"{fmt}:{input_path}")
+
+
 def convert_cli(args: argparse.Namespace) -> str:
-  state, cfg = convert_state(args.input, args.format)
-  out = common.save_converted(args.output, state, cfg, component=COMPONENT, source=f"{args.format}:{args.input}")
+  out = convert(args.input, args.output, args.format)
   print(f"wrote {out}")
   return out

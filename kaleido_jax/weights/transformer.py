@@ -99,7 +99,8 @@ def open_source(path: str, *, fmt: str, model_cfg: ml_collections.ConfigDict, us
     plan = conv.make_plan(float_cfg, fmt)
   except common.ConversionError as e:
     raise WeightsError(str(e)) from e
-  return Opened(sources.TorchSource(reader, plan, where=f'{fmt} checkpoint {resolved!r}'), path)
+  return Opened(sources.TorchSource(reader, plan, where=f'{fmt} checkpoint {resolved!r}',
+                                    ignore_unused=conv.IGNORED_PREFIXES[fmt]), path)
 
 
 def float_abstract(model_cfg: ml_collections.ConfigDict) -> dict:

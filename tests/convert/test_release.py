@@ -1,0 +1,135 @@
+"""Released Kaleido files as upstream writes them: a DeepSpeed pickle with RNG states and other objects beside
+`module` (read without running any of its code), extra conditioner / VAE keys, FSDP2 names; the whole release
+folder (DiT + Wan-format VAE + umT5 .pth + tokenizer) converted in one command and sampled from."""
+
+import argparse
+import os
+import random
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kaleido_jax import config as kcfg
+from kaleido_jax.convert import __main__ as convert_main
+from kaleido_jax.convert import common
+from kaleido_jax.convert import release
+from kaleido_jax.convert import transformer as convert_tf
+from kaleido_jax.convert import vae as convert_vae
+from tests import fixtures_text as ft
+from tests.convert.test_text_encoder import _wan_state_dict
+from tests.convert.test_transformer import _to_sat
+from tests.convert.test_vae import KW as VAE_KW, _cfg as vae_cfg
+from tests.model import dit_reference as ref
+
+pytestmark = pytest.mark.torch
+MARKER = '/tmp/kaleido_release_test_ran_code'
+
+
+class _Evil:
+  """An object whose unpickling would run a command: the loader must never do that."""
+
+  def __reduce__(self):
+    return (os.system, (f'touch {MARKER}',))
+
+
+def _deepspeed_file(path, module):
+  """`{'module': ..., ...}` the way DeepSpeed / SAT save a model shard: RNG states, args, counters beside it."""
+  import torch
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  torch.save({'module': module, 'np_rng_state': np.random.get_state(), 'random_rng_state': random.getstate(),
+              'torch_rng_state': torch.get_rng_state(), 'args': argparse.Namespace(lr=1e-5, zero_stage=2),
+              'iteration': 1000, 'mp_world_size': 1, 'payload': _Evil()}, path)
+
+
+@pytest.fixture(scope='module')
+def parts():
+  import torch
+  from diffusers import AutoencoderKLWan
+  dit = ref.make_diffusers_model(heads=1, head_dim=128, layers=2, seed=4)  # dim 128: the head count is inferred
+  torch.manual_seed(3)
+  vae = AutoencoderKLWan(**VAE_KW, latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+  return dit, vae, ft.tiny_hf_umt5(seed=3, num_layers=2)
+
+
+def _release(root, parts, extra=None):
+  import torch
+  dit, vae, umt5 = parts
+  sat = _to_sat(ref.to_wan_state_dict(dit), 2)
+  sat.update({'conditioner.embedders.0.transformer.shared.weight': torch.zeros(4, 2),
+              'first_stage_model.decoder.conv_in.weight': torch.zeros(2)}, **(extra or {}))
+  _deepspeed_file(os.path.join(root, 'model', '1000', 'mp_rank_00_model_states.pt'), sat)
+  with open(os.path.join(root, 'model', 'latest'), 'w') as fh:
+    fh.write('1000')
+  torch.save({convert_vae.wan_key(k, vae_cfg()): v for k, v in vae.state_dict().items()},
+             os.path.join(root, 'Wan2.1_VAE.pth'))
+  os.makedirs(os.path.join(root, 'umt5-xxl', 'google', 'umt5-xxl'))
+  torch.save(_wan_state_dict(umt5), os.path.join(root, 'umt5-xxl', 'models_t5_umt5-xxl-enc-bf16.pth'))
+  ft.train_sentencepiece(os.path.join(root, 'umt5-xxl', 'google', 'umt5-xxl'), vocab_size=120)
+  return root
+
+
+def test_deepspeed_pickle_loads_its_tensors_only_and_runs_none_of_its_code(tmp_path):
+  import torch
+  if os.path.exists(MARKER):
+    os.remove(MARKER)
+  path = str(tmp_path / 'mp_rank_00_model_states.pt')
+  _deepspeed_file(path, {'a.weight': torch.ones(2, 3), 'module.b': torch.zeros(1)})
+  with pytest.raises(Exception):  # what torch's safe loader does with such a file
+    torch.load(path, weights_only=True)
+  state = common.CheckpointReader(path)
+  assert state.keys() == ['a.weight', 'b'] and state.get('a.weight').shape == (2, 3)
+  assert not os.path.exists(MARKER)
+  # An FSDP2 full-state file: wrapper names stripped.
+  fsdp = str(tmp_path / 'fsdp2_rank_0000_checkpoint.pt')
+  torch.save({'model': {'_orig_mod.blocks.0._fsdp_wrapped_module.w': torch.ones(2)}, 'step': 3}, fsdp)
+  assert common.CheckpointReader(fsdp).keys() == ['blocks.0.w']
+  assert convert_tf.resolve_path(str(tmp_path), 'kaleido') in (path, fsdp)
+
+
+def test_release_folder_converts_in_one_command_and_samples(tmp_path, parts):
+  dit, _, _ = parts
+  root = _release(str(tmp_path / 'Kaleido-14B-S2V'), parts)
+  assert release.is_release(root)
+  # Through the CLI entry: a release missing its VAE is one line, exit 2.
+  broken = _release(str(tmp_path / 'broken'), parts)
+  os.remove(os.path.join(broken, 'Wan2.1_VAE.pth'))
+  assert convert_main.main(['--format', 'kaleido', '--input', broken, '--output', str(tmp_path / 'x')]) == 2
+  out = release.convert_release(root, str(tmp_path / 'converted'), 'int8', vae=vae_cfg())
+  assert sorted(os.listdir(out)) == ['release.json', 'text_encoder', 'transformer', 'vae']
+  assert common.saved_quantization(os.path.join(out, 'transformer')) == 'int8'
+  assert common.saved_quantization(os.path.join(out, 'text_encoder')) == 'int8'
+  # --mode sample's entry: S2VPipeline.from_config with the converted release as the checkpoint.
+  from kaleido_jax import pipeline
+  config = kcfg.base_config()
+  _, config.model = convert_tf.convert_state(os.path.join(root, 'model'), 'kaleido')
+  config.model.update(quantization='int8', dtype='float32', param_dtype='float32')
+  config.vae = vae_cfg()
+  config.text_encoder = kcfg.text_encoder_config(**{k: v for k, v in ft.TINY_UMT5.items()}, quantization='int8',
+                                                 max_length=16)
+  config.mesh.update(data=1)
+  pipe = pipeline.S2VPipeline.from_config(config, workdir=str(tmp_path / 'w'), checkpoint=out)
+  assert pipe.weights_from.startswith(os.path.join(out, 'transformer'))
+  video = pipe.generate([[np.full((16, 16, 3), 200, np.uint8)]], ['a red cat'], num_frames=5, height=16, width=16,
+                        seed=0)
+  assert video.shape == (1, 5, 16, 16, 3) and video.dtype == np.uint8
+  # The DiT it sampled with is the release's (int8: within the quantization error of the torch model).
+  rng = np.random.default_rng(0)
+  x, t, txt = (rng.normal(size=(1, 2, 8, 8, 4)).astype(np.float32), np.array([500.0], np.float32),
+               rng.normal(size=(1, 5, 32)).astype(np.float32))
+  from flax import nnx
+  got = np.asarray(nnx.merge(pipe.graphdef, pipe.state)(jnp.asarray(x), jnp.asarray(t), jnp.asarray(txt)))
+  want = ref.run_diffusers(dit, x, t, txt)
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
+
+
+def test_unexpected_keys_are_named_and_known_extras_ignored(tmp_path, parts):
+  import torch
+  root = _release(str(tmp_path / 'rel'), parts, extra={'model.diffusion_model.image_embedding.proj.weight':
+                                                        torch.zeros(2, 2), 'ema.decay': torch.zeros(())})
+  with pytest.raises(common.ConversionError, match=r"unexpected keys .*ema\.decay.*image_embedding"):
+    convert_tf.convert_state(os.path.join(root, 'model'), 'kaleido')
+  assert not os.path.exists(tmp_path / 'never')
+  with pytest.raises(common.ConversionError):
+    release.convert_release(root, str(tmp_path / 'never'), vae=vae_cfg())
+  assert not os.path.exists(tmp_path / 'never') and not os.path.exists(str(tmp_path / 'never') + '.partial')

@@ -331,6 +331,8 @@ def sample_config(**overrides) -> ml_collections.ConfigDict:
       seed=0,
       # What `--mode sample` generates (main.py's --prompt / --ref / --out / --checkpoint set these).
       prompt='',
+      prompts='',               # a prompt set (Kaleido's prompt@@img lines or a JSON manifest): one video per request
+                                # in the output directory, resumable, over every chip and host (kaleido_jax/batch.py)
       refs=(),                  # reference image paths, one per subject (at most model.max_refs)
       output='',                # video path (.mp4 / .gif); '' = WORKDIR/samples/sample.mp4
       checkpoint='',            # '' = the workdir's latest training checkpoint, else init_from.transformer

@@ -1,4 +1,5 @@
-"""`--mode sample`: one video from reference images and a prompt, written as mp4 (+ GIF and PNG strip).
+"""`--mode sample`: one video from reference images and a prompt, written as mp4 (+ GIF and PNG strip); with
+`--prompts FILE`, one per request of a prompt set (kaleido_jax/batch.py).
 
   python -m kaleido_jax.main --config C --workdir W --mode sample --ref a.png --ref b.png \\
       --prompt "..." --out v.mp4 [--checkpoint P] [--steps N] [--guidance G] [--seed S] [--frames F] [--size HxW]
@@ -72,10 +73,71 @@ def view_scale(height: int) -> int:
   return max(1, 128 // max(height, 1))
 
 
+def device_groups(config: ml_collections.ConfigDict, devices: list[Any]) -> list[Any]:
+  """This host's data-parallel groups for batch sampling: meshes of `fsdp x context x tensor` local chips each."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  per = 1
+  for axis in ('fsdp', 'context', 'tensor'):
+    per *= max(1, int(config.mesh[axis]))
+  if len(devices) % per:
+    from kaleido_jax.pipeline import UserInputError  # pylint: disable=g-import-not-at-top
+    raise UserInputError(f'{len(devices)} local devices do not split into groups of fsdp x context x tensor = {per}; '
+                         'set --config.mesh.* so that they do')
+  shape = (1, int(config.mesh.fsdp), int(config.mesh.context), int(config.mesh.tensor))
+  shape = tuple(max(1, d) for d in shape)
+  return [jax.sharding.Mesh(np.asarray(devices[i:i + per]).reshape(shape), mesh_lib.MESH_AXES)
+          for i in range(0, len(devices), per)]
+
+
+def run_batch(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """`--prompts FILE`: kaleido_jax/batch.py (one video per request, resumable, over every chip and host)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from kaleido_jax import batch  # pylint: disable=g-import-not-at-top
+  from kaleido_jax import encoders as enc_lib  # pylint: disable=g-import-not-at-top
+  from kaleido_jax import pipeline as pipe_lib  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.train import loop  # pylint: disable=g-import-not-at-top
+  s = config.sample
+  out_dir = s.output or os.path.join(workdir, 'samples')
+  try:
+    if os.path.splitext(out_dir)[1].lower() in media.VIDEO_EXTENSIONS:
+      raise pipe_lib.UserInputError(f'--out {out_dir!r}: with --prompts, --out is the directory of the videos')
+    pipe_lib.check_request(config, ['x'], [0], int(s.num_frames), int(s.height), int(s.width))
+    requests = batch.read_requests(s.prompts, base_seed=int(s.seed), max_refs=int(config.model.max_refs),
+                                   check_image=lambda path, j: refs_lib.load_reference(path, 8, 8, index=j))
+    loop.maybe_initialize_distributed()
+    groups = device_groups(config, list(jax.local_devices()))
+    os.makedirs(out_dir, exist_ok=True)
+    encoders = enc_lib.Encoders.from_config(config, workdir=workdir)  # shared by the host's groups
+    pipes = [pipe_lib.S2VPipeline.from_config(config, workdir=workdir, checkpoint=s.checkpoint, encoders=encoders,
+                                              mesh=mesh) for mesh in groups]
+  except (pipe_lib.UserInputError, batch.PromptSetError) + USER_ERRORS as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+  def maker(pipe):
+    def make(req):
+      try:
+        return pipe.generate(list(req.refs), req.prompt, seed=req.seed)[0]
+      except (pipe_lib.UserInputError,) + USER_ERRORS as e:
+        raise ValueError(str(e)) from e
+    return make
+  n = len(groups)
+  stats = batch.run_requests(requests, out_dir, [maker(p) for p in pipes], fps=float(s.fps),
+                             group_offset=jax.process_index() * n, num_groups=jax.process_count() * n)
+  manifest = batch.write_manifest(out_dir, requests)
+  print(f'{stats["made"]} videos made, {stats["skipped"]} already done, {stats["errors"]} bad requests on this host '
+        f'({n} group(s) of {groups[0].size} chip(s)); {manifest["done"]} of {len(requests)} done in '
+        f'{os.path.join(out_dir, batch.MANIFEST)}')
+  return {'stats': stats, 'manifest': manifest, 'out_dir': out_dir}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from kaleido_jax import encoders as enc_lib  # pylint: disable=g-import-not-at-top
   from kaleido_jax import pipeline as pipe_lib  # pylint: disable=g-import-not-at-top
   s = config.sample
+  if s.get('prompts', ''):
+    return run_batch(config, workdir)
   try:
     paths = output_paths(s.output or os.path.join(workdir, 'samples', 'sample.mp4'), bool(s.gif))
     if not s.prompt.strip():

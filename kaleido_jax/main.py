@@ -25,6 +25,8 @@ _MODE = flags.DEFINE_enum("mode", None, ["train", "sample", "export", "eval", "p
 
 # Sampling shorthands: each sets one config.sample key (so `--steps 20` == `--config.sample.num_steps=20`).
 _PROMPT = flags.DEFINE_string("prompt", None, "Text prompt (config.sample.prompt).")
+_PROMPTS = flags.DEFINE_string("prompts", None, "A prompt set, prompt@@img1@@img2 lines or a JSON manifest: one video "
+                               "per request in the --out directory (config.sample.prompts).")
 _REF = flags.DEFINE_multi_string("ref", None, "Reference image, repeat per subject (config.sample.refs).")
 _LORA = flags.DEFINE_multi_string("lora", None, "LoRA file merged into the DiT, PATH or PATH:SCALE; repeat for "
                                   "several (config.sample.loras).")
@@ -52,7 +54,8 @@ def parse_size(text: str) -> tuple[int, int]:
 def apply_sample_flags(config) -> None:
   """Copy the sampling shorthands that were given into config.sample."""
   s = config.sample
-  for flag, key, cast in ((_PROMPT, "prompt", str), (_OUT, "output", str), (_CHECKPOINT, "checkpoint", str),
+  for flag, key, cast in ((_PROMPT, "prompt", str), (_PROMPTS, "prompts", str), (_OUT, "output", str),
+                          (_CHECKPOINT, "checkpoint", str),
                           (_STEPS, "num_steps", int), (_GUIDANCE, "guidance_scale", float), (_SEED, "seed", int),
                           (_FRAMES, "num_frames", int)):
     if flag.value is not None:

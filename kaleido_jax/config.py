@@ -400,6 +400,8 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
       num_videos=8,             # held-out clips to generate for
       batch_size=4,             # videos per sampler call
       exported='',              # run this exported artifact instead of the model code ('' = model code)
+      samples_dir='',           # score this `--mode sample --prompts` output directory instead (its manifest's
+                                # videos against their own references; no generation)
       output_dir='',            # '' = WORKDIR/eval
       scorers=('lpips', 'histogram'),
       save_videos=4,            # write this many GIF strips of generated vs target

@@ -160,10 +160,52 @@ def evaluate(config: ml_collections.ConfigDict, generators: Mapping[str, Generat
   return results
 
 
+def score_samples(config: ml_collections.ConfigDict, samples_dir: str, output_dir: str) -> dict[str, Any]:
+  """Scores a `--mode sample --prompts` output directory (kaleido_jax/batch.py): every done video of its
+  manifest against its own reference images (fitted on white at the video's size). No ground truth: the
+  metrics that need the synthetic truth (pose copy, motion adherence) and the target row are absent."""
+  from kaleido_jax import batch  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.data import references as refs_lib  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.data import video as video_lib  # pylint: disable=g-import-not-at-top
+  path = os.path.join(samples_dir, batch.MANIFEST)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'eval.samples_dir={samples_dir!r} has no {batch.MANIFEST}: give the --out directory '
+                            'of a `--mode sample --prompts` run')
+  with open(path, encoding='utf-8') as fh:
+    entries = [r for r in json.load(fh)['requests'] if r['status'] == 'done']
+  rows = []
+  for r in entries:
+    frames = video_lib.decode(os.path.join(samples_dir, r['file'])).frames
+    h, w = frames.shape[1:3]
+    refs = [np.round((refs_lib.load_reference(p, h, w) + 1.0) * 127.5).astype(np.uint8) for p in r['refs']]
+    row = metrics.evaluate_video(_as_float(frames), np.stack(refs) if refs else np.zeros((0, h, w, 3), np.uint8),
+                                 scorers=tuple(config.eval.scorers))
+    rows.append({'name': r['name'], **row})
+  name = f'samples ({os.path.basename(os.path.abspath(samples_dir))})'
+  means = {name: metrics.aggregate([{k: v for k, v in row.items() if k != 'name'} for row in rows])}
+  table = metrics.markdown_table(means)
+  os.makedirs(output_dir, exist_ok=True)
+  results = {'samples_dir': os.path.abspath(samples_dir), 'num_videos': len(rows), 'scorers': list(config.eval.scorers),
+             'means': means, 'per_video': rows, 'table': table}
+  with media.atomic_path(os.path.join(output_dir, 'eval.json')) as tmp, open(tmp, 'w') as fh:
+    json.dump(results, fh, indent=2)
+  with media.atomic_path(os.path.join(output_dir, 'eval.md')) as tmp, open(tmp, 'w') as fh:
+    fh.write(f'# Evaluation of {samples_dir}: {len(rows)} videos against their references\n\n{table}\n')
+  return results
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from kaleido_jax import pipeline as pipe_lib  # pylint: disable=g-import-not-at-top
   from kaleido_jax import exported as exported_lib  # pylint: disable=g-import-not-at-top
   e = config.eval
+  if e.get('samples_dir', ''):
+    try:
+      results = score_samples(config, e.samples_dir, e.output_dir or os.path.join(e.samples_dir, 'eval'))
+    except FileNotFoundError as err:
+      print(f'error: {err}', file=sys.stderr)
+      sys.exit(2)
+    print(results['table'])
+    return results
   try:
     if e.exported:
       sampler = exported_lib.ExportedSampler(e.exported)

@@ -82,8 +82,8 @@ def throughput(args) -> None:
           f"{r['steps_per_s'] / base:.2f}x |")
 
 
-# The fit table (issue: Kaleido-14B at pod scale): (row, config, TPU topology, global batch (0 = one sample per
-# data-parallel shard), config overrides).
+# The fit table (issue: Kaleido-14B at pod scale): (row, config, TPU topology, global batch (0 = the config's
+# data.batch_size, validated as the trainer would), config overrides).
 _720P = {'data.height': 720, 'data.width': 1280}
 _CP4 = {'mesh.fsdp': 1, 'mesh.context': 4}
 _LORA = {'train.lora.rank': 16, 'model.param_dtype': 'bfloat16'}
@@ -97,8 +97,8 @@ AOT_ROWS = [
     ('  same, ulysses', 'configs/kaleido_14b.py', 'v5p:2x2x1', 1,
      {**_720P, **_CP4, 'model.context_parallel': 'ulysses'}),
     ('  same, ring', 'configs/kaleido_14b.py', 'v5p:2x2x1', 1, {**_720P, **_CP4, 'model.context_parallel': 'ring'}),
-    ('14B 480p+3 refs, v6e-16', 'configs/kaleido_14b.py', 'v6e:4x4', 0, {}),
-    ('  same, fsdp 8 x context 2 (half a sample per chip)', 'configs/kaleido_14b.py', 'v6e:4x4', 0,
+    ('14B 480p+3 refs, v6e-16', 'configs/kaleido_14b.py', 'v6e:4x4', 16, {}),
+    ('  same, fsdp 8 x context 2 (half a sample per chip)', 'configs/kaleido_14b.py', 'v6e:4x4', 8,
      {'mesh.fsdp': 8, 'mesh.context': 2, 'model.context_parallel': 'ulysses'}),
     ('1.3B 480p+3 refs, v5e-8', 'configs/wan_1_3b.py', 'v5e:2x4', 0, {}),
     ('  same, remat full (before)', 'configs/wan_1_3b.py', 'v5e:2x4', 0, {'model.remat_policy': 'full'}),
@@ -114,14 +114,14 @@ AOT_ROWS = [
       'model.context_parallel': 'ulysses'}),
     # LoRA fine-tuning (train.lora): adapters on every block linear; the frozen base in bf16 (or int8) is an input
     # of the step, so only the adapters carry fp32 master weights and AdamW moments.
-    ('14B LoRA r16 480p+3 refs, v5e-8, bf16 base, a sample per chip', 'configs/kaleido_14b.py', 'v5e:2x4', 0,
+    ('14B LoRA r16 480p+3 refs, v5e-8, bf16 base, a sample per chip', 'configs/kaleido_14b.py', 'v5e:2x4', 8,
      _LORA),
     ('  LoRA, bf16 base, fsdp 4 x context 2 (ulysses)', 'configs/kaleido_14b.py', 'v5e:2x4', 0, {**_LORA, **_CP2}),
-    ('  LoRA, int8 base, a sample per chip', 'configs/kaleido_14b.py', 'v5e:2x4', 0,
+    ('  LoRA, int8 base, a sample per chip', 'configs/kaleido_14b.py', 'v5e:2x4', 8,
      {**_LORA, 'model.quantization': 'int8'}),
     ('  LoRA, int8 base, fsdp 4 x context 2 (ulysses)', 'configs/kaleido_14b.py', 'v5e:2x4', 0,
      {**_LORA, **_CP2, 'model.quantization': 'int8'}),
-    ('14B full fine-tune 480p+3 refs, v5e-8 (no LoRA, for comparison)', 'configs/kaleido_14b.py', 'v5e:2x4', 0, {}),
+    ('14B full fine-tune 480p+3 refs, v5e-8 (no LoRA, for comparison)', 'configs/kaleido_14b.py', 'v5e:2x4', 8, {}),
 ]
 
 

@@ -323,8 +323,8 @@ def _define_flags():
       config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Training config file.', lock_config=False),
       flags.DEFINE_string('topology', 'v5p:2x2x2', 'TPU slice: "<generation>:<AxBxC>", e.g. '
                           'v5p:2x2x2 (v5p-16), v6e:4x4 (v6e-16).'),
-      flags.DEFINE_integer('batch_size', 0, 'Global batch; 0 = one sample per data-parallel shard '
-                           '(data * fsdp).'),
+      flags.DEFINE_integer('batch_size', 0, "Global batch; 0 = the config's data.batch_size (train; validated "
+                           'as the trainer would) or one video (sample).'),
       flags.DEFINE_integer('num_refs', -1, 'References per sample; -1 = data.max_refs (train) or '
                            'model.max_refs (sample).'),
       flags.DEFINE_enum('step', 'train', ['train', 'sample'], 'train: the training step; sample: one '

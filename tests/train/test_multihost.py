@@ -17,16 +17,17 @@ from kaleido_jax.train import mesh as mesh_lib
 from tests.train.common import tiny_config
 from tests.train.test_loop import _final_params, _free_port, _steps, _worker
 
-MESH = dict(data=2, context=2)  # 4 devices; 4 processes x 1 device: context spans processes
+CONTEXT = dict(data=2, context=2)  # 4 devices; 4 processes x 1 device: context spans processes
+TENSOR = dict(data=2, tensor=2)    # ... or tensor does
 TRAIN = dict(num_steps=8, checkpoint_every=2, log_every=1)
 
 
-def _launch(n, workdir, out, sleep=0.0):
+def _launch(n, workdir, out, sleep=0.0, mesh=CONTEXT):
   port = _free_port()
   env = lambda i: {'XLA_FLAGS': f'--xla_force_host_platform_device_count={4 // n}',
                    'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAX_NUM_PROCESSES': str(n),
                    'JAX_PROCESS_ID': str(i)}
-  return [_worker(dict(workdir=workdir, train=TRAIN, mesh=MESH, out=out, sleep=sleep), env(i)) for i in range(n)]
+  return [_worker(dict(workdir=workdir, train=TRAIN, mesh=mesh, out=out, sleep=sleep), env(i)) for i in range(n)]
 
 
 def _finish(procs, timeout=300):
@@ -40,17 +41,17 @@ def _outs(out, n):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('n', [2, 4])
-def test_sigterm_to_one_process_saves_one_step_everywhere_and_resumes_bitwise(tmp_path, n):
+@pytest.mark.parametrize('n,mesh', [(2, CONTEXT), (4, CONTEXT), (4, TENSOR)], ids=['2-data', '4-context', '4-tensor'])
+def test_sigterm_to_one_process_saves_one_step_everywhere_and_resumes_bitwise(tmp_path, n, mesh):
   # One process on 4 devices: the reference losses of this mesh.
   one = str(tmp_path / 'one.json')
-  p = _worker(dict(workdir=str(tmp_path / 'one'), train=TRAIN, mesh=MESH, out=one),
+  p = _worker(dict(workdir=str(tmp_path / 'one'), train=TRAIN, mesh=mesh, out=one),
               {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
   _finish([p])
   # n processes, uninterrupted: each feeds the rows the mesh gives it (n = 4: processes 0, 1 hold the
-  # two context halves of data row block 0, so they load the same shard).
+  # two context (or tensor) halves of data row block 0, so they load the same shard).
   ref_wd, ref_out = str(tmp_path / 'ref'), str(tmp_path / 'ref.json')
-  _finish(_launch(n, ref_wd, ref_out))
+  _finish(_launch(n, ref_wd, ref_out, mesh=mesh))
   outs = _outs(ref_out, n)
   shards = [tuple(o['shard']) for o in outs]
   want = ([(0, 2, 0, 4), (1, 2, 4, 8)] if n == 2 else
@@ -59,7 +60,7 @@ def test_sigterm_to_one_process_saves_one_step_everywhere_and_resumes_bitwise(tm
   np.testing.assert_allclose(outs[0]['losses'], json.load(open(one))['losses'], rtol=1e-5)
   # SIGTERM to the last process only, mid-run.
   wd, out = str(tmp_path / 'run'), str(tmp_path / 'run.json')
-  procs = _launch(n, wd, out, sleep=0.3)
+  procs = _launch(n, wd, out, sleep=0.3, mesh=mesh)
   t = time.time()
   while not _steps(wd) and time.time() - t < 240:
     assert all(q.poll() is None for q in procs), [q.stdout.read()[-3000:] for q in procs]
@@ -74,7 +75,7 @@ def test_sigterm_to_one_process_saves_one_step_everywhere_and_resumes_bitwise(tm
   assert sorted(f for f in os.listdir(data_dir) if f.endswith('.json')) == [
       f'process_{i}-of-{n}.json' for i in range(n)]  # every process saved that step
   # Restart: resumes from the preempted step to the end, bitwise the uninterrupted run.
-  _finish(_launch(n, wd, out))
+  _finish(_launch(n, wd, out, mesh=mesh))
   assert _outs(out, n)[0]['step'] == TRAIN['num_steps']
   (s1, a), (s2, b) = _final_params(ref_wd), _final_params(wd)
   assert s1 == s2 == TRAIN['num_steps']

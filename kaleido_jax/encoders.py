@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from kaleido_jax import storage
 from kaleido_jax.data import references as refs_lib
 from kaleido_jax.model import codec as codec_lib
 from kaleido_jax.model import text_encoder as te
@@ -48,9 +49,20 @@ def tokenizer_file(config: ml_collections.ConfigDict, workdir: str | None = None
         "(Wan: google/umt5-xxl/spiece.model, diffusers: tokenizer/spiece.model)")
   from kaleido_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   root = workdir or os.path.join(tempfile.gettempdir(), 'kaleido_jax')
-  return synthetic.train_caption_tokenizer(os.path.join(root, 'tokenizer', 'spiece.model'),
-                                           num_identities=max(64, config.data.num_identities),
-                                           seed=config.data.synthetic_seed)
+  train = lambda path: synthetic.train_caption_tokenizer(path, num_identities=max(64, config.data.num_identities),
+                                                         seed=config.data.synthetic_seed)
+  if not storage.is_remote(root):
+    return train(os.path.join(root, 'tokenizer', 'spiece.model'))
+  # A bucket workdir: sentencepiece reads local files, so the model is built (deterministically: every host gets
+  # the same bytes) or fetched in a local cache and kept in the bucket beside the checkpoints.
+  remote = storage.join(root, 'tokenizer', 'spiece.model')
+  cache = os.path.join(tempfile.gettempdir(), 'kaleido_jax', 'remote-tokenizer', str(abs(hash(remote))))
+  os.makedirs(cache, exist_ok=True)
+  if storage.path(remote).exists():
+    return storage.local_file(remote, cache)
+  local = train(os.path.join(cache, 'spiece.model'))
+  storage.upload(local, remote)
+  return local
 
 
 def load_codec(config: ml_collections.ConfigDict) -> Any:

@@ -115,11 +115,12 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   from kaleido_jax import config as kcfg  # pylint: disable=g-import-not-at-top
+  from kaleido_jax import storage  # pylint: disable=g-import-not-at-top
   from kaleido_jax.train import console  # pylint: disable=g-import-not-at-top
   try:
     with console.quiet_logs(config.train.get('console', 'log') == 'progress'):
       resolve(mode)(config, _WORKDIR.value)
-  except kcfg.ConfigError as e:
+  except (kcfg.ConfigError, storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -18,6 +18,8 @@ import grain
 import ml_collections
 import orbax.checkpoint as ocp
 
+from kaleido_jax import storage
+
 
 class _IteratorSnapshot:
   """The data iterator's position at save time (what grain's checkpoint handler reads)."""
@@ -42,7 +44,7 @@ class Checkpointer:
         enable_async_checkpointing=bool(train_cfg.async_checkpointing),
         create=True)
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory), options=options,
+        directory if storage.is_remote(directory) else os.path.abspath(directory), options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': grain.checkpoint.CheckpointHandler(),
                        'config': ocp.JsonCheckpointHandler()})

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from kaleido_jax import config as kcfg
+from kaleido_jax import storage
 from kaleido_jax.train import checkpoint as ckpt_lib
 from kaleido_jax.train import console
 from kaleido_jax.train import flops as flops_lib
@@ -190,11 +191,19 @@ def save_adapter(config: ml_collections.ConfigDict, spec: state_lib.StateSpec, s
   from kaleido_jax.convert import lora as lora_conv  # pylint: disable=g-import-not-at-top
   key = 'ema' if 'ema' in state else 'params'
   adapters = multihost_utils.process_allgather(state[key], tiled=True)  # every process: host copies of the factors
-  out = os.path.join(workdir, LORA_DIR)
+  out = storage.join(workdir, LORA_DIR)
   if jax.process_index() == 0:
     # The base stays abstract (shapes only): the writer reads the adapters' factors alone.
     model = nnx.merge(spec.graphdef, _filled(spec.abstract_params, adapters), spec.abstract_frozen, spec.rest)
-    lora_conv.save_peft_lora(model, out, alpha=float(config.train.lora.alpha or state_lib.lora_rank(config)))
+    alpha = float(config.train.lora.alpha or state_lib.lora_rank(config))
+    if storage.is_remote(out):  # safetensors writes local files: written locally, then copied into the bucket
+      import tempfile  # pylint: disable=g-import-not-at-top
+      with tempfile.TemporaryDirectory() as tmp:
+        lora_conv.save_peft_lora(model, tmp, alpha=alpha)
+        for f in os.listdir(tmp):
+          storage.upload(os.path.join(tmp, f), storage.join(out, f))
+    else:
+      lora_conv.save_peft_lora(model, out, alpha=alpha)
     logging.info('wrote LoRA adapters (%s) to %s', key, out)
   return out
 
@@ -217,15 +226,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   maybe_initialize_distributed()
   validate(config, jax.device_count())
-  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top  (imports TF)
-
-  os.makedirs(workdir, exist_ok=True)
+  storage.check_writable_dir(workdir)  # a local directory or a bucket prefix (kaleido_jax/storage.py)
   is_main = jax.process_index() == 0
+  lock = storage.WorkdirLock(workdir, float(config.train.get('lock_stale_s', 900.0))) if is_main else None
+  if lock is not None:
+    lock.acquire()
+    if lock.took_over:
+      logging.warning('took over the lock of a dead run in %s: %s', workdir, lock.took_over)
+  try:
+    return _train(config, workdir, is_main, lock)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool,
+           lock: storage.WorkdirLock | None) -> dict[str, Any]:
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top  (imports TF)
   mesh = mesh_lib.make_mesh(config.mesh)
   spec = state_lib.build_spec(config, mesh)
   shard = inputs_lib.data_shards(mesh, config.data.batch_size)[jax.process_index()]  # rows from the mesh
   data = inputs_lib.make_input(config, seed=config.seed, shard=shard, workdir=workdir)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.train)
+  ckpt_dir = storage.join(workdir, 'checkpoints')
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir, config.train)
 
   start = ckpt.latest_step()
   lora = spec.abstract_frozen is not None
@@ -241,7 +264,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     init_params = load_init_params(config, spec.abstract_state['frozen' if lora else 'params'])
     state = state_lib.init_state(config, spec, mesh, params=init_params)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  # TensorBoard events: TF's writer reaches a bucket only through TF's own GCS client, so a bucket workdir gets
+  # them written locally and copied in with epath on every log (storage.SyncedDir).
+  events = storage.SyncedDir(workdir) if storage.is_remote(workdir) and is_main else None
+  logdir = events.local if events is not None else workdir
+  writer = metric_writers.create_default_writer(logdir, just_logging=not is_main)
   if start == 0 and is_main:
     writer.write_hparams({k: v for k, v in config.train.to_dict().items()
                           if isinstance(v, (int, float, str, bool))})
@@ -252,7 +279,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if is_main:
     hooks.append(periodic_actions.ReportProgress(num_train_steps=config.train.num_steps, writer=writer))
     if config.train.profile_steps:
-      hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.train.profile_steps))
+      hooks.append(periodic_actions.Profile(logdir=logdir, num_profile_steps=config.train.profile_steps))
 
   rng = jax.random.key(config.seed)
   train_step = None
@@ -278,7 +305,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if config.train.stop_on_nan and bad:
         raise TrainingDiverged(
             f'loss is {values[bad[0]]} at step {first + bad[0]}; stopping without saving. Last good checkpoint: '
-            f'step {ckpt.latest_step()} in {os.path.join(workdir, "checkpoints")}')
+            f'step {ckpt.latest_step()} in {ckpt_dir}')
     return loss
 
   preempted = False
@@ -318,6 +345,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             scalars['mfu'] = steps_per_s * flops_per_step / (peak * jax.device_count())
           writer.write_scalars(step, scalars)
           last_log_time, last_log_step = now, step
+          if events is not None:
+            writer.flush()
+            events.sync()
+          if lock is not None:
+            lock.heartbeat()
         if stop:
           ckpt.save(step, state_lib.checkpointed(state), data, config, force=True)
           if lora:
@@ -335,4 +367,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         progress.close()
       ckpt.close()
       writer.flush()
+      if events is not None:
+        events.sync()
   return {'step': step, 'loss': loss, 'losses': losses, 'preempted': preempted, 'state': state, 'shard': shard}

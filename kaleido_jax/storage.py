@@ -1,0 +1,194 @@
+"""Storage: every user path may be a local directory or a bucket (`gs://...`), through one abstraction, etils.epath
+(what orbax and TFDS use). On a pod the only storage all hosts share is a bucket.
+
+- `path(p)`: an `epath.Path` for a local path or a `gs://` URL (never `os.path` on a user path: that makes a local
+  folder named `gs:`).
+- `check_writable_dir(p)`: a bucket that does not exist, missing credentials or an object where a directory is
+  expected is one `StorageError` line naming the path and the fix.
+- `local_file(p)` / `upload(local, p)`: for libraries that read or write local files only (sentencepiece,
+  TensorBoard's writer), a local copy of a remote file and the way back.
+- `SyncedDir`: a local directory mirrored into a remote one (TensorBoard events: TF's own GCS client cannot be
+  pointed at another endpoint, so events are written locally and copied with epath, which works against GCS and
+  its emulator alike).
+- `WorkdirLock`: one trainer per workdir (see its docstring for the rule).
+
+On the emulator (tests): STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL point at it, EPATH_USE_TF=0 (epath then
+uses gcsfs) and GOOGLE_AUTH_TOKEN_FOR_TESTING is set; production needs none of these.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from typing import Any
+
+from etils import epath
+
+REMOTE_PREFIXES = ('gs://',)
+
+
+class StorageError(ValueError):
+  """A storage path that cannot be used; the message names it and the fix (the CLI prints it, exit 2)."""
+
+
+def is_remote(p: Any) -> bool:
+  return str(p).startswith(REMOTE_PREFIXES)
+
+
+def path(p: Any) -> epath.Path:
+  return epath.Path(p)
+
+
+def join(p: Any, *parts: str) -> str:
+  return str(epath.Path(p).joinpath(*parts))
+
+
+def _bucket(p: str) -> str:
+  return p.split('://', 1)[1].split('/', 1)[0]
+
+
+def check_writable_dir(p: Any, what: str = 'workdir') -> epath.Path:
+  """Creates `p` as a directory (a bucket prefix) and checks it can hold files; StorageError otherwise."""
+  p = str(p)
+  try:
+    d = epath.Path(p)
+    if d.exists() and not d.is_dir():
+      raise StorageError(f'{what} {p!r} is a file, not a directory; give a directory (or a bucket prefix)')
+    if is_remote(p):
+      bucket = epath.Path(p.split('://', 1)[0] + '://' + _bucket(p))
+      if not bucket.exists():
+        raise StorageError(f'{what} {p!r}: bucket {_bucket(p)!r} does not exist (or these credentials cannot see '
+                           f'it); create it (gcloud storage buckets create gs://{_bucket(p)}) or fix the name')
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+  except StorageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (auth / network errors of the storage client)
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    hint = ('no credentials for Google Cloud Storage? run `gcloud auth application-default login` or use a '
+            'service account' if 'credential' in msg.lower() or 'auth' in msg.lower() else 'check the path')
+    raise StorageError(f'{what} {p!r} cannot be used ({type(e).__name__}: {msg}); {hint}') from e
+
+
+def local_file(p: Any, cache_dir: str | None = None) -> str:
+  """A local path holding the file `p` (itself when local; a downloaded copy of a remote one)."""
+  if not is_remote(p):
+    return str(p)
+  d = cache_dir or tempfile.mkdtemp(prefix='kaleido-storage-')
+  local = os.path.join(d, os.path.basename(str(p)))
+  with epath.Path(p).open('rb') as src, open(local, 'wb') as dst:
+    shutil.copyfileobj(src, dst)
+  return local
+
+
+def upload(local: str, dest: Any) -> None:
+  """Copies the local file to `dest` (local or remote), atomically for local destinations."""
+  d = epath.Path(dest)
+  d.parent.mkdir(parents=True, exist_ok=True)
+  if not is_remote(dest):
+    tmp = f'{dest}.tmp.{os.getpid()}'
+    shutil.copyfile(local, tmp)
+    os.replace(tmp, str(dest))
+    return
+  with open(local, 'rb') as src, d.open('wb') as dst:
+    shutil.copyfileobj(src, dst)
+
+
+class SyncedDir:
+  """A local directory whose files are copied into `remote` on `sync()` (new or grown files only)."""
+
+  def __init__(self, remote: Any):
+    self.remote = str(remote)
+    self.local = tempfile.mkdtemp(prefix='kaleido-sync-')
+    self._sizes: dict[str, int] = {}
+
+  def sync(self) -> int:
+    copied = 0
+    for root, _, files in os.walk(self.local):
+      for f in files:
+        src = os.path.join(root, f)
+        size = os.path.getsize(src)
+        rel = os.path.relpath(src, self.local)
+        if self._sizes.get(rel) != size:
+          upload(src, join(self.remote, rel))
+          self._sizes[rel] = size
+          copied += 1
+    return copied
+
+
+class WorkdirLock:
+  """One trainer per workdir, local or in a bucket: `WORKDIR/train.lock` names its holder.
+
+  Rule: a trainer takes the lock at start and refreshes it (`heartbeat`) every time it logs or saves; it removes
+  the lock when it ends (done, preempted or stopped by an error). A second trainer refuses while the lock is
+  fresh (one line naming the holder: host, pid, since when). A lock not refreshed for `stale_after` seconds is
+  a killed run's: it is taken over, with a warning; on the holder's own host a lock whose process no longer
+  exists is stale at once. Taking the lock writes it and reads it back (the last writer wins a race; the other
+  sees a nonce it did not write and refuses).
+  """
+
+  NAME = 'train.lock'
+
+  def __init__(self, workdir: Any, stale_after: float = 900.0):
+    self.file = epath.Path(workdir) / self.NAME
+    self.stale_after = float(stale_after)
+    self.nonce = uuid.uuid4().hex
+    self.info = {'host': socket.gethostname(), 'pid': os.getpid(), 'nonce': self.nonce}
+    self.took_over: dict[str, Any] | None = None
+
+  def _read(self) -> dict[str, Any] | None:
+    try:
+      return json.loads(self.file.read_text())
+    except (FileNotFoundError, ValueError):
+      return None
+
+  def _stale(self, held: dict[str, Any]) -> bool:
+    if time.time() - float(held.get('heartbeat', 0)) > self.stale_after:
+      return True
+    if held.get('host') == socket.gethostname():
+      try:
+        os.kill(int(held.get('pid', -1)), 0)
+      except ProcessLookupError:
+        return True
+      except (PermissionError, ValueError):
+        return False
+    return False
+
+  def _write(self, **extra: Any) -> None:
+    self.file.write_text(json.dumps({**self.info, 'heartbeat': time.time(), **extra}))
+
+  def acquire(self) -> 'WorkdirLock':
+    held = self._read()
+    if held and held.get('nonce') != self.nonce:
+      if not self._stale(held):
+        since = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(held.get('started', 0))))
+        raise StorageError(
+            f'workdir {str(self.file.parent)!r} is in use by a trainer on {held.get("host")} (pid {held.get("pid")}, '
+            f'since {since}); wait for it, use another --workdir, or if that run is dead remove {str(self.file)!r} '
+            f'(a lock not refreshed for {self.stale_after:.0f} s is taken over)')
+      self.took_over = held
+    self.info['started'] = time.time()
+    self._write()
+    time.sleep(0.05)
+    if (self._read() or {}).get('nonce') != self.nonce:
+      raise StorageError(f'workdir {str(self.file.parent)!r}: another trainer took the lock at the same moment')
+    return self
+
+  def heartbeat(self) -> None:
+    self._write()
+
+  def release(self) -> None:
+    held = self._read()
+    if held and held.get('nonce') == self.nonce:
+      self.file.unlink()
+
+  def __enter__(self) -> 'WorkdirLock':
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()

@@ -1,0 +1,93 @@
+"""Storage: a `gs://` workdir on a GCS server on loopback (tests/gcs.py) holds the checkpoints, events and
+tokenizer and resumes bitwise; the workdir lock; bad storage input is one line, exit 2."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from kaleido_jax import storage
+from tests import gcs as gcs_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def gcs():
+  with gcs_lib.emulator() as g:
+    yield g
+
+
+def test_a_second_trainer_is_refused_by_name_and_a_dead_ones_lock_is_taken_over(tmp_path):
+  first = storage.WorkdirLock(str(tmp_path)).acquire()
+  with pytest.raises(storage.StorageError, match=r'in use by a trainer on .*pid %d' % os.getpid()):
+    storage.WorkdirLock(str(tmp_path)).acquire()
+  # A killed run's lock: its process is gone (same host) -> stale at once.
+  held = json.loads((tmp_path / 'train.lock').read_text())
+  (tmp_path / 'train.lock').write_text(json.dumps({**held, 'pid': 2 ** 22 + 12345, 'nonce': 'dead'}))
+  second = storage.WorkdirLock(str(tmp_path)).acquire()
+  assert second.took_over['nonce'] == 'dead'
+  first.release()  # not its lock any more: left alone
+  assert json.loads((tmp_path / 'train.lock').read_text())['nonce'] == second.nonce
+  second.release()
+  assert not (tmp_path / 'train.lock').exists()
+  # Another host's lock is stale only when not refreshed for stale_after seconds.
+  (tmp_path / 'train.lock').write_text(json.dumps({'host': 'elsewhere', 'pid': 1, 'nonce': 'n',
+                                                    'heartbeat': time.time() - 60, 'started': time.time() - 60}))
+  with pytest.raises(storage.StorageError, match='elsewhere'):
+    storage.WorkdirLock(str(tmp_path), stale_after=900).acquire()
+  assert storage.WorkdirLock(str(tmp_path), stale_after=30).acquire().took_over['host'] == 'elsewhere'
+
+
+def test_bucket_paths_and_bad_storage(gcs, tmp_path):
+  d = storage.check_writable_dir(f'gs://{gcs.bucket}/a/b')
+  (d / 'x.txt').write_text('hi')
+  assert gcs.list('a/') == ['a/b/x.txt'] and not os.path.exists('gs:')
+  with pytest.raises(storage.StorageError, match=r"bucket 'no-such-bucket-x' does not exist"):
+    storage.check_writable_dir('gs://no-such-bucket-x/run')
+  with pytest.raises(storage.StorageError, match='is a file, not a directory'):
+    storage.check_writable_dir(f'gs://{gcs.bucket}/a/b/x.txt')
+  (tmp_path / 'f').write_text('')
+  with pytest.raises(storage.StorageError, match='is a file'):
+    storage.check_writable_dir(str(tmp_path / 'f'))
+
+
+def _train(workdir, steps, env, cwd):
+  cmd = [sys.executable, '-m', 'kaleido_jax.main', '--config', os.path.join(REPO, 'configs', 'demo.py'), '--mode',
+         'train', '--workdir', workdir, f'--config.train.num_steps={steps}', '--config.train.checkpoint_every=2',
+         '--config.train.log_every=1', '--config.data.batch_size=2', '--config.mesh.data=1',
+         '--config.model.num_layers=1']
+  return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO,
+                                 XLA_FLAGS='--xla_force_host_platform_device_count=1', **env))
+
+
+@pytest.mark.slow
+def test_demo_trains_into_a_bucket(gcs, tmp_path):
+  # `--mode train --workdir gs://...` as a user runs it: checkpoints, TensorBoard events and the tokenizer land in
+  # the bucket, no local folder named `gs:` appears, the workdir lock is released at the end.
+  run = f'gs://{gcs.bucket}/run'
+  p = _train(run, 2, gcs.env, str(tmp_path))
+  assert p.returncode == 0, p.stderr[-3000:]
+  objects = gcs.list('run/')
+  assert any(o.startswith('run/checkpoints/2/state/') for o in objects), objects[:20]
+  assert 'run/checkpoints/2/data/process_0-of-1.json' in objects and 'run/tokenizer/spiece.model' in objects
+  assert any('events.out.tfevents' in o for o in objects)
+  assert not os.path.exists(tmp_path / 'gs:') and 'run/train.lock' not in objects
+
+
+def test_bad_bucket_and_locked_workdir_are_one_line_exit_2(gcs, tmp_path):
+  p = _train('gs://no-such-bucket-y/run', 2, gcs.env, str(tmp_path))
+  assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+  assert p.stderr.strip().splitlines()[-1].startswith("error: workdir 'gs://no-such-bucket-y/run': bucket")
+  lock = storage.WorkdirLock(str(tmp_path / 'busy')).acquire() if os.makedirs(tmp_path / 'busy') is None else None
+  try:
+    p = _train(str(tmp_path / 'busy'), 2, {}, str(tmp_path))
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+    assert 'is in use by a trainer' in p.stderr.strip().splitlines()[-1]
+  finally:
+    lock.release()

@@ -70,11 +70,12 @@ class QuantizedLinear(nnx.Module):
       y = qwix.dot_general(lhs, qwix.QArray(qvalue=qvalue, scale=scale, qtype=QTYPES[self.scheme]), dims)
     elif scale.shape[0] == 1:
       # One scale per output channel: x @ (q * s) == (x @ q) * s. The int8 / int4 / e4m3 values are exact in
-      # bf16, so the matmul runs in the compute dtype (fp32 accumulation) and the scale, float32 by the DiT's
-      # precision policy, applies to the output. qwix's weight-only dot_general would dequantize the kernel
-      # in the scale's dtype instead, which with fp32 scales is an fp32 matmul.
-      y = jax.lax.dot_general(lhs, qvalue.astype(self.dtype), dims, preferred_element_type=jnp.float32)
-      y = y * scale[0].astype(jnp.float32)
+      # bf16, so the matmul runs in the compute dtype and the scale, float32 by the DiT's precision policy,
+      # applies to its output in float32. qwix's weight-only dot_general would dequantize the kernel in the
+      # scale's dtype instead, which with fp32 scales is an fp32 matmul. The matmul's own output stays in the
+      # compute dtype: it is what a remat policy saves (fp32 there cost the int8 LoRA fit row 0.8 GiB per chip).
+      y = jax.lax.dot_general(lhs, qvalue.astype(self.dtype), dims)
+      y = y.astype(jnp.float32) * scale[0].astype(jnp.float32)
     else:  # int4's sub-channel scales vary along the contraction: qwix's dequantizing dot_general
       kernel = qwix.QArray(qvalue=qvalue, scale=scale.astype(self.dtype), qtype=QTYPES[self.scheme])
       y = qwix.dot_general(lhs, kernel, dims)

@@ -1,4 +1,5 @@
-"""The loop end to end: checkpoints + resume, SIGTERM, NaN stop, kill -9 exact resume, two processes."""
+"""The loop end to end: checkpoints + resume, SIGTERM, NaN stop, kill -9 exact resume (several processes:
+tests/train/test_multihost.py)."""
 
 import json
 import os
@@ -134,31 +135,6 @@ def _free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-  train = dict(num_steps=3, checkpoint_every=3, log_every=1)
-  mesh = dict(data=2, fsdp=2)
-  one = os.path.join(str(tmp_path), 'one.json')
-  p = _worker(dict(workdir=str(tmp_path / 'one'), train=train, mesh=mesh, out=one),
-              {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
-  assert p.wait(timeout=300) == 0, p.stdout.read()
-  port = _free_port()
-  two = os.path.join(str(tmp_path), 'two.json')
-  procs = [_worker(dict(workdir=str(tmp_path / 'two'), train=train, mesh=mesh, out=two),
-                   {'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
-                    'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAX_NUM_PROCESSES': '2',
-                    'JAX_PROCESS_ID': str(i)}) for i in range(2)]
-  for q in procs:
-    assert q.wait(timeout=300) == 0, q.stdout.read()
-  a, b = json.load(open(one)), json.load(open(two))
-  assert len(a['losses']) == 3
-  np.testing.assert_allclose(b['losses'], a['losses'], rtol=1e-5)
-  # Each process saved its own data-iterator state.
-  data_dir = os.path.join(str(tmp_path / 'two'), 'checkpoints', '3', 'data')
-  assert sorted(f for f in os.listdir(data_dir) if f.endswith('.json')) == [
-      'process_0-of-2.json', 'process_1-of-2.json']
 
 
 @pytest.mark.slow

@@ -315,8 +315,8 @@ SAMPLE_AOT_ROWS = [
      {'model.quantization': 'int4', **_INT8_UMT5, 'vae.tile_size': 512}),
     ('14B 512x896+3 refs, bf16, v5p-1', 'v5p:1x1x1', {}),
     # The notebook's settings (S2VPipeline keeps its weights between videos: the resident plan must fit).
-    ('notebook v6e-1: int8, umT5 int8 on the host', 'v6e:1x1',
-     {'model.quantization': 'int8', **_INT8_UMT5, 'sample.text_encoder_device': 'host'}),
+    ('notebook v6e-1: int8, umT5 int8 on the host, VAE 512-px tiles', 'v6e:1x1',
+     {'model.quantization': 'int8', **_INT8_UMT5, 'sample.text_encoder_device': 'host', 'vae.tile_size': 512}),
     ('notebook v5e-1: int4, umT5 int8 on the host, VAE 256-px tiles', 'v5e:1x1',
      {'model.quantization': 'int4', **_INT8_UMT5, 'sample.text_encoder_device': 'host', 'vae.tile_size': 256}),
     ('14B 512x896+3 refs, int8 weights x int8 activations, v6e-1 (DiT only)', 'v6e:1x1',

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from typing import Any, Sequence
 
 import jax
@@ -103,6 +104,9 @@ class Encoders:
   def __init__(self, codec: Any, text_encoder: te.UMT5Encoder, tokenizer: te.Tokenizer, text_len: int):
     self.codec, self.text_encoder, self.tokenizer, self.text_len = codec, text_encoder, tokenizer, text_len
     self.prompt_cache = te.PromptCache(text_encoder, tokenizer, text_len)
+    # One caller at a time: NNX modules are not to be traversed by two threads at once, and batch sampling's
+    # device groups (kaleido_jax/batch.py) share one host's encoders.
+    self._lock = threading.RLock()
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, *, workdir: str | None = None) -> 'Encoders':
@@ -123,20 +127,24 @@ class Encoders:
   def text(self, prompts: Sequence[str] | str) -> np.ndarray:
     if isinstance(prompts, str):
       prompts = [prompts]
-    return self.prompt_cache(list(prompts)).astype(np.float32)
+    with self._lock:
+      return self.prompt_cache(list(prompts)).astype(np.float32)
 
   def video(self, video: Any) -> jnp.ndarray:
-    return self.codec.normalize(self.codec.encode(jnp.asarray(video, jnp.float32)))
+    with self._lock:
+      return self.codec.normalize(self.codec.encode(jnp.asarray(video, jnp.float32)))
 
   def references(self, refs: Any, ref_mask: Any) -> jnp.ndarray:
     """(B, R, H, W, 3) images in [-1, 1] -> (B, R, h, w, z); each encoded alone as a 1-frame video."""
-    z = refs_lib.encode_references(self.codec.encode, jnp.asarray(refs, jnp.float32))
-    z = self.codec.normalize(z)
+    with self._lock:
+      z = refs_lib.encode_references(self.codec.encode, jnp.asarray(refs, jnp.float32))
+      z = self.codec.normalize(z)
     mask = jnp.asarray(ref_mask, bool).reshape(z.shape[:2] + (1, 1, 1))
     return jnp.where(mask, z, 0.0)
 
   def decode(self, latents: Any, **decode_options: Any) -> jnp.ndarray:
-    return self.codec.decode(self.codec.denormalize(jnp.asarray(latents, jnp.float32)), **decode_options)
+    with self._lock:
+      return self.codec.decode(self.codec.denormalize(jnp.asarray(latents, jnp.float32)), **decode_options)
 
   def encode_batch(self, batch: dict[str, Any], empty_prompt: str = '') -> dict[str, np.ndarray]:
     """A pixel batch of data.pipeline (video, refs, ref_mask, caption) -> the trainer's latent keys.

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -33,6 +32,7 @@ from flax import nnx
 
 import kaleido_jax
 from kaleido_jax import exported as exported_lib
+from kaleido_jax import storage
 from kaleido_jax.diffusion import sampler as sampler_lib
 from kaleido_jax.model import cpu
 
@@ -155,11 +155,7 @@ def export_sampler(pipe: Any, output_dir: str, *, weights: str = 'argument',
                                         'warp_timesteps')}, 'timesteps': [float(t) for t in cfg.timesteps]},
       'weights_from': pipe.weights_from,
   }
-  output_dir = os.path.abspath(output_dir)
-  parent = os.path.dirname(output_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.export-', dir=parent)
-  try:
+  with storage.atomic_dir(output_dir, replace=True) as tmp:  # a previous artifact goes once the new one is whole
     with open(os.path.join(tmp, exported_lib.PROGRAM_FILE), 'wb') as fh:
       fh.write(exp.serialize())
     if not baked:
@@ -168,16 +164,6 @@ def export_sampler(pipe: Any, output_dir: str, *, weights: str = 'argument',
     shutil.copyfile(pipe.encoders.tokenizer.path, os.path.join(tmp, 'spiece.model'))
     with open(os.path.join(tmp, exported_lib.SIGNATURE_FILE), 'w') as fh:
       json.dump(signature, fh, indent=2, ensure_ascii=False)
-    if os.path.exists(output_dir):  # replace a previous artifact only once the new one is complete
-      old = tempfile.mkdtemp(prefix='.export-old-', dir=parent)
-      os.replace(output_dir, os.path.join(old, 'artifact'))
-      os.replace(tmp, output_dir)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, output_dir)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
   return output_dir
 
 

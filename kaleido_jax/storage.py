@@ -18,6 +18,7 @@ uses gcsfs) and GOOGLE_AUTH_TOKEN_FOR_TESTING is set; production needs none of t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ import socket
 import tempfile
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 from etils import epath
 
@@ -97,6 +98,37 @@ def upload(local: str, dest: Any) -> None:
     return
   with open(local, 'rb') as src, d.open('wb') as dst:
     shutil.copyfileobj(src, dst)
+
+
+@contextlib.contextmanager
+def atomic_dir(output: Any, *, replace: bool = False) -> Iterator[str]:
+  """Yields a local temporary directory that becomes `output` only once the block completes (nothing otherwise).
+
+  A local `output` is swapped in with os.replace (an existing one is replaced only after the new one is
+  complete, with `replace=True`; else FileExistsError); a bucket `output` gets the finished files copied in.
+  """
+  output = str(output)
+  if not replace and path(output).exists():
+    raise FileExistsError(f'{output!r} exists; choose a new output directory (nothing is overwritten)')
+  parent = tempfile.gettempdir() if is_remote(output) else os.path.dirname(os.path.abspath(output))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.partial-', dir=parent)
+  try:
+    yield tmp
+    if is_remote(output):
+      for root, _, files in os.walk(tmp):
+        for f in files:
+          upload(os.path.join(root, f), join(output, os.path.relpath(os.path.join(root, f), tmp)))
+    elif os.path.exists(output):
+      old = tempfile.mkdtemp(prefix='.replaced-', dir=parent)
+      os.replace(output, os.path.join(old, 'previous'))
+      os.replace(tmp, output)
+      shutil.rmtree(old)
+    else:
+      os.replace(tmp, output)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
 
 
 class SyncedDir:

@@ -132,7 +132,7 @@ def _torch_load(path: str) -> dict[str, Any]:
   Plain state dicts, `{'state_dict': ...}`, DeepSpeed / SAT `{'module': ..., <RNG states, args, ...>}` and FSDP2
   full-state files `{'model': ...}` all give their tensors. torch's `weights_only` loader is tried first; a file
   whose other entries hold objects it refuses (DeepSpeed's numpy RNG state, an argparse Namespace) is read
-  with an unpickler that builds tensors only and replaces every other object by an inert placeholder: no
+  with an unpickler that builds tensors only and replaces every other object by an inert stand-in (`_Opaque`): no
   constructor or function of the file is ever run.
   """
   try:

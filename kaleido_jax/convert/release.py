@@ -24,7 +24,7 @@ from typing import Any
 
 import ml_collections
 
-from kaleido_jax.convert import common
+from kaleido_jax import storage
 
 MARKER = "release.json"
 PARTS = ("transformer", "vae", "text_encoder")
@@ -78,13 +78,7 @@ def convert_release(release_dir: str, output_dir: str, quantization: str = "none
   from kaleido_jax.convert import transformer as conv_tf  # pylint: disable=g-import-not-at-top
   from kaleido_jax.convert import vae as conv_vae  # pylint: disable=g-import-not-at-top
   files = locate(release_dir)
-  if os.path.exists(output_dir):
-    raise FileExistsError(f"{output_dir!r} exists; choose a new --output (nothing is overwritten)")
-  tmp = output_dir.rstrip("/") + ".partial"
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
-  os.makedirs(tmp)
-  try:
+  with storage.atomic_dir(output_dir) as tmp:  # refused if it exists; a part that fails leaves nothing
     conv_tf.convert(files["transformer"], os.path.join(tmp, "transformer"), "kaleido", quantization, model)
     conv_vae.convert(files["vae"], os.path.join(tmp, "vae"), "wan", vae)
     conv_te.convert(files["text_encoder"], os.path.join(tmp, "text_encoder"), "wan", text_encoder,
@@ -93,10 +87,6 @@ def convert_release(release_dir: str, output_dir: str, quantization: str = "none
     with open(os.path.join(tmp, MARKER), "w") as fh:
       json.dump({"source": os.path.abspath(release_dir), "files": files, "quantization": quantization,
                  "parts": list(PARTS)}, fh, indent=2)
-    os.replace(tmp, output_dir)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
   return output_dir
 
 

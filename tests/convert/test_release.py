@@ -133,3 +133,4 @@ def test_unexpected_keys_are_named_and_known_extras_ignored(tmp_path, parts):
   with pytest.raises(common.ConversionError):
     release.convert_release(root, str(tmp_path / 'never'), vae=vae_cfg())
   assert not os.path.exists(tmp_path / 'never') and not os.path.exists(str(tmp_path / 'never') + '.partial')
+  assert not [f for f in os.listdir(tmp_path) if f.startswith('.partial')]  # no temporary left

@@ -66,8 +66,31 @@ def _train(workdir, steps, env, cwd):
                                  XLA_FLAGS='--xla_force_host_platform_device_count=1', **env))
 
 
+def _bucket_params(run):
+  """(last step, its saved state) read back from the bucket, on this process's first device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ckpts = storage.path(run) / 'checkpoints'
+  step = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  state = ckpts / str(step) / 'state'
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as c:
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                          c.metadata(state).item_metadata.tree)
+    return step, c.restore(state, target)
+
+
+def _assert_same_state(a, b):
+  import jax  # pylint: disable=g-import-not-at-top
+  (s1, x), (s2, y) = a, b
+  assert s1 == s2
+  assert len(jax.tree.leaves(x)) == len(jax.tree.leaves(y)) > 0
+  for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
 @pytest.mark.slow
-def test_demo_trains_into_a_bucket(gcs, tmp_path):
+def test_demo_trains_into_a_bucket_and_resumes_bitwise(gcs, tmp_path):
   # `--mode train --workdir gs://...` as a user runs it: checkpoints, TensorBoard events and the tokenizer land in
   # the bucket, no local folder named `gs:` appears, the workdir lock is released at the end.
   run = f'gs://{gcs.bucket}/run'
@@ -78,6 +101,19 @@ def test_demo_trains_into_a_bucket(gcs, tmp_path):
   assert 'run/checkpoints/2/data/process_0-of-1.json' in objects and 'run/tokenizer/spiece.model' in objects
   assert any('events.out.tfevents' in o for o in objects)
   assert not os.path.exists(tmp_path / 'gs:') and 'run/train.lock' not in objects
+  # The rerun resumes from the bucket (step 2: parameters, optimizer, data position) to the very parameters of
+  # an uninterrupted 4-step run.
+  p = _train(run, 4, gcs.env, str(tmp_path))
+  assert p.returncode == 0, p.stderr[-3000:]
+  log = p.stdout + p.stderr
+  assert 'train step 3/4' in log and 'train step 1/4' not in log, log[-2000:]
+  ref = f'gs://{gcs.bucket}/ref'
+  p = _train(ref, 4, gcs.env, str(tmp_path))
+  assert p.returncode == 0, p.stderr[-3000:]
+  resumed, straight = _bucket_params(run), _bucket_params(ref)
+  assert resumed[0] == 4
+  _assert_same_state(resumed, straight)
+  assert not os.path.exists(tmp_path / 'gs:')
 
 
 def test_bad_bucket_and_locked_workdir_are_one_line_exit_2(gcs, tmp_path):

@@ -3,6 +3,7 @@ tokenizer and resumes bitwise; the workdir lock; bad storage input is one line, 
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -127,3 +128,62 @@ def test_bad_bucket_and_locked_workdir_are_one_line_exit_2(gcs, tmp_path):
     assert 'is in use by a trainer' in p.stderr.strip().splitlines()[-1]
   finally:
     lock.release()
+
+
+def _bucket_steps(gcs, name):
+  # Listed through the JSON API on each call: gcsfs caches directory listings within a process.
+  # A step counts once orbax has committed it: on GCS (no atomic rename) that is commit_success.txt.
+  done = {o.split('/')[2] for o in gcs.list(f'{name}/checkpoints/') if o.endswith('/commit_success.txt')}
+  return sorted(int(n) for n in done if n.isdigit())
+
+
+@pytest.mark.slow
+def test_two_processes_share_a_bucket_workdir_through_kill_and_preemption(gcs, tmp_path):
+  # Two hosts of a pod (jax.distributed on localhost, gloo) with one gs:// workdir: the only storage hosts share.
+  from tests.train.test_loop import _free_port, _worker  # pylint: disable=g-import-not-at-top
+  from tests.train.test_multihost import CONTEXT, _finish, _outs  # pylint: disable=g-import-not-at-top
+  train = dict(num_steps=24, checkpoint_every=2, log_every=1)
+
+  def _launch(workdir, out, sleep=0.0):
+    port = _free_port()
+    return [_worker(dict(workdir=workdir, train=train, mesh=CONTEXT, out=out, sleep=sleep),
+                    {'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'JAX_COORDINATOR_ADDRESS':
+                     f'127.0.0.1:{port}', 'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': str(i)}) for i in range(2)]
+
+  ref, run = f'gs://{gcs.bucket}/two-ref', f'gs://{gcs.bucket}/two'
+  _finish(_launch(ref, str(tmp_path / 'ref.json')))
+  # SIGKILL both processes at a random moment after the first checkpoint: no handler runs, no final save.
+  out = str(tmp_path / 'run.json')
+  procs = _launch(run, out, sleep=0.3)
+  t = time.time()
+  while not _bucket_steps(gcs, 'two') and time.time() - t < 240:
+    assert all(q.poll() is None for q in procs), [q.stdout.read()[-3000:] for q in procs]
+    time.sleep(0.1)
+  time.sleep(np.random.default_rng().uniform(0.0, 1.0))
+  for q in procs:
+    q.kill()
+  for q in procs:
+    q.wait()
+  killed_at = max(_bucket_steps(gcs, 'two'))
+  assert 2 <= killed_at <= 6
+  # Restart (the dead run's lock is taken over), then a SIGTERM to one host: both save the same step and exit 0.
+  procs = _launch(run, out, sleep=0.3)
+  t = time.time()
+  while max(_bucket_steps(gcs, 'two')) <= killed_at and time.time() - t < 240:
+    assert all(q.poll() is None for q in procs), [q.communicate()[0][-3000:] for q in procs]
+    time.sleep(0.1)
+  procs[-1].send_signal(signal.SIGTERM)
+  logs = [q.communicate(timeout=300)[0] for q in procs]
+  assert [q.returncode for q in procs] == [0, 0], [log[-3000:] for log in logs]
+  assert 'took over the lock of a dead run' in logs[0], logs[0][-3000:]
+  outs = _outs(out, 2)
+  assert all(o['preempted'] for o in outs) and outs[0]['step'] == outs[1]['step'], outs
+  stopped = outs[0]['step']
+  assert killed_at < stopped == max(_bucket_steps(gcs, 'two'))
+  assert [o for o in gcs.list(f'two/checkpoints/{stopped}/data/') if o.endswith('.json')] == [
+      f'two/checkpoints/{stopped}/data/process_{i}-of-2.json' for i in range(2)]
+  # Resume to the end: bitwise the uninterrupted run; nothing was written to a local `gs:` folder.
+  _finish(_launch(run, out))
+  _assert_same_state(_bucket_params(run), _bucket_params(ref))
+  assert _bucket_params(run)[0] == train['num_steps'] and 'two/train.lock' not in gcs.list('two/')
+  assert not os.path.exists(os.path.join(REPO, 'gs:'))

@@ -209,6 +209,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       source='synthetic',      # synthetic (in-memory, procedural) | tfds (prepared ArrayRecord shards)
       data_dir='',             # TFDS data_dir for source='tfds'
       dataset_name='kaleido_s2v',
+      local_data_dir='',       # a gs:// data_dir is copied here on each host (array_record reads local files);
+                               # '' = ~/.cache/kaleido_jax/data. Larger than a disk: mount it with gcsfuse
       split='train',
       num_frames=17,           # pixel frames per clip (1 + 4k)
       height=128,

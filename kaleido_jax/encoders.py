@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from kaleido_jax import config as kcfg
 from kaleido_jax import storage
 from kaleido_jax.data import references as refs_lib
 from kaleido_jax.model import codec as codec_lib
@@ -43,9 +44,18 @@ def tokenizer_file(config: ml_collections.ConfigDict, workdir: str | None = None
   """The sentencepiece model the config asks for; builds the synthetic-caption one when none is named."""
   path = config.text_encoder.tokenizer_path
   if path:
-    return te.find_tokenizer_file(path)
+    try:
+      found = te.find_tokenizer_file(path, lambda p: storage.path(p).is_file(), storage.join)
+    except FileNotFoundError as e:
+      raise kcfg.ConfigError(str(e)) from None
+    if not storage.is_remote(found):
+      return found
+    # sentencepiece reads local files: a bucket's model is fetched into a local cache.
+    cache = os.path.join(tempfile.gettempdir(), 'kaleido_jax', 'remote-tokenizer', str(abs(hash(found))))
+    os.makedirs(cache, exist_ok=True)
+    return storage.local_file(found, cache)
   if config.data.source != 'synthetic':
-    raise FileNotFoundError(
+    raise kcfg.ConfigError(
         'config.text_encoder.tokenizer_path is empty; point it at the umT5 sentencepiece model '
         "(Wan: google/umt5-xxl/spiece.model, diffusers: tokenizer/spiece.model)")
   from kaleido_jax.data import synthetic  # pylint: disable=g-import-not-at-top

@@ -19,6 +19,7 @@ uses gcsfs) and GOOGLE_AUTH_TOKEN_FOR_TESTING is set; production needs none of t
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ import uuid
 from typing import Any, Iterator
 
 from etils import epath
+import numpy as np
 
 REMOTE_PREFIXES = ('gs://',)
 
@@ -47,6 +49,99 @@ def path(p: Any) -> epath.Path:
 
 def join(p: Any, *parts: str) -> str:
   return str(epath.Path(p).joinpath(*parts))
+
+
+def resolve(base: Any, p: Any) -> str:
+  """`p` relative to the directory `base`, unless `p` is already absolute or a bucket URL."""
+  p = str(p)
+  return p if is_remote(p) or os.path.isabs(p) else join(base, p)
+
+
+def exists(p: Any) -> bool:
+  return epath.Path(p).exists()
+
+
+def read_text(p: Any) -> str:
+  return epath.Path(p).read_text()
+
+
+def read_json(p: Any) -> Any:
+  return json.loads(epath.Path(p).read_text())
+
+
+def write_bytes(p: Any, data: bytes) -> None:
+  """Writes `p` whole or not at all: a local file through a temporary and os.replace; a bucket object is
+  created by one upload (GCS objects appear complete or not at all)."""
+  p = str(p)
+  if is_remote(p):
+    epath.Path(p).write_bytes(data)
+    return
+  tmp = f'{p}.tmp.{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    f.write(data)
+  os.replace(tmp, p)
+
+
+def write_json(p: Any, obj: Any) -> None:
+  write_bytes(p, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def save_npz(p: Any, *, compressed: bool = False, **arrays: Any) -> None:
+  buf = io.BytesIO()
+  (np.savez_compressed if compressed else np.savez)(buf, **arrays)
+  write_bytes(p, buf.getvalue())
+
+
+def load_npz(p: Any) -> dict[str, np.ndarray]:
+  with epath.Path(p).open('rb') as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
+    return {k: z[k] for k in z.files}
+
+
+def listdir(p: Any) -> list[str]:
+  """Names in the directory `p` (empty when it does not exist)."""
+  d = epath.Path(p)
+  return sorted(x.name for x in d.iterdir()) if d.is_dir() else []
+
+
+def walk_files(p: Any) -> list[str]:
+  """Every file under the directory `p`, as paths relative to it, sorted."""
+  # epath's walk names a bucket's directories without the scheme ('bucket/dir'): compare without it.
+  bare = str(p).split('://', 1)[1] if is_remote(p) else str(p)
+  out = []
+  for d, _, files in epath.Path(p).walk():
+    rel = os.path.relpath(str(d).split('://', 1)[-1], bare)
+    out += [f if rel == '.' else os.path.join(rel, f) for f in files]
+  return sorted(out)
+
+
+@contextlib.contextmanager
+def local_copy(p: Any) -> Iterator[str]:
+  """A local path holding the file `p` for the block: `p` itself, or a temporary download of a bucket object
+  (for readers of local files only: FFmpeg / PyAV, sentencepiece)."""
+  if not is_remote(p):
+    yield str(p)
+    return
+  d = tempfile.mkdtemp(prefix='kaleido-copy-')
+  try:
+    yield local_file(p, d)
+  finally:
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def mirror_dir(src: Any, dest: str) -> str:
+  """Copies the files under `src` (a bucket prefix) into the local directory `dest`, skipping files already
+  there at the same size; each file appears complete or not at all. Returns `dest`."""
+  root = epath.Path(src)
+  for rel in walk_files(src):
+    local = os.path.join(dest, rel)
+    if os.path.exists(local) and os.path.getsize(local) == (root / rel).stat().length:
+      continue
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    tmp = f'{local}.tmp.{os.getpid()}'
+    with (root / rel).open('rb') as s, open(tmp, 'wb') as t:
+      shutil.copyfileobj(s, t, 1 << 22)
+    os.replace(tmp, local)
+  return dest
 
 
 def _bucket(p: str) -> str:

@@ -187,3 +187,54 @@ def test_two_processes_share_a_bucket_workdir_through_kill_and_preemption(gcs, t
   _assert_same_state(_bucket_params(run), _bucket_params(ref))
   assert _bucket_params(run)[0] == train['num_steps'] and 'two/train.lock' not in gcs.list('two/')
   assert not os.path.exists(os.path.join(REPO, 'gs:'))
+
+
+@pytest.mark.slow
+def test_prepare_from_bucket_to_bucket_on_both_engines_and_train_from_the_bucket(gcs, tmp_path):
+  # Raw videos in a bucket -> shards in a bucket, on the local engine and on Beam (two DirectRunner worker
+  # processes, no shared disk used): the same examples as a local run from local files.
+  from kaleido_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from tests.data import test_beam, test_raw_video  # pylint: disable=g-import-not-at-top
+  inp = str(tmp_path / 'in')
+  synthetic.export_raw_videos(inp, num_videos=3, shots_per_video=2, num_identities=5, heldout_identities=1,
+                              num_frames=17, height=test_raw_video.H, width=test_raw_video.W)
+  (tmp_path / 'in' / 'broken.mp4').write_bytes(b'\x00' * 100)
+  raw = f'gs://{gcs.bucket}/raw'
+  for rel in storage.walk_files(inp):
+    storage.upload(os.path.join(inp, rel), storage.join(raw, rel))
+  local_cfg = test_raw_video._cfg(inp)  # pylint: disable=protected-access
+  cfg = test_raw_video._cfg(raw)  # pylint: disable=protected-access
+  assert cfg.prepare.captions == f'{raw}/captions.jsonl'
+  local = str(tmp_path / 'local')
+  a = prepare.prepare(local_cfg, output_dir=local, input_dir=inp, verbose=False)
+  outs = {'gs-local': f'gs://{gcs.bucket}/out-local', 'gs-beam': f'gs://{gcs.bucket}/out-beam'}
+  b = prepare.prepare(cfg, output_dir=outs['gs-local'], input_dir=raw, verbose=False)
+  c = prepare.prepare(test_beam._beam(cfg), output_dir=outs['gs-beam'], input_dir=raw, verbose=False)  # pylint: disable=protected-access
+  assert c['engine'] == 'beam' and b['videos'] == c['videos'] == 4 and b['dropped_clips']['broken'] == 'unreadable'
+  grounded = open(a['grounded']).read().replace(local, 'OUT')
+  same_input = lambda r, d: dict(r, errors={k: v.replace(d, 'IN') for k, v in r['errors'].items()})
+  for name, r in (('gs-local', b), ('gs-beam', c)):
+    test_beam._assert_same(local, same_input(a, inp), outs[name], same_input(r, raw))  # pylint: disable=protected-access
+    objects = gcs.list(outs[name].split('/', 3)[3] + '/')
+    assert any('.array_record-' in o for o in objects) and not any('incomplete' in o for o in objects), objects
+    assert storage.read_text(r['grounded']).replace(outs[name], 'OUT') == grounded
+  assert not os.path.exists(os.path.join(REPO, 'gs:')) and not os.path.exists('gs:')
+  # The trainer reads the bucket's shards (copied to this host: array_record reads local files only).
+  run, copies = f'gs://{gcs.bucket}/train-from-bucket', str(tmp_path / 'copies')
+  tokenizer = f'gs://{gcs.bucket}/umt5/spiece.model'  # the sentencepiece model from a bucket too
+  storage.upload(synthetic.train_caption_tokenizer(str(tmp_path / 'spiece.model')), tokenizer)
+  H, F = test_raw_video.H, test_raw_video.F
+  p = subprocess.run(
+      [sys.executable, '-m', 'kaleido_jax.main', '--config', os.path.join(REPO, 'configs', 'demo.py'), '--mode',
+       'train', '--workdir', run, '--config.train.num_steps=2', '--config.train.log_every=1',
+       '--config.data.source=tfds', f'--config.data.data_dir={outs["gs-beam"]}', f'--config.data.local_data_dir={copies}',
+       f'--config.data.num_frames={F}', f'--config.data.height={H}', f'--config.data.width={H}',
+       '--config.data.batch_size=2', '--config.mesh.data=1', '--config.model.num_layers=1',
+       '--config.diffusion.subject_loss_weight=0', f'--config.text_encoder.tokenizer_path={tokenizer}'],
+      capture_output=True, text=True, cwd=str(tmp_path), timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, XLA_FLAGS='--xla_force_host_platform_device_count=1'))
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert 'train step 2/2' in p.stdout + p.stderr
+  assert os.listdir(os.path.join(copies, gcs.bucket, 'out-beam', 'kaleido_s2v', '1.0.0'))
+  assert _bucket_params(run)[0] == 2

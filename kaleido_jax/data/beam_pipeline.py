@@ -18,9 +18,10 @@ keys, same bytes) and the same report counts (tests/data/test_beam.py, two Direc
 per-clip caches under `output_dir/_work` are shared too, so a failed or killed Beam run resumes like a local one.
 TFDS sizes the Beam engine's shards by bytes (64 MiB to 1 GiB); `shard_size` applies to the local engine. An
 example joins in the cut-outs of every kept clip that holds one of its subjects (what cross-pairing picks from):
-with per-source identities (ingest.py) that is a source's other shots, a few KiB each. `input_dir` and
-`output_dir` must be POSIX paths every worker can read and write (NFS / Filestore, or a bucket mounted with
-gcsfuse in the workers' container). Runner and workers come from `data.prepare.beam_args`, passed to Beam's
+with per-source identities (ingest.py) that is a source's other shots, a few KiB each. `input_dir`,
+`output_dir` and the caches may be buckets (`gs://`, storage.py): no worker needs a shared POSIX disk, so
+Dataflow runs it as it is (tests/test_storage.py: raw videos in a bucket, two DirectRunner worker processes,
+shards in a bucket, the same examples as a local run). Runner and workers come from `data.prepare.beam_args`, passed to Beam's
 PipelineOptions, e.g. '--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing', or
 '--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp' (needs `pip install
 "apache-beam[gcp]==2.77.0"`), FlinkRunner, SparkRunner.
@@ -34,6 +35,7 @@ from typing import Any, Sequence
 
 import apache_beam as beam
 
+from kaleido_jax import storage
 from kaleido_jax.data import prepare
 
 def pipeline_options(beam_args: str) -> beam.options.pipeline_options.PipelineOptions:
@@ -118,7 +120,7 @@ class _Report(beam.CombineFn):
 
 
 def _write_json(obj, path):
-  prepare.atomic_json(path, obj)
+  storage.write_json(path, obj)
 
 
 class _CachedClips(dict):

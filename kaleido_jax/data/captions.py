@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from kaleido_jax import storage
+
 Captioner = Callable[[np.ndarray], str]  # frames (F, H, W, 3) uint8 -> caption
 
 
@@ -30,8 +32,7 @@ class Captions:
     self.captioner = captioner
     self.lines: dict[str, list[dict[str, Any]]] = {}
     if jsonl:
-      with open(jsonl) as f:
-        for n, raw in enumerate(f):
+      for n, raw in enumerate(storage.read_text(jsonl).splitlines()):
           if not raw.strip():
             continue
           try:
@@ -51,10 +52,9 @@ class Captions:
     whole = [l for l in lines if 'start' not in l]
     for l in timed + whole:
       return str(l['caption']), [str(p) for p in l.get('subjects', [])]
-    sidecar = os.path.join(self.input_dir, os.path.splitext(rel)[0] + '.txt')
-    if os.path.exists(sidecar):
-      with open(sidecar) as f:
-        text = f.read().strip()
+    sidecar = storage.join(self.input_dir, os.path.splitext(rel)[0] + '.txt')
+    if storage.exists(sidecar):
+      text = storage.read_text(sidecar).strip()
       if text:
         return text, []
     if self.captioner is not None and frames is not None:

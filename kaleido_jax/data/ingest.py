@@ -16,6 +16,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from kaleido_jax import storage
 from kaleido_jax.data import captions as captions_lib
 from kaleido_jax.data import grounding
 from kaleido_jax.data import video as video_lib
@@ -61,7 +62,7 @@ def ground_video(rel: str, input_dir: str, data_cfg: ml_collections.ConfigDict, 
   """
   cfg = data_cfg.prepare
   stem = source_name(rel)
-  d = video_lib.decode(os.path.join(input_dir, rel), cfg.fps, short_side=cfg.decode_short_side)
+  d = video_lib.decode(storage.join(input_dir, rel), cfg.fps, short_side=cfg.decode_short_side)
   cuts = video_lib.shot_cuts(d.frames, threshold=cfg.shot_threshold)
   drops: dict[str, str] = {}
   shots = []  # (index, start, end, caption, frames, tracks)
@@ -89,15 +90,13 @@ def ground_video(rel: str, input_dir: str, data_cfg: ml_collections.ConfigDict, 
         drops[name] = 'no_subject'
         continue
       masks = np.stack([t.masks for t in present], 1)
-      os.makedirs(masks_dir, exist_ok=True)
-      mpath = os.path.join(masks_dir, f'{name}.masks.npz')
-      tmp = mpath + '.tmp.npz'
-      np.savez_compressed(tmp, **_pack(masks[s - a:e - a]))
-      os.replace(tmp, mpath)
+      storage.path(masks_dir).mkdir(parents=True, exist_ok=True)
+      mpath = storage.join(masks_dir, f'{name}.masks.npz')
+      storage.save_npz(mpath, compressed=True, **_pack(masks[s - a:e - a]))
       subjects = [dict(id=int(t.subject_id), index=k, phrase=t.phrase, score=round(float(t.score), 4),
                        boxes=[None if np.isnan(bx).any() else [round(float(v), 1) for v in bx]
                               for bx in t.boxes[s - a:e - a]]) for k, t in enumerate(present)]
       lines.append(dict(video=rel, fps=d.fps, start=s, end=e, caption=text, subjects=subjects,
-                        masks=os.path.abspath(mpath), clip=name))
+                        masks=mpath if storage.is_remote(mpath) else os.path.abspath(mpath), clip=name))
       windows.append((name, frames, masks, (s - a, e - a)))
   return dict(lines=lines, drops=drops, shots=len(ranges)), windows

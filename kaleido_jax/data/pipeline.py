@@ -73,7 +73,8 @@ def open_source(data_config: ml_collections.ConfigDict, split: str):
     return synthetic.make_source(data_config, split)
   if data_config.source == 'tfds':
     from kaleido_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
-    return tfds_builder.open_source(data_config.data_dir, split, data_config.dataset_name)
+    return tfds_builder.open_source(data_config.data_dir, split, data_config.dataset_name,
+                                    data_config.local_data_dir)
   raise ValueError(f"unknown data.source {data_config.source!r}; use 'synthetic' | 'tfds'")
 
 

@@ -23,8 +23,9 @@ Stages (counts in the final report, `output_dir/report.json`; input == kept + su
   5. output: ArrayRecord shards through the TFDS builder (tfds_builder.py), optional precomputed latents /
      text embeddings through `video_encoder` / `text_encoder` callables.
 
-Every per-clip result is cached under `output_dir/_work` (written to a temporary name, then renamed), so a
-rerun resumes where an interrupted one stopped; the shards themselves are written atomically by TFDS.
+Every per-clip result is cached under `output_dir/_work` (each file appears whole or not at all), so a rerun
+resumes where an interrupted one stopped; the shards themselves are written atomically by TFDS. Every path
+(input_dir, annotations, captions, output_dir) may be a bucket (`gs://...`, storage.py) on both engines.
 `data.prepare.engine='beam'` runs the same stages as an Apache Beam pipeline (beam_pipeline.py) on the runner
 `data.prepare.beam_args` names (DirectRunner with worker processes, Dataflow, Flink, Spark).
 """
@@ -40,6 +41,7 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
+from kaleido_jax import storage
 from kaleido_jax.data import filters
 from kaleido_jax.data import pairing
 from kaleido_jax.data import synthesis
@@ -55,18 +57,6 @@ def _rng(seed: int, *keys: str) -> np.random.Generator:
   return np.random.default_rng([seed] + [zlib.crc32(k.encode()) for k in keys])
 
 
-def _atomic_savez(path: str, **arrays: Any) -> None:
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
-def atomic_json(path: str, obj: Any) -> None:
-  with open(path + '.tmp', 'w') as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-  os.replace(path + '.tmp', path)
-
-
 def read_video(path: str) -> np.ndarray:
   """(F, H, W, 3) uint8, every frame of any container FFmpeg reads (mp4 / webm / gif), decoded in-process by
   PyAV (video.decode): an ffmpeg subprocess forked from a Beam worker that holds gRPC threads fails at random."""
@@ -78,9 +68,9 @@ def read_masks(line: dict[str, Any], input_dir: str, shape: tuple[int, int, int]
   f, h, w = shape
   subjects = line.get('subjects') or []
   if line.get('masks'):
-    with np.load(os.path.join(input_dir, line['masks'])) as z:
-      mshape = tuple(int(x) for x in z['shape'])
-      masks = np.unpackbits(z['bits'])[:int(np.prod(mshape))].reshape(mshape).astype(bool)
+    z = storage.load_npz(storage.resolve(input_dir, line['masks']))
+    mshape = tuple(int(x) for x in z['shape'])
+    masks = np.unpackbits(z['bits'])[:int(np.prod(mshape))].reshape(mshape).astype(bool)
     if masks.shape[2:] != (h, w) and masks.shape[0] == f and abs(masks.shape[2] * w - masks.shape[3] * h) <= max(h, w):
       # Grounded at a lower decode resolution (data.prepare.decode_short_side): nearest upsampling.
       yi, xi = np.arange(h) * masks.shape[2] // h, np.arange(w) * masks.shape[3] // w
@@ -122,7 +112,7 @@ def read_line(line: dict[str, Any], input_dir: str) -> tuple[np.ndarray, np.ndar
   A line with "fps" (a grounded line, grounding.py) is decoded at that rate and cut to its [start, end) frames,
   so `grounded.jsonl` reads back as input exactly as it was made; otherwise every frame of the file.
   """
-  path = os.path.join(input_dir, line['video'])
+  path = storage.resolve(input_dir, line['video'])
   if 'fps' in line:
     frames = video_lib.decode(path, float(line['fps'])).frames
     start, end = int(line.get('start', 0)), int(line.get('end', len(frames)))
@@ -174,12 +164,11 @@ def clip_record(video: np.ndarray, masks: np.ndarray, ids: np.ndarray, caption: 
 
 def load_record(work: str, name: str) -> dict[str, Any]:
   """A kept clip's stage 1 + 2 record from its cache under `work` (the Beam engine's examples read them)."""
-  return _load_cached(os.path.join(work, name + '.npz'))
+  return _load_cached(storage.join(work, name + '.npz'))
 
 
 def _load_cached(path: str) -> dict[str, Any]:
-  with np.load(path, allow_pickle=False) as z:
-    d = {k: z[k] for k in z.files}
+  d = storage.load_npz(path)
   d['caption'] = str(d['caption'])
   return d
 
@@ -206,17 +195,16 @@ def _references(target: str, ids: np.ndarray, index: dict[int, list[str]], clips
 
 def _cached_or(work: str, name: str, make: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
   """A clip's stage 1 + 2 result from the cache under `work`, or made and cached (atomically); (result, resumed)."""
-  npz, drop_json = os.path.join(work, name + '.npz'), os.path.join(work, name + '.drop.json')
-  if os.path.exists(npz):
+  npz, drop_json = storage.join(work, name + '.npz'), storage.join(work, name + '.drop.json')
+  if storage.exists(npz):
     return _load_cached(npz), True
-  if os.path.exists(drop_json):
-    with open(drop_json) as g:
-      return json.load(g), True
+  if storage.exists(drop_json):
+    return storage.read_json(drop_json), True
   d = make()
   if 'drop' in d:
-    atomic_json(drop_json, d)
+    storage.write_json(drop_json, d)
   else:
-    _atomic_savez(npz, **d)
+    storage.save_npz(npz, **d)
   return d, False
 
 
@@ -225,8 +213,7 @@ def parse_annotations(annotations: str) -> tuple[list[tuple[str, dict]], dict[st
   dropped: dict[str, str] = {}
   errors: dict[str, str] = {}
   entries, seen = [], set()
-  with open(annotations) as f:
-    raw_lines = [l for l in f.read().splitlines() if l.strip()]
+  raw_lines = [l for l in storage.read_text(annotations).splitlines() if l.strip()]
   for n, raw in enumerate(raw_lines):
     try:
       line = json.loads(raw)
@@ -286,16 +273,15 @@ def ground_one(rel: str, data_cfg, input_dir: str, output_dir: str, work: str, m
   """
   from kaleido_jax.data import ingest  # pylint: disable=g-import-not-at-top
   stem = ingest.source_name(rel)
-  cache = os.path.join(work, 'videos', stem + '.json')
+  cache = storage.join(work, 'videos', stem + '.json')
   windows = None
-  if os.path.exists(cache):
-    with open(cache) as f:
-      done = json.load(f)
+  if storage.exists(cache):
+    done = storage.read_json(cache)
   else:
     grounder, captions = models.get()
     try:
       done, windows = ingest.ground_video(rel, input_dir, data_cfg, grounder, captions,
-                                          os.path.join(output_dir, 'grounded'))
+                                          storage.join(output_dir, 'grounded'))
     except video_lib.VideoError as e:
       done, windows = dict(lines=[], drops={stem: 'unreadable'}, shots=0, error=str(e)[:300]), []
   made = {w[0]: w for w in windows or []}
@@ -309,9 +295,9 @@ def ground_one(rel: str, data_cfg, input_dir: str, output_dir: str, work: str, m
     else:  # resumed video, window not cached: read it back from its grounded line
       make = lambda line=line: process_clip(line, input_dir, data_cfg)
     records[name], _ = _cached_or(work, name, make)
-  if not os.path.exists(cache):
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    atomic_json(cache, done)
+  if not storage.exists(cache):
+    storage.path(cache).parent.mkdir(parents=True, exist_ok=True)
+    storage.write_json(cache, done)
   return done, records, windows is None
 
 
@@ -353,11 +339,9 @@ def _merge_video(done, records, clips, dropped, errors) -> None:
 
 
 def _grounded_summary(data_cfg, output_dir, videos, shots, all_lines) -> dict[str, Any]:
-  path = os.path.join(output_dir, 'grounded.jsonl')
-  with open(path + '.tmp', 'w') as f:
-    for line in sorted(all_lines, key=lambda l: l['clip']):
-      f.write(json.dumps(line, sort_keys=True) + '\n')
-  os.replace(path + '.tmp', path)
+  path = storage.join(output_dir, 'grounded.jsonl')
+  storage.write_bytes(path, ''.join(json.dumps(line, sort_keys=True) + '\n'
+                                    for line in sorted(all_lines, key=lambda l: l['clip'])).encode())
   return dict(videos=len(videos), shots=shots, grounded=path, grounding=data_cfg.prepare.grounding)
 
 
@@ -445,27 +429,27 @@ def prepare(data_cfg: ml_collections.ConfigDict, *, output_dir: str, input_dir: 
   output_dir/report.json) the report."""
   cfg = data_cfg.prepare
   input_dir = input_dir or cfg.input_dir
-  os.makedirs(output_dir, exist_ok=True)
-  report_path = os.path.join(output_dir, 'report.json')
+  storage.check_writable_dir(output_dir, 'data.prepare.output_dir')
+  report_path = storage.join(output_dir, 'report.json')
   ds_dir = tfds_builder.dataset_dir(output_dir, data_cfg.dataset_name)
-  if os.path.exists(os.path.join(ds_dir, 'dataset_info.json')) and os.path.exists(report_path):
-    with open(report_path) as f:
-      report = json.load(f)
+  if storage.exists(storage.join(ds_dir, 'dataset_info.json')) and storage.exists(report_path):
+    report = storage.read_json(report_path)
     report['resumed'] = 'complete'
     return report
   t0 = time.time()
   if not input_dir:
     if data_cfg.source != 'synthetic':
       raise ValueError('data.prepare.input_dir is empty and data.source is not synthetic')
-    input_dir = os.path.join(output_dir, '_synthetic_input')
-    if not os.path.exists(os.path.join(input_dir, 'annotations.jsonl')):
-      synthetic.export_clips(input_dir, num_clips=data_cfg.num_clips, num_identities=data_cfg.num_identities,
-                             heldout_identities=data_cfg.heldout_identities, split='train',
-                             num_frames=data_cfg.num_frames, height=data_cfg.height, width=data_cfg.width,
-                             seed=data_cfg.synthetic_seed, max_subjects=data_cfg.max_subjects, fps=cfg.fps)
-  work = os.path.join(output_dir, '_work')
-  os.makedirs(work, exist_ok=True)
-  annotations = annotations or cfg.annotations or os.path.join(input_dir, 'annotations.jsonl')
+    input_dir = storage.join(output_dir, '_synthetic_input')
+    if not storage.exists(storage.join(input_dir, 'annotations.jsonl')):
+      with storage.atomic_dir(input_dir, replace=True) as tmp:  # written locally, then moved (or copied) in
+        synthetic.export_clips(tmp, num_clips=data_cfg.num_clips, num_identities=data_cfg.num_identities,
+                               heldout_identities=data_cfg.heldout_identities, split='train',
+                               num_frames=data_cfg.num_frames, height=data_cfg.height, width=data_cfg.width,
+                               seed=data_cfg.synthetic_seed, max_subjects=data_cfg.max_subjects, fps=cfg.fps)
+  work = storage.join(output_dir, '_work')
+  storage.path(work).mkdir(parents=True, exist_ok=True)
+  annotations = annotations or cfg.annotations or storage.join(input_dir, 'annotations.jsonl')
   feats = latent_features(data_cfg, video_encoder, text_encoder)
   run_engine = _run_beam if cfg.engine == 'beam' else _run_local
   counts = run_engine(data_cfg, input_dir, output_dir, annotations, work, seed, feats, video_encoder, text_encoder)
@@ -480,7 +464,7 @@ def prepare(data_cfg: ml_collections.ConfigDict, *, output_dir: str, input_dir: 
                 dataset_dir=ds_dir, split=cfg.split, num_shards=tfds_builder.num_shards(output_dir, cfg.split),
                 engine=cfg.engine, **counts)
   report['clips_per_s'] = round(report['input'] / max(dt, 1e-9), 3)
-  atomic_json(report_path, report)
+  storage.write_json(report_path, report)
   if verbose:
     print(format_report(report))
   return report
@@ -529,9 +513,8 @@ def _run_beam(data_cfg, input_dir, output_dir, annotations, work, seed, feats, v
   else:
     entries, dropped, errors, total = parse_annotations(annotations)
     mode, items = 'annotated', [(name, json.dumps(line)) for name, line in entries]
-  parts_path = os.path.join(work, 'beam_report.json')
-  if os.path.exists(parts_path):
-    os.remove(parts_path)
+  parts_path = storage.join(work, 'beam_report.json')
+  storage.path(parts_path).unlink(missing_ok=True)
   transform = beam_pipeline.PrepareTransform(
       mode=mode, items=items, data_cfg=data_cfg, input_dir=input_dir, output_dir=output_dir, work=work, seed=seed,
       report_path=parts_path, video_encoder=video_encoder, text_encoder=text_encoder)
@@ -542,7 +525,7 @@ def _run_beam(data_cfg, input_dir, output_dir, annotations, work, seed, feats, v
     if 'number of generated examples is 0' not in str(e):
       raise
     raise ValueError(f'no clip survived the filters: {_counts({**dropped, **_cached_drops(work)})}') from None
-  parts = _read_json(parts_path)
+  parts = storage.read_json(parts_path)
   dropped.update(parts['dropped'])
   errors.update(parts['errors'])
   out = dict(input=total + parts['inputs'], kept=parts['kept'], dropped=dropped, errors=errors,
@@ -553,21 +536,16 @@ def _run_beam(data_cfg, input_dir, output_dir, annotations, work, seed, feats, v
   return out
 
 
-def _read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
-
-
 def _cached_drops(work: str) -> dict[str, str]:
   """{clip or video: reason} of every drop the per-clip / per-video caches under `work` hold."""
   out = {}
-  for name in os.listdir(work):
+  for name in storage.listdir(work):
     if name.endswith('.drop.json'):
-      out[name[:-len('.drop.json')]] = _read_json(os.path.join(work, name))['drop']
-  videos = os.path.join(work, 'videos')
-  for name in os.listdir(videos) if os.path.isdir(videos) else ():
+      out[name[:-len('.drop.json')]] = storage.read_json(storage.join(work, name))['drop']
+  videos = storage.join(work, 'videos')
+  for name in storage.listdir(videos):
     if name.endswith('.json'):
-      out.update(_read_json(os.path.join(videos, name))['drops'])
+      out.update(storage.read_json(storage.join(videos, name))['drops'])
   return out
 
 
@@ -610,7 +588,7 @@ def validate(data_cfg: ml_collections.ConfigDict) -> None:
                     'needs a local OWLv2 / OWL-ViT / Grounding DINO model directory (nothing is downloaded)')
   for key in ('segmenter_dir', 'captioner', 'captions'):
     path = cfg.get(key, '')
-    if path and not os.path.exists(path):
+    if path and not storage.exists(path):
       problems.append(f'data.prepare.{key}={path!r} does not exist')
   if cfg.grounding != 'none' and not cfg.input_dir:
     problems.append('data.prepare.grounding needs data.prepare.input_dir (a directory of raw videos)')

@@ -5,6 +5,16 @@ TFDS gives us what the pipeline needs for free: atomic writes (the version direc
 `as_data_source` random access for Grain. Frames are stored as `Tensor` uint8 features (not `Image`), which
 the array_record reader decodes without TF image ops.
 
+Buckets: open-source array_record opens local files only (its C++ reader and writer go through riegeli's
+FdReader / FdWriter: google/array_record#120, google/riegeli#31), so
+- a shard bound for `gs://` is written to a local temporary file and copied into the bucket (`_StagedArrayRecord`,
+  TFDS' adapter for the format from the moment this module is imported: the local engine and every Beam worker
+  that runs the pipeline's stages import it); TFDS writes the rest (dataset_info.json, the incomplete-dir
+  rename) through etils.epath itself;
+- a `gs://` data_dir is read from a per-host copy (`local_dataset_dir`, under `data.local_data_dir`; files
+  already there at the same size are kept), or, for a data set larger than a host's disk, from a gcsfuse mount
+  of the bucket passed as a local data_dir (README: Data on a pod).
+
 Features: video (F, H, W, 3) uint8, subject_ids (n,) int32, refs (C, H, W, 3) uint8 reference candidates and
 ref_slots (C,) int32 (the subject each candidate shows), caption, clip_id,
 pairing (json: per reference subject_id / clip / frame / mode), synthesis (json: ops applied), and optionally
@@ -14,11 +24,16 @@ video_latents, ref_latents, text_embedding float32 when encoders were plugged in
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Any
 
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import file_adapters
+
+from kaleido_jax import storage
 
 NAME = 'kaleido_s2v'
 VERSION = '1.0.0'
@@ -40,6 +55,26 @@ def features(num_frames: int, height: int, width: int,
   for k, shape in (latent_shapes or {}).items():
     spec[k] = tfds.features.Tensor(shape=shape, dtype=np.float32)
   return tfds.features.FeaturesDict(spec)
+
+
+class _StagedArrayRecord(file_adapters.ArrayRecordFileAdapter):
+  """TFDS' ArrayRecord adapter, with shards bound for a bucket written locally first and then copied in."""
+
+  @classmethod
+  def write_examples(cls, path, iterator):
+    if not storage.is_remote(path):
+      return super().write_examples(path, iterator)
+    tmp = tempfile.mkdtemp(prefix='kaleido-shard-')
+    try:
+      local = os.path.join(tmp, os.path.basename(str(path)))
+      out = super().write_examples(local, iterator)
+      storage.upload(local, path)
+      return out
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+file_adapters.ADAPTER_FOR_FORMAT[file_adapters.FileFormat.ARRAY_RECORD] = _StagedArrayRecord
 
 
 class KaleidoS2V(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -75,7 +110,20 @@ class KaleidoS2V(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 def dataset_dir(data_dir: str, name: str = NAME) -> str:
-  return os.path.join(data_dir, name, VERSION)
+  return storage.join(data_dir, name, VERSION)
+
+
+def local_dataset_dir(data_dir: str, name: str = NAME, local_root: str = '') -> str:
+  """A local directory holding the prepared dataset: its own for a local data_dir; for a bucket, a copy under
+  `local_root` (default ~/.cache/kaleido_jax/data) mirroring bucket/path, files already there at the same size
+  kept. array_record reads local files only (module doc)."""
+  d = dataset_dir(data_dir, name)
+  if not storage.is_remote(d):
+    return d
+  root = local_root or os.path.join(os.path.expanduser('~'), '.cache', 'kaleido_jax', 'data')
+  if not storage.exists(storage.join(d, 'dataset_info.json')):
+    raise FileNotFoundError(f'no prepared dataset at {d} (run `python -m kaleido_jax.data.prepare`)')
+  return storage.mirror_dir(d, os.path.join(root, d.split('://', 1)[1]))
 
 
 def write(data_dir: str, feature_dict: tfds.features.FeaturesDict, splits: dict[str, Any],
@@ -122,9 +170,10 @@ def num_shards(data_dir: str, split: str, name: str = NAME) -> int:
   return len(tfds.builder_from_directory(dataset_dir(data_dir, name)).info.splits[split].filenames)
 
 
-def open_source(data_dir: str, split: str, name: str = NAME):
-  """Random-access source of a prepared split; a missing dataset or shard is a clear error."""
-  d = dataset_dir(data_dir, name)
+def open_source(data_dir: str, split: str, name: str = NAME, local_root: str = ''):
+  """Random-access source of a prepared split (a bucket's is copied to this host first: `local_dataset_dir`);
+  a missing dataset or shard is a clear error."""
+  d = local_dataset_dir(data_dir, name, local_root)
   if not os.path.exists(os.path.join(d, 'dataset_info.json')):
     raise FileNotFoundError(f'no prepared dataset at {d} (run `python -m kaleido_jax.data.prepare`)')
   builder = tfds.builder_from_directory(d)

@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 
+from kaleido_jax import storage
+
 VIDEO_EXTENSIONS = ('.mp4', '.webm', '.mkv', '.mov', '.gif')
 
 
@@ -30,13 +32,9 @@ class Decoded:
 
 
 def list_videos(input_dir: str) -> list[str]:
-  """Video files under `input_dir` (recursive), relative paths in sorted order."""
-  out = []
-  for root, _, files in os.walk(input_dir):
-    for name in files:
-      if name.lower().endswith(VIDEO_EXTENSIONS) and not name.startswith('.'):
-        out.append(os.path.relpath(os.path.join(root, name), input_dir))
-  return sorted(out)
+  """Video files under `input_dir` (a directory or a bucket prefix, recursive), relative paths in sorted order."""
+  return [rel for rel in storage.walk_files(input_dir)
+          if rel.lower().endswith(VIDEO_EXTENSIONS) and not os.path.basename(rel).startswith('.')]
 
 
 def _scaled(w: int, h: int, short_side: int) -> tuple[int, int]:
@@ -54,6 +52,16 @@ def decode(path: str, fps: float = 0.0, *, short_side: int = 0, max_seconds: flo
   while decoding, so a long 1080p video never sits in memory at full size. max_seconds > 0 stops early.
   Raises VideoError naming the file for anything undecodable, including a stream cut short mid-file.
   """
+  with storage.local_copy(path) as local:  # FFmpeg reads local files: a bucket object is downloaded first
+    try:
+      return _decode(local, fps, short_side=short_side, max_seconds=max_seconds)
+    except VideoError as e:
+      if local == str(path):
+        raise
+      raise VideoError(str(e).replace(local, str(path))) from None
+
+
+def _decode(path: str, fps: float, *, short_side: int, max_seconds: float) -> Decoded:
   import av  # pylint: disable=g-import-not-at-top
   try:
     container = av.open(path)

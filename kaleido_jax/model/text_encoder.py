@@ -181,18 +181,19 @@ _TOKENIZER_FILES = ("spiece.model", "tokenizer.model")
 _TOKENIZER_SUBDIRS = ("", "tokenizer", os.path.join("google", "umt5-xxl"))
 
 
-def find_tokenizer_file(path: str) -> str:
+def tokenizer_candidates(path: str, join=os.path.join) -> list[str]:
+  """Where the sentencepiece model of ``path`` may be: the file itself, or in a checkpoint dir's subdirs."""
+  return [path] + [join(path, sub, name) if sub else join(path, name)
+                   for sub in _TOKENIZER_SUBDIRS for name in _TOKENIZER_FILES]
+
+
+def find_tokenizer_file(path: str, isfile=os.path.isfile, join=os.path.join) -> str:
   """The sentencepiece model in ``path`` (a file, or a checkpoint dir / its ``tokenizer`` subdir)."""
-  if os.path.isfile(path):
-    return path
-  tried = []
-  for sub in _TOKENIZER_SUBDIRS:
-    for name in _TOKENIZER_FILES:
-      candidate = os.path.join(path, sub, name)
-      tried.append(candidate)
-      if os.path.isfile(candidate):
-        return candidate
-  raise FileNotFoundError(f"no sentencepiece tokenizer found for {path!r}; looked for {tried}. Point "
+  tried = tokenizer_candidates(path, join)
+  for candidate in tried:
+    if isfile(candidate):
+      return candidate
+  raise FileNotFoundError(f"no sentencepiece tokenizer found for {path!r}; looked for {tried[1:]}. Point "
                           "config.text_encoder.tokenizer_path at the umT5 'spiece.model' (Wan ships it in "
                           "google/umt5-xxl/, diffusers in tokenizer/)")
 

@@ -172,7 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   from kaleido_jax import pipeline as pipe_lib  # pylint: disable=g-import-not-at-top
   try:
     pipe = pipe_lib.S2VPipeline.from_config(config, workdir=workdir, checkpoint=config.sample.checkpoint)
-    out = export_sampler(pipe, config.export.output or os.path.join(workdir, 'exported'),
+    out = export_sampler(pipe, config.export.output or storage.join(workdir, 'exported'),
                          weights=config.export.weights, platforms=tuple(config.export.platforms),
                          max_refs=config.export.max_refs or None)
   except (pipe_lib.UserInputError, FileNotFoundError, ValueError) as e:

@@ -4,7 +4,8 @@
   s = ExportedSampler('/tmp/kaleido-demo/exported')
   frames = s(['A red circle moves right.'], [['red_circle.png']], seeds=[0])   # (1, F, H, W, 3) uint8
 
-This module imports nothing else from kaleido_jax (copy the file next to the artifact to use it elsewhere):
+This module imports nothing else from kaleido_jax (copy the file next to the artifact to use it elsewhere; an
+artifact in a bucket, `gs://...`, is read through etils.epath):
 the tokenizer rule (umT5: HTML-unescaped, whitespace-collapsed text -> pieces, trimmed, + EOS, right-padded
 with 0) and the reference preprocessing (fit inside the frame keeping the aspect ratio, white padding, alpha
 composited on white) are restated here from kaleido_jax/model/text_encoder.py and
@@ -14,12 +15,15 @@ kaleido_jax/data/references.py, which stay the reference implementations.
 from __future__ import annotations
 
 import html
+import io
 import json
 import os
+import pathlib
 import re
 from typing import Any, Sequence
 
 import numpy as np
+
 
 FORMAT = 'kaleido_jax.exported_sampler'
 FORMAT_VERSION = 1
@@ -53,33 +57,41 @@ def fit_on_white(image: Any, height: int, width: int) -> np.ndarray:
   return np.asarray(out)
 
 
+def _file(directory: str, name: str):
+  """A file of the artifact: a pathlib.Path, or for a bucket (`gs://...`) an etils.epath.Path (what orbax and TFDS
+  use; imported only then)."""
+  if '://' in directory:
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    return epath.Path(directory) / name
+  return pathlib.Path(directory) / name
+
+
 class ExportedSampler:
   """Loads signature.json, the serialized program, the weights (if separate) and the tokenizer."""
 
   def __init__(self, directory: str):
     import jax  # pylint: disable=g-import-not-at-top
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-    sig_path = os.path.join(directory, SIGNATURE_FILE)
-    if not os.path.exists(sig_path):
+    directory = str(directory)
+    sig_path = _file(directory, SIGNATURE_FILE)
+    if not sig_path.exists():
       raise ExportedSamplerError(f'{directory!r} is not an exported sampler (no {SIGNATURE_FILE}); create one '
                                  'with `python -m kaleido_jax.main --mode export`')
-    with open(sig_path) as fh:
-      self.signature = sig = json.load(fh)
+    self.signature = sig = json.loads(sig_path.read_text())
     if sig.get('format') != FORMAT or sig.get('format_version') != FORMAT_VERSION:
       raise ExportedSamplerError(f'{directory!r} has format {sig.get("format")!r} version '
                                  f'{sig.get("format_version")}; this loader reads {FORMAT!r} version '
                                  f'{FORMAT_VERSION}: re-export it with this kaleido_jax version')
-    with open(os.path.join(directory, PROGRAM_FILE), 'rb') as fh:
-      self.exported = jax.export.deserialize(bytearray(fh.read()))
+    self.exported = jax.export.deserialize(bytearray(_file(directory, PROGRAM_FILE).read_bytes()))
     self.weights: list[np.ndarray] = []
     if sig['weights'] == 'argument':
       # npz keeps bfloat16 / int4 / float8 (ml_dtypes) only as raw bytes ('V' dtypes): view them back as the
       # program's own input types.
       avals = self.exported.in_avals[:sig['num_weights']]
-      with np.load(os.path.join(directory, WEIGHTS_FILE)) as data:
-        self.weights = [_as_dtype(data[f'w{i:05d}'], avals[i].dtype) for i in range(sig['num_weights'])]
+      data = np.load(io.BytesIO(_file(directory, WEIGHTS_FILE).read_bytes()))
+      self.weights = [_as_dtype(data[f'w{i:05d}'], avals[i].dtype) for i in range(sig['num_weights'])]
     self._sp = spm.SentencePieceProcessor()
-    self._sp.Load(os.path.join(directory, sig['tokenizer']))
+    self._sp.LoadFromSerializedProto(_file(directory, sig['tokenizer']).read_bytes())
     self.video = sig['video']
     self.max_refs, self.text_len = int(sig['max_refs']), int(sig['text_len'])
 

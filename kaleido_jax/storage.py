@@ -128,6 +128,29 @@ def local_copy(p: Any) -> Iterator[str]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+_FETCHED: dict[str, str] = {}
+
+
+def fetched(p: Any) -> str:
+  """A local path holding the file or directory `p`: itself when local; a bucket's is downloaded once per process
+  into a temporary directory removed at exit (for readers of local files: safetensors, torch.load, PyAV)."""
+  p = str(p)
+  if not is_remote(p):
+    return p
+  if p not in _FETCHED:
+    import atexit  # pylint: disable=g-import-not-at-top
+    d = tempfile.mkdtemp(prefix='kaleido-fetched-')
+    atexit.register(shutil.rmtree, d, True)
+    src = epath.Path(p)
+    if src.is_dir():
+      _FETCHED[p] = mirror_dir(p, os.path.join(d, src.name))
+    elif src.exists():
+      _FETCHED[p] = local_file(p, d)
+    else:
+      raise FileNotFoundError(f'{p!r} does not exist')
+  return _FETCHED[p]
+
+
 def mirror_dir(src: Any, dest: str) -> str:
   """Copies the files under `src` (a bucket prefix) into the local directory `dest`, skipping files already
   there at the same size; each file appears complete or not at all. Returns `dest`."""
@@ -166,8 +189,15 @@ def check_writable_dir(p: Any, what: str = 'workdir') -> epath.Path:
     raise
   except Exception as e:  # pylint: disable=broad-except  (auth / network errors of the storage client)
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    hint = ('no credentials for Google Cloud Storage? run `gcloud auth application-default login` or use a '
-            'service account' if 'credential' in msg.lower() or 'auth' in msg.lower() else 'check the path')
+    low = msg.lower()
+    creds = ('Cloud Storage credentials come from `gcloud auth application-default login`, '
+             'GOOGLE_APPLICATION_CREDENTIALS (a service-account key) or, on a TPU VM, its service account')
+    if any(k in low for k in ('credential', 'auth', '401', '403', 'anonymous', 'permission')):
+      hint = f'no credentials that may use this bucket? {creds}'
+    elif any(k in low for k in ('resolve', 'connect', 'timed out', 'unreachable', 'network')):
+      hint = f'Cloud Storage cannot be reached from this machine: check its network; {creds}'
+    else:
+      hint = 'check the path'
     raise StorageError(f'{what} {p!r} cannot be used ({type(e).__name__}: {msg}); {hint}') from e
 
 

@@ -129,3 +129,16 @@ def test_each_platform_of_an_export_gets_its_own_program(pipe, tmp_path, monkeyp
   out = export.export_sampler(pipe, str(tmp_path / 'tpu'), platforms=('tpu',))
   exp = jax.export.deserialize(open(os.path.join(out, exported.PROGRAM_FILE), 'rb').read())
   assert not calls and _kernels(exp) == {'tpu_custom_call'}
+
+
+def test_an_artifact_exported_into_a_bucket_loads_from_it(pipe, tmp_path):
+  from kaleido_jax import storage
+  from tests import gcs as gcs_lib
+  with gcs_lib.emulator() as gcs:
+    out = export.export_sampler(pipe, f'gs://{gcs.bucket}/art', weights='argument', platforms=('cpu',))
+    assert out == f'gs://{gcs.bucket}/art' and not os.path.exists('gs:')
+    assert {exported.SIGNATURE_FILE, exported.PROGRAM_FILE, exported.WEIGHTS_FILE} <= set(storage.listdir(out))
+    sampler = exported.ExportedSampler(out)
+  refs, mask = _refs()
+  got = sampler(PROMPTS, ref_images=refs, ref_mask=mask, seeds=[3, 4])
+  _same_video(got, pipe.generate([[refs[0, 0]], [refs[1, 0], refs[1, 1]]], PROMPTS, seed=[3, 4]))

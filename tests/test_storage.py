@@ -238,3 +238,18 @@ def test_prepare_from_bucket_to_bucket_on_both_engines_and_train_from_the_bucket
   assert 'train step 2/2' in p.stdout + p.stderr
   assert os.listdir(os.path.join(copies, gcs.bucket, 'out-beam', 'kaleido_s2v', '1.0.0'))
   assert _bucket_params(run)[0] == 2
+
+
+@pytest.mark.slow
+def test_a_bucket_without_credentials_or_network_is_one_line_exit_2(tmp_path):
+  # Outside the emulator (none of its variables): the production clients, no credentials and no route to Cloud
+  # Storage on this machine. One line naming the workdir and where credentials come from; nothing written.
+  env = {k: v for k, v in os.environ.items() if k not in gcs_lib.Emulator('', '').env}
+  p = subprocess.run([sys.executable, '-m', 'kaleido_jax.main', '--config', os.path.join(REPO, 'configs', 'demo.py'),
+                      '--mode', 'train', '--workdir', 'gs://kaleido-no-credentials/run', '--config.train.num_steps=1'],
+                     capture_output=True, text=True, cwd=str(tmp_path), timeout=300,
+                     env=dict(env, JAX_PLATFORMS='cpu', PYTHONPATH=REPO))
+  assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+  last = p.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: workdir 'gs://kaleido-no-credentials/run'") and 'gcloud auth' in last, last
+  assert os.listdir(tmp_path) == []

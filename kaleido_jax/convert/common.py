@@ -12,12 +12,12 @@ import dataclasses
 import json
 import os
 import pickle
-import shutil
-import tempfile
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
+
+from kaleido_jax import storage
 
 
 class ConversionError(ValueError):
@@ -40,11 +40,12 @@ class CheckpointReader:
 
   def __init__(self, path: str, *, subfolder: str | None = None):
     if subfolder:
-      path = os.path.join(path, subfolder)
+      path = storage.join(path, subfolder)
     self.path = path
-    if not os.path.exists(path):
+    if not storage.exists(path):
       raise FileNotFoundError(f"checkpoint not found: {path!r} (give a .safetensors file, a directory "
                               "with .safetensors shards / an index json, or a .pth file)")
+    path = storage.fetched(path)  # safetensors / torch read local files: a bucket's are downloaded first
     self._where: dict[str, str] = {}     # tensor name -> file
     self._torch_state: dict[str, Any] | None = None
     if os.path.isdir(path):
@@ -379,45 +380,40 @@ STATE_DIR = "state"
 
 def save_converted(output_dir: str, pure_state: Mapping[str, Any], config: ml_collections.ConfigDict,
                    *, component: str, source: str = "") -> str:
-  """Writes an orbax checkpoint of ``pure_state`` plus the component config, atomically.
-
-  Everything is written into a temporary sibling directory which is renamed into place only when
-  complete: an interrupted conversion leaves no partial ``output_dir`` behind.
-  """
+  """Writes an orbax checkpoint of ``pure_state`` plus the component config, atomically (storage.atomic_dir:
+  a local temporary renamed into place, or copied into a bucket, only when complete): an interrupted
+  conversion leaves no partial ``output_dir`` behind."""
   import orbax.checkpoint as ocp
-  output_dir = os.path.abspath(output_dir)
-  if os.path.exists(output_dir):
+  output_dir = str(output_dir) if storage.is_remote(output_dir) else os.path.abspath(output_dir)
+  if storage.exists(output_dir):
     raise FileExistsError(f"{output_dir!r} already exists; choose a new --output or remove it")
-  parent = os.path.dirname(output_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".converting-", dir=parent)
-  try:
+  with storage.atomic_dir(output_dir) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, STATE_DIR), dict(pure_state))
       ckptr.wait_until_finished()
     with open(os.path.join(tmp, CONFIG_FILE), "w") as fh:
       json.dump({"component": component, "source": source, "config": config.to_dict()}, fh, indent=1,
                 default=list)
-    os.rename(tmp, output_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return output_dir
+
+
+def is_converted(path: str) -> bool:
+  """A directory :func:`save_converted` wrote (local or in a bucket)."""
+  return storage.exists(storage.join(path, CONFIG_FILE)) and storage.path(storage.join(path, STATE_DIR)).is_dir()
 
 
 def load_converted(path: str, *, component: str) -> tuple[dict[str, Any], ml_collections.ConfigDict]:
   """Reads what :func:`save_converted` wrote: (pure state dict of numpy arrays, component config)."""
   import orbax.checkpoint as ocp
-  cfg_file = os.path.join(path, CONFIG_FILE)
-  if not os.path.exists(cfg_file):
+  cfg_file = storage.join(path, CONFIG_FILE)
+  if not storage.exists(cfg_file):
     raise FileNotFoundError(f"{path!r} is not a converted kaleido_jax checkpoint (no {CONFIG_FILE}); "
                             "run `python -m kaleido_jax.convert` on the PyTorch checkpoint first")
-  with open(cfg_file) as fh:
-    meta = json.load(fh)
+  meta = storage.read_json(cfg_file)
   if meta.get("component") != component:
     raise ConversionError(f"{path!r} holds a {meta.get('component')!r} checkpoint, not a {component!r}")
   with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(os.path.join(os.path.abspath(path), STATE_DIR))
+    state = ckptr.restore(storage.join(path if storage.is_remote(path) else os.path.abspath(path), STATE_DIR))
   return state, ml_collections.ConfigDict(_lists_to_tuples(meta["config"]))
 
 
@@ -436,8 +432,7 @@ def _lists_to_tuples(d: Any) -> Any:
 
 def saved_quantization(path: str) -> str:
   """The `quantization` a converted directory was written with ('none' for float weights)."""
-  with open(os.path.join(path, CONFIG_FILE)) as fh:
-    return json.load(fh).get("config", {}).get("quantization", "none") or "none"
+  return storage.read_json(storage.join(path, CONFIG_FILE)).get("config", {}).get("quantization", "none") or "none"
 
 
 def module_from_state(build: Callable[[ml_collections.ConfigDict], Any], cfg: ml_collections.ConfigDict,

@@ -32,10 +32,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from typing import Any, Sequence
 
 import numpy as np
 
+from kaleido_jax import storage
 from kaleido_jax.convert import common
 from kaleido_jax.convert import transformer as tf_conv
 from kaleido_jax.model import lora as lora_lib
@@ -103,8 +105,9 @@ def _split_key(key: str, kohya: dict[str, str]) -> tuple[str, str] | None:
 
 def resolve_file(path: str) -> str:
   """The LoRA weights file of ``path`` (a file, or a diffusers / PEFT / single-file directory)."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise common.ConversionError(f"LoRA {path!r} does not exist; check the path (sample.loras='PATH:SCALE')")
+  path = storage.fetched(path)  # safetensors reads local files: a bucket's are downloaded first
   if os.path.isfile(path):
     return path
   for name in (LORA_FILE, PEFT_FILE):
@@ -286,9 +289,9 @@ def save_peft_lora(model, directory: str, *, alpha: float | None = None) -> str:
             "use_rslora": False, "use_dora": False, "init_lora_weights": True}
   metadata = {"format": "pt", METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()},
                                                         sort_keys=True)}
-  os.makedirs(directory, exist_ok=True)
-  out = os.path.join(directory, LORA_FILE)
-  tmp = out + ".tmp"
-  save_file(peft_state_dict(updates), tmp, metadata=metadata)
-  os.replace(tmp, out)
+  storage.path(directory).mkdir(parents=True, exist_ok=True)
+  out = storage.join(directory, LORA_FILE)
+  with tempfile.TemporaryDirectory() as tmp:  # safetensors writes local files; upload() is atomic locally
+    save_file(peft_state_dict(updates), os.path.join(tmp, LORA_FILE), metadata=metadata)
+    storage.upload(os.path.join(tmp, LORA_FILE), out)
   return out

@@ -36,11 +36,14 @@ TEXT_ENCODER_SCHEME = {"none": "none", "int8": "int8", "fp8": "fp8", "int4": "in
 
 def is_release(path: str) -> bool:
   """A released Kaleido folder (its DiT run directory and VAE file beside each other)."""
-  return bool(path) and os.path.isdir(os.path.join(path, "model")) and _find(path, VAE_NAMES) is not None
+  if not path or not storage.exists(path):
+    return False
+  path = storage.fetched(path)  # a bucket's files are read locally (downloaded once per process)
+  return os.path.isdir(os.path.join(path, "model")) and _find(path, VAE_NAMES) is not None
 
 
 def is_converted_release(path: str) -> bool:
-  return bool(path) and os.path.isfile(os.path.join(path, MARKER))
+  return bool(path) and storage.path(storage.join(path, MARKER)).is_file()
 
 
 def _find(root: str, patterns: tuple[str, ...], recursive: bool = False) -> str | None:
@@ -77,7 +80,8 @@ def convert_release(release_dir: str, output_dir: str, quantization: str = "none
   from kaleido_jax.convert import text_encoder as conv_te  # pylint: disable=g-import-not-at-top
   from kaleido_jax.convert import transformer as conv_tf  # pylint: disable=g-import-not-at-top
   from kaleido_jax.convert import vae as conv_vae  # pylint: disable=g-import-not-at-top
-  files = locate(release_dir)
+  source = release_dir if storage.is_remote(release_dir) else os.path.abspath(release_dir)
+  files = locate(storage.fetched(release_dir))  # the release's .pth / DeepSpeed files are read locally
   with storage.atomic_dir(output_dir) as tmp:  # refused if it exists; a part that fails leaves nothing
     conv_tf.convert(files["transformer"], os.path.join(tmp, "transformer"), "kaleido", quantization, model)
     conv_vae.convert(files["vae"], os.path.join(tmp, "vae"), "wan", vae)
@@ -85,7 +89,7 @@ def convert_release(release_dir: str, output_dir: str, quantization: str = "none
                     quantization=TEXT_ENCODER_SCHEME[quantization])
     shutil.copyfile(files["tokenizer"], os.path.join(tmp, "text_encoder", "spiece.model"))
     with open(os.path.join(tmp, MARKER), "w") as fh:
-      json.dump({"source": os.path.abspath(release_dir), "files": files, "quantization": quantization,
+      json.dump({"source": source, "files": files, "quantization": quantization,
                  "parts": list(PARTS)}, fh, indent=2)
   return output_dir
 
@@ -96,12 +100,12 @@ def apply(config: ml_collections.ConfigDict, path: str) -> bool:
   if not is_converted_release(path):
     return False
   init = config.init_from
-  init.transformer = os.path.join(path, "transformer")
+  init.transformer = storage.join(path, "transformer")
   for part, fmt in (("vae", "diffusers"), ("text_encoder", "transformers")):
     if not init[part]:
-      init[part], init[f"{part}_format"] = os.path.join(path, part), fmt  # converted dirs load in any format
+      init[part], init[f"{part}_format"] = storage.join(path, part), fmt  # converted dirs load in any format
   if not config.text_encoder.tokenizer_path:
-    config.text_encoder.tokenizer_path = os.path.join(path, "text_encoder", "spiece.model")
+    config.text_encoder.tokenizer_path = storage.join(path, "text_encoder", "spiece.model")
   return True
 
 

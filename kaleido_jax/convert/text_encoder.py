@@ -28,6 +28,7 @@ from typing import Any
 
 import ml_collections
 
+from kaleido_jax import storage
 from kaleido_jax.config import text_encoder_config
 from kaleido_jax.convert import common
 from kaleido_jax.convert.common import ConversionError, linear_weight, one, stacked
@@ -183,11 +184,7 @@ def _module_from_state(cfg: ml_collections.ConfigDict, pure: dict[str, Any], sav
 
 
 def _is_converted(path: str) -> bool:
-  f = os.path.join(path, common.CONFIG_FILE)
-  if not (os.path.isdir(path) and os.path.isfile(f) and os.path.isdir(os.path.join(path, common.STATE_DIR))):
-    return False
-  with open(f) as fh:
-    return "component" in json.load(fh)
+  return common.is_converted(path) and "component" in storage.read_json(storage.join(path, common.CONFIG_FILE))
 
 
 def resolve_config(reader: common.CheckpointReader, path: str, fmt: str,
@@ -216,6 +213,7 @@ def load_text_encoder(path: str, format: str = "transformers",  # noqa: A002 (ma
     return _module_from_state(_with_dtype(config if config is not None else saved_cfg, dtype), pure,
                               common.saved_quantization(path), path, device)
   _check_format(format)
+  path = storage.fetched(path)  # PyTorch-side files are read locally
   reader = common.CheckpointReader(path)
   cfg = _with_dtype(resolve_config(reader, path, format, config), dtype)
   return _module_from_state(cfg, convert_state(reader, cfg, format), where=path, device=device)

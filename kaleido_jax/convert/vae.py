@@ -23,6 +23,7 @@ import ml_collections
 from flax import nnx
 
 from kaleido_jax import config as kcfg
+from kaleido_jax import storage
 from kaleido_jax.convert import common
 
 FORMATS = ("diffusers", "wan")
@@ -120,11 +121,11 @@ def convert_state(path: str, fmt: str = "diffusers", config: ml_collections.Conf
 def load_vae(path: str, format: str = "diffusers", config: ml_collections.ConfigDict | None = None):  # noqa: A002
   """A ready WanVAE from a diffusers checkpoint or from a directory written by this converter."""
   from kaleido_jax.model.vae import WanVAE
-  if os.path.exists(os.path.join(path, common.CONFIG_FILE)) and os.path.isdir(os.path.join(path, common.STATE_DIR)):
+  if common.is_converted(path):
     state, saved = common.load_converted(path, component=COMPONENT)
     config = saved if config is None else config
   else:
-    state, config = convert_state(path, format, config)
+    state, config = convert_state(storage.fetched(path), format, config)  # PyTorch-side files are read locally
   vae = WanVAE(config, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(vae, nnx.Param, ...)
   nnx.replace_by_pure_dict(params, state)

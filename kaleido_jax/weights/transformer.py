@@ -20,6 +20,7 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
+from kaleido_jax import storage
 from kaleido_jax.model import lora as lora_lib
 from kaleido_jax.weights import loader
 from kaleido_jax.weights import sources
@@ -93,7 +94,7 @@ def open_source(path: str, *, fmt: str, model_cfg: ml_collections.ConfigDict, us
     scheme = meta.get('config', {}).get('quantization', 'none') or 'none'
     return Opened(sources.OrbaxSource(str(epath.Path(path) / STATE_DIR), scheme=scheme, where=path), path)
   float_cfg = conv.float_config(model_cfg)
-  resolved = conv.resolve_path(path, fmt)
+  resolved = conv.resolve_path(storage.fetched(path), fmt)  # PyTorch-side files are read locally
   try:
     reader = common.CheckpointReader(resolved)
     plan = conv.make_plan(float_cfg, fmt)

@@ -225,3 +225,27 @@ def test_trained_adapters_saved_as_peft_load_into_diffusers_with_the_same_output
   lora_conv.load_lora(merged, str(tmp_path / "adapter"))
   got = np.asarray(merged(*(jnp.asarray(x) for x in inputs)))
   assert np.abs(got - expected).max() <= _tol(expected)
+
+
+def test_a_lora_in_a_bucket_and_a_base_model_in_a_bucket_load_as_local_ones(peft_setup):
+  from kaleido_jax import config as kcfg
+  from kaleido_jax import pipeline, storage
+  from tests import gcs as gcs_lib
+  base_dir, lora_dir, _, _ = peft_setup
+  config = kcfg.base_config()
+  config.model = convert_tf.config_from_checkpoint(base_dir, "diffusers", common.CheckpointReader(base_dir))
+  config.init_from.transformer = base_dir
+  config.sample.loras = (f"{lora_dir}:0.5",)
+  _, want, _ = pipeline.load_weights(config)
+  with gcs_lib.emulator() as gcs:
+    for local, name in ((base_dir, "base"), (lora_dir, "lora")):
+      for rel in storage.walk_files(local):
+        storage.upload(os.path.join(local, rel), f"gs://{gcs.bucket}/{name}/{rel}")
+    config.init_from.transformer = f"gs://{gcs.bucket}/base"
+    config.sample.loras = (f"gs://{gcs.bucket}/lora:0.5",)
+    _, got, where = pipeline.load_weights(config)
+  assert "LoRA gs://" in where
+  got, want = common.flatten_paths(nnx.to_pure_dict(got)), common.flatten_paths(nnx.to_pure_dict(want))
+  assert sorted(got) == sorted(want)
+  for k in want:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)

@@ -127,7 +127,7 @@ def test_wrong_architecture_names_keys_and_shapes_and_leaves_nothing(tmp_path, t
                       "--output", str(out)], capture_output=True, text=True, env=env)
   assert r.returncode == 2 and "has no tensor 'text_embedding.0.weight'" in r.stderr
   assert "Traceback" not in r.stderr
-  assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".converting")]
+  assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".partial-")]
 
 
 def test_missing_input_is_a_clear_error(tmp_path):

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from kaleido_jax import storage
 from kaleido_jax import media
 
 RECORDS = 'records'
@@ -63,11 +64,10 @@ class Request:
 def read_requests(path: str, *, base_seed: int = 0, max_refs: int = 3,
                   check_image: Callable[[str, int], None] | None = None) -> list[Request]:
   """Every request of FILE, the bad ones with their `error` set (see the module docstring)."""
-  if not os.path.isfile(path):
+  if not storage.path(path).is_file():
     raise PromptSetError(f'--prompts {path!r}: no such file')
-  root = os.path.dirname(os.path.abspath(path))
-  with open(path, encoding='utf-8') as fh:
-    text = fh.read()
+  root = str(storage.path(path).parent) if storage.is_remote(path) else os.path.dirname(os.path.abspath(path))
+  text = storage.read_text(path)
   raw: list[dict[str, Any]] = []
   if path.lower().endswith('.json'):
     try:
@@ -86,7 +86,7 @@ def read_requests(path: str, *, base_seed: int = 0, max_refs: int = 3,
       raw.append({'prompt': prompt, 'refs': refs})
   requests, names = [], set()
   for i, d in enumerate(raw):
-    refs = [os.path.join(root, str(r).strip()) for r in (d.get('refs') or []) if str(r).strip()]
+    refs = [storage.resolve(root, str(r).strip()) for r in (d.get('refs') or []) if str(r).strip()]
     name = _NAME_OK.sub('_', str(d['name'])).strip('._') if d.get('name') else f'{i:05d}'
     req = Request(i, name or f'{i:05d}', str(d.get('prompt', '')).strip(), refs,
                   int(d['seed']) if d.get('seed') is not None else int(base_seed) + i, str(d.get('error', '')))
@@ -105,7 +105,7 @@ def _problem(req: Request, max_refs: int, names: set[str], check_image) -> str:
   if len(req.refs) > max_refs:
     return f'{len(req.refs)} references, at most {max_refs}'
   for j, r in enumerate(req.refs):
-    if not os.path.isfile(r):
+    if not storage.path(r).is_file():
       return f'reference image {r!r} does not exist'
     if check_image is not None:
       try:
@@ -116,34 +116,27 @@ def _problem(req: Request, max_refs: int, names: set[str], check_image) -> str:
 
 
 def is_done(out_dir: str, req: Request, ext: str) -> bool:
-  return (os.path.isfile(os.path.join(out_dir, RECORDS, req.name + '.json'))
-          and os.path.isfile(os.path.join(out_dir, req.name + ext)))
+  return (storage.exists(storage.join(out_dir, RECORDS, req.name + '.json'))
+          and storage.exists(storage.join(out_dir, req.name + ext)))
 
 
 def _write_record(out_dir: str, name: str, record: dict[str, Any]) -> None:
-  path = os.path.join(out_dir, RECORDS, name + '.json')
-  tmp = f'{path}.tmp.{os.getpid()}.{threading.get_ident()}'
-  with open(tmp, 'w', encoding='utf-8') as fh:
-    json.dump(record, fh, ensure_ascii=False, indent=1)
-  os.replace(tmp, path)
+  storage.write_bytes(storage.join(out_dir, RECORDS, name + '.json'),
+                      json.dumps(record, ensure_ascii=False, indent=1).encode('utf-8'))
 
 
 def write_manifest(out_dir: str, requests: Sequence[Request]) -> dict[str, Any]:
   """DIR/manifest.json from the records present (idempotent: any host may write it, the last one is complete)."""
   entries = []
   for req in requests:
-    path = os.path.join(out_dir, RECORDS, req.name + '.json')
-    if os.path.isfile(path):
-      with open(path, encoding='utf-8') as fh:
-        entries.append(json.load(fh))
+    path = storage.join(out_dir, RECORDS, req.name + '.json')
+    if storage.exists(path):
+      entries.append(storage.read_json(path))
     else:
       entries.append(req.record(status='pending'))
   counts = {s: sum(e['status'] == s for e in entries) for s in ('done', 'error', 'pending')}
   manifest = {'requests': entries, **counts}
-  tmp = os.path.join(out_dir, f'.{MANIFEST}.{os.getpid()}')
-  with open(tmp, 'w', encoding='utf-8') as fh:
-    json.dump(manifest, fh, ensure_ascii=False, indent=1)
-  os.replace(tmp, os.path.join(out_dir, MANIFEST))
+  storage.write_bytes(storage.join(out_dir, MANIFEST), json.dumps(manifest, ensure_ascii=False, indent=1).encode())
   return manifest
 
 
@@ -176,16 +169,16 @@ def run_requests(requests: Sequence[Request], out_dir: str, make: Sequence[Calla
   is that modulo `num_groups`. Returns {'made', 'skipped', 'errors', 'videos_per_hour'} for this host.
   """
   num_groups = num_groups or len(make)
-  os.makedirs(os.path.join(out_dir, RECORDS), exist_ok=True)
+  storage.path(storage.join(out_dir, RECORDS)).mkdir(parents=True, exist_ok=True)
   mine = [[r for r in requests if r.position % num_groups == group_offset + g] for g in range(len(make))]
   todo = [[r for r in share if not is_done(out_dir, r, ext)] for share in mine]
   skipped = sum(len(a) - len(b) for a, b in zip(mine, todo))
   # A run killed mid-write leaves `.NAME.*.partial.*` temporaries (media.py writes atomically); the request is
   # this group's alone, so its leftovers are removed before it is made again.
   names = {r.name for share in todo for r in share}
-  for f in os.listdir(out_dir):
+  for f in storage.listdir(out_dir):
     if f.startswith('.') and '.partial' in f and f[1:].split('.', 1)[0] in names:
-      os.remove(os.path.join(out_dir, f))
+      storage.path(storage.join(out_dir, f)).unlink()
   bar = Progress(sum(len(t) for t in todo)) if progress else None
   stats = {'made': 0, 'errors': 0, 'videos_per_hour': 0.0}
   lock = threading.Lock()
@@ -205,7 +198,7 @@ def run_requests(requests: Sequence[Request], out_dir: str, make: Sequence[Calla
         with lock:
           stats['errors'] += 1
         continue
-      media.write_video(os.path.join(out_dir, req.name + ext), frames, fps)
+      media.write_video(storage.join(out_dir, req.name + ext), frames, fps)
       _write_record(out_dir, req.name, req.record(status='done', file=req.name + ext,
                                                   seconds=round(time.time() - t0, 3)))
       with lock:

@@ -16,6 +16,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from kaleido_jax import storage
+
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from kaleido_jax import pipeline as pipe_lib  # pylint: disable=g-import-not-at-top
@@ -51,5 +53,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     sys.exit(2)
   ratios = record['mag_ratios']
   print(f'step-cache calibration of {len(ratios)} steps over {len(stats)} runs: magnitude ratios '
-        f'{min(ratios):.4f}..{max(ratios):.4f}; wrote {os.path.abspath(path)}')
+        f'{min(ratios):.4f}..{max(ratios):.4f}; wrote {path if storage.is_remote(path) else os.path.abspath(path)}')
   return record

@@ -369,6 +369,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       keep_every=0,             # also keep every K-th step forever (0 = off)
       async_checkpointing=True,
+      lock_stale_s=900.0,       # seconds: a WORKDIR/train.lock not refreshed this long is taken over
       profile_steps=0,          # clu Profile for this many steps (0 = off)
       input='synthetic_latents',  # synthetic_latents (in-memory latents) | pipeline (data.make_dataset)
       model_factory='',         # 'module:Class' called as Class(config.model, rngs=...); '' = KaleidoDiT

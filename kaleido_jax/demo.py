@@ -13,11 +13,11 @@ Prints where everything is, the table, and the TensorBoard command for the train
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import ml_collections
 
+from kaleido_jax import storage
 from kaleido_jax import generate as generate_lib
 from kaleido_jax import pipeline as pipe_lib
 from kaleido_jax.eval import metrics
@@ -43,17 +43,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   untrained = pipe_lib.S2VPipeline(config, trained.encoders, graphdef, state, weights_from='random weights')
   requests = runner.heldout_requests(config, int(config.eval.num_videos))
   print(f'sampling and scoring {len(requests)} held-out videos with the trained and the untrained weights', flush=True)
-  eval_dir = config.eval.output_dir or os.path.join(workdir, 'eval')
+  eval_dir = config.eval.output_dir or storage.join(workdir, 'eval')
   results = runner.evaluate(config, {'trained': runner.pipeline_generator(trained),
                                      'untrained': runner.pipeline_generator(untrained)},
                             eval_dir, requests=requests)
-  samples = os.path.join(workdir, 'samples')
+  samples = storage.join(workdir, 'samples')
   d = config.data
   written = []
   for i, r in enumerate(requests[:int(config.eval.save_videos)]):
     frames = trained.generate(list(r['refs']), r['prompt'], num_frames=d.num_frames, height=d.height,
                               width=d.width, seed=int(config.sample.seed) + i)[0]
-    paths = generate_lib.output_paths(os.path.join(samples, f'heldout_{i:02d}.mp4'), True)
+    paths = generate_lib.output_paths(storage.join(samples, f'heldout_{i:02d}.mp4'), True)
     generate_lib.write_sample(paths, frames, r['refs'], float(config.sample.fps), generate_lib.view_scale(d.height))
     written.append((paths['gif'], r['prompt']))
   means = results['means']
@@ -66,7 +66,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f'{sum(k.startswith("fidelity_") for k in means["trained"])} fidelity metrics ({", ".join(better)})')
   for gif, prompt in written:
     print(f'  {gif}  <- "{prompt}"')
-  print(f'evaluation: {os.path.join(eval_dir, "eval.md")} (every metric, per subject) and eval.json; strips: '
-        f'{os.path.join(eval_dir, "video_XX.png")} (refs | trained | untrained | target)')
+  print(f'evaluation: {storage.join(eval_dir, "eval.md")} (every metric, per subject) and eval.json; strips: '
+        f'{storage.join(eval_dir, "video_XX.png")} (refs | trained | untrained | target)')
   print(f'training curves: tensorboard --logdir {workdir}')
   return {'train': train, 'eval': results, 'samples': written}

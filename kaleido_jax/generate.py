@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from kaleido_jax import storage
 from kaleido_jax import media
 from kaleido_jax.data import references as refs_lib
 
@@ -98,7 +99,7 @@ def run_batch(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   from kaleido_jax import pipeline as pipe_lib  # pylint: disable=g-import-not-at-top
   from kaleido_jax.train import loop  # pylint: disable=g-import-not-at-top
   s = config.sample
-  out_dir = s.output or os.path.join(workdir, 'samples')
+  out_dir = s.output or storage.join(workdir, 'samples')
   try:
     if os.path.splitext(out_dir)[1].lower() in media.VIDEO_EXTENSIONS:
       raise pipe_lib.UserInputError(f'--out {out_dir!r}: with --prompts, --out is the directory of the videos')
@@ -107,7 +108,7 @@ def run_batch(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
                                    check_image=lambda path, j: refs_lib.load_reference(path, 8, 8, index=j))
     loop.maybe_initialize_distributed()
     groups = device_groups(config, list(jax.local_devices()))
-    os.makedirs(out_dir, exist_ok=True)
+    storage.path(out_dir).mkdir(parents=True, exist_ok=True)
     encoders = enc_lib.Encoders.from_config(config, workdir=workdir)  # shared by the host's groups
     pipes = [pipe_lib.S2VPipeline.from_config(config, workdir=workdir, checkpoint=s.checkpoint, encoders=encoders,
                                               mesh=mesh) for mesh in groups]
@@ -128,7 +129,7 @@ def run_batch(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   manifest = batch.write_manifest(out_dir, requests)
   print(f'{stats["made"]} videos made, {stats["skipped"]} already done, {stats["errors"]} bad requests on this host '
         f'({n} group(s) of {groups[0].size} chip(s)); {manifest["done"]} of {len(requests)} done in '
-        f'{os.path.join(out_dir, batch.MANIFEST)}')
+        f'{storage.join(out_dir, batch.MANIFEST)}')
   return {'stats': stats, 'manifest': manifest, 'out_dir': out_dir}
 
 
@@ -139,7 +140,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if s.get('prompts', ''):
     return run_batch(config, workdir)
   try:
-    paths = output_paths(s.output or os.path.join(workdir, 'samples', 'sample.mp4'), bool(s.gif))
+    paths = output_paths(s.output or storage.join(workdir, 'samples', 'sample.mp4'), bool(s.gif))
     if not s.prompt.strip():
       raise pipe_lib.UserInputError('the prompt is empty; describe the video to make (--prompt "...")')
     # Everything that can be checked without weights is checked before loading any.

@@ -16,6 +16,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from kaleido_jax import storage
+
 VIDEO_EXTENSIONS = ('.mp4', '.gif', '.webm', '.mov')
 
 
@@ -28,7 +30,14 @@ def use_available_ffmpeg() -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-  """A temporary path with `path`'s extension; renamed to `path` if the block succeeds, removed otherwise."""
+  """A temporary path with `path`'s extension; renamed to `path` if the block succeeds, removed otherwise (a
+  bucket `path`: written locally, then uploaded)."""
+  if storage.is_remote(path):
+    with tempfile.TemporaryDirectory() as d:
+      tmp = os.path.join(d, os.path.basename(str(path)))
+      yield tmp
+      storage.upload(tmp, path)
+    return
   directory = os.path.dirname(os.path.abspath(path)) or '.'
   os.makedirs(directory, exist_ok=True)
   base, ext = os.path.splitext(os.path.basename(path))

@@ -27,7 +27,6 @@ those into a message on stderr and a non-zero exit.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -36,6 +35,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from kaleido_jax import storage
 from kaleido_jax import encoders as enc_lib
 from kaleido_jax.convert import release as release_lib
 from kaleido_jax.data import references as refs_lib
@@ -200,7 +200,7 @@ def _resolve_release(config: ml_collections.ConfigDict, checkpoint: str) -> tupl
     return config, checkpoint
   config = config.copy_and_resolve_references()
   release_lib.apply(config, path)
-  return config, os.path.join(path, 'transformer') if checkpoint else checkpoint
+  return config, storage.join(path, 'transformer') if checkpoint else checkpoint
 
 
 class S2VPipeline:
@@ -267,7 +267,7 @@ class S2VPipeline:
     if cfg.get('cache', 'none') == 'none':
       return None
     path = caching.calibration_path(cfg, self.workdir)
-    if not os.path.exists(path):
+    if not storage.exists(path):
       raise UserInputError(f'sample.cache={cfg.cache!r} needs the step-cache calibration {path!r}, which does not '
                            'exist: run `python -m kaleido_jax.main --mode calibrate` with this model and config '
                            'first, or set --config.sample.cache_calibration=PATH')

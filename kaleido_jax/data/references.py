@@ -15,12 +15,15 @@ stacked the references as frames of one video, so the causal VAE kept only the f
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from kaleido_jax import storage
 
 WHITE = (255, 255, 255)
 # Pillow's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS, ~89.5 MP) as the default limit.
@@ -54,16 +57,17 @@ def _check_size(w: int, h: int, name: str, max_pixels: int | None) -> None:
 
 
 def _open_file(path: str, name: str, max_pixels: int | None) -> Image.Image:
-  if not os.path.exists(path):
+  p = storage.path(path)  # a local file or a bucket object
+  if not p.exists():
     raise ReferenceImageError(f"{name} does not exist; check the path")
-  if os.path.isdir(path):
+  if p.is_dir():
     raise ReferenceImageError(f"{name} is a directory; give an image file (PNG, JPEG, WebP, ...)")
-  if os.path.getsize(path) == 0:
+  if p.stat().length == 0:
     raise ReferenceImageError(f"{name} is an empty file (0 bytes); re-export or re-download it")
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-      img = Image.open(path)
+      img = Image.open(path if not storage.is_remote(path) else io.BytesIO(p.read_bytes()))
   except Image.DecompressionBombError as e:
     raise ReferenceImageError(f"{name} is over Pillow's size limit ({e}); downscale it first") from e
   except UnidentifiedImageError as e:

@@ -30,13 +30,14 @@ weights (the workdir); :func:`load_calibration` reads it when sampling.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from kaleido_jax import storage
 
 CACHES = ('none', 'magcache', 'teacache')
 CALIBRATION_FILE = 'step_cache.json'
@@ -77,14 +78,13 @@ def nearest_interp(values: np.ndarray, length: int) -> np.ndarray:
 
 
 def load_calibration(path: str) -> dict[str, Any]:
-  with open(path) as fh:
-    return json.load(fh)
+  return storage.read_json(path)
 
 
 def calibration_path(cfg: ml_collections.ConfigDict, workdir: str | None) -> str:
   """``sample.cache_calibration``, else WORKDIR/step_cache.json."""
   path = cfg.get('cache_calibration', '')
-  return path or os.path.join(workdir or '.', CALIBRATION_FILE)
+  return path or storage.join(workdir or '.', CALIBRATION_FILE)
 
 
 def params(cfg: ml_collections.ConfigDict, num_steps: int, calibration: dict[str, Any] | None
@@ -204,9 +204,6 @@ def fit_calibration(stats: list[dict[str, np.ndarray]], *, num_steps: int, solve
 
 
 def save_calibration(record: dict[str, Any], path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as fh:
-    json.dump(record, fh, indent=1)
-  os.replace(tmp, path)
+  storage.path(path).parent.mkdir(parents=True, exist_ok=True)
+  storage.write_bytes(path, json.dumps(record, indent=1).encode())
   return path

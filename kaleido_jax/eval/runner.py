@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from kaleido_jax import storage
 from kaleido_jax import media
 from kaleido_jax.eval import metrics
 
@@ -85,13 +86,12 @@ def _as_float(frames: np.ndarray) -> np.ndarray:
 
 def trained_seed(workdir: str) -> int | None:
   """data.synthetic_seed of the newest checkpoint's config under WORKDIR/checkpoints (None: none there)."""
-  root = os.path.join(workdir, 'checkpoints')
-  steps = sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True) if os.path.isdir(root) else []
+  root = storage.join(workdir, 'checkpoints')
+  steps = sorted((int(d) for d in storage.listdir(root) if d.isdigit()), reverse=True)
   for step in steps:
-    path = os.path.join(root, str(step), 'config', 'metadata')
-    if os.path.exists(path):
-      with open(path) as fh:
-        return int(json.load(fh).get('data', {}).get('synthetic_seed', 0))
+    path = storage.join(root, str(step), 'config', 'metadata')
+    if storage.exists(path):
+      return int(storage.read_json(path).get('data', {}).get('synthetic_seed', 0))
   return None
 
 
@@ -129,12 +129,12 @@ def evaluate(config: ml_collections.ConfigDict, generators: Mapping[str, Generat
   by_subject = {f'{name} · subject {k + 1}': metrics.aggregate([per[k] for per in subjects[name] if len(per) > k])
                 for name in subjects for k in range(max(len(p) for p in subjects[name]))}
   subject_table = metrics.markdown_table(by_subject)
-  os.makedirs(output_dir, exist_ok=True)
+  storage.path(output_dir).mkdir(parents=True, exist_ok=True)
   results = {'num_videos': len(requests), 'synthetic_seed': int(config.data.synthetic_seed),
              'trained_seed': exclude_seed, 'scorers': list(scorers), 'means': means, 'per_video': rows,
              'per_subject': subjects, 'subject_means': by_subject,
              'prompts': [r['prompt'] for r in requests], 'clips': [r['clip'] for r in requests]}
-  with media.atomic_path(os.path.join(output_dir, 'eval.json')) as tmp, open(tmp, 'w') as fh:
+  with media.atomic_path(storage.join(output_dir, 'eval.json')) as tmp, open(tmp, 'w') as fh:
     json.dump(results, fh, indent=2)
   note = ('Held-out identities, cross-paired references. fidelity_* are distances between the best-matching '
           'window of each frame and the reference subject (lower is better); copy_paste_rate is the fraction '
@@ -146,14 +146,14 @@ def evaluate(config: ml_collections.ConfigDict, generators: Mapping[str, Generat
           'video; pose_copy_rate the share of (frame, subject) pairs showing the reference\'s own pose rather '
           'than the prompted one; motion_adherence the share of subjects whose tracked path follows the prompted '
           'motion (of the share motion_judged whose real motion the tracker recovers).')
-  with media.atomic_path(os.path.join(output_dir, 'eval.md')) as tmp, open(tmp, 'w') as fh:
+  with media.atomic_path(storage.join(output_dir, 'eval.md')) as tmp, open(tmp, 'w') as fh:
     fh.write(f'# Evaluation: {len(requests)} videos\n\n{note}\n\n{table}\n\n## Per subject (k-th subject of '
              f'each video that has one)\n\n{subject_table}\n')
   scale = max(1, 128 // max(int(config.data.height), 1))
   for i, r in enumerate(requests[:int(e.save_videos)]):
     rows_img = [media.upscale(r['refs'], scale)] + [media.upscale(videos[n][i], scale) for n in videos]
-    media.write_image(os.path.join(output_dir, f'video_{i:02d}.png'), media.strip(rows_img))
-    media.write_video(os.path.join(output_dir, f'video_{i:02d}.gif'),
+    media.write_image(storage.join(output_dir, f'video_{i:02d}.png'), media.strip(rows_img))
+    media.write_video(storage.join(output_dir, f'video_{i:02d}.gif'),
                       np.concatenate([media.upscale(videos[n][i], scale) for n in videos], axis=2),
                       float(config.sample.fps))
   results['table'] = table
@@ -167,29 +167,29 @@ def score_samples(config: ml_collections.ConfigDict, samples_dir: str, output_di
   from kaleido_jax import batch  # pylint: disable=g-import-not-at-top
   from kaleido_jax.data import references as refs_lib  # pylint: disable=g-import-not-at-top
   from kaleido_jax.data import video as video_lib  # pylint: disable=g-import-not-at-top
-  path = os.path.join(samples_dir, batch.MANIFEST)
-  if not os.path.isfile(path):
+  path = storage.join(samples_dir, batch.MANIFEST)
+  if not storage.exists(path):
     raise FileNotFoundError(f'eval.samples_dir={samples_dir!r} has no {batch.MANIFEST}: give the --out directory '
                             'of a `--mode sample --prompts` run')
-  with open(path, encoding='utf-8') as fh:
-    entries = [r for r in json.load(fh)['requests'] if r['status'] == 'done']
+  entries = [r for r in storage.read_json(path)['requests'] if r['status'] == 'done']
   rows = []
   for r in entries:
-    frames = video_lib.decode(os.path.join(samples_dir, r['file'])).frames
+    frames = video_lib.decode(storage.join(samples_dir, r['file'])).frames
     h, w = frames.shape[1:3]
     refs = [np.round((refs_lib.load_reference(p, h, w) + 1.0) * 127.5).astype(np.uint8) for p in r['refs']]
     row = metrics.evaluate_video(_as_float(frames), np.stack(refs) if refs else np.zeros((0, h, w, 3), np.uint8),
                                  scorers=tuple(config.eval.scorers))
     rows.append({'name': r['name'], **row})
-  name = f'samples ({os.path.basename(os.path.abspath(samples_dir))})'
+  name = f'samples ({storage.path(samples_dir).name})'
   means = {name: metrics.aggregate([{k: v for k, v in row.items() if k != 'name'} for row in rows])}
   table = metrics.markdown_table(means)
-  os.makedirs(output_dir, exist_ok=True)
-  results = {'samples_dir': os.path.abspath(samples_dir), 'num_videos': len(rows), 'scorers': list(config.eval.scorers),
+  storage.path(output_dir).mkdir(parents=True, exist_ok=True)
+  samples = samples_dir if storage.is_remote(samples_dir) else os.path.abspath(samples_dir)
+  results = {'samples_dir': samples, 'num_videos': len(rows), 'scorers': list(config.eval.scorers),
              'means': means, 'per_video': rows, 'table': table}
-  with media.atomic_path(os.path.join(output_dir, 'eval.json')) as tmp, open(tmp, 'w') as fh:
+  with media.atomic_path(storage.join(output_dir, 'eval.json')) as tmp, open(tmp, 'w') as fh:
     json.dump(results, fh, indent=2)
-  with media.atomic_path(os.path.join(output_dir, 'eval.md')) as tmp, open(tmp, 'w') as fh:
+  with media.atomic_path(storage.join(output_dir, 'eval.md')) as tmp, open(tmp, 'w') as fh:
     fh.write(f'# Evaluation of {samples_dir}: {len(rows)} videos against their references\n\n{table}\n')
   return results
 
@@ -200,7 +200,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   e = config.eval
   if e.get('samples_dir', ''):
     try:
-      results = score_samples(config, e.samples_dir, e.output_dir or os.path.join(e.samples_dir, 'eval'))
+      results = score_samples(config, e.samples_dir, e.output_dir or storage.join(e.samples_dir, 'eval'))
     except FileNotFoundError as err:
       print(f'error: {err}', file=sys.stderr)
       sys.exit(2)
@@ -214,16 +214,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise pipe_lib.UserInputError(
             f'the exported sampler makes {v["num_frames"]}x{v["height"]}x{v["width"]} videos but the held-out '
             f'clips are {d.num_frames}x{d.height}x{d.width}; export with sample sizes equal to the data sizes')
-      generators = {f'exported ({os.path.basename(os.path.abspath(e.exported))})': exported_generator(sampler)}
+      generators = {f'exported ({storage.path(e.exported).name})': exported_generator(sampler)}
     else:
       pipe = pipe_lib.S2VPipeline.from_config(config, workdir=workdir, checkpoint=config.sample.checkpoint)
       generators = {f'model ({pipe.weights_from})': pipeline_generator(pipe)}
-    out_dir = e.output_dir or os.path.join(workdir, 'eval')
+    out_dir = e.output_dir or storage.join(workdir, 'eval')
     seed = trained_seed(workdir) if not e.exported else None
     results = evaluate(config, generators, out_dir, exclude_seed=seed)
   except (pipe_lib.UserInputError, exported_lib.ExportedSamplerError, FileNotFoundError) as err:
     print(f'error: {err}', file=sys.stderr)
     sys.exit(2)
   print(results['table'])
-  print(f'wrote {os.path.join(out_dir, "eval.json")}, {os.path.join(out_dir, "eval.md")} and strips')
+  print(f'wrote {storage.join(out_dir, "eval.json")}, {storage.join(out_dir, "eval.md")} and strips')
   return results

@@ -228,7 +228,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   validate(config, jax.device_count())
   storage.check_writable_dir(workdir)  # a local directory or a bucket prefix (kaleido_jax/storage.py)
   is_main = jax.process_index() == 0
-  lock = storage.WorkdirLock(workdir, float(config.train.get('lock_stale_s', 900.0))) if is_main else None
+  lock = storage.WorkdirLock(workdir, float(config.train.lock_stale_s)) if is_main else None
   if lock is not None:
     lock.acquire()
     if lock.took_over:

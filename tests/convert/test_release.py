@@ -69,6 +69,18 @@ def _release(root, parts, extra=None):
   return root
 
 
+def _sample_config(root):
+  """--mode sample's config for the tiny release: its DiT (int8), the tiny VAE and umT5."""
+  config = kcfg.base_config()
+  _, config.model = convert_tf.convert_state(os.path.join(root, 'model'), 'kaleido')
+  config.model.update(quantization='int8', dtype='float32', param_dtype='float32')
+  config.vae = vae_cfg()
+  config.text_encoder = kcfg.text_encoder_config(**{k: v for k, v in ft.TINY_UMT5.items()}, quantization='int8',
+                                                 max_length=16)
+  config.mesh.update(data=1)
+  return config
+
+
 def test_deepspeed_pickle_loads_its_tensors_only_and_runs_none_of_its_code(tmp_path):
   import torch
   if os.path.exists(MARKER):
@@ -101,13 +113,7 @@ def test_release_folder_converts_in_one_command_and_samples(tmp_path, parts):
   assert common.saved_quantization(os.path.join(out, 'text_encoder')) == 'int8'
   # --mode sample's entry: S2VPipeline.from_config with the converted release as the checkpoint.
   from kaleido_jax import pipeline
-  config = kcfg.base_config()
-  _, config.model = convert_tf.convert_state(os.path.join(root, 'model'), 'kaleido')
-  config.model.update(quantization='int8', dtype='float32', param_dtype='float32')
-  config.vae = vae_cfg()
-  config.text_encoder = kcfg.text_encoder_config(**{k: v for k, v in ft.TINY_UMT5.items()}, quantization='int8',
-                                                 max_length=16)
-  config.mesh.update(data=1)
+  config = _sample_config(root)
   pipe = pipeline.S2VPipeline.from_config(config, workdir=str(tmp_path / 'w'), checkpoint=out)
   assert pipe.weights_from.startswith(os.path.join(out, 'transformer'))
   video = pipe.generate([[np.full((16, 16, 3), 200, np.uint8)]], ['a red cat'], num_frames=5, height=16, width=16,
@@ -152,13 +158,7 @@ def test_release_in_a_bucket_converts_into_a_bucket_and_samples_from_it(tmp_path
     assert 'converted/release.json' in objects and any(o.startswith('converted/transformer/state/') for o in objects)
     assert common.saved_quantization(storage.join(out, 'transformer')) == 'int8'
     assert not os.path.exists('gs:')
-    config = kcfg.base_config()
-    _, config.model = convert_tf.convert_state(os.path.join(root, 'model'), 'kaleido')
-    config.model.update(quantization='int8', dtype='float32', param_dtype='float32')
-    config.vae = vae_cfg()
-    config.text_encoder = kcfg.text_encoder_config(**{k: v for k, v in ft.TINY_UMT5.items()}, quantization='int8',
-                                                   max_length=16)
-    config.mesh.update(data=1)
+    config = _sample_config(root)
     pipe = pipeline.S2VPipeline.from_config(config, workdir=str(tmp_path / 'w'), checkpoint=out)
     assert pipe.weights_from.startswith(f'{out}/transformer')
     video = pipe.generate([[np.full((16, 16, 3), 200, np.uint8)]], ['a red cat'], num_frames=5, height=16,

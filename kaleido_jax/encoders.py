@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+import zlib
 from typing import Any, Sequence
 
 import jax
@@ -40,6 +41,15 @@ from kaleido_jax.model import text_encoder as te
 RANDOM_ENCODER_SEED = 0  # random (not loaded) encoders are drawn from this seed, whatever config.seed is
 
 
+def _tokenizer_cache(url: str) -> str:
+  """This process's local directory for the sentencepiece model at a bucket `url` (sentencepiece reads local files;
+  one per process, so processes of one host never write the same file)."""
+  d = os.path.join(tempfile.gettempdir(), 'kaleido_jax', 'remote-tokenizer',
+                   f'{zlib.crc32(url.encode()):08x}-{os.getpid()}')
+  os.makedirs(d, exist_ok=True)
+  return d
+
+
 def tokenizer_file(config: ml_collections.ConfigDict, workdir: str | None = None) -> str:
   """The sentencepiece model the config asks for; builds the synthetic-caption one when none is named."""
   path = config.text_encoder.tokenizer_path
@@ -51,9 +61,7 @@ def tokenizer_file(config: ml_collections.ConfigDict, workdir: str | None = None
     if not storage.is_remote(found):
       return found
     # sentencepiece reads local files: a bucket's model is fetched into a local cache.
-    cache = os.path.join(tempfile.gettempdir(), 'kaleido_jax', 'remote-tokenizer', str(abs(hash(found))))
-    os.makedirs(cache, exist_ok=True)
-    return storage.local_file(found, cache)
+    return storage.local_file(found, _tokenizer_cache(found))
   if config.data.source != 'synthetic':
     raise kcfg.ConfigError(
         'config.text_encoder.tokenizer_path is empty; point it at the umT5 sentencepiece model '
@@ -67,8 +75,7 @@ def tokenizer_file(config: ml_collections.ConfigDict, workdir: str | None = None
   # A bucket workdir: sentencepiece reads local files, so the model is built (deterministically: every host gets
   # the same bytes) or fetched in a local cache and kept in the bucket beside the checkpoints.
   remote = storage.join(root, 'tokenizer', 'spiece.model')
-  cache = os.path.join(tempfile.gettempdir(), 'kaleido_jax', 'remote-tokenizer', str(abs(hash(remote))))
-  os.makedirs(cache, exist_ok=True)
+  cache = _tokenizer_cache(remote)
   if storage.path(remote).exists():
     return storage.local_file(remote, cache)
   local = train(os.path.join(cache, 'spiece.model'))

@@ -9,7 +9,6 @@ config and dispatches, so nothing imports ``main``. The sampling flags (--prompt
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 
 from absl import app
@@ -81,12 +80,8 @@ MODES = {
 
 
 def resolve(mode: str):
+  """The run(config, workdir) of a mode; imported on use, so `--mode sample` never imports the trainer."""
   module, fn = MODES[mode].split(":")
-  if importlib.util.find_spec(module) is None:
-    print(f"error: --mode {mode} needs {module}, which this version of kaleido_jax does not ship yet; "
-          f"available modes: {sorted(m for m, t in MODES.items() if importlib.util.find_spec(t.split(':')[0]))}",
-          file=sys.stderr)
-    sys.exit(2)
   return getattr(importlib.import_module(module), fn)
 
 

@@ -5,8 +5,12 @@
   folder named `gs:`).
 - `check_writable_dir(p)`: a bucket that does not exist, missing credentials or an object where a directory is
   expected is one `StorageError` line naming the path and the fix.
+- `exists` / `read_text` / `read_json` / `listdir` / `walk_files` / `load_npz`, and `write_bytes` / `write_json` /
+  `save_npz` (whole or not at all: a local temporary renamed, or one object upload).
 - `local_file(p)` / `upload(local, p)`: for libraries that read or write local files only (sentencepiece,
-  TensorBoard's writer), a local copy of a remote file and the way back.
+  TensorBoard's writer), a local copy of a remote file and the way back; `local_copy(p)` for one block (a video
+  FFmpeg decodes), `fetched(p)` once per process (checkpoint files safetensors / torch read), `mirror_dir` a
+  prefix kept in step with a local directory (prepared shards: array_record reads local files only).
 - `SyncedDir`: a local directory mirrored into a remote one (TensorBoard events: TF's own GCS client cannot be
   pointed at another endpoint, so events are written locally and copied with epath, which works against GCS and
   its emulator alike).
@@ -25,6 +29,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from typing import Any, Iterator
@@ -76,7 +81,7 @@ def write_bytes(p: Any, data: bytes) -> None:
   if is_remote(p):
     epath.Path(p).write_bytes(data)
     return
-  tmp = f'{p}.tmp.{os.getpid()}'
+  tmp = f'{p}.tmp.{os.getpid()}.{threading.get_ident()}'  # batch sampling writes records from several threads
   with open(tmp, 'wb') as f:
     f.write(data)
   os.replace(tmp, p)

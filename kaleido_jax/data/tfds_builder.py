@@ -13,7 +13,7 @@ FdReader / FdWriter: google/array_record#120, google/riegeli#31), so
   rename) through etils.epath itself;
 - a `gs://` data_dir is read from a per-host copy (`local_dataset_dir`, under `data.local_data_dir`; files
   already there at the same size are kept), or, for a data set larger than a host's disk, from a gcsfuse mount
-  of the bucket passed as a local data_dir (README: Data on a pod).
+  of the bucket passed as a local data_dir (README: Storage: buckets).
 
 Features: video (F, H, W, 3) uint8, subject_ids (n,) int32, refs (C, H, W, 3) uint8 reference candidates and
 ref_slots (C,) int32 (the subject each candidate shows), caption, clip_id,

@@ -55,7 +55,7 @@ REMAT_POLICIES = {
         offload_src="device", offload_dst="pinned_host"),
 }
 
-_ACT = ("batch", "activation_length", "embed")
+_ACT = ("activation_batch", "activation_length", "activation_embed")
 
 
 def _dtype(name: str):

@@ -1,11 +1,13 @@
 """Logical-axis sharding constraints for activations; a no-op outside a mesh with logical rules.
 
-The model names activation dimensions (``batch``, ``activation_length``, ``embed``, ...); the trainer owns
+The model names activation dimensions (``activation_batch``, ``activation_length``, ``activation_embed``), apart
+from parameter dimensions (``embed``, ``heads``, ...); the trainer owns
 the mapping onto mesh axes (``kaleido_jax/train/mesh.py``) and installs it with ``nnx.logical_axis_rules``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence
 
@@ -14,8 +16,12 @@ from flax.core import spmd as core_spmd
 from jax.sharding import PartitionSpec as P
 
 
+_LOGGED: set[tuple] = set()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """with_sharding_constraint by logical names when a mesh and rules are active; else identity."""
+  """with_sharding_constraint by logical names when a mesh and rules are active; else identity. A mesh axis a
+  dimension cannot be divided by is left out (that dimension is replicated over it), logged once."""
   mesh = jax.sharding.get_abstract_mesh()
   rules = core_spmd.get_logical_axis_rules()
   if mesh is None or mesh.empty or not rules:
@@ -28,7 +34,10 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     axes = [] if axes is None else [axes] if isinstance(axes, str) else list(axes)
     axes = [a for a in axes if a in mesh.shape and a not in used and mesh.shape[a] > 1]
     while axes and dim % math.prod(mesh.shape[a] for a in axes):
-      axes.pop()
+      dropped = axes.pop()
+      if (name, dim, dropped) not in _LOGGED:
+        _LOGGED.add((name, dim, dropped))
+        logging.warning('%s of size %d is not divisible over mesh axis %r: replicated over it', name, dim, dropped)
     used.update(axes)
     spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
   return jax.lax.with_sharding_constraint(x, P(*spec))

@@ -31,7 +31,11 @@ MESH_AXES = ('data', 'fsdp', 'context', 'tensor')
 
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ('batch', ('data', 'fsdp')),
+    # Activations have names of their own: a parameter's `embed` (context, fsdp) would put a hidden dimension on
+    # fsdp whenever the batch cannot use it (batch 2 on data 2 x fsdp 2).
+    ('activation_batch', ('data', 'fsdp')),
     ('activation_length', 'context'),
+    ('activation_embed', None),
     ('embed', ('context', 'fsdp')),
     ('heads', 'tensor'),
     ('mlp', 'tensor'),

@@ -9,7 +9,6 @@ runs, fits TeaCache's rescaling and writes sample.cache_calibration (default WOR
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
@@ -53,5 +52,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     sys.exit(2)
   ratios = record['mag_ratios']
   print(f'step-cache calibration of {len(ratios)} steps over {len(stats)} runs: magnitude ratios '
-        f'{min(ratios):.4f}..{max(ratios):.4f}; wrote {path if storage.is_remote(path) else os.path.abspath(path)}')
+        f'{min(ratios):.4f}..{max(ratios):.4f}; wrote {storage.absolute(path)}')
   return record

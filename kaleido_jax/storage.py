@@ -56,6 +56,12 @@ def join(p: Any, *parts: str) -> str:
   return str(epath.Path(p).joinpath(*parts))
 
 
+def absolute(p: Any) -> str:
+  """`p` as an absolute local path, or the bucket URL as it is (orbax and records want one that does not depend on
+  the current directory)."""
+  return str(p) if is_remote(p) else os.path.abspath(p)
+
+
 def resolve(base: Any, p: Any) -> str:
   """`p` relative to the directory `base`, unless `p` is already absolute or a bucket URL."""
   p = str(p)

@@ -384,7 +384,7 @@ def save_converted(output_dir: str, pure_state: Mapping[str, Any], config: ml_co
   a local temporary renamed into place, or copied into a bucket, only when complete): an interrupted
   conversion leaves no partial ``output_dir`` behind."""
   import orbax.checkpoint as ocp
-  output_dir = str(output_dir) if storage.is_remote(output_dir) else os.path.abspath(output_dir)
+  output_dir = storage.absolute(output_dir)
   if storage.exists(output_dir):
     raise FileExistsError(f"{output_dir!r} already exists; choose a new --output or remove it")
   with storage.atomic_dir(output_dir) as tmp:
@@ -413,7 +413,7 @@ def load_converted(path: str, *, component: str) -> tuple[dict[str, Any], ml_col
   if meta.get("component") != component:
     raise ConversionError(f"{path!r} holds a {meta.get('component')!r} checkpoint, not a {component!r}")
   with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(storage.join(path if storage.is_remote(path) else os.path.abspath(path), STATE_DIR))
+    state = ckptr.restore(storage.join(storage.absolute(path), STATE_DIR))
   return state, ml_collections.ConfigDict(_lists_to_tuples(meta["config"]))
 
 

@@ -80,7 +80,7 @@ def convert_release(release_dir: str, output_dir: str, quantization: str = "none
   from kaleido_jax.convert import text_encoder as conv_te  # pylint: disable=g-import-not-at-top
   from kaleido_jax.convert import transformer as conv_tf  # pylint: disable=g-import-not-at-top
   from kaleido_jax.convert import vae as conv_vae  # pylint: disable=g-import-not-at-top
-  source = release_dir if storage.is_remote(release_dir) else os.path.abspath(release_dir)
+  source = storage.absolute(release_dir)
   files = locate(storage.fetched(release_dir))  # the release's .pth / DeepSpeed files are read locally
   with storage.atomic_dir(output_dir) as tmp:  # refused if it exists; a part that fails leaves nothing
     conv_tf.convert(files["transformer"], os.path.join(tmp, "transformer"), "kaleido", quantization, model)

@@ -97,6 +97,6 @@ def ground_video(rel: str, input_dir: str, data_cfg: ml_collections.ConfigDict, 
                        boxes=[None if np.isnan(bx).any() else [round(float(v), 1) for v in bx]
                               for bx in t.boxes[s - a:e - a]]) for k, t in enumerate(present)]
       lines.append(dict(video=rel, fps=d.fps, start=s, end=e, caption=text, subjects=subjects,
-                        masks=mpath if storage.is_remote(mpath) else os.path.abspath(mpath), clip=name))
+                        masks=storage.absolute(mpath), clip=name))
       windows.append((name, frames, masks, (s - a, e - a)))
   return dict(lines=lines, drops=drops, shots=len(ranges)), windows

@@ -18,7 +18,6 @@ pose-copy rate and motion adherence from the synthetic truth, temporal smoothnes
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
@@ -184,7 +183,7 @@ def score_samples(config: ml_collections.ConfigDict, samples_dir: str, output_di
   means = {name: metrics.aggregate([{k: v for k, v in row.items() if k != 'name'} for row in rows])}
   table = metrics.markdown_table(means)
   storage.path(output_dir).mkdir(parents=True, exist_ok=True)
-  samples = samples_dir if storage.is_remote(samples_dir) else os.path.abspath(samples_dir)
+  samples = storage.absolute(samples_dir)
   results = {'samples_dir': samples, 'num_videos': len(rows), 'scorers': list(config.eval.scorers),
              'means': means, 'per_video': rows, 'table': table}
   with media.atomic_path(storage.join(output_dir, 'eval.json')) as tmp, open(tmp, 'w') as fh:

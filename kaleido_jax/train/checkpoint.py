@@ -11,7 +11,6 @@ written on one mesh is restored onto whatever mesh the new run has.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import grain
@@ -44,7 +43,7 @@ class Checkpointer:
         enable_async_checkpointing=bool(train_cfg.async_checkpointing),
         create=True)
     self.manager = ocp.CheckpointManager(
-        directory if storage.is_remote(directory) else os.path.abspath(directory), options=options,
+        storage.absolute(directory), options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': grain.checkpoint.CheckpointHandler(),
                        'config': ocp.JsonCheckpointHandler()})

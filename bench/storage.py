@@ -58,7 +58,8 @@ def main():
   p.add_argument('--repeats', type=int, default=3)
   args = p.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.train import mesh as mesh_lib, state as state_lib  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from tests import gcs as gcs_lib  # pylint: disable=g-import-not-at-top
   config = _config(args.config)
   mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])

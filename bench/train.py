@@ -36,7 +36,8 @@ def _load_config(path, model_factory):
 def measure(config_path: str, steps: int, model_factory: str) -> dict:
   """Runs in the child: steps/s of the jitted step on all visible devices."""
   import jax  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.train import inputs, mesh as mesh_lib, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.train import inputs, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
   config = _load_config(config_path, model_factory)
   config.mesh.update(data=-1, fsdp=1, context=1, tensor=1)
   n = jax.device_count()

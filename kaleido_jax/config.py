@@ -12,7 +12,7 @@ Sections (each owned by one part of the package):
   diffusion     flow-matching objective (kaleido_jax/diffusion/)
   sample        sampler / guidance / what --mode sample makes (diffusion/sampler.py, pipeline.py, generate.py)
   train         optimiser, schedule, checkpoints, logging (kaleido_jax/train/)
-  mesh          device mesh and logical axis rules (kaleido_jax/train/mesh.py)
+  mesh          device mesh, ICI x DCN (kaleido_jax/parallel/mesh.py; logical rules: model/sharding.py)
   export        the exported sampler artifact (kaleido_jax/export.py, kaleido_jax/exported.py)
   eval          offline evaluation on held-out reference sets (kaleido_jax/eval/runner.py)
 """
@@ -414,8 +414,10 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def mesh_config(**overrides) -> ml_collections.ConfigDict:
-  """Device mesh (maxdiffusion axes). -1 fills with the remaining devices."""
-  cfg = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
+  """Device mesh (maxdiffusion axes, kaleido_jax/parallel/mesh.py): total sizes, -1 fills with the remaining
+  devices; on a multislice job dcn_* say how many slices each axis spans (-1: the remaining ones)."""
+  cfg = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1,
+                                       dcn_data=-1, dcn_fsdp=1, dcn_context=1, dcn_tensor=1))
   cfg.update(overrides)
   return cfg
 

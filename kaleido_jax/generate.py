@@ -76,19 +76,12 @@ def view_scale(height: int) -> int:
 
 def device_groups(config: ml_collections.ConfigDict, devices: list[Any]) -> list[Any]:
   """This host's data-parallel groups for batch sampling: meshes of `fsdp x context x tensor` local chips each."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  per = 1
-  for axis in ('fsdp', 'context', 'tensor'):
-    per *= max(1, int(config.mesh[axis]))
-  if len(devices) % per:
+  from kaleido_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  try:
+    return mesh_lib.group_meshes(config.mesh, devices)
+  except ValueError as e:
     from kaleido_jax.pipeline import UserInputError  # pylint: disable=g-import-not-at-top
-    raise UserInputError(f'{len(devices)} local devices do not split into groups of fsdp x context x tensor = {per}; '
-                         'set --config.mesh.* so that they do')
-  shape = (1, int(config.mesh.fsdp), int(config.mesh.context), int(config.mesh.tensor))
-  shape = tuple(max(1, d) for d in shape)
-  return [jax.sharding.Mesh(np.asarray(devices[i:i + per]).reshape(shape), mesh_lib.MESH_AXES)
-          for i in range(0, len(devices), per)]
+    raise UserInputError(f'{e}; set --config.mesh.* so that they do') from e
 
 
 def run_batch(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -157,7 +150,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     import jax  # pylint: disable=g-import-not-at-top
     mesh = None
     if jax.device_count() > 1:
-      from kaleido_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+      from kaleido_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
       try:
         mesh = mesh_lib.make_mesh(config.mesh)
       except ValueError as e:

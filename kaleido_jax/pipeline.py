@@ -7,7 +7,7 @@
 Stages: prompt -> umT5 (cached) | references -> fit-and-pad on white -> each VAE-encoded as a 1-frame video
 -> normalised latents in `max_refs` slots with a mask | seeded noise -> the jitted sampler (one lax.scan,
 text CFG with the same references in both branches, kaleido_jax/diffusion/sampler.py) -> VAE decode -> uint8.
-With a `mesh`, weights are placed by their logical axis names (kaleido_jax/train/mesh.py) and the batch over
+With a `mesh`, weights are placed by their logical axis names (model/sharding.py, parallel/shardings.py) and the batch over
 (data, fsdp), and the sampler runs under that mesh and its logical rules: guidance branches and prompts over
 (data, fsdp), the token sequence over `context` (the context-parallel attention), weights over fsdp / tensor.
 
@@ -42,6 +42,7 @@ from kaleido_jax.data import references as refs_lib
 from kaleido_jax.diffusion import sampler as sampler_lib
 from kaleido_jax.model import codec as codec_lib
 from kaleido_jax.model import dit as dit_lib
+from kaleido_jax.parallel import shardings as shardings_lib
 
 
 class UserInputError(ValueError):
@@ -71,8 +72,7 @@ def weights_target(model_cfg: ml_collections.ConfigDict, mesh: Any = None) -> tu
   graphdef, abstract = abstract_model(model_cfg)
   shardings = None
   if mesh is not None:
-    from kaleido_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-    shardings = nnx.to_pure_dict(mesh_lib.state_shardings(abstract, mesh))
+    shardings = nnx.to_pure_dict(shardings_lib.state_shardings(abstract, mesh))
   return graphdef, abstract, weights.abstract_target(nnx.to_pure_dict(abstract), shardings)
 
 
@@ -213,8 +213,7 @@ class S2VPipeline:
     self.workdir = workdir
     self.last_stats: dict[str, Any] = {}   # model_calls (DiT passes per video) of the last sample_latents
     if mesh is not None:
-      from kaleido_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-      self.state = jax.device_put(state, mesh_lib.state_shardings(state, mesh))
+      self.state = jax.device_put(state, shardings_lib.state_shardings(state, mesh))
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, *, workdir: str | None = None, checkpoint: str = '',
@@ -290,14 +289,13 @@ class S2VPipeline:
         return self._keep_stats(sampler_lib.sample(self.graphdef, self.state, *args, **options), calibrate)
     except caching.CacheError as e:
       raise UserInputError(f'{e} (--config.sample.*)') from e
-    from kaleido_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-    placed = [None if a is None else jax.device_put(
-        a, mesh_lib.batch_sharding(self.mesh, np.ndim(a)) if np.shape(a)[0] % mesh_lib.data_parallel_size(
-            self.mesh) == 0 else mesh_lib.replicated(self.mesh)) for a in args]
-    # Under the mesh and its logical rules the guidance branches (concatenated on the batch inside the step)
-    # and the prompts go over data x fsdp, the tokens over context (context-parallel attention,
-    # model.context_parallel), the weights as their names say (fsdp, context, tensor).
-    with jax.set_mesh(self.mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
+    placed = [None if a is None else jax.device_put(a, shardings_lib.replicated(self.mesh) if np.shape(a)[0] == 1
+                                                    else shardings_lib.batch_sharding(self.mesh, np.shape(a)))
+              for a in args]  # a batch of one (the shared negative prompt) is on every device
+    # Under the mesh the guidance branches (concatenated on the batch inside the step) and the prompts go over
+    # data x fsdp as far as they divide it, the tokens over context (context-parallel attention,
+    # model.context_parallel), the weights as their names say (fsdp, context, tensor): model/sharding.py.
+    with jax.set_mesh(self.mesh):
       return self._keep_stats(sampler_lib.sample(self.graphdef, self.state, *placed, **options), calibrate)
 
   def _keep_stats(self, out: tuple, calibrate: bool) -> Any:

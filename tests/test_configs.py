@@ -15,7 +15,7 @@ from kaleido_jax import config as kcfg
 from kaleido_jax import pipeline as pipe_lib
 from kaleido_jax.train import inputs
 from kaleido_jax.train import loop
-from kaleido_jax.train import mesh as mesh_lib
+from kaleido_jax.parallel import mesh as mesh_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py') if p.stem != '__init__')

@@ -143,7 +143,7 @@ def test_encoders_encode_a_pipeline_batch(tmp_path):
 
 
 def test_sharded_pipeline_matches_single_device(pixel_pipe, tmp_path):
-  from kaleido_jax.train import mesh as mesh_lib
+  from kaleido_jax.parallel import mesh as mesh_lib
   config = pixel_pipe.config.copy_and_resolve_references()
   config.mesh.update(data=4, fsdp=1, context=1, tensor=2)
   mesh = mesh_lib.make_mesh(config.mesh)
@@ -164,7 +164,7 @@ def test_sharded_pipeline_matches_single_device(pixel_pipe, tmp_path):
 def test_one_video_sampled_over_eight_devices_matches_single_device(pixel_pipe, tmp_path, axes, cp):
   # One video, text CFG: its two guidance branches over data, the tokens over context (ring attention) or
   # the weights over fsdp x tensor; the same latents as one device.
-  from kaleido_jax.train import mesh as mesh_lib
+  from kaleido_jax.parallel import mesh as mesh_lib
   config = pixel_pipe.config.copy_and_resolve_references()
   config.model.context_parallel = cp
   config.mesh.update(**axes)

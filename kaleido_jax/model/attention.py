@@ -4,8 +4,9 @@
 Layout (B, L, H, D). ``mask`` is a (B, Lk) boolean *key* mask (True = attend); Kaleido uses it to hide
 padded reference slots. Softmax statistics are float32 whatever the input dtype.
 
-Under a mesh set with ``jax.set_mesh`` the kernel runs per device in ``jax.shard_map``: batch over
-(data, fsdp), heads over tensor, queries over context. Self-attention, whose keys are the same sequence, is
+Under a mesh set with ``jax.set_mesh`` the kernel runs per device in ``jax.shard_map``: batch and heads placed by
+the logical rules (``activation_batch`` / ``activation_heads``: (data, fsdp) / tensor, ``model/sharding.py``),
+queries over context. Self-attention, whose keys are the same sequence, is
 context-parallel (``context_parallel``):
   gather   keys / values all-gathered over ``context`` (each device holds every key for its queries);
   ulysses  all-to-all that trades the sequence shards for head shards, the kernel sees the whole sequence
@@ -32,6 +33,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from kaleido_jax.model import cpu
+from kaleido_jax.model import sharding
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 CONTEXT_PARALLEL = ("gather", "ulysses", "ring")
@@ -534,18 +536,13 @@ _ring_attention.defvjp(_ring_fwd, _ring_bwd)
 
 def _attention_mesh():
   """The current mesh if attention should run per device on it: set, more than one device, no manual axes."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty or mesh.size == 1 or mesh.manual_axes:
-    return None
-  return mesh
+  mesh = sharding.current_mesh()
+  return None if mesh is None or mesh.size == 1 else mesh
 
 
-def _mesh_axes(mesh, names, dim):
-  """Mesh axes (of `names`) to shard `dim` over: present, >1, and dividing it, as sharding.constrain does."""
-  axes = [a for a in names if a in mesh.shape and mesh.shape[a] > 1]
-  while axes and dim % math.prod(mesh.shape[a] for a in axes):
-    axes.pop()
-  return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+def _axes(entry) -> tuple:
+  """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _sharded_attention(q, k, v, mask, impl, context_parallel, kernel, mesh):
@@ -569,10 +566,10 @@ def _sharded_attention(q, k, v, mask, impl, context_parallel, kernel, mesh):
   q, k, v = pad_seq(q, lq_pad), pad_seq(k, lk_pad), pad_seq(v, lk_pad)
 
   batch_ax = head_ax = None
-  if mesh is not None:
-    batch_ax = _mesh_axes(mesh, ("data", "fsdp"), b)
-    head_ax = _mesh_axes(mesh, ("tensor",), h)
-  local_heads = h // (mesh.shape[head_ax] if head_ax else 1)
+  if mesh is not None:  # the sequence axis is placed by hand below: it is padded to the context size first
+    batch_ax, _, head_ax, _ = sharding.spec_for(
+        ("activation_batch", None, "activation_heads", None), q.shape, mesh.shape)
+  local_heads = h // math.prod(mesh.shape[a] for a in _axes(head_ax))
   if self_cp and context_parallel == "ulysses" and local_heads % ctx:
     raise ValueError(f"context_parallel='ulysses' needs the heads per device ({local_heads}) to divide by "
                      f"mesh.context={ctx}; use context_parallel='ring' or 'gather', or another context size")

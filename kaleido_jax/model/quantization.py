@@ -5,7 +5,7 @@
 A :class:`QuantizedLinear` holds its kernel as the two arrays of a qwix ``QArray`` (``qvalue`` in the
 quantized type, ``scale`` in the compute dtype or, for the DiT, float32 by its precision policy) as ordinary ``nnx.Param`` leaves with the kernel's logical
 axis names, so the stacked layers (``nnx.vmap`` / ``lax.scan`` over a leading ``layers`` axis), the mesh
-placement (kaleido_jax/train/mesh.py), orbax checkpoints and ``jax.export`` see plain arrays. The matmul is
+placement (kaleido_jax/parallel/shardings.py), orbax checkpoints and ``jax.export`` see plain arrays. The matmul is
 ``qwix.dot_general`` on the rebuilt ``QArray``: weight-only by default (qwix multiplies by the float
 activations and applies the per-channel scale to the output), or int8 x int8 / fp8 x fp8 with
 ``activations=True`` (activations quantized per token on the fly; on TPU the MXU then runs the integer

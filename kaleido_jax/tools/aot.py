@@ -1,7 +1,7 @@
 r"""Ahead-of-time fit check: compile the real training step for a TPU slice on this (CPU) machine.
 
   python -m kaleido_jax.tools.aot --config configs/kaleido_14b.py --topology v5p:2x2x2 \
-      [--config.mesh.fsdp=-1] [--config.model.remat_policy=full] [--batch_size 0]
+      [--config.mesh.fsdp=-1] [--config.model.remat_policy=full] [--batch_size 0] [--num_slices 2]
   python -m kaleido_jax.tools.aot --step sample --config configs/kaleido_14b.py --topology v6e:1x1 \
       --config.model.quantization=int8 [--config.sample.text_encoder_device=host]
 
@@ -37,13 +37,16 @@ _OOM = re.compile(r'RESOURCE_EXHAUSTED.*?\(([0-9.]+)([KMGT])\) exceeds', re.S)
 _UNIT = {'K': 1024, 'M': 1024 ** 2, 'G': GIB, 'T': 1024 ** 4}
 
 
-def topology_devices(topology: str):
-  """Abstract TPU devices of `generation:AxBxC` (needs libtpu; no TPU). One-chip slices (v6e:1x1, v5e:1x1,
-  v5p:1x1x1) need chips_per_host_bounds=(1, 1, 1): without it libtpu assumes a full host's chips."""
+def topology_devices(topology: str, num_slices: int = 1):
+  """Abstract TPU devices of `generation:AxBxC` (needs libtpu; no TPU), `num_slices` of them joined over DCN
+  (each device's slice_index says which). One-chip slices (v6e:1x1, v5e:1x1, v5p:1x1x1) need
+  chips_per_host_bounds=(1, 1, 1): without it libtpu assumes a full host's chips."""
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   dims = [int(d) for d in topology.split(':')[1].split('x')]
   extra = {'chips_per_host_bounds': (1, 1, 1)} if all(d == 1 for d in dims) else {}
+  if num_slices > 1:
+    extra['num_slices'] = num_slices
   return topologies.get_topology_desc(topology, platform='tpu', **extra).devices
 
 
@@ -77,7 +80,7 @@ def hbm_bytes(topology: str) -> int:
   return HBM_GIB[gen] * GIB
 
 
-def analyse(config, topology: str, batch_size: int = 0, num_refs: int = -1) -> dict[str, Any]:
+def analyse(config, topology: str, batch_size: int = 0, num_refs: int = -1, num_slices: int = 1) -> dict[str, Any]:
   """Lower + compile the train step for `topology`; returns the numbers the table prints.
 
   The config is first validated as `--mode train` would on that slice (its chips, and the batch rows each of
@@ -87,14 +90,15 @@ def analyse(config, topology: str, batch_size: int = 0, num_refs: int = -1) -> d
   """
   import jax  # pylint: disable=g-import-not-at-top
   from kaleido_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.train import inputs, loop, mesh as mesh_lib, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.train import inputs, loop, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
 
   config = config.copy_and_resolve_references()
   if batch_size:
     config.data.batch_size = int(batch_size)
   if num_refs >= 0:
     config.data.max_refs = int(num_refs)
-  devices = topology_devices(topology)
+  devices = topology_devices(topology, num_slices)
   loop.validate(config, len(devices))
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   inputs.data_shards(mesh, int(config.data.batch_size))  # every host's batch rows, as the trainer maps them
@@ -110,7 +114,7 @@ def analyse(config, topology: str, batch_size: int = 0, num_refs: int = -1) -> d
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=jax.sharding.NamedSharding(mesh, jax.P()))
   v_tok, r_tok = flops_lib.tokens((f, h, w), r, (h, w), config.model.patch_size)
   analytic = flops_lib.train_step_flops(config.model, b, v_tok, r_tok, text_len)
-  base = dict(topology=topology, chips=len(devices), mesh=dict(mesh.shape), batch=b, refs=r,
+  base = dict(topology=topology if num_slices == 1 else f'{num_slices} x {topology}', chips=len(devices), mesh=dict(mesh.shape), batch=b, refs=r,
               video_tokens=v_tok, ref_tokens=r_tok,
               params=state_lib.count_params(spec.abstract_state['params']),
               remat=config.model.get('remat_policy', 'none'), attention=config.model.get('attention', ''),
@@ -135,7 +139,8 @@ def census_flops(config, shapes) -> float:
   trace (a Pallas kernel's are not). Tracing only: nothing is compiled or allocated."""
   import jax  # pylint: disable=g-import-not-at-top
   from kaleido_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.train import mesh as mesh_lib, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.train import state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.model.attention = 'xla'
   config.mesh.update(data=1, fsdp=1, context=1, tensor=1)
@@ -149,9 +154,9 @@ def census_flops(config, shapes) -> float:
 def _abstract_with_shardings(state, mesh):
   """ShapeDtypeStructs of an abstract nnx State, each with the NamedSharding its logical names give."""
   import jax  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.parallel import shardings as shardings_lib  # pylint: disable=g-import-not-at-top
   leaves, treedef = jax.tree.flatten(state)
-  shardings = jax.tree.leaves(mesh_lib.state_shardings(state, mesh))
+  shardings = jax.tree.leaves(shardings_lib.state_shardings(state, mesh))
   return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
                                       for x, sh in zip(leaves, shardings)])
 
@@ -182,7 +187,8 @@ def analyse_sample(config, topology: str, batch_size: int = 1, num_refs: int = -
   from kaleido_jax import pipeline  # pylint: disable=g-import-not-at-top
   from kaleido_jax.diffusion import guidance, sampler as sampler_lib  # pylint: disable=g-import-not-at-top
   from kaleido_jax.model import codec as codec_lib, quantization, text_encoder as te  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.train import flops as flops_lib, mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
 
   devices = topology_devices(topology)
   mesh = mesh_lib.make_mesh(config.mesh, devices)
@@ -210,7 +216,7 @@ def analyse_sample(config, topology: str, batch_size: int = 1, num_refs: int = -
   args = (weights, sds((b, f, h, w, z)), sds((b,)), sds((b, text_len, text_dim)), sds((1, text_len, text_dim)),
           sds((b, r, h, w, z)) if r else None, sds((b, r), jnp.bool_) if r else None)
   t0 = time.time()
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
+  with jax.set_mesh(mesh):
     compiled, refused = _compile(jax.jit(denoise).lower(*args))
   rows['dit'] = dict(refused or _memory(compiled), weights=_bytes_per_chip(weights), compile_s=time.time() - t0,
                      what=f'DiT denoising call: {branches} branch(es) x {b} video(s), {v_tok} video + {r_tok} '
@@ -228,7 +234,7 @@ def analyse_sample(config, topology: str, batch_size: int = 1, num_refs: int = -
 
   if te_on_chip:
     t0 = time.time()
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
+    with jax.set_mesh(mesh):
       compiled, refused = _compile(jax.jit(encode).lower(te_weights, sds((2, text_len), jnp.int32),
                                                          sds((2, text_len), jnp.int32)))
     rows['umt5'] = dict(refused or _memory(compiled), weights=_bytes_per_chip(te_weights),
@@ -327,6 +333,8 @@ def _define_flags():
                            'as the trainer would) or one video (sample).'),
       flags.DEFINE_integer('num_refs', -1, 'References per sample; -1 = data.max_refs (train) or '
                            'model.max_refs (sample).'),
+      flags.DEFINE_integer('num_slices', 1, 'Slices of --topology joined over DCN (multislice, --step train); the mesh '
+                           'spans them as config.mesh.dcn_* say (default: data across slices).'),
       flags.DEFINE_enum('step', 'train', ['train', 'sample'], 'train: the training step; sample: one '
                         'denoising call with all guidance branches, the umT5 encoder and a VAE decode chunk.'),
   )
@@ -343,12 +351,12 @@ def main(argv):
     print('error: libtpu is not installed; pip install "jax[tpu]==<your jax version>"', file=sys.stderr)
     sys.exit(2)
   from kaleido_jax import config as kcfg  # pylint: disable=g-import-not-at-top
-  config, topology, batch, refs, step = _FLAGS
+  config, topology, batch, refs, slices, step = _FLAGS
   try:
     if step.value == 'sample':
       print(format_sample_table(analyse_sample(config.value, topology.value, batch.value or 1, refs.value)))
     else:
-      print(format_table(analyse(config.value, topology.value, batch.value, refs.value)))
+      print(format_table(analyse(config.value, topology.value, batch.value, refs.value, slices.value)))
   except kcfg.ConfigError as e:  # what `--mode train` would refuse on this slice: refused before compiling
     print(f'error: {e} (topology {topology.value})', file=sys.stderr)
     sys.exit(2)

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kaleido_jax import config as kcfg
 from kaleido_jax.model import codec as codec_lib
-from kaleido_jax.train import mesh as mesh_lib
+from kaleido_jax.parallel import shardings
 
 
 def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
@@ -78,12 +78,12 @@ class DataShard(NamedTuple):
 def data_shards(mesh: Mesh, global_batch: int) -> dict[int, DataShard]:
   """Every process's DataShard, computed from the mesh: the rows its devices hold under the batch sharding.
 
-  The batch is sharded over (data, fsdp) (`mesh.batch_axes`). When `context` or `tensor` spans hosts, several
+  The batch is sharded over (data, fsdp) (`parallel.shardings.batch_sharding`). When `context` or `tensor` spans hosts, several
   processes hold the same rows (each a different part of the sequence or of the heads): they form one group
   that loads one shard. A layout where a process's rows are not one aligned block (a mesh whose device order
   interleaves hosts within data x fsdp) is refused: ConfigError naming the process and its rows.
   """
-  sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(mesh, global_batch)))
+  sharding = shardings.batch_sharding(mesh, (global_batch,))
   rows: dict[int, set[int]] = {}
   for device, index in sharding.devices_indices_map((global_batch,)).items():
     rows.setdefault(device.process_index, set()).update(range(*index[0].indices(global_batch)))

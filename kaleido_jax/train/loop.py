@@ -34,7 +34,7 @@ from kaleido_jax.train import checkpoint as ckpt_lib
 from kaleido_jax.train import console
 from kaleido_jax.train import flops as flops_lib
 from kaleido_jax.train import inputs as inputs_lib
-from kaleido_jax.train import mesh as mesh_lib
+from kaleido_jax.parallel import mesh as mesh_lib
 from kaleido_jax.train import state as state_lib
 from kaleido_jax.train import step as step_lib
 

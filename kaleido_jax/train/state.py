@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kaleido_jax.train import mesh as mesh_lib
+from kaleido_jax.parallel import shardings as shardings_lib
 
 DEFAULT_MODEL_FACTORY = 'kaleido_jax.model.dit:KaleidoDiT'
 
@@ -101,7 +101,7 @@ class StateSpec:
 
 
 def _param_shardings(abstract_params: nnx.State, mesh: Mesh) -> dict:
-  return nnx.to_pure_dict(mesh_lib.state_shardings(abstract_params, mesh))
+  return nnx.to_pure_dict(shardings_lib.state_shardings(abstract_params, mesh))
 
 
 def _opt_shardings(abstract_opt, params_sh: dict, abstract_pure: dict, mesh: Mesh):

@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from kaleido_jax.diffusion import flow
 from kaleido_jax.model import precision
-from kaleido_jax.train import mesh as mesh_lib
+from kaleido_jax.parallel import shardings
 from kaleido_jax.train import state as state_lib
 
 BATCH_KEYS = ('video_latents', 'ref_latents', 'ref_mask', 'text_embedding', 'subject_weight')
@@ -38,15 +38,10 @@ def batch_shardings(batch_shapes: Mapping[str, Any], mesh: Mesh) -> dict:
   """
   out = {}
   for k, x in batch_shapes.items():
-    spec = [None] * len(x.shape)
-    if x.shape:
-      spec[0] = mesh_lib.batch_axes(mesh, x.shape[0])
-    if k == 'video_latents' and mesh.shape['context'] > 1:
-      for axis in (1, 2, 3):
-        if x.shape[axis] % mesh.shape['context'] == 0:
-          spec[axis] = 'context'
-          break
-    out[k] = NamedSharding(mesh, P(*spec))
+    seq = None
+    if k == 'video_latents':
+      seq = next((a for a in (1, 2, 3) if x.shape[a] % mesh.shape['context'] == 0), None)
+    out[k] = shardings.batch_sharding(mesh, x.shape, seq)
   return out
 
 
@@ -120,13 +115,10 @@ def make_train_step(config: ml_collections.ConfigDict, spec: state_lib.StateSpec
                     batch_shapes: Mapping[str, Any], donate: bool = True):
   """jax.jit of the step with explicit in/out shardings; returns (jitted_fn, batch_shardings)."""
   b_sh = batch_shardings(batch_shapes, mesh)
-  rep = NamedSharding(mesh, P())
+  rep = shardings.replicated(mesh)
   metric_sh = {'loss': rep, 'grad_norm': rep, 'lr': rep}
   step = train_step_fn(config, spec)
 
-  def wrapped(state, batch, rng):
-    with nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
-      return step(state, batch, rng)
-  jitted = jax.jit(wrapped, in_shardings=(spec.shardings, b_sh, rep),
+  jitted = jax.jit(step, in_shardings=(spec.shardings, b_sh, rep),
                    out_shardings=(spec.shardings, metric_sh), donate_argnums=(0,) if donate else ())
   return jitted, b_sh

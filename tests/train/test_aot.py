@@ -36,6 +36,19 @@ def test_aot_compiles_sharded_step_for_tpu_slice():
   assert aot.format_table(dict(r, total=2 * r['capacity'], fits=False)).splitlines()[-1] == 'does not fit'
 
 
+def test_aot_compiles_for_two_slices_with_data_over_dcn():
+  from kaleido_jax.parallel import mesh as mesh_lib
+  config = tiny_config(real_dit=True)
+  config.mesh.update(data=2, fsdp=2, tensor=2)  # dcn_data=-1 (default): the two slices split data
+  config.data.batch_size = 4
+  devices = aot.topology_devices('v5e:2x2', num_slices=2)
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  assert [{d.slice_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]
+  r = aot.analyse(config, 'v5e:2x2', num_slices=2)
+  assert r['topology'] == '2 x v5e:2x2' and r['chips'] == 8 and r['fits']
+  assert r['mesh'] == {'data': 2, 'fsdp': 2, 'context': 1, 'tensor': 2}
+
+
 def test_aot_cli_prints_table(tmp_path):
   cfg = tmp_path / 'cfg.py'
   cfg.write_text('from tests.train.common import tiny_config\n\ndef get_config():\n  return tiny_config()\n')

@@ -13,6 +13,7 @@ from kaleido_jax.convert import common
 from kaleido_jax.convert import lora as lora_conv
 from kaleido_jax.model import lora as lora_lib
 from kaleido_jax.model.dit import KaleidoDiT
+from kaleido_jax.parallel import mesh as mesh_lib
 from kaleido_jax.train import loop
 from kaleido_jax.train import state as state_lib
 from tests.train.common import tiny_config
@@ -66,7 +67,7 @@ def test_lora_training_moves_only_the_adapters(tmp_path, quantization):
 def test_lora_adapter_file_reproduces_the_trained_model_and_resumes(tmp_path):
   config, base = _config(tmp_path)
   out = loop.run(config, str(tmp_path / 'run'))
-  spec = state_lib.build_spec(config, __import__('kaleido_jax.train.mesh', fromlist=['x']).make_mesh(config.mesh))
+  spec = state_lib.build_spec(config, mesh_lib.make_mesh(config.mesh))
   # The file holds the EMA of the adapters when the run keeps one (the demo config does), as sampling uses it.
   written = out['state']['ema' if 'ema' in out['state'] else 'params']
   trained = state_lib.merge_model(spec, jax.device_get(written), jax.device_get(out['state']['frozen']))

@@ -13,7 +13,7 @@ import pytest
 
 from kaleido_jax import config as kcfg
 from kaleido_jax.train import inputs
-from kaleido_jax.train import mesh as mesh_lib
+from kaleido_jax.parallel import mesh as mesh_lib
 from tests.train.common import tiny_config
 from tests.train.test_loop import _final_params, _free_port, _steps, _worker
 

@@ -9,7 +9,7 @@ from kaleido_jax import pipeline as pipe_lib
 from kaleido_jax.convert import common
 from kaleido_jax.model import precision
 from kaleido_jax.train import inputs
-from kaleido_jax.train import mesh as mesh_lib
+from kaleido_jax.parallel import mesh as mesh_lib
 from kaleido_jax.train import state as state_lib
 from kaleido_jax.train import step as step_lib
 from tests.train.common import tiny_config

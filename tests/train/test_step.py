@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from kaleido_jax import config as kcfg
-from kaleido_jax.train import inputs, mesh as mesh_lib, state as state_lib, step as step_lib
+from kaleido_jax.parallel import mesh as mesh_lib
+from kaleido_jax.parallel import shardings
+from kaleido_jax.train import inputs, state as state_lib, step as step_lib
 from tests.train.common import tiny_config
 
 
@@ -114,11 +116,11 @@ def test_mesh_fill_and_rules():
   with pytest.raises(ValueError):
     mesh_lib.mesh_shape(kcfg.mesh_config(data=-1, fsdp=-1), 8)
   mesh = mesh_lib.make_mesh(kcfg.mesh_config(data=2, fsdp=2, tensor=2))
-  assert mesh_lib.logical_to_spec(('embed', 'mlp'), (8, 8), mesh) == jax.sharding.PartitionSpec('fsdp', 'tensor')
+  assert shardings.spec(('embed', 'mlp'), (8, 8), mesh) == jax.sharding.PartitionSpec('fsdp', 'tensor')
   # fsdp used once per array; indivisible dims are replicated.
-  assert mesh_lib.logical_to_spec(('batch', 'embed'), (4, 8), mesh) == jax.sharding.PartitionSpec(('data', 'fsdp'), None)
-  assert mesh_lib.logical_to_spec(('embed', 'heads'), (3, 5), mesh) == jax.sharding.PartitionSpec(None, None)
-  assert mesh_lib.logical_to_spec(('layers', 'embed', 'kv'), (2, 4, 4), mesh) == jax.sharding.PartitionSpec(None, 'fsdp', None)
+  assert shardings.spec(('activation_batch', 'embed'), (4, 8), mesh) == jax.sharding.PartitionSpec(('data', 'fsdp'), None)
+  assert shardings.spec(('embed', 'heads'), (3, 5), mesh) == jax.sharding.PartitionSpec(None, None)
+  assert shardings.spec(('layers', 'embed', 'kv'), (2, 4, 4), mesh) == jax.sharding.PartitionSpec(None, 'fsdp', None)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from kaleido_jax import weights
 from kaleido_jax.convert import common as conv_common
 from kaleido_jax.model import dit
 from kaleido_jax.model import quantization as quant
-from kaleido_jax.train import mesh as mesh_lib
+from kaleido_jax.parallel import mesh as mesh_lib
 from tests.sampling_common import tiny_config
 
 

@@ -73,9 +73,9 @@ def _run(args, env_extra, **kw):
 
 def _videos(out_dir):
   """name -> (sha256 of the file, decoded frames) of every video."""
-  from kaleido_jax.data import prepare
+  from kaleido_jax.data.prepare import clips
   return {f: (hashlib.sha256(open(os.path.join(out_dir, f), 'rb').read()).hexdigest(),
-              prepare.read_video(os.path.join(out_dir, f)))
+              clips.read_video(os.path.join(out_dir, f)))
           for f in sorted(os.listdir(out_dir)) if f.endswith('.mp4') and not f.startswith('.')}
 
 
@@ -131,7 +131,7 @@ def test_sixteen_prompts_over_eight_devices_and_two_hosts_equal_one_device_and_s
 def test_exported_sampler_runs_the_same_batch_and_eval_scores_the_directory(tmp_path, capsys):
   from kaleido_jax import exported
   from kaleido_jax import pipeline
-  from kaleido_jax.data import prepare
+  from kaleido_jax.data.prepare import clips
   from kaleido_jax.eval import runner
   prompts = _prompt_file(tmp_path)
   config = tiny_config(checkpoint='random', prompts=prompts, output=str(tmp_path / 'direct'))
@@ -144,8 +144,8 @@ def test_exported_sampler_runs_the_same_batch_and_eval_scores_the_directory(tmp_
                                 seed=int(config.sample.seed))
   assert (out['manifest']['done'], out['manifest']['error']) == (3, 3)
   for name in ('00000.mp4', '00001.mp4', '00002.mp4'):  # the same videos up to uint8 rounding and mp4 coding
-    a = prepare.read_video(str(tmp_path / 'direct' / name)).astype(np.float32)
-    b = prepare.read_video(str(tmp_path / 'exp' / name)).astype(np.float32)
+    a = clips.read_video(str(tmp_path / 'direct' / name)).astype(np.float32)
+    b = clips.read_video(str(tmp_path / 'exp' / name)).astype(np.float32)
     assert a.shape == b.shape and np.abs(a - b).mean() < 1.0, np.abs(a - b).mean()
   config.eval.samples_dir = str(tmp_path / 'direct')
   res = runner.run(config, str(tmp_path / 'w'))

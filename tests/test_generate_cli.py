@@ -121,8 +121,8 @@ def test_cli_writes_video_gif_and_strip(tmp_path):
   assert 'wrote' in p.stdout
   for suffix in ('.mp4', '.gif', '.png'):
     assert (tmp_path / ('v' + suffix)).stat().st_size > 0
-  from kaleido_jax.data import prepare
-  frames = prepare.read_video(str(out))
+  from kaleido_jax.data.prepare import clips
+  frames = clips.read_video(str(out))
   assert frames.shape[:3] == (5, 16, 16)
   assert not [f for f in os.listdir(tmp_path) if 'partial' in f]
   # A bad input through the real CLI: one line, status 2, no traceback.

@@ -122,7 +122,7 @@ def local_dataset_dir(data_dir: str, name: str = NAME, local_root: str = '') -> 
     return d
   root = local_root or os.path.join(os.path.expanduser('~'), '.cache', 'kaleido_jax', 'data')
   if not storage.exists(storage.join(d, 'dataset_info.json')):
-    raise FileNotFoundError(f'no prepared dataset at {d} (run `python -m kaleido_jax.data.prepare`)')
+    raise FileNotFoundError(f'no prepared dataset at {d} (run `python -m kaleido_jax.main --mode prepare`)')
   return storage.mirror_dir(d, os.path.join(root, d.split('://', 1)[1]))
 
 
@@ -159,7 +159,7 @@ def read_empty_text(data_dir: str, name: str = NAME) -> np.ndarray:
   if not path.exists():
     raise FileNotFoundError(
         f'{path} is missing: text dropout on precomputed latents trains on the empty prompt\'s embedding, which '
-        '`python -m kaleido_jax.data.prepare` writes when it encodes text (re-run it with the text encoder, or '
+        '`python -m kaleido_jax.main --mode prepare` writes when it encodes text (re-run it with the text encoder, or '
         'set --config.diffusion.text_dropout=0)')
   with path.open('rb') as f:
     return np.load(f).astype(np.float32)
@@ -175,7 +175,7 @@ def open_source(data_dir: str, split: str, name: str = NAME, local_root: str = '
   a missing dataset or shard is a clear error."""
   d = local_dataset_dir(data_dir, name, local_root)
   if not os.path.exists(os.path.join(d, 'dataset_info.json')):
-    raise FileNotFoundError(f'no prepared dataset at {d} (run `python -m kaleido_jax.data.prepare`)')
+    raise FileNotFoundError(f'no prepared dataset at {d} (run `python -m kaleido_jax.main --mode prepare`)')
   builder = tfds.builder_from_directory(d)
   if split not in builder.info.splits:
     raise ValueError(f'split {split!r} not in {d}; it has {sorted(builder.info.splits)}')

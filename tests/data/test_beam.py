@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kaleido_jax.data import prepare
+from kaleido_jax.data.prepare import clips
 from kaleido_jax.data import synthetic
 from kaleido_jax.data import tfds_builder
 from tests.data import test_prepare
@@ -101,7 +102,7 @@ def test_raw_videos_on_two_workers(tmp_path):
 def test_a_failed_run_resumes_from_the_per_clip_caches(annotated, tmp_path, monkeypatch):
   """A worker that dies part-way fails the pipeline; the rerun reuses every clip cached before it died."""
   cfg, inp, root, local = annotated
-  real, calls = prepare.process_clip, []
+  real, calls = clips.process_clip, []
 
   def die_on_fifth(*a, **k):
     calls.append(a[0]['video'])
@@ -109,13 +110,13 @@ def test_a_failed_run_resumes_from_the_per_clip_caches(annotated, tmp_path, monk
       raise RuntimeError('worker killed')
     return real(*a, **k)
 
-  monkeypatch.setattr(prepare, 'process_clip', die_on_fifth)
+  monkeypatch.setattr(clips, 'process_clip', die_on_fifth)
   out = str(tmp_path / 'out')
   in_process = '--runner=DirectRunner'  # one process, so the patched stage is the one that runs
   with pytest.raises(Exception, match='worker killed'):
     prepare.prepare(_beam(cfg, in_process), output_dir=out, input_dir=inp, seed=0, verbose=False)
   assert not os.path.exists(os.path.join(out, 'report.json'))
-  monkeypatch.setattr(prepare, 'process_clip', real)
+  monkeypatch.setattr(clips, 'process_clip', real)
   r = prepare.prepare(_beam(cfg, in_process), output_dir=out, input_dir=inp, seed=0, verbose=False)
   assert r['resumed_clips'] == 4
   _assert_same(str(root / 'local'), local, out, r)

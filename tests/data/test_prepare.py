@@ -201,7 +201,7 @@ def test_command_line_entry(tmp_path):
       '  return c\n')
   out = tmp_path / 'out'
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.getcwd())
-  p = subprocess.run([sys.executable, '-m', 'kaleido_jax.data.prepare', f'--config={cfg}',
+  p = subprocess.run([sys.executable, '-m', 'kaleido_jax.main', '--mode', 'prepare', f'--config={cfg}',
                       f'--config.data.prepare.output_dir={out}'], capture_output=True, text=True, timeout=300,
                      env=env)
   assert p.returncode == 0, p.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""`prepare` on Apache Beam (`data.prepare.engine='beam'`): the same stages as Beam transforms, written by TFDS.
+"""The Beam engine (`data.prepare.engine='beam'`): the same stages as Beam transforms, written by TFDS.
 
     read -> decode / shots / ground (raw videos) or read (annotated clips) -> filters + cut-outs   (ParDo)
     -> near-duplicates (one global pass over the hashes, name order)                         (ToDict, side input)
@@ -13,7 +13,7 @@ a DirectRunner fault: with worker processes (or threads) and megabyte elements i
 at random (96 raw videos, clip records in the pipeline: 114 to 120 of 128 clips kept, 214 to 252 of 256
 examples; a pure-Beam pipeline of 256 3-MB elements through a CoGroupByKey lost 98 of 512 joins).
 
-Every per-clip function is the local engine's own (prepare.py), so both engines give the same examples (same
+Every per-clip function is the local engine's own (stages.py, clips.py), so both engines give the same examples (same
 keys, same bytes) and the same report counts (tests/data/test_beam.py, two DirectRunner worker processes); the
 per-clip caches under `output_dir/_work` are shared too, so a failed or killed Beam run resumes like a local one.
 TFDS sizes the Beam engine's shards by bytes (64 MiB to 1 GiB); `shard_size` applies to the local engine. An
@@ -29,6 +29,8 @@ PipelineOptions, e.g. '--runner=DirectRunner --direct_num_workers=2 --direct_run
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shlex
 from typing import Any, Sequence
@@ -36,7 +38,12 @@ from typing import Any, Sequence
 import apache_beam as beam
 
 from kaleido_jax import storage
-from kaleido_jax.data import prepare
+from kaleido_jax.data import tfds_builder
+from kaleido_jax.data import video as video_lib
+from kaleido_jax.data.prepare import clips as clips_lib
+from kaleido_jax.data.prepare import report as report_lib
+from kaleido_jax.data.prepare import stages
+
 
 def pipeline_options(beam_args: str) -> beam.options.pipeline_options.PipelineOptions:
   return beam.options.pipeline_options.PipelineOptions(flags=shlex.split(beam_args or ''))
@@ -51,17 +58,17 @@ class _Stage(beam.DoFn):
     self.models = None
 
   def setup(self):
-    self.models = prepare.LazyModels(self.data_cfg.prepare, self.input_dir)
+    self.models = clips_lib.LazyModels(self.data_cfg.prepare, self.input_dir)
 
   def process(self, item):
     if self.mode == 'annotated':
       name, line = item
-      d, was = prepare.annotated_one(name, json.loads(line), self.data_cfg, self.input_dir, self.work)
+      d, was = clips_lib.annotated_one(name, json.loads(line), self.data_cfg, self.input_dir, self.work)
       records, done = {name: d}, None
     else:
-      done, records, was = prepare.ground_one(item, self.data_cfg, self.input_dir, self.output_dir, self.work,
+      done, records, was = clips_lib.ground_one(item, self.data_cfg, self.input_dir, self.output_dir, self.work,
                                               self.models)
-      for name, reason, error in prepare.video_drops(done):
+      for name, reason, error in clips_lib.video_drops(done):
         yield ('drop', name, reason, error)
       yield ('video', dict(lines=done['lines'], shots=done['shots'], inputs=len(done['lines']) + len(done['drops'])))
     if was:
@@ -132,12 +139,12 @@ class _CachedClips(dict):
     self.work = work
 
   def __missing__(self, name):
-    self[name] = prepare.load_record(self.work, name)
+    self[name] = clips_lib.load_record(self.work, name)
     return self[name]
 
 
 def _example(entry, index, mates, work, data_cfg, seed, video_encoder, text_encoder):
-  ex = prepare.make_example(entry, _CachedClips(work), index, mates.get(prepare.shot_of(entry[1]), ()),
+  ex = stages.make_example(entry, _CachedClips(work), index, mates.get(stages.shot_of(entry[1]), ()),
                             data_cfg, seed, video_encoder, text_encoder)
   return entry[0], ex
 
@@ -159,7 +166,7 @@ class PrepareTransform(beam.PTransform):
     clips = staged | 'Clips' >> beam.Filter(_kind('clip')) | 'ClipKV' >> beam.Map(lambda x: (x[1], x[2]))
     dupes = (clips | 'Hashes' >> beam.Map(lambda kv: (kv[0], kv[1]['hash']))
              | 'AllHashes' >> beam.combiners.ToDict()
-             | 'NearDuplicates' >> beam.Map(prepare.near_duplicates, cfg.dedup_threshold))
+             | 'NearDuplicates' >> beam.Map(stages.near_duplicates, cfg.dedup_threshold))
     kept = clips | 'Dedup' >> beam.Filter(lambda kv, d: kv[0] not in d, beam.pvalue.AsSingleton(dupes))
     names = (kept | 'Names' >> beam.Keys() | 'AllNames' >> beam.combiners.ToList()
              | 'Sorted' >> beam.Map(sorted))
@@ -169,10 +176,10 @@ class PrepareTransform(beam.PTransform):
              | 'GroupBySubject' >> beam.GroupByKey()
              | 'Index' >> beam.MapTuple(lambda sid, clips: (sid, sorted(clips))))
     # Plan, spread over the workers, then each example from its clips' cached records.
-    examples = (names | 'Plan' >> beam.FlatMap(prepare.plan_examples, self.seed, cfg.synth_per_clip)
+    examples = (names | 'Plan' >> beam.FlatMap(stages.plan_examples, self.seed, cfg.synth_per_clip)
                 | 'Spread' >> beam.Reshuffle()
                 | 'Example' >> beam.Map(lambda entry, index, names: _example(
-                    entry, index, prepare.shot_mates(names), self.work, self.data_cfg, self.seed,
+                    entry, index, stages.shot_mates(names), self.work, self.data_cfg, self.seed,
                     self.video_encoder, self.text_encoder),
                     beam.pvalue.AsDict(index), beam.pvalue.AsSingleton(names)))
     # The report: drops, duplicates, kept, example reference modes, resumed items, grounded lines.
@@ -189,3 +196,50 @@ def _modes(ex) -> tuple[int, int]:
   prov = json.loads(ex['pairing'])
   return sum(p['mode'] == 'cross' for p in prov), sum(p['mode'] == 'far_frame' for p in prov)
 
+
+def run(data_cfg, input_dir, output_dir, annotations, work, seed, feats, video_encoder, text_encoder):
+  """Every stage as a Beam pipeline on `data.prepare.beam_args`' runner; the same counts."""
+  cfg = data_cfg.prepare
+  if cfg.grounding != 'none':
+    mode, items, dropped, errors, total = 'raw', video_lib.list_videos(input_dir), {}, {}, 0
+  else:
+    entries, dropped, errors, total = clips_lib.parse_annotations(annotations)
+    mode, items = 'annotated', [(name, json.dumps(line)) for name, line in entries]
+  parts_path = storage.join(work, 'beam_report.json')
+  storage.path(parts_path).unlink(missing_ok=True)
+  transform = PrepareTransform(
+      mode=mode, items=items, data_cfg=data_cfg, input_dir=input_dir, output_dir=output_dir, work=work, seed=seed,
+      report_path=parts_path, video_encoder=video_encoder, text_encoder=text_encoder)
+  try:
+    tfds_builder.write(output_dir, feats, {cfg.split: transform}, None,
+                       pipeline_options(cfg.beam_args))
+  except ValueError as e:
+    if 'number of generated examples is 0' not in str(e):
+      raise
+    raise ValueError(f'no clip survived the filters: {report_lib.counts({**dropped, **clips_lib.cached_drops(work)})}') from None
+  parts = storage.read_json(parts_path)
+  dropped.update(parts['dropped'])
+  errors.update(parts['errors'])
+  out = dict(input=total + parts['inputs'], kept=parts['kept'], dropped=dropped, errors=errors,
+             examples=parts['examples'], references=dict(cross=parts['cross'], far_frame=parts['far_frame']),
+             resumed=parts['resumed'])
+  if mode == 'raw':
+    out.update(report_lib.grounded_summary(data_cfg, output_dir, items, parts['shots'], parts['lines']))
+  return out
+
+
+def problems(beam_args: str) -> list[str]:
+  """What keeps `data.prepare.beam_args` from starting a pipeline: a bad flag, a bad runner."""
+  try:
+    options = beam.options.pipeline_options.PipelineOptions(shlex.split(beam_args or ''))
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+      try:
+        options.get_all_options()
+      except SystemExit:
+        return [f'data.prepare.beam_args={beam_args!r}: ' + (err.getvalue().strip().splitlines() or ['bad flag'])[-1]]
+    runner = options.view_as(beam.options.pipeline_options.StandardOptions).runner
+    if runner:
+      beam.runners.create_runner(runner)
+  except Exception as e:  # pylint: disable=broad-except
+    return [f'data.prepare.beam_args={beam_args!r}: {str(e).splitlines()[0]}']
+  return []

@@ -1,0 +1,95 @@
+"""The local engine: every stage in this process, one clip (or raw video) at a time."""
+
+from __future__ import annotations
+
+import json
+
+from kaleido_jax.data import pairing
+from kaleido_jax.data import tfds_builder
+from kaleido_jax.data import video as video_lib
+from kaleido_jax.data.prepare import clips as clips_lib
+from kaleido_jax.data.prepare import report as report_lib
+from kaleido_jax.data.prepare import stages
+
+
+def _annotated_stage(data_cfg, input_dir: str, annotations: str, work: str):
+  """Stage 1 + 2 on annotated clips: read, filter, normalise, cut out (cached per clip for resuming)."""
+  entries, dropped, errors, total = clips_lib.parse_annotations(annotations)
+  clips: dict[str, dict] = {}
+  resumed = 0
+  for name, line in entries:
+    d, was = clips_lib.annotated_one(name, line, data_cfg, input_dir, work)
+    resumed += was
+    if 'drop' in d:
+      dropped[name] = d['drop']
+      if 'error' in d:
+        errors[name] = d['error']
+    else:
+      clips[name] = d
+  return clips, dropped, errors, resumed, total
+
+
+def _ground_stage(data_cfg, input_dir: str, output_dir: str, work: str):
+  """Stage 0-2 on raw videos, one video at a time (`ground_one`); `output_dir/grounded.jsonl` is rewritten
+  (atomically) from the caches at the end."""
+  models = clips_lib.LazyModels(data_cfg.prepare, input_dir)
+  dropped: dict[str, str] = {}
+  errors: dict[str, str] = {}
+  clips: dict[str, dict] = {}
+  resumed, total, shots = 0, 0, 0
+  all_lines = []
+  videos = video_lib.list_videos(input_dir)
+  for rel in videos:
+    done, records, was = clips_lib.ground_one(rel, data_cfg, input_dir, output_dir, work, models)
+    resumed += was
+    _merge_video(done, records, clips, dropped, errors)
+    total += len(done['lines']) + len(done['drops'])
+    shots += done['shots']
+    all_lines += done['lines']
+  return clips, dropped, errors, resumed, total, report_lib.grounded_summary(data_cfg, output_dir, videos, shots, all_lines)
+
+
+def _merge_video(done, records, clips, dropped, errors) -> None:
+  for name, reason, error in clips_lib.video_drops(done):
+    dropped[name] = reason
+    if error:
+      errors[name] = error
+  for name, d in records.items():
+    if 'drop' in d:
+      dropped[name] = d['drop']
+    else:
+      clips[name] = d
+
+
+def run(data_cfg, input_dir, output_dir, annotations, work, seed, feats, video_encoder, text_encoder):
+  """Every stage in this process, one clip at a time; the counts the report needs."""
+  cfg = data_cfg.prepare
+  if cfg.grounding != 'none':
+    clips, dropped, errors, resumed, total, extra = _ground_stage(data_cfg, input_dir, output_dir, work)
+  else:
+    clips, dropped, errors, resumed, total = _annotated_stage(data_cfg, input_dir, annotations, work)
+    extra = {}
+
+  dropped.update(stages.near_duplicates({k: v['hash'] for k, v in clips.items()}, cfg.dedup_threshold))
+  clips = {k: v for k, v in clips.items() if k not in dropped}
+
+  # Stage 3 + 4: cross-pairing and synthesis.
+  index = pairing.build_index({k: v['subject_ids'] for k, v in clips.items()})
+  names = sorted(clips)
+  mates = stages.shot_mates(names)
+  plan = stages.plan_examples(names, seed, cfg.synth_per_clip)
+  if not plan:
+    raise ValueError(f'no clip survived the filters: {report_lib.counts(dropped)}')
+  modes = {'cross': 0, 'far_frame': 0}
+
+  def generate():
+    for p in plan:
+      ex = stages.make_example(p, clips, index, mates.get(stages.shot_of(p[1]), ()), data_cfg, seed, video_encoder,
+                        text_encoder)
+      for q in json.loads(ex['pairing']):
+        modes[q['mode']] += 1
+      yield p[0], ex
+
+  tfds_builder.write(output_dir, feats, {cfg.split: generate}, -(-len(plan) // cfg.shard_size))
+  return dict(input=total, kept=len(clips), dropped=dropped, errors=errors, examples=len(plan), references=modes,
+              resumed=resumed, **extra)

@@ -50,7 +50,7 @@ def _config(workdir: str, synthetic_seed: int, overrides: dict):
 
 
 def main(args) -> None:
-  from kaleido_jax import calibrate  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.cli import calibrate  # pylint: disable=g-import-not-at-top
   from kaleido_jax import pipeline, weights  # pylint: disable=g-import-not-at-top
   from kaleido_jax.eval import runner  # pylint: disable=g-import-not-at-top
   if weights.training_checkpoint_dir(args.workdir) is None:

@@ -1,7 +1,7 @@
 """Tiny CPU demo: train a pixel-space Kaleido DiT on synthetic cross-paired clips, then sample and evaluate.
 
 This is the embedded default of `python -m kaleido_jax.main --config configs/demo.py --workdir DIR`
-(mode `demo`, kaleido_jax/demo.py). The codec is fixed (`vae.kind='pixel'`): RGB frames average-pooled 2x to
+(mode `demo`, kaleido_jax/cli/demo.py). The codec is fixed (`vae.kind='pixel'`): RGB frames average-pooled 2x to
 16x16, decoded by nearest upsampling, so no VAE weights are needed and each (1, 2, 2) DiT token carries 12
 numbers (a tiny DiT learns to carry the noise through far faster than with 48-number 4x4 pixel patches). The
 text encoder is a tiny random umT5 with a sentencepiece model fit to the synthetic captions

@@ -10,7 +10,7 @@ Sections (each owned by one part of the package):
   text_encoder  umT5 encoder + tokenizer (kaleido_jax/model/text_encoder.py)
   data          synthetic set, construction pipeline, Grain loader (kaleido_jax/data/)
   diffusion     flow-matching objective (kaleido_jax/diffusion/)
-  sample        sampler / guidance / what --mode sample makes (diffusion/sampler.py, pipeline.py, generate.py)
+  sample        sampler / guidance / what --mode sample makes (diffusion/sampler.py, pipeline.py, cli/sample.py)
   train         optimiser, schedule, checkpoints, logging (kaleido_jax/train/)
   mesh          device mesh, ICI x DCN (kaleido_jax/parallel/mesh.py; logical rules: model/sharding.py)
   export        the exported sampler artifact (kaleido_jax/export.py, kaleido_jax/exported.py)
@@ -331,7 +331,7 @@ def sample_config(**overrides) -> ml_collections.ConfigDict:
       width=896,
       fps=16,
       seed=0,
-      # What `--mode sample` generates (main.py's --prompt / --ref / --out / --checkpoint set these).
+      # What `--mode sample` generates (cli/main.py's --prompt / --ref / --out / --checkpoint set these).
       prompt='',
       prompts='',               # a prompt set (Kaleido's prompt@@img lines or a JSON manifest): one video per request
                                 # in the output directory, resumable, over every chip and host (kaleido_jax/batch.py)

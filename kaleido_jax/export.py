@@ -165,19 +165,3 @@ def export_sampler(pipe: Any, output_dir: str, *, weights: str = 'argument',
     with open(os.path.join(tmp, exported_lib.SIGNATURE_FILE), 'w') as fh:
       json.dump(signature, fh, indent=2, ensure_ascii=False)
   return output_dir
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> str:
-  import sys  # pylint: disable=g-import-not-at-top
-  from kaleido_jax import pipeline as pipe_lib  # pylint: disable=g-import-not-at-top
-  try:
-    pipe = pipe_lib.S2VPipeline.from_config(config, workdir=workdir, checkpoint=config.sample.checkpoint)
-    out = export_sampler(pipe, config.export.output or storage.join(workdir, 'exported'),
-                         weights=config.export.weights, platforms=tuple(config.export.platforms),
-                         max_refs=config.export.max_refs or None)
-  except (pipe_lib.UserInputError, FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  print(f'exported the sampler to {out} (platforms {", ".join(config.export.platforms)}, weights '
-        f'{config.export.weights}); run it with kaleido_jax.exported.ExportedSampler({out!r})')
-  return out

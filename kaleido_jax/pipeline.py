@@ -21,8 +21,8 @@ directory written with `convert --quantization` loads as it is (kaleido_jax/mode
 `config.sample.loras` ('path[:scale]', ...) are merged into the weights as they load (kaleido_jax/convert/lora.py).
 
 Every problem a user can cause (prompt, references, sizes, checkpoint) raises :class:`UserInputError` (or
-data.references.ReferenceImageError) with one line that names the input and the fix; `generate.py` turns
-those into a message on stderr and a non-zero exit.
+data.references.ReferenceImageError) with one line that names the input and the fix; the command line
+(cli/main.py) prints it on stderr and exits with status 2.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kaleido_jax import batch
-from kaleido_jax import generate
+from kaleido_jax.cli import main as cli_main
 from tests.sampling_common import tiny_config, write_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +49,7 @@ def test_requests_read_both_formats_and_name_their_problems(tmp_path):
 def test_batch_mode_makes_each_request_once_records_errors_and_resumes(tmp_path, capsys):
   config = tiny_config(checkpoint='random', prompts=_prompt_file(tmp_path), output=str(tmp_path / 'out'))
   config.mesh.update(data=-1, fsdp=8)  # this test's 8 devices: one group (the equality over groups is the slow test)
-  out = generate.run(config, str(tmp_path / 'w'))
+  out = cli_main.run_mode('sample', config, str(tmp_path / 'w'))
   m = json.load(open(tmp_path / 'out' / 'manifest.json'))
   assert (m['done'], m['error'], m['pending']) == (3, 3, 0) == (out['stats']['made'], out['stats']['errors'], 0)
   assert [e['status'] for e in m['requests']] == ['done'] * 3 + ['error'] * 3
@@ -57,7 +57,7 @@ def test_batch_mode_makes_each_request_once_records_errors_and_resumes(tmp_path,
   assert sorted(f for f in os.listdir(tmp_path / 'out') if f.endswith('.mp4')) == ['00000.mp4', '00001.mp4',
                                                                                   '00002.mp4']
   before = {f: os.path.getmtime(tmp_path / 'out' / f) for f in ('00000.mp4', '00001.mp4', '00002.mp4')}
-  again = generate.run(config, str(tmp_path / 'w'))
+  again = cli_main.run_mode('sample', config, str(tmp_path / 'w'))
   assert again['stats']['made'] == 0 and again['stats']['skipped'] == 3
   assert before == {f: os.path.getmtime(tmp_path / 'out' / f) for f in before}
   assert 'videos made' in capsys.readouterr().out
@@ -136,7 +136,7 @@ def test_exported_sampler_runs_the_same_batch_and_eval_scores_the_directory(tmp_
   prompts = _prompt_file(tmp_path)
   config = tiny_config(checkpoint='random', prompts=prompts, output=str(tmp_path / 'direct'))
   config.mesh.update(data=-1, fsdp=8)
-  generate.run(config, str(tmp_path / 'w'))
+  cli_main.run_mode('sample', config, str(tmp_path / 'w'))
   pipe = pipeline.S2VPipeline.from_config(config, workdir=str(tmp_path / 'w'), checkpoint='random')
   from kaleido_jax import export
   art = export.export_sampler(pipe, str(tmp_path / 'art'), platforms=('cpu',))
@@ -148,7 +148,7 @@ def test_exported_sampler_runs_the_same_batch_and_eval_scores_the_directory(tmp_
     b = clips.read_video(str(tmp_path / 'exp' / name)).astype(np.float32)
     assert a.shape == b.shape and np.abs(a - b).mean() < 1.0, np.abs(a - b).mean()
   config.eval.samples_dir = str(tmp_path / 'direct')
-  res = runner.run(config, str(tmp_path / 'w'))
+  res = cli_main.run_mode('eval', config, str(tmp_path / 'w'))
   assert res['num_videos'] == 3 and [r['name'] for r in res['per_video']] == ['00000', '00001', '00002']
   assert 0.0 <= res['means'][next(iter(res['means']))]['subject_presence'] <= 1.0
   assert (tmp_path / 'direct' / 'eval' / 'eval.json').exists()

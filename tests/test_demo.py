@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from kaleido_jax import demo
+from kaleido_jax.cli import main as cli_main
 from tests.sampling_common import tiny_config
 
 
@@ -13,7 +13,7 @@ def test_demo_mode_writes_samples_eval_and_logs(tmp_path, capsys):
   config = tiny_config()
   config.train.update(num_steps=4, log_every=2, checkpoint_every=4, warmup_steps=1)
   config.data.batch_size = 8  # the tests run on 8 virtual devices (data-parallel 8)
-  out = demo.run(config, str(tmp_path))
+  out = cli_main.run_mode('demo', config, str(tmp_path))
   assert out['train']['step'] == 4
   means = out['eval']['means']
   assert {'trained', 'untrained'} <= set(means)
@@ -27,5 +27,5 @@ def test_demo_mode_writes_samples_eval_and_logs(tmp_path, capsys):
   assert '| trained |' in printed and 'tensorboard --logdir' in printed
   assert 'train step 4/4' in printed and 'subject_presence_min' in printed
   # A second run resumes: no more training, same evaluation inputs.
-  again = demo.run(config, str(tmp_path))
+  again = cli_main.run_mode('demo', config, str(tmp_path))
   assert again['train']['step'] == 4 and again['train']['losses'] == []

@@ -7,8 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from kaleido_jax import generate
-from kaleido_jax import main as main_lib
+from kaleido_jax.cli import main as cli_main
 from tests.sampling_common import tiny_config, write_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run_mode(config, workdir, capsys):
   with pytest.raises(SystemExit) as e:
-    generate.run(config, str(workdir))
+    cli_main.run_mode('sample', config, str(workdir))
   return e.value.code, capsys.readouterr().err
 
 
@@ -101,11 +100,11 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
 
 
 def test_size_flag_parsing():
-  assert main_lib.parse_size('480x832') == (480, 832)
-  assert main_lib.parse_size('64') == (64, 64)
+  assert cli_main.parse_size('480x832') == (480, 832)
+  assert cli_main.parse_size('64') == (64, 64)
   for bad in ('x', '0x5', '4x5x6', 'ax3'):
     with pytest.raises(ValueError, match='--size'):
-      main_lib.parse_size(bad)
+      cli_main.parse_size(bad)
 
 
 def test_cli_writes_video_gif_and_strip(tmp_path):
@@ -155,6 +154,6 @@ def test_int8_sampling_run_writes_the_video(tmp_path, capsys):
                        output=str(tmp_path / 'v.mp4'), gif=False)
   config.model.quantization = 'int8'
   config.sample.refs = (write_reference(str(tmp_path / 'a.png')),)
-  out = generate.run(config, str(tmp_path / 'work'))
+  out = cli_main.run_mode('sample', config, str(tmp_path / 'work'))
   assert out['frames'].shape == (5, 16, 16, 3) and os.path.exists(tmp_path / 'v.mp4')
   assert 'random weights' in capsys.readouterr().out

@@ -39,7 +39,7 @@ import numpy as np
 
 from kaleido_jax import storage
 from kaleido_jax.convert import common
-from kaleido_jax.convert import transformer as tf_conv
+from kaleido_jax.convert import transformer_plan as tf_conv
 from kaleido_jax.model import lora as lora_lib
 
 LORA_FILE = "pytorch_lora_weights.safetensors"     # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -65,13 +65,13 @@ def _module_table(num_layers: int) -> dict[str, tuple[str, int | None, str]]:
   table: dict[str, tuple[str, int | None, str]] = {}
   for fmt in ("diffusers", "wan"):
     for i in range(num_layers):
-      for ours, theirs in tf_conv._BLOCK_LINEARS[fmt].items():  # pylint: disable=protected-access
+      for ours, theirs in tf_conv.BLOCK_LINEARS[fmt].items():
         table[f"blocks.{i}.{theirs}"] = (f"blocks/{ours}", i, "linear")
-      for ours, theirs in tf_conv._BLOCK_VECTORS[fmt].items():  # pylint: disable=protected-access
+      for ours, theirs in tf_conv.BLOCK_VECTORS[fmt].items():
         module = theirs.rsplit(".", 1)[0] if theirs.endswith((".weight", ".bias")) else theirs
         group = ours.rsplit("/", 1)[0] if ours.endswith("/scale") else ours.replace("_scale", "").replace("_bias", "")
         table.setdefault(f"blocks.{i}.{module}", (f"blocks/{group}", i, "vector"))
-    for ours, theirs in tf_conv._TOP[fmt].items():  # pylint: disable=protected-access
+    for ours, theirs in tf_conv.TOP[fmt].items():
       if ours not in ("patch", "head_table"):
         table[theirs] = (ours, None, "linear")
   return table
@@ -168,7 +168,7 @@ def read_lora(path: str, num_layers: int) -> list[lora_lib.Update]:
     modules.setdefault(split[0], {})[split[1]] = key
   if unknown:
     raise common.ConversionError(
-        f"LoRA {path!r}: {len(unknown)} keys map onto no layer of this model: {common._short(unknown, 6)} "  # pylint: disable=protected-access
+        f"LoRA {path!r}: {len(unknown)} keys map onto no layer of this model: {common._short(unknown, 6)} "
         "(readable: diffusers/PEFT 'transformer.blocks.N.attn1.to_q.lora_A.weight', Wan/ComfyUI "
         "'diffusion_model.blocks.N.self_attn.q.lora_down.weight', kohya 'lora_unet_blocks_N_self_attn_q.lora_down."
         "weight'); is it a LoRA for another model (image-to-video, Wan 2.2)?")
@@ -265,7 +265,7 @@ def load_lora(model, path: str, scale: float = 1.0):
 
 def peft_state_dict(updates: Sequence[lora_lib.Update], prefix: str = "transformer.") -> dict[str, np.ndarray]:
   """diffusers / PEFT keys (``{prefix}blocks.N.attn1.to_q.lora_A.weight``) of low-rank block updates."""
-  names = tf_conv._BLOCK_LINEARS["diffusers"]  # pylint: disable=protected-access
+  names = tf_conv.BLOCK_LINEARS["diffusers"]
   out = {}
   for u in updates:
     rel = u.leaf[len("blocks/"):-len("/kernel")]
@@ -283,7 +283,7 @@ def save_peft_lora(model, directory: str, *, alpha: float | None = None) -> str:
     raise ValueError("the model has no LoRA adapters (train.lora.rank = 0 trains the full model)")
   rank = int(updates[0].down.shape[1])
   alpha = float(alpha if alpha is not None else updates[0].scale * rank)
-  names = tf_conv._BLOCK_LINEARS["diffusers"]  # pylint: disable=protected-access
+  names = tf_conv.BLOCK_LINEARS["diffusers"]
   targets = sorted({names[u.leaf[len("blocks/"):-len("/kernel")]] for u in updates})
   config = {"r": rank, "lora_alpha": alpha, "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
             "use_rslora": False, "use_dora": False, "init_lora_weights": True}

@@ -20,7 +20,6 @@ import glob
 import json
 import os
 import shutil
-from typing import Any
 
 import ml_collections
 
@@ -107,9 +106,3 @@ def apply(config: ml_collections.ConfigDict, path: str) -> bool:
   if not config.text_encoder.tokenizer_path:
     config.text_encoder.tokenizer_path = storage.join(path, "text_encoder", "spiece.model")
   return True
-
-
-def convert_cli(args: Any) -> str:
-  out = convert_release(args.input, args.output, getattr(args, "quantization", None) or "none")
-  print(f"wrote {out} (transformer, vae, text_encoder; sample with --checkpoint {out})")
-  return out

@@ -260,26 +260,3 @@ def convert(input_path: str, output_dir: str, format: str = "transformers",  # n
     os.makedirs(os.path.join(out, "tokenizer"), exist_ok=True)
     shutil.copy(tok, os.path.join(out, "tokenizer", "spiece.model"))
   return out
-
-
-def convert_cli(args) -> str:
-  """Entry for ``python -m kaleido_jax.convert --component text_encoder`` (args: format, input, output)."""
-  fmt = getattr(args, "format", None) or "transformers"
-  out = convert(args.input, args.output, fmt, dtype=getattr(args, "dtype", None),
-                quantization=getattr(args, "quantization", None) or "none")
-  print(f"text_encoder ({fmt}) {args.input} -> {out}")
-  return out
-
-
-def _parse_args(argv=None):
-  import argparse
-  p = argparse.ArgumentParser(description="Convert a umT5 encoder checkpoint to kaleido_jax (orbax).")
-  p.add_argument("--format", default="transformers", choices=FORMATS)
-  p.add_argument("--input", required=True, help="safetensors file / dir, or Wan's .pth")
-  p.add_argument("--output", required=True, help="new directory for the converted checkpoint")
-  p.add_argument("--dtype", default=None, help="parameter dtype, e.g. bfloat16 (default: float32)")
-  return p.parse_args(argv)
-
-
-if __name__ == "__main__":
-  convert_cli(_parse_args())

@@ -15,7 +15,6 @@ stage's resnets, then its resample); top-level ``conv1`` / ``conv2`` for quant_c
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -136,9 +135,3 @@ def convert(input_path: str, output_dir: str, fmt: str, config: ml_collections.C
   """Converts and writes an orbax directory (the Wan release ships no config: ``config`` or the Wan2.1 VAE's)."""
   state, cfg = convert_state(input_path, fmt, config)
   return common.save_converted(output_dir, state, cfg, component=COMPONENT, source=f"{fmt}:{input_path}")
-
-
-def convert_cli(args: argparse.Namespace) -> str:
-  out = convert(args.input, args.output, args.format)
-  print(f"wrote {out}")
-  return out

@@ -18,7 +18,6 @@ pose-copy rate and motion adherence from the synthetic truth, temporal smoothnes
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
@@ -190,39 +189,4 @@ def score_samples(config: ml_collections.ConfigDict, samples_dir: str, output_di
     json.dump(results, fh, indent=2)
   with media.atomic_path(storage.join(output_dir, 'eval.md')) as tmp, open(tmp, 'w') as fh:
     fh.write(f'# Evaluation of {samples_dir}: {len(rows)} videos against their references\n\n{table}\n')
-  return results
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  from kaleido_jax import pipeline as pipe_lib  # pylint: disable=g-import-not-at-top
-  from kaleido_jax import exported as exported_lib  # pylint: disable=g-import-not-at-top
-  e = config.eval
-  if e.get('samples_dir', ''):
-    try:
-      results = score_samples(config, e.samples_dir, e.output_dir or storage.join(e.samples_dir, 'eval'))
-    except FileNotFoundError as err:
-      print(f'error: {err}', file=sys.stderr)
-      sys.exit(2)
-    print(results['table'])
-    return results
-  try:
-    if e.exported:
-      sampler = exported_lib.ExportedSampler(e.exported)
-      v, d = sampler.video, config.data
-      if (v['num_frames'], v['height'], v['width']) != (d.num_frames, d.height, d.width):
-        raise pipe_lib.UserInputError(
-            f'the exported sampler makes {v["num_frames"]}x{v["height"]}x{v["width"]} videos but the held-out '
-            f'clips are {d.num_frames}x{d.height}x{d.width}; export with sample sizes equal to the data sizes')
-      generators = {f'exported ({storage.path(e.exported).name})': exported_generator(sampler)}
-    else:
-      pipe = pipe_lib.S2VPipeline.from_config(config, workdir=workdir, checkpoint=config.sample.checkpoint)
-      generators = {f'model ({pipe.weights_from})': pipeline_generator(pipe)}
-    out_dir = e.output_dir or storage.join(workdir, 'eval')
-    seed = trained_seed(workdir) if not e.exported else None
-    results = evaluate(config, generators, out_dir, exclude_seed=seed)
-  except (pipe_lib.UserInputError, exported_lib.ExportedSamplerError, FileNotFoundError) as err:
-    print(f'error: {err}', file=sys.stderr)
-    sys.exit(2)
-  print(results['table'])
-  print(f'wrote {storage.join(out_dir, "eval.json")}, {storage.join(out_dir, "eval.md")} and strips')
   return results

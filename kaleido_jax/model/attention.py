@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -11,6 +11,7 @@ gradient reductions cross DCN by default).
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Sequence
 
 import jax
@@ -58,6 +59,19 @@ def dcn_shape(mesh_cfg: ml_collections.ConfigDict, shape: Sequence[int], num_sli
 
 def num_slices(devices: Sequence[Any]) -> int:
   return len({getattr(d, 'slice_index', 0) for d in devices})
+
+
+def initialize_distributed() -> None:
+  """Join the multi-process job described by the environment, if any (before any JAX computation)."""
+  addr = os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if addr and int(os.environ.get('JAX_NUM_PROCESSES', '1')) > 1:
+    if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(addr, int(os.environ['JAX_NUM_PROCESSES']),
+                               int(os.environ['JAX_PROCESS_ID']))
+  elif (os.environ.get('KALEIDO_DISTRIBUTED') == 'auto' or
+        len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1):
+    jax.distributed.initialize()  # Cloud TPU: hosts discovered from the slice's metadata
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:

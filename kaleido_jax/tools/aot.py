@@ -21,13 +21,9 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import time
 from typing import Any
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
 
 # HBM per chip in GiB (Cloud TPU documentation).
 HBM_GIB = {'v4': 32, 'v5e': 16, 'v5litepod': 16, 'v5p': 95, 'v6e': 32}
@@ -322,46 +318,6 @@ def format_table(r: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def _define_flags():
-  """Flags exist only when this file runs as a script, so importing it (tests, notebooks) next to
-  `kaleido_jax.main`, which owns --config in the same absl registry, does not collide."""
-  return (
-      config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Training config file.', lock_config=False),
-      flags.DEFINE_string('topology', 'v5p:2x2x2', 'TPU slice: "<generation>:<AxBxC>", e.g. '
-                          'v5p:2x2x2 (v5p-16), v6e:4x4 (v6e-16).'),
-      flags.DEFINE_integer('batch_size', 0, "Global batch; 0 = the config's data.batch_size (train; validated "
-                           'as the trainer would) or one video (sample).'),
-      flags.DEFINE_integer('num_refs', -1, 'References per sample; -1 = data.max_refs (train) or '
-                           'model.max_refs (sample).'),
-      flags.DEFINE_integer('num_slices', 1, 'Slices of --topology joined over DCN (multislice, --step train); the mesh '
-                           'spans them as config.mesh.dcn_* say (default: data across slices).'),
-      flags.DEFINE_enum('step', 'train', ['train', 'sample'], 'train: the training step; sample: one '
-                        'denoising call with all guidance branches, the umT5 encoder and a VAE decode chunk.'),
-  )
-
-
-def main(argv):
-  del argv
-  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  # Compile-only use of libtpu: don't take the one-process-per-host TPU lock.
-  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-  try:
-    import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    print('error: libtpu is not installed; pip install "jax[tpu]==<your jax version>"', file=sys.stderr)
-    sys.exit(2)
-  from kaleido_jax import config as kcfg  # pylint: disable=g-import-not-at-top
-  config, topology, batch, refs, slices, step = _FLAGS
-  try:
-    if step.value == 'sample':
-      print(format_sample_table(analyse_sample(config.value, topology.value, batch.value or 1, refs.value)))
-    else:
-      print(format_table(analyse(config.value, topology.value, batch.value, refs.value, slices.value)))
-  except kcfg.ConfigError as e:  # what `--mode train` would refuse on this slice: refused before compiling
-    print(f'error: {e} (topology {topology.value})', file=sys.stderr)
-    sys.exit(2)
-
-
-if __name__ == '__main__':
-  _FLAGS = _define_flags()
-  app.run(main)
+if __name__ == '__main__':  # the command line lives in kaleido_jax/cli/aot.py
+  from kaleido_jax.cli import aot as aot_cli  # pylint: disable=g-import-not-at-top
+  aot_cli.entry()

@@ -21,7 +21,7 @@ from typing import Any, Iterator, NamedTuple
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from kaleido_jax import config as kcfg
 from kaleido_jax.model import codec as codec_lib

@@ -30,30 +30,17 @@ from flax import nnx
 
 from kaleido_jax import config as kcfg
 from kaleido_jax import storage
+from kaleido_jax.parallel import mesh as mesh_lib
 from kaleido_jax.train import checkpoint as ckpt_lib
 from kaleido_jax.train import console
 from kaleido_jax.train import flops as flops_lib
 from kaleido_jax.train import inputs as inputs_lib
-from kaleido_jax.parallel import mesh as mesh_lib
 from kaleido_jax.train import state as state_lib
 from kaleido_jax.train import step as step_lib
 
 
 class TrainingDiverged(RuntimeError):
   """Loss became NaN/inf; the message names the step."""
-
-
-def maybe_initialize_distributed() -> None:
-  """Join the multi-process job described by the environment, if any (before any JAX computation)."""
-  addr = os.environ.get('JAX_COORDINATOR_ADDRESS')
-  if addr and int(os.environ.get('JAX_NUM_PROCESSES', '1')) > 1:
-    if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(addr, int(os.environ['JAX_NUM_PROCESSES']),
-                               int(os.environ['JAX_PROCESS_ID']))
-  elif (os.environ.get('KALEIDO_DISTRIBUTED') == 'auto' or
-        len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1):
-    jax.distributed.initialize()  # Cloud TPU: hosts discovered from the slice's metadata
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -224,7 +211,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  maybe_initialize_distributed()
+  mesh_lib.initialize_distributed()
   validate(config, jax.device_count())
   storage.check_writable_dir(workdir)  # a local directory or a bucket prefix (kaleido_jax/storage.py)
   is_main = jax.process_index() == 0

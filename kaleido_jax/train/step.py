@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from flax import nnx
 from jax.sharding import Mesh
 
 from kaleido_jax.diffusion import flow

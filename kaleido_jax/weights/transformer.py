@@ -21,6 +21,10 @@ from etils import epath
 from flax import nnx
 
 from kaleido_jax import storage
+from kaleido_jax.convert import common
+from kaleido_jax.convert import lora as lora_conv
+from kaleido_jax.convert import transformer_plan as conv
+from kaleido_jax.model import dit
 from kaleido_jax.model import lora as lora_lib
 from kaleido_jax.weights import loader
 from kaleido_jax.weights import sources
@@ -66,7 +70,6 @@ def _latest_step(root: str) -> int | None:
 
 def open_source(path: str, *, fmt: str, model_cfg: ml_collections.ConfigDict, use_ema: bool = True) -> Opened:
   """The source behind ``path`` (see the module docstring); WeightsError / FileNotFoundError naming it."""
-  from kaleido_jax.convert import common, transformer as conv  # pylint: disable=g-import-not-at-top
   if not epath.Path(path).exists():
     raise FileNotFoundError(f'checkpoint {path!r} does not exist; check the path')
   training = training_checkpoint_dir(path)
@@ -106,8 +109,6 @@ def open_source(path: str, *, fmt: str, model_cfg: ml_collections.ConfigDict, us
 
 def float_abstract(model_cfg: ml_collections.ConfigDict) -> dict:
   """The float KaleidoDiT's pure abstract parameters (the dtypes a float source is cast to before quantizing)."""
-  from kaleido_jax.convert import transformer as conv  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.model import dit  # pylint: disable=g-import-not-at-top
   with nnx.use_eager_sharding(False):
     model = nnx.eval_shape(lambda: dit.KaleidoDiT(conv.float_config(model_cfg), rngs=nnx.Rngs(0)))
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -115,7 +116,6 @@ def float_abstract(model_cfg: ml_collections.ConfigDict) -> dict:
 
 def lora_updates(specs: Sequence[str], num_layers: int) -> list[lora_lib.Update]:
   """The updates of LoRA files 'path[:scale]' (``sample.loras``), each scaled by its strength."""
-  from kaleido_jax.convert import common, lora as lora_conv  # pylint: disable=g-import-not-at-top
   out: list[lora_lib.Update] = []
   try:
     for path, scale in lora_conv.check_specs(tuple(specs)):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kaleido_jax import config as kcfg
-from kaleido_jax.convert import __main__ as convert_main
+from kaleido_jax.cli import convert as convert_main
 from kaleido_jax.convert import common
 from kaleido_jax.convert import release
 from kaleido_jax.convert import transformer as convert_tf

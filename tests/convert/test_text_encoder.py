@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 
 import torch  # noqa: E402
 
+from kaleido_jax.cli import convert as cli_convert  # noqa: E402
 from kaleido_jax.config import text_encoder_config  # noqa: E402
 from kaleido_jax.convert import text_encoder as conv  # noqa: E402
 from kaleido_jax.convert.common import ConversionError  # noqa: E402
@@ -95,8 +96,9 @@ def test_cli_round_trip_with_tokenizer(hf_model, inputs, reference, tmp_path):
   src = tmp_path / "hf"
   hf_model.save_pretrained(str(src))
   ft.train_sentencepiece(str(src / "tokenizer"))
-  args = argparse.Namespace(format="transformers", input=str(src), output=str(tmp_path / "out"))
-  out = conv.convert_cli(args)
+  args = argparse.Namespace(component="text_encoder", format="transformers", input=str(src),
+                            output=str(tmp_path / "out"))
+  out = cli_convert.convert(args)
   with open(os.path.join(out, "config.json")) as fh:
     meta = json.load(fh)
   assert meta["component"] == "text_encoder" and meta["config"]["num_layers"] == 3
@@ -109,8 +111,9 @@ def test_cli_round_trip_with_tokenizer(hf_model, inputs, reference, tmp_path):
   from kaleido_jax.convert import load_text_encoder  # the package-level entry point named in the issue
   assert load_text_encoder is conv.load_text_encoder
   with pytest.raises(FileExistsError, match="already exists"):
-    conv.convert_cli(args)
-  parsed = conv._parse_args(["--format", "wan", "--input", "x.pth", "--output", "o", "--dtype", "bfloat16"])
+    cli_convert.convert(args)
+  parsed = cli_convert.parse_args(["--component", "text_encoder", "--format", "wan", "--input", "x.pth",
+                                   "--output", "o", "--dtype", "bfloat16"])
   assert (parsed.format, parsed.input, parsed.output, parsed.dtype) == ("wan", "x.pth", "o", "bfloat16")
 
 
@@ -152,9 +155,9 @@ def test_quantized_conversion_round_trip(hf_model, inputs, reference, tmp_path):
   from kaleido_jax.model import quantization as quant
   src = tmp_path / "hf"
   hf_model.save_pretrained(str(src))
-  args = argparse.Namespace(format="transformers", input=str(src), output=str(tmp_path / "q8"),
-                            quantization="int8")
-  out = conv.convert_cli(args)
+  args = argparse.Namespace(component="text_encoder", format="transformers", input=str(src),
+                            output=str(tmp_path / "q8"), quantization="int8")
+  out = cli_convert.convert(args)
   enc = conv.load_text_encoder(out)
   assert quant.scheme_of(enc) == "int8" and enc.blocks.q.qvalue[...].dtype.name == "int8"
   rel = np.linalg.norm(np.asarray(enc(*inputs)) - reference) / np.linalg.norm(reference)

@@ -154,7 +154,7 @@ def test_converted_checkpoint_loads_into_either_layer_layout(tmp_path, torch_mod
 
 def test_quantized_conversion_writes_int8_and_loads_back_as_quantize_on_load(tmp_path, torch_model, inputs):
   from flax import nnx
-  from kaleido_jax.convert.__main__ import main
+  from kaleido_jax.cli.convert import main
   from kaleido_jax.model import quantization as quant
   src = ref.save_diffusers(torch_model, str(tmp_path / "wan"))
   assert main(["--format", "diffusers", "--input", src, "--output", str(tmp_path / "q8"),

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from kaleido_jax import export, pipeline
+from kaleido_jax.cli import main as cli_main
 from kaleido_jax.eval import runner
 from tests.sampling_common import tiny_config
 
@@ -42,7 +43,7 @@ def test_eval_mode_runs_an_exported_artifact(tmp_path):
   pipe = pipeline.S2VPipeline.from_config(config, workdir=str(tmp_path), checkpoint='random')
   art = export.export_sampler(pipe, str(tmp_path / 'art'), platforms=('cpu',))
   config.eval.update(exported=art, output_dir=str(tmp_path / 'ev'))
-  res = runner.run(config, str(tmp_path))
+  res = cli_main.run_mode('eval', config, str(tmp_path))
   name = [n for n in res['means'] if n.startswith('exported')][0]
   direct = runner.evaluate(config, {'direct': runner.pipeline_generator(pipe)}, str(tmp_path / 'ev2'))
   # The exported and the direct sampler make the same videos (image preprocessing is the same for
@@ -53,16 +54,15 @@ def test_eval_mode_runs_an_exported_artifact(tmp_path):
 
 @pytest.mark.slow
 def test_calibrate_then_eval_reports_model_calls_per_video(tmp_path, capsys):
-  from kaleido_jax import calibrate
   config = tiny_config(checkpoint='random', num_steps=10)
-  record = calibrate.run(config, str(tmp_path))
+  record = cli_main.run_mode('calibrate', config, str(tmp_path))
   assert os.path.exists(tmp_path / 'step_cache.json') and len(record['mag_ratios']) == 10
   assert 'wrote' in capsys.readouterr().out
   config.eval.output_dir = str(tmp_path / 'plain')
-  plain = runner.run(config, str(tmp_path))
+  plain = cli_main.run_mode('eval', config, str(tmp_path))
   config.sample.update(cache='magcache', magcache_threshold=0.5, magcache_max_skip=3)
   config.eval.output_dir = str(tmp_path / 'cached')
-  cached = runner.run(config, str(tmp_path))
+  cached = cli_main.run_mode('eval', config, str(tmp_path))
   from kaleido_jax.diffusion import guidance
   full = 10 * guidance.num_branches(config.sample.guidance_scale, config.sample.image_guidance_scale)
   name = next(n for n in plain['means'] if n.startswith('model'))

@@ -18,10 +18,12 @@ from typing import Any
 import ml_collections
 
 from kaleido_jax import storage
-from kaleido_jax import generate as generate_lib
 from kaleido_jax import pipeline as pipe_lib
 from kaleido_jax.eval import metrics
+from kaleido_jax.cli import sample as sample_lib
 from kaleido_jax.eval import runner
+from kaleido_jax.train import console
+from kaleido_jax.train import loop
 
 # The console table's columns (eval.md has every metric).
 DEMO_COLUMNS = ('fidelity_lpips', 'fidelity_histogram', 'subject_presence', 'subject_presence_min', 'binding_error',
@@ -29,13 +31,11 @@ DEMO_COLUMNS = ('fidelity_lpips', 'fidelity_histogram', 'subject_presence', 'sub
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  from kaleido_jax.train import console  # pylint: disable=g-import-not-at-top
   with console.quiet_logs(config.train.get('console', 'log') == 'progress'):
     return _run(config, workdir)
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  from kaleido_jax.train import loop  # pylint: disable=g-import-not-at-top
   print(f'training {config.train.num_steps} steps into {workdir} (resumes from its checkpoints)', flush=True)
   train = loop.run(config, workdir)
   trained = pipe_lib.S2VPipeline.from_config(config, workdir=workdir)
@@ -53,8 +53,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   for i, r in enumerate(requests[:int(config.eval.save_videos)]):
     frames = trained.generate(list(r['refs']), r['prompt'], num_frames=d.num_frames, height=d.height,
                               width=d.width, seed=int(config.sample.seed) + i)[0]
-    paths = generate_lib.output_paths(storage.join(samples, f'heldout_{i:02d}.mp4'), True)
-    generate_lib.write_sample(paths, frames, r['refs'], float(config.sample.fps), generate_lib.view_scale(d.height))
+    paths = sample_lib.output_paths(storage.join(samples, f'heldout_{i:02d}.mp4'), True)
+    sample_lib.write_sample(paths, frames, r['refs'], float(config.sample.fps), sample_lib.view_scale(d.height))
     written.append((paths['gif'], r['prompt']))
   means = results['means']
   better = [k for k in means['trained'] if k.startswith('fidelity_')

@@ -1,0 +1,38 @@
+"""`--mode eval`: score held-out synthetic requests made by the model or an exported sampler, or score a folder of
+videos made elsewhere (`eval.samples_dir`); the metrics and tables are kaleido_jax/eval/."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from kaleido_jax import exported as exported_lib
+from kaleido_jax import pipeline as pipe_lib
+from kaleido_jax import storage
+from kaleido_jax.eval import runner
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  e = config.eval
+  if e.get('samples_dir', ''):
+    results = runner.score_samples(config, e.samples_dir, e.output_dir or storage.join(e.samples_dir, 'eval'))
+    print(results['table'])
+    return results
+  if e.exported:
+    sampler = exported_lib.ExportedSampler(e.exported)
+    v, d = sampler.video, config.data
+    if (v['num_frames'], v['height'], v['width']) != (d.num_frames, d.height, d.width):
+      raise pipe_lib.UserInputError(
+          f'the exported sampler makes {v["num_frames"]}x{v["height"]}x{v["width"]} videos but the held-out '
+          f'clips are {d.num_frames}x{d.height}x{d.width}; export with sample sizes equal to the data sizes')
+    generators = {f'exported ({storage.path(e.exported).name})': runner.exported_generator(sampler)}
+  else:
+    pipe = pipe_lib.S2VPipeline.from_config(config, workdir=workdir, checkpoint=config.sample.checkpoint)
+    generators = {f'model ({pipe.weights_from})': runner.pipeline_generator(pipe)}
+  out_dir = e.output_dir or storage.join(workdir, 'eval')
+  seed = runner.trained_seed(workdir) if not e.exported else None
+  results = runner.evaluate(config, generators, out_dir, exclude_seed=seed)
+  print(results['table'])
+  print(f'wrote {storage.join(out_dir, "eval.json")}, {storage.join(out_dir, "eval.md")} and strips')
+  return results

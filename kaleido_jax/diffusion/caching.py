@@ -22,7 +22,7 @@ computed once before the loop instead of at every step (same numbers).
 ``model_calls`` counts block passes per video: a computed step adds its branch count (batched branches count
 one each), a skipped step adds 0.
 
-Calibration (``python -m kaleido_jax.main --mode calibrate``, kaleido_jax/calibrate.py) runs the uncached sampler,
+Calibration (``python -m kaleido_jax.main --mode calibrate``, kaleido_jax/cli/calibrate.py) runs the uncached sampler,
 records per step γ_t and TeaCache's input / output changes, and writes :data:`CALIBRATION_FILE` next to the
 weights (the workdir); :func:`load_calibration` reads it when sampling.
 """
@@ -171,6 +171,51 @@ def teacache_decide(state: dict, i: jax.Array, change: jax.Array, last: jax.Arra
   acc = state['acc'] + jnp.polyval(p['coeffs'], change)
   skip = state['have'] & (i >= p['retain']) & (i < last) & (acc < p['threshold'])
   return skip, {'acc': jnp.where(skip, acc, 0.0)}
+
+
+def cached_blocks(m, args, rows: int, cs: dict, s: dict, *, static: Static, p: dict, text_kv, num_steps: int,
+                  batch: int) -> tuple[jax.Array, dict, dict]:
+  """One DiT pass (``m``: the merged KaleidoDiT) over ``rows`` batch rows under the step cache: (velocity, cache
+  state, per-step statistics). A skipped step adds the last computed residual instead of running the blocks."""
+  emb = m.embed(*args)
+  kv = None if text_kv is None else jax.tree.map(lambda a: a[:, :rows], text_kv)
+  x_in = emb['tokens']
+
+  def run():
+    return m.run_blocks(x_in, emb['mod'], emb['text'], emb['rope'], emb['mask'], kv)
+
+  new, stats = dict(cs), {}
+  if static.kind == 'none' and not static.calibrate:
+    out, computed = run(), jnp.ones((), bool)
+  else:
+    skip = jnp.zeros((), bool)
+    if 'prev_input' in cs:
+      inp = m.modulated_input(emb).astype(cs['prev_input'].dtype)
+      change = rel_l1(inp, cs['prev_input'][:rows])
+      new['prev_input'] = cs['prev_input'].at[:rows].set(inp)
+    if static.kind == 'magcache':
+      skip, acc = magcache_decide(cs, s['index'], s['mag_ratio'], p)
+      new.update(acc)
+    elif static.kind == 'teacache':
+      skip, acc = teacache_decide(cs, s['index'], change, num_steps - 1, p)
+      new.update(acc)
+    prev = cs['residual'][:rows]
+
+    def computed_blocks():
+      out = run()
+      return out, (out - x_in).astype(prev.dtype)
+
+    out, res = jax.lax.cond(skip, lambda: ((x_in + prev).astype(x_in.dtype), prev), computed_blocks)
+    new['residual'] = cs['residual'].at[:rows].set(res)
+    computed = ~skip
+    if static.calibrate:
+      have = cs['have']
+      stats = {'mag_ratio': jnp.where(have, magnitude_ratio(res, prev), 1.0),
+               'input_change': jnp.where(have, change, 0.0),
+               'output_change': jnp.where(have, rel_l1(res, prev), 0.0)}
+  new['have'] = jnp.ones((), bool)
+  new['calls'] = cs['calls'] + jnp.where(computed, rows // batch, 0).astype(jnp.int32)
+  return m.head(out, emb), new, stats
 
 
 def cfg_full_step(i: jax.Array, p: dict) -> jax.Array:

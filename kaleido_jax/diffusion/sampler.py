@@ -6,11 +6,10 @@ schedules.py), so changing the shift reuses the compiled sampler; only the step 
 the guidance branch count (a batch size) are static. Each step feeds the model timestep = 1000·σ
 (diffusers' grid: float for Euler, truncated to an integer for UniPC, see schedules.py) broadcast to (B,).
 
-Solvers (both checked step by step against diffusers in tests/diffusion/test_sampler.py):
-  euler  x_{i+1} = x_i + (σ_{i+1} − σ_i)·v_i                      (FlowMatchEulerDiscreteScheduler)
-  unipc  UniPC-BH2 multistep, order 2, data prediction m_i = x_i − σ_i·v_i, corrector on every step but the
-         first, first-order last step (UniPCMultistepScheduler, flow_prediction, use_flow_sigmas,
-         lower_order_final), coefficients from schedules.unipc_coefficients.
+The loop composes three parts that do not know each other: a solver (solvers.py: Euler on diffusers' or upstream
+Kaleido's grid, UniPC-BH2; init / step objects that see only velocities), guidance (guidance.py: the branches
+batched and combined, or the CFG cache's conditional-only steps) and the step caches (caching.cached_blocks: the
+DiT's blocks run or skipped).
 
 Public API:
   latent_shape(num_frames, height, width, *, z_dim=16, temporal_stride=4, spatial_stride=8)
@@ -50,7 +49,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from kaleido_jax.diffusion import caching, guidance, schedules
+from kaleido_jax.diffusion import caching, guidance, schedules, solvers
 
 DenoiseFn = Callable[..., jax.Array]
 
@@ -92,19 +91,48 @@ def num_steps(cfg: ml_collections.ConfigDict) -> int:
 def _solver_args(cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """The per-step arrays the jitted loop scans over (numpy, so shift changes do not recompile)."""
   sched = step_schedule(cfg)
-  args = dict(index=np.arange(len(sched.timesteps), dtype=np.int32), timesteps=sched.timesteps,
-              sigma=sched.sigmas[:-1],
-              dt=(sched.sigmas[1:] - sched.sigmas[:-1]).astype(np.float32))
-  if cfg.solver == 'unipc':
-    args.update(schedules.unipc_coefficients(sched.sigmas, order=int(cfg.get('unipc_order', 2))))
-  return args
+  return dict(index=np.arange(len(sched.timesteps), dtype=np.int32), timesteps=sched.timesteps,
+              sigma=sched.sigmas[:-1], dt=(sched.sigmas[1:] - sched.sigmas[:-1]).astype(np.float32),
+              **solvers.for_config(cfg).step_args(sched.sigmas))
 
 
-def _loop(denoise_fn: DenoiseFn, solver: str, text_scale: float, image_scale: float, return_trajectory: bool,
-          on_step: Callable[[Any], None] | None, steps: dict[str, jax.Array], noise, text_cond, text_uncond,
-          refs, ref_mask, *, static: caching.Static = caching.Static(), model_fn: Callable[[], Any] | None = None,
-          cache_params: dict[str, jax.Array] | None = None):
-  """The scan over steps (traced once). Carry: (x [, UniPC history], cache state); see caching.py for the caches.
+def _plain_call(denoise_fn: DenoiseFn, batch: int):
+  """A model call without step caches: (velocity, cache state with the calls counted, no statistics)."""
+  def call(args, rows, cs, _):
+    return denoise_fn(*args).astype(jnp.float32), {**cs, 'calls': cs['calls'] + rows // batch}, {}
+  return call
+
+
+def _guided_velocity(call, x, ts, s, cs, inputs, branches: int, text_scale: float, image_scale: float, p: dict):
+  """The guided velocity of one step from the model `call`: every guidance branch batched, or (CFG cache) the
+  conditional branch alone with the others rebuilt from the differences kept on the last full step."""
+  text_cond, text_uncond, refs, ref_mask = inputs
+  b = x.shape[0]
+
+  def full(c):
+    args = guidance.batch_branches(x, ts, text_cond, text_uncond, refs, ref_mask, branches)
+    v, c, stats = call(args, branches * b, c, s)
+    guided_v, parts = guidance.combine_branches(v, branches, b, text_scale, image_scale)
+    if 'cfg_delta' in c:
+      c = {**c, 'cfg_delta': parts[:1] - parts[1:]}
+    return guided_v, c, stats
+
+  def conditional_only(c):
+    v_c, c, stats = call((x, ts, text_cond, refs, ref_mask), b, c, s)
+    others = v_c[None] - c['cfg_delta']
+    return guidance.combine(v_c, others[0], others[1] if branches > 2 else None, text_scale, image_scale), c, stats
+
+  if 'cfg_delta' in cs:
+    return jax.lax.cond(caching.cfg_full_step(s['index'], p), full, conditional_only, cs)
+  return full(cs)
+
+
+def _loop(denoise_fn: DenoiseFn, solver: solvers.Euler | solvers.UniPC, text_scale: float, image_scale: float,
+          return_trajectory: bool, on_step: Callable[[Any], None] | None, steps: dict[str, jax.Array], noise,
+          text_cond, text_uncond, refs, ref_mask, *, static: caching.Static = caching.Static(),
+          model_fn: Callable[[], Any] | None = None, cache_params: dict[str, jax.Array] | None = None):
+  """The scan over steps (traced once): the solver's state and the cache state are the carry; each step asks
+  guidance for a velocity (through the step cache when one is on) and hands it to the solver.
 
   Returns (x, trajectory or None, stats) with stats = {'model_calls': block passes per video, 'step_calls' (n,),
   and with static.calibrate the per-step statistics caching.fit_calibration takes}.
@@ -119,14 +147,15 @@ def _loop(denoise_fn: DenoiseFn, solver: str, text_scale: float, image_scale: fl
                                'state, ...)); a plain denoise_fn only takes the CFG cache')
   if ref_mask is not None:
     ref_mask = ref_mask.astype(bool)
+  inputs = (text_cond, text_uncond, refs, ref_mask)
   p = cache_params or {}
+  use_model = model_fn is not None and static.active
 
   text_kv = None
   cstate: dict[str, jax.Array] = {'calls': jnp.zeros((), jnp.int32), 'have': jnp.zeros((), bool)}
-  if model_fn is not None and static.active:
+  if use_model:
     m = model_fn()
-    args0 = guidance.batch_branches(x0, jnp.zeros((b,), jnp.float32), text_cond, text_uncond, refs, ref_mask,
-                                    branches)
+    args0 = guidance.batch_branches(x0, jnp.zeros((b,), jnp.float32), *inputs, branches)
     with m.kernels():
       if static.text_kv:
         text_kv = m.text_key_values(m.embed_text(args0[2]))
@@ -135,109 +164,26 @@ def _loop(denoise_fn: DenoiseFn, solver: str, text_scale: float, image_scale: fl
   elif static.cfg_cache and branches > 1:
     cstate = caching.init_state(b * branches, 0, 0, jnp.float32, x0.shape, branches, static)
 
-  def blocks_call(m, args, rows, cs, s):
-    """One DiT pass over `rows` batch rows with the step cache; (velocity, cache state, statistics)."""
-    xb, tb, textb, refsb, maskb = args
-    emb = m.embed(xb, tb, textb, refsb, maskb)
-    kv = None if text_kv is None else jax.tree.map(lambda a: a[:, :rows], text_kv)
-    x_in = emb['tokens']
-
-    def run():
-      return m.run_blocks(x_in, emb['mod'], emb['text'], emb['rope'], emb['mask'], kv)
-
-    new, stats = dict(cs), {}
-    if static.kind == 'none' and not static.calibrate:
-      out, computed = run(), jnp.ones((), bool)
-    else:
-      skip = jnp.zeros((), bool)
-      if 'prev_input' in cs:
-        inp = m.modulated_input(emb).astype(cs['prev_input'].dtype)
-        change = caching.rel_l1(inp, cs['prev_input'][:rows])
-        new['prev_input'] = cs['prev_input'].at[:rows].set(inp)
-      if static.kind == 'magcache':
-        skip, acc = caching.magcache_decide(cs, s['index'], s['mag_ratio'], p)
-        new.update(acc)
-      elif static.kind == 'teacache':
-        skip, acc = caching.teacache_decide(cs, s['index'], change, n - 1, p)
-        new.update(acc)
-      prev = cs['residual'][:rows]
-
-      def computed_blocks():
-        out = run()
-        return out, (out - x_in).astype(prev.dtype)
-
-      out, res = jax.lax.cond(skip, lambda: ((x_in + prev).astype(x_in.dtype), prev), computed_blocks)
-      new['residual'] = cs['residual'].at[:rows].set(res)
-      computed = ~skip
-      if static.calibrate:
-        have = cs['have']
-        stats = {'mag_ratio': jnp.where(have, caching.magnitude_ratio(res, prev), 1.0),
-                 'input_change': jnp.where(have, change, 0.0),
-                 'output_change': jnp.where(have, caching.rel_l1(res, prev), 0.0)}
-    new['have'] = jnp.ones((), bool)
-    new['calls'] = cs['calls'] + jnp.where(computed, rows // b, 0).astype(jnp.int32)
-    return m.head(out, emb), new, stats
-
-  def velocity(x, s, cs):
-    t, i = s['timesteps'], s['index']
+  def body(carry, s):
+    state, cs = carry
     if on_step is not None:  # host callback (progress bars); not exportable, so off by default
-      jax.debug.callback(on_step, i)
-    ts = jnp.full((b,), t, jnp.float32)
-    if model_fn is None or not static.active:
-      def call(args, rows, c, _):
-        return denoise_fn(*args).astype(jnp.float32), {**c, 'calls': c['calls'] + rows // b}, {}
-      m = None
-    else:
+      jax.debug.callback(on_step, s['index'])
+    ts = jnp.full((b,), s['timesteps'], jnp.float32)
+    x = solver.current(state)
+    if use_model:
       m = model_fn()
-      call = functools.partial(blocks_call, m)
-
-    def full(c):
-      args = guidance.batch_branches(x, ts, text_cond, text_uncond, refs, ref_mask, branches)
-      v, c, stats = call(args, branches * b, c, s)
-      guided_v, parts = guidance.combine_branches(v, branches, b, text_scale, image_scale)
-      if 'cfg_delta' in c:
-        c = {**c, 'cfg_delta': parts[:1] - parts[1:]}
-      return guided_v, c, stats
-
-    def conditional_only(c):
-      v_c, c, stats = call((x, ts, text_cond, refs, ref_mask), b, c, s)
-      others = v_c[None] - c['cfg_delta']
-      return guidance.combine(v_c, others[0], others[1] if branches > 2 else None, text_scale, image_scale), c, stats
-
-    def guided(c):
-      if 'cfg_delta' in c:
-        return jax.lax.cond(caching.cfg_full_step(i, p), full, conditional_only, c)
-      return full(c)
-
-    if m is not None:
+      call = functools.partial(caching.cached_blocks, m, static=static, p=p, text_kv=text_kv, num_steps=n, batch=b)
       with m.kernels():
-        return guided(cs)
-    return guided(cs)
+        v, cs2, stats = _guided_velocity(call, x, ts, s, cs, inputs, branches, text_scale, image_scale, p)
+    else:
+      v, cs2, stats = _guided_velocity(_plain_call(denoise_fn, b), x, ts, s, cs, inputs, branches, text_scale,
+                                       image_scale, p)
+    state = solver.step(state, v, s)
+    out = solver.current(state) if return_trajectory else None
+    return (state, cs2), (out, {'step_calls': cs2['calls'] - cs['calls'], **stats})
 
-  def record(cs_before, cs_after, stats):
-    return {'step_calls': cs_after['calls'] - cs_before['calls'], **stats}
-
-  if solver in ('euler', 'kaleido'):  # Euler steps (on diffusers' grid / on upstream Kaleido's)
-    def body(carry, s):
-      x, cs = carry
-      v, cs2, stats = velocity(x, s, cs)
-      x = x + s['dt'] * v
-      return (x, cs2), (x if return_trajectory else None, record(cs, cs2, stats))
-    (x, cs), (traj, ys) = jax.lax.scan(body, (x0, cstate), steps)
-  elif solver == 'unipc':
-    def body(carry, s):
-      (x, last, m1, m2), cs = carry
-      v, cs2, stats = velocity(x, s, cs)
-      m = x - s['sigma'] * v  # data prediction from the uncorrected sample
-      corrected = (s['c_a'] * last - s['c_m'] * m1 - s['c_f'] * (m2 - m1) - s['c_g'] * (m - m1))
-      x = jnp.where(s['use_corr'] > 0, corrected, x)
-      x_next = s['p_a'] * x - s['p_m'] * m - s['p_f'] * (m1 - m)
-      return ((x_next, x, m, m1), cs2), (x_next if return_trajectory else None, record(cs, cs2, stats))
-    zeros = jnp.zeros_like(x0)
-    ((x, _, _, _), cs), (traj, ys) = jax.lax.scan(body, ((x0, x0, zeros, zeros), cstate), steps)
-  else:
-    raise ValueError(f'unknown solver {solver!r}; expected one of {schedules.SOLVERS}')
-  return x, traj, {'model_calls': cs['calls'], **ys}
+  (state, cs), (traj, ys) = jax.lax.scan(body, (solver.init(x0), cstate), steps)
+  return solver.current(state), traj, {'model_calls': cs['calls'], **ys}
 
 
 def _finish(out, return_trajectory: bool, return_stats: bool):
@@ -280,10 +226,8 @@ def sample_traced(denoise_fn: DenoiseFn, noise: jax.Array, text_cond: jax.Array,
                refs, ref_mask)[0]
 
 
-def _static(cfg: ml_collections.ConfigDict) -> tuple[str, float, float]:
-  if cfg.solver not in schedules.SOLVERS:
-    raise ValueError(f'unknown solver {cfg.solver!r}; expected one of {schedules.SOLVERS}')
-  return cfg.solver, float(cfg.guidance_scale), float(cfg.get('image_guidance_scale', 0.0))
+def _static(cfg: ml_collections.ConfigDict) -> tuple[solvers.Euler | solvers.UniPC, float, float]:
+  return solvers.for_config(cfg), float(cfg.guidance_scale), float(cfg.get('image_guidance_scale', 0.0))
 
 
 def _cache_args(cfg: ml_collections.ConfigDict, calibration: dict[str, Any] | None, calibrate: bool):

@@ -34,6 +34,7 @@ import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from kaleido_jax import storage
 from kaleido_jax import media
@@ -144,7 +145,6 @@ class Progress:
   """A tqdm bar over this host's requests with the rate in videos per hour."""
 
   def __init__(self, total: int, done: int = 0):
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     self.bar = tqdm(total=total, initial=done, desc='videos', unit='video', file=sys.stderr)
     self.start, self.made, self.lock = time.time(), 0, threading.Lock()
 

@@ -34,7 +34,10 @@ from flax import nnx
 
 from kaleido_jax import config as kcfg
 from kaleido_jax import storage
+from kaleido_jax.convert import vae as convert_vae
+from kaleido_jax.convert import text_encoder as convert_te
 from kaleido_jax.data import references as refs_lib
+from kaleido_jax.data import synthetic
 from kaleido_jax.model import codec as codec_lib
 from kaleido_jax.model import text_encoder as te
 
@@ -66,7 +69,6 @@ def tokenizer_file(config: ml_collections.ConfigDict, workdir: str | None = None
     raise kcfg.ConfigError(
         'config.text_encoder.tokenizer_path is empty; point it at the umT5 sentencepiece model '
         "(Wan: google/umt5-xxl/spiece.model, diffusers: tokenizer/spiece.model)")
-  from kaleido_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   root = workdir or os.path.join(tempfile.gettempdir(), 'kaleido_jax')
   train = lambda path: synthetic.train_caption_tokenizer(path, num_identities=max(64, config.data.num_identities),
                                                          seed=config.data.synthetic_seed)
@@ -86,7 +88,6 @@ def tokenizer_file(config: ml_collections.ConfigDict, workdir: str | None = None
 def load_codec(config: ml_collections.ConfigDict) -> Any:
   if config.vae.get('kind', 'wan') == 'pixel' or not config.init_from.vae:
     return codec_lib.make_codec(config.vae, rngs=nnx.Rngs(RANDOM_ENCODER_SEED))
-  from kaleido_jax.convert import vae as convert_vae  # pylint: disable=g-import-not-at-top
   return convert_vae.load_vae(config.init_from.vae, config.init_from.vae_format, config.vae)
 
 
@@ -110,7 +111,6 @@ def load_text_encoder(config: ml_collections.ConfigDict) -> te.UMT5Encoder:
   if not config.init_from.text_encoder:
     with jax.default_device(device):
       return te.UMT5Encoder(config.text_encoder, rngs=nnx.Rngs(RANDOM_ENCODER_SEED))
-  from kaleido_jax.convert import text_encoder as convert_te  # pylint: disable=g-import-not-at-top
   return convert_te.load_text_encoder(config.init_from.text_encoder, config.init_from.text_encoder_format,
                                       config.text_encoder, device=device)
 

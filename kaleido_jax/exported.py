@@ -22,7 +22,10 @@ import pathlib
 import re
 from typing import Any, Sequence
 
+import jax
 import numpy as np
+import sentencepiece as spm
+from PIL import Image
 
 
 FORMAT = 'kaleido_jax.exported_sampler'
@@ -43,7 +46,6 @@ def _clean(text: str) -> str:
 
 def fit_on_white(image: Any, height: int, width: int) -> np.ndarray:
   """A path / PIL image / uint8 array -> (height, width, 3) uint8: fitted keeping aspect, white-padded."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   img = image if isinstance(image, Image.Image) else (
       Image.open(image) if isinstance(image, (str, os.PathLike)) else Image.fromarray(np.asarray(image)))
   img = img.convert('RGBA')
@@ -61,7 +63,7 @@ def _file(directory: str, name: str):
   """A file of the artifact: a pathlib.Path, or for a bucket (`gs://...`) an etils.epath.Path (what orbax and TFDS
   use; imported only then)."""
   if '://' in directory:
-    from etils import epath  # pylint: disable=g-import-not-at-top
+    from etils import epath  # lazy: only for an artifact in a bucket (the file stays copyable: numpy, jax, sentencepiece, Pillow)
     return epath.Path(directory) / name
   return pathlib.Path(directory) / name
 
@@ -70,8 +72,6 @@ class ExportedSampler:
   """Loads signature.json, the serialized program, the weights (if separate) and the tokenizer."""
 
   def __init__(self, directory: str):
-    import jax  # pylint: disable=g-import-not-at-top
-    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     directory = str(directory)
     sig_path = _file(directory, SIGNATURE_FILE)
     if not sig_path.exists():
@@ -147,7 +147,7 @@ class ExportedSampler:
 def run_prompt_set(sampler: ExportedSampler, prompts_file: str, output_dir: str, *, seed: int = 0) -> dict[str, Any]:
   """The batch of `--mode sample --prompts` (kaleido_jax/batch.py: same names, seeds, records, manifest, resume)
   made by an exported sampler. Unlike the rest of this module it needs the kaleido_jax package (imported here)."""
-  from kaleido_jax import batch  # pylint: disable=g-import-not-at-top
+  from kaleido_jax import batch  # lazy: the one helper here that needs the kaleido_jax package
 
   def make(req):
     return sampler([req.prompt], [req.refs], seeds=[req.seed])[0]  # ExportedSamplerError is a ValueError

@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from typing import Iterator, Sequence
 
+import imageio_ffmpeg
+import mediapy
 import numpy as np
 
 from kaleido_jax import storage
@@ -22,9 +24,7 @@ VIDEO_EXTENSIONS = ('.mp4', '.gif', '.webm', '.mov')
 
 
 def use_available_ffmpeg() -> None:
-  import mediapy  # pylint: disable=g-import-not-at-top
   if shutil.which('ffmpeg') is None:
-    import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
     mediapy.set_ffmpeg(imageio_ffmpeg.get_ffmpeg_exe())
 
 
@@ -60,7 +60,6 @@ def check_video(frames: np.ndarray) -> np.ndarray:
 
 def write_video(path: str, frames: np.ndarray, fps: float) -> str:
   """mp4 / webm / mov / gif through mediapy (ffmpeg). Returns `path`."""
-  import mediapy  # pylint: disable=g-import-not-at-top
   frames = check_video(frames)
   ext = os.path.splitext(path)[1].lower()
   if ext not in VIDEO_EXTENSIONS:
@@ -87,7 +86,6 @@ def strip(rows: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
 
 
 def write_image(path: str, image: np.ndarray) -> str:
-  import mediapy  # pylint: disable=g-import-not-at-top
   with atomic_path(path) as tmp:
     mediapy.write_image(tmp, np.asarray(image, np.uint8))
   return path

@@ -37,11 +37,16 @@ from flax import nnx
 
 from kaleido_jax import storage
 from kaleido_jax import encoders as enc_lib
+from kaleido_jax import weights
 from kaleido_jax.convert import release as release_lib
+from kaleido_jax.convert import common as conv_common
+from kaleido_jax.convert import lora as lora_conv
 from kaleido_jax.data import references as refs_lib
 from kaleido_jax.diffusion import sampler as sampler_lib
+from kaleido_jax.diffusion import caching
 from kaleido_jax.model import codec as codec_lib
 from kaleido_jax.model import dit as dit_lib
+from kaleido_jax.model import quantization
 from kaleido_jax.parallel import shardings as shardings_lib
 
 
@@ -68,7 +73,6 @@ def random_weights(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> tuple
 def weights_target(model_cfg: ml_collections.ConfigDict, mesh: Any = None) -> tuple[nnx.GraphDef, nnx.State, dict]:
   """(graphdef, abstract params, the load target): each parameter's sharding from its logical names on
   ``mesh``, or the default device without one."""
-  from kaleido_jax import weights  # pylint: disable=g-import-not-at-top
   graphdef, abstract = abstract_model(model_cfg)
   shardings = None
   if mesh is not None:
@@ -84,7 +88,6 @@ def load_weights(config: ml_collections.ConfigDict, checkpoint: str = '', workdi
   and one leaf in flight. The LoRAs of ``config.sample.loras`` are merged as the float weights land, before
   any quantization; into a quantized checkpoint, dequantized, merged and quantized again.
   """
-  from kaleido_jax import weights  # pylint: disable=g-import-not-at-top
   loras = tuple(config.sample.get('loras', ()))
   graphdef, abstract, target = weights_target(config.model, mesh)
   if checkpoint == 'random':
@@ -134,7 +137,6 @@ def check_request(config: ml_collections.ConfigDict, prompts: Sequence[str], num
 
   Needs only the config (no weights), so the CLI can refuse a request before loading anything.
   """
-  from kaleido_jax.model import quantization  # pylint: disable=g-import-not-at-top
   for section in ('model', 'text_encoder'):
     try:
       quantization.check_scheme(config[section].get('quantization', 'none'), f'config.{section}.quantization')
@@ -144,8 +146,6 @@ def check_request(config: ml_collections.ConfigDict, prompts: Sequence[str], num
     raise UserInputError(f'config.sample.text_encoder_device={config.sample.text_encoder_device!r}; choose one '
                          f'of {enc_lib.TEXT_ENCODER_DEVICES}')
   if config.sample.get('loras', ()):
-    from kaleido_jax.convert import common as conv_common  # pylint: disable=g-import-not-at-top
-    from kaleido_jax.convert import lora as lora_conv  # pylint: disable=g-import-not-at-top
     try:
       lora_conv.check_specs(tuple(config.sample.loras))
     except conv_common.ConversionError as e:
@@ -154,7 +154,6 @@ def check_request(config: ml_collections.ConfigDict, prompts: Sequence[str], num
     sampler_lib.step_schedule(config.sample)
   except ValueError as e:
     raise UserInputError(f'{e} (--config.sample.timesteps / --steps)') from e
-  from kaleido_jax.diffusion import caching  # pylint: disable=g-import-not-at-top
   try:
     caching.static_settings(config.sample)
   except caching.CacheError as e:
@@ -262,7 +261,6 @@ class S2VPipeline:
 
   def calibration(self, cfg: ml_collections.ConfigDict) -> dict[str, Any] | None:
     """The step-cache calibration sample.cache needs (caching.py), or None without a step cache."""
-    from kaleido_jax.diffusion import caching  # pylint: disable=g-import-not-at-top
     if cfg.get('cache', 'none') == 'none':
       return None
     path = caching.calibration_path(cfg, self.workdir)
@@ -278,7 +276,6 @@ class S2VPipeline:
 
     Sets ``last_stats['model_calls']`` (DiT passes per video).
     """
-    from kaleido_jax.diffusion import caching  # pylint: disable=g-import-not-at-top
     if self.state is None:
       raise UserInputError('this pipeline released its DiT weights (release_weights); build a new one')
     args = [inputs[k] for k in ('noise', 'text_cond', 'text_uncond', 'refs', 'ref_mask')]

@@ -22,6 +22,7 @@ uses gcsfs) and GOOGLE_AUTH_TOKEN_FOR_TESTING is set; production needs none of t
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
@@ -34,8 +35,8 @@ import time
 import uuid
 from typing import Any, Iterator
 
-from etils import epath
 import numpy as np
+from etils import epath
 
 REMOTE_PREFIXES = ('gs://',)
 
@@ -149,7 +150,6 @@ def fetched(p: Any) -> str:
   if not is_remote(p):
     return p
   if p not in _FETCHED:
-    import atexit  # pylint: disable=g-import-not-at-top
     d = tempfile.mkdtemp(prefix='kaleido-fetched-')
     atexit.register(shutil.rmtree, d, True)
     src = epath.Path(p)

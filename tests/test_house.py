@@ -120,3 +120,18 @@ def test_only_the_command_line_exits(house):
           isinstance(node.func.value, ast.Name) and node.func.value.id == 'sys'):
         exits.append(f'{m}:{node.lineno}')
   assert exits == []
+
+
+def test_every_function_local_import_says_why(house):
+  """Imports sit at the top of a module; one inside a function is an optional dependency or an import cost, and
+  its line says which (`# lazy: ...`)."""
+  mods, _ = house
+  unexplained = []
+  for m, path in mods.items():
+    lines = open(path).read().splitlines()
+    tree = ast.parse('\n'.join(lines))
+    for fn in (n for n in _walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+      for node in _walk(fn):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and '# lazy:' not in lines[node.lineno - 1]:
+          unexplained.append(f'{m}:{node.lineno}: {lines[node.lineno - 1].strip()}')
+  assert unexplained == []

@@ -1,12 +1,13 @@
 r"""``python -m kaleido_jax.tools.aot``: the AOT fit check's command line (the compiler work is kaleido_jax/tools/aot.py).
 
-The environment is set before anything imports JAX: JAX_PLATFORMS=cpu (the host backend stays CPU; the TPU backend
-is only a compiler) and ALLOW_MULTIPLE_LIBTPU_LOAD=1 (compile-only use of libtpu takes no TPU lock).
+Run as a command, tools/aot.py sets the environment before JAX starts: JAX_PLATFORMS=cpu (the host backend stays
+CPU; the TPU backend is only a compiler) and ALLOW_MULTIPLE_LIBTPU_LOAD=1 (compile-only use of libtpu takes no TPU
+lock).
 """
 
 from __future__ import annotations
 
-import os
+import importlib.util
 import sys
 
 from absl import app
@@ -43,12 +44,7 @@ def main(argv):
     print(f'dry run: --step {step.value} for {slices.value} x {topology.value} with '
           f'{config_flags.get_config_filename(flags.FLAGS["config"])}')
     return
-  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  # Compile-only use of libtpu: don't take the one-process-per-host TPU lock.
-  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-  try:
-    import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
+  if importlib.util.find_spec('libtpu') is None:
     print('error: libtpu is not installed; pip install "jax[tpu]==<your jax version>"', file=sys.stderr)
     sys.exit(2)
   try:

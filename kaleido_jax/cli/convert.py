@@ -12,6 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kaleido_jax.convert import release
+from kaleido_jax.convert import transformer
+from kaleido_jax.convert import vae
+from kaleido_jax.convert import text_encoder
+
 COMPONENTS = {
     "transformer": ("diffusers", "wan", "kaleido"),
     "vae": ("diffusers", "wan"),
@@ -37,21 +42,17 @@ def convert(args: argparse.Namespace) -> str:
   """One conversion (the library's `convert` of the component); prints what it wrote and returns the directory."""
   quantization = getattr(args, "quantization", None) or "none"
   if args.component == "transformer" and args.format == "kaleido":
-    from kaleido_jax.convert import release  # pylint: disable=g-import-not-at-top  (converters import torch)
     if release.is_release(args.input):  # the whole released folder: DiT, VAE and umT5 in one command
       out = release.convert_release(args.input, args.output, quantization)
       print(f"wrote {out} (transformer, vae, text_encoder; sample with --checkpoint {out})")
       return out
   if args.component == "transformer":
-    from kaleido_jax.convert import transformer  # pylint: disable=g-import-not-at-top
     out, cfg = transformer.convert(args.input, args.output, args.format, quantization)
     print(f"wrote {out} ({cfg.num_layers} layers, dim {cfg.num_heads * cfg.head_dim})")
   elif args.component == "vae":
-    from kaleido_jax.convert import vae  # pylint: disable=g-import-not-at-top
     out = vae.convert(args.input, args.output, args.format)
     print(f"wrote {out}")
   else:
-    from kaleido_jax.convert import text_encoder  # pylint: disable=g-import-not-at-top
     out = text_encoder.convert(args.input, args.output, args.format, dtype=getattr(args, "dtype", None),
                                quantization=quantization)
     print(f"text_encoder ({args.format}) {args.input} -> {out}")

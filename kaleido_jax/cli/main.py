@@ -16,6 +16,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from kaleido_jax import config as kcfg
+from kaleido_jax.train import console
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/demo.py", "Python config file (get_config() -> ConfigDict); override any key "
     "with --config.a.b=value.", lock_config=True)
@@ -93,13 +96,13 @@ def user_errors(mode: str) -> tuple[type[BaseException], ...]:
 
   Every library error class for user input is here; a mode adds the OS errors its inputs raise (a missing file).
   """
-  from kaleido_jax import batch, config as kcfg, exported, storage  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.data import references  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from kaleido_jax import batch, config as kcfg, exported, storage  # lazy: on the error path only (the pipeline and the trainer take seconds to import)
+  from kaleido_jax.data import references  # lazy: on the error path only (the pipeline and the trainer take seconds to import)
+  from kaleido_jax.train import loop  # lazy: on the error path only (the pipeline and the trainer take seconds to import)
   errors = (kcfg.ConfigError, storage.StorageError, references.ReferenceImageError, batch.PromptSetError,
             exported.ExportedSamplerError, loop.TrainingDiverged)
   if mode != "train":  # the trainer never imports the sampling pipeline
-    from kaleido_jax import pipeline  # pylint: disable=g-import-not-at-top
+    from kaleido_jax import pipeline  # lazy: on the error path only (the pipeline and the trainer take seconds to import)
     errors += (pipeline.UserInputError,)
   return errors + {"sample": (FileNotFoundError,), "eval": (FileNotFoundError,),
                    "export": (FileNotFoundError, ValueError)}.get(mode, ())
@@ -121,7 +124,6 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    from kaleido_jax import config as kcfg  # pylint: disable=g-import-not-at-top
     line = kcfg.unknown_override(argv, _CONFIG.default)
     print(line or f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}; see --help", file=sys.stderr)
     sys.exit(2)
@@ -144,7 +146,6 @@ def main(argv):
     print(f"dry run: --mode {mode} --workdir {_WORKDIR.value} with {config_flags.get_config_filename(flags.FLAGS['config'])}"
           f" ({MODES[mode]})")
     return
-  from kaleido_jax.train import console  # pylint: disable=g-import-not-at-top
   with console.quiet_logs(config.train.get('console', 'log') == 'progress'):
     run_mode(mode, config, _WORKDIR.value)
 

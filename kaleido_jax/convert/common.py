@@ -8,16 +8,24 @@ only full copy in memory is the output state being filled.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
 import pickle
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from safetensors import safe_open
 
 from kaleido_jax import storage
+from kaleido_jax.model import quantization
 
 
 class ConversionError(ValueError):
@@ -91,7 +99,6 @@ class CheckpointReader:
                             f"architecture? (it has {len(self._where)} tensors, e.g. {self.keys()[:3]})")
     if self._torch_state is not None:
       return tuple(self._torch_state[key].shape)
-    from safetensors import safe_open
     with safe_open(self._where[key], framework="np") as f:
       return tuple(f.get_slice(key).get_shape())
 
@@ -103,10 +110,8 @@ class CheckpointReader:
     if self._torch_state is not None:
       t = self._torch_state[key]
       if str(t.dtype) == "torch.bfloat16":
-        import ml_dtypes
         return t.float().numpy().astype(ml_dtypes.bfloat16)
       return t.numpy()
-    from safetensors import safe_open
     # numpy, not flax: the flax backend would put every tensor on the default device (a whole leaf on one
     # chip); safetensors >= 0.7 gives bfloat16 as ml_dtypes.bfloat16.
     with safe_open(self._where[key], framework="np") as f:
@@ -114,7 +119,6 @@ class CheckpointReader:
 
 
 def _safetensors_keys(file: str) -> list[str]:
-  from safetensors import safe_open
   try:
     with safe_open(file, framework="np") as f:
       return list(f.keys())
@@ -137,7 +141,7 @@ def _torch_load(path: str) -> dict[str, Any]:
   constructor or function of the file is ever run.
   """
   try:
-    import torch
+    import torch  # lazy: optional dependency (torch, the [test] extra: PyTorch checkpoints only)
   except ImportError as e:
     raise ImportError(f"{path!r} is a PyTorch pickle; reading it needs torch (pip install "
                       "'kaleido_jax[test]'), or convert it to safetensors first") from e
@@ -179,9 +183,8 @@ class _Opaque:
 
 
 def _tensor_globals() -> dict[tuple[str, str], Any]:
-  import collections
-  import torch
-  from torch import _utils  # pylint: disable=g-import-not-at-top
+  import torch  # lazy: optional dependency (torch, the [test] extra: PyTorch checkpoints only)
+  from torch import _utils  # lazy: optional dependency (torch, the [test] extra: PyTorch checkpoints only)
   allowed = {("collections", "OrderedDict"): collections.OrderedDict, ("torch", "Size"): torch.Size,
              ("torch", "device"): torch.device}
   for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"):
@@ -329,7 +332,6 @@ def read_leaf(reader: CheckpointReader, src: Source, target: Any, *, dtype: Any 
 
 def _transformed_shape(shape: tuple[int, ...], count: int, src: Source) -> tuple[int, ...]:
   """Shape after ``src.transform`` (traced abstractly: no tensor is read or allocated)."""
-  import jax
   one_shape = tuple(jax.eval_shape(src.transform, jax.ShapeDtypeStruct(shape, np.float32)).shape)
   return (count,) + one_shape if src.stacked else one_shape
 
@@ -383,7 +385,6 @@ def save_converted(output_dir: str, pure_state: Mapping[str, Any], config: ml_co
   """Writes an orbax checkpoint of ``pure_state`` plus the component config, atomically (storage.atomic_dir:
   a local temporary renamed into place, or copied into a bucket, only when complete): an interrupted
   conversion leaves no partial ``output_dir`` behind."""
-  import orbax.checkpoint as ocp
   output_dir = storage.absolute(output_dir)
   if storage.exists(output_dir):
     raise FileExistsError(f"{output_dir!r} already exists; choose a new --output or remove it")
@@ -404,7 +405,6 @@ def is_converted(path: str) -> bool:
 
 def load_converted(path: str, *, component: str) -> tuple[dict[str, Any], ml_collections.ConfigDict]:
   """Reads what :func:`save_converted` wrote: (pure state dict of numpy arrays, component config)."""
-  import orbax.checkpoint as ocp
   cfg_file = storage.join(path, CONFIG_FILE)
   if not storage.exists(cfg_file):
     raise FileNotFoundError(f"{path!r} is not a converted kaleido_jax checkpoint (no {CONFIG_FILE}); "
@@ -447,10 +447,6 @@ def module_from_state(build: Callable[[ml_collections.ConfigDict], Any], cfg: ml
   on ``device`` ('default': the default device, uncommitted, so a mesh can still place it; None: left on the
   host CPU device; or a device).
   """
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-  from kaleido_jax.model import quantization
   wanted = quantization.check_scheme(cfg.get("quantization", "none") or "none", f"{section}.quantization")
   if saved_scheme not in ("none", wanted):
     raise ConversionError(f"{where!r} holds {saved_scheme} weights but {section}.quantization={wanted!r}; set "

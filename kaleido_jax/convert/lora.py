@@ -36,6 +36,8 @@ import tempfile
 from typing import Any, Sequence
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from kaleido_jax import storage
 from kaleido_jax.convert import common
@@ -124,7 +126,6 @@ def _config_alphas(file: str) -> dict[str, Any]:
   """LoraConfig fields from the file's diffusers metadata or a sibling adapter_config.json ({} if neither)."""
   cfg: dict[str, Any] = {}
   if file.endswith(".safetensors"):
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
     with safe_open(file, framework="np") as f:
       raw = (f.metadata() or {}).get(METADATA_KEY)
     if raw:
@@ -277,7 +278,6 @@ def peft_state_dict(updates: Sequence[lora_lib.Update], prefix: str = "transform
 
 def save_peft_lora(model, directory: str, *, alpha: float | None = None) -> str:
   """Writes the LoRA-trained ``model``'s adapters as diffusers' pipeline LoRA file; returns its path."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   updates = lora_lib.adapter_weights(model)
   if not updates:
     raise ValueError("the model has no LoRA adapters (train.lora.rank = 0 trains the full model)")

@@ -24,6 +24,9 @@ import shutil
 import ml_collections
 
 from kaleido_jax import storage
+from kaleido_jax.convert import text_encoder as conv_te
+from kaleido_jax.convert import transformer as conv_tf
+from kaleido_jax.convert import vae as conv_vae
 
 MARKER = "release.json"
 PARTS = ("transformer", "vae", "text_encoder")
@@ -76,9 +79,6 @@ def convert_release(release_dir: str, output_dir: str, quantization: str = "none
   The architectures default to the release's: the DiT's and umT5's read off their tensor shapes, the VAE is the
   Wan2.1 VAE (its .pth carries no config); ``model`` / ``vae`` / ``text_encoder`` give others (tests' tiny ones).
   """
-  from kaleido_jax.convert import text_encoder as conv_te  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.convert import transformer as conv_tf  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.convert import vae as conv_vae  # pylint: disable=g-import-not-at-top
   source = storage.absolute(release_dir)
   files = locate(storage.fetched(release_dir))  # the release's .pth / DeepSpeed files are read locally
   with storage.atomic_dir(output_dir) as tmp:  # refused if it exists; a part that fails leaves nothing

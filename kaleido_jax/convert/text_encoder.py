@@ -27,11 +27,14 @@ import shutil
 from typing import Any
 
 import ml_collections
+from flax import nnx
 
 from kaleido_jax import storage
 from kaleido_jax.config import text_encoder_config
 from kaleido_jax.convert import common
 from kaleido_jax.convert.common import ConversionError, linear_weight, one, stacked
+from kaleido_jax.model.text_encoder import UMT5Encoder
+from kaleido_jax.model.text_encoder import find_tokenizer_file
 
 COMPONENT = "text_encoder"
 FORMATS = ("transformers", "wan")
@@ -156,8 +159,6 @@ def infer_config(reader: common.CheckpointReader, fmt: str, **overrides) -> ml_c
 def convert_state(reader: common.CheckpointReader, cfg: ml_collections.ConfigDict, fmt: str
                   ) -> dict[str, Any]:
   """Pure nested state dict (numpy) for ``UMT5Encoder(cfg)`` from the checkpoint."""
-  from flax import nnx
-  from kaleido_jax.model.text_encoder import UMT5Encoder
   _check_format(fmt)
   if cfg.get("quantization", "none") != "none":  # the checkpoint holds float weights
     cfg = ml_collections.ConfigDict(cfg.to_dict())
@@ -172,8 +173,6 @@ def convert_state(reader: common.CheckpointReader, cfg: ml_collections.ConfigDic
 
 
 def _build(cfg: ml_collections.ConfigDict):
-  from flax import nnx
-  from kaleido_jax.model.text_encoder import UMT5Encoder
   return UMT5Encoder(cfg, rngs=nnx.Rngs(0))
 
 
@@ -228,7 +227,6 @@ def _with_dtype(cfg: ml_collections.ConfigDict, dtype: str | None) -> ml_collect
 
 
 def _find_tokenizer_near(path: str) -> str | None:
-  from kaleido_jax.model.text_encoder import find_tokenizer_file
   d = path if os.path.isdir(path) else os.path.dirname(path)
   for candidate in (d, os.path.dirname(d)):
     try:
@@ -245,7 +243,6 @@ def convert(input_path: str, output_dir: str, format: str = "transformers",  # n
 
   ``quantization`` (none | int8 | int4 | fp8) writes the layers' linears quantized (model/quantization.py).
   """
-  from flax import nnx
   _check_format(format)
   reader = common.CheckpointReader(input_path)
   cfg = _with_dtype(resolve_config(reader, input_path, format, config), dtype)

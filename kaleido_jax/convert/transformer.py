@@ -5,19 +5,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import ml_collections
 from flax import nnx
 
+from kaleido_jax import weights
 from kaleido_jax.convert import common
 from kaleido_jax.convert.transformer_plan import (FORMATS, IGNORED_PREFIXES, config_from_checkpoint, make_plan,
                                                   resolve_path)
+from kaleido_jax.model.dit import KaleidoDiT
 
 COMPONENT = "transformer"
 
 
 def convert_state(path: str, fmt: str = "diffusers", config: ml_collections.ConfigDict | None = None):
   """(pure nested state dict of numpy arrays, model config) from a PyTorch-side checkpoint."""
-  from kaleido_jax.model.dit import KaleidoDiT
   if fmt not in FORMATS:
     raise ValueError(f"unknown transformer format {fmt!r}; choose one of {FORMATS}")
   path = resolve_path(path, fmt)
@@ -34,7 +36,6 @@ def convert_state(path: str, fmt: str = "diffusers", config: ml_collections.Conf
 
 def build_model(cfg: ml_collections.ConfigDict):
   """A KaleidoDiT of `cfg` (quantized as cfg.quantization says): the builder module_from_state fills."""
-  from kaleido_jax.model.dit import KaleidoDiT
   return KaleidoDiT(cfg, rngs=nnx.Rngs(0))
 
 
@@ -48,8 +49,6 @@ def load_transformer(path: str, format: str = "diffusers",  # noqa: A002 - the C
   default device), None (the host CPU device) or a device. Without ``config``: the converted directory's, or
   the one the PyTorch checkpoint's shapes give.
   """
-  import jax
-  from kaleido_jax import weights
   if config is None:
     if weights.is_converted(path):
       config = ml_collections.ConfigDict(common._lists_to_tuples(weights.transformer.converted_meta(path)["config"]))

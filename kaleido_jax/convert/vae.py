@@ -24,6 +24,7 @@ from flax import nnx
 from kaleido_jax import config as kcfg
 from kaleido_jax import storage
 from kaleido_jax.convert import common
+from kaleido_jax.model.vae import WanVAE
 
 FORMATS = ("diffusers", "wan")
 COMPONENT = "vae"
@@ -100,7 +101,6 @@ def config_from_checkpoint(path: str) -> ml_collections.ConfigDict:
 
 
 def convert_state(path: str, fmt: str = "diffusers", config: ml_collections.ConfigDict | None = None):
-  from kaleido_jax.model.vae import WanVAE
   if fmt not in FORMATS:
     raise ValueError(f"unknown vae format {fmt!r}; choose one of {FORMATS}")
   if os.path.isdir(os.path.join(path, "vae")):
@@ -119,7 +119,6 @@ def convert_state(path: str, fmt: str = "diffusers", config: ml_collections.Conf
 
 def load_vae(path: str, format: str = "diffusers", config: ml_collections.ConfigDict | None = None):  # noqa: A002
   """A ready WanVAE from a diffusers checkpoint or from a directory written by this converter."""
-  from kaleido_jax.model.vae import WanVAE
   if common.is_converted(path):
     state, saved = common.load_converted(path, component=COMPONENT)
     config = saved if config is None else config

@@ -69,8 +69,8 @@ def transformers_captioner(model_dir: str, max_new_tokens: int = 40, frames_used
   if not os.path.isdir(model_dir):
     raise FileNotFoundError(f'captioner directory {model_dir!r} does not exist; set data.prepare.captioner to '
                             'a local transformers model directory (no downloads) or leave it empty')
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
+  import torch  # lazy: optional dependency (a local transformers captioner)
+  import transformers  # lazy: optional dependency (a local transformers captioner)
   processor = transformers.AutoProcessor.from_pretrained(model_dir)
   model = transformers.AutoModelForImageTextToText.from_pretrained(model_dir).eval()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 REASONS = ('unreadable', 'low_resolution', 'too_short', 'blurry', 'static', 'shaky', 'no_subject',
            'subject_too_small', 'subject_too_large', 'subject_truncated', 'near_duplicate')
@@ -35,7 +36,6 @@ def frame_difference(video: np.ndarray) -> float:
 
 def phash(frame: np.ndarray) -> np.ndarray:
   """64-bit perceptual hash (DCT of a 32x32 luma thumbnail, low 8x8 block above its median)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   g = np.asarray(Image.fromarray(frame[..., :3]).convert('L').resize((32, 32), Image.BILINEAR), np.float32)
   n = np.arange(32)
   dct = np.cos(np.pi * (2 * n[None, :] + 1) * n[:, None] / 64)

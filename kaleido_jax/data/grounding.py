@@ -19,6 +19,8 @@ import zlib
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
+from scipy import ndimage
+from scipy import optimize
 
 
 @dataclasses.dataclass
@@ -73,7 +75,6 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 def _split_merged(comps: list[np.ndarray], last: list[np.ndarray], share: float = 0.3) -> list[np.ndarray]:
   """A component covering `share` of two or more live tracks' last masks is two subjects that touched: each of
   its pixels goes to the nearest of those masks (so a track is not swallowed by its neighbour)."""
-  from scipy import ndimage  # pylint: disable=g-import-not-at-top
   out = []
   for c in comps:
     owners = [m for m in last if m.sum() and (c & m).sum() >= share * m.sum()]
@@ -89,7 +90,6 @@ def _split_merged(comps: list[np.ndarray], last: list[np.ndarray], share: float 
 def link(components: list[list[np.ndarray]], min_iou: float = 0.1) -> list[list[tuple[int, np.ndarray]]]:
   """Per-frame component masks -> tracks [(frame, mask)], by Hungarian assignment on IoU with each track's last
   mask; a component that two live tracks run into is split between them first."""
-  from scipy import optimize  # pylint: disable=g-import-not-at-top
   tracks: list[list[tuple[int, np.ndarray]]] = []
   for t, comps in enumerate(components):
     live = [k for k, tr in enumerate(tracks) if t - tr[-1][0] <= 2]  # a track survives two missed frames
@@ -129,7 +129,6 @@ class MotionGrounder:
     trusted pixel's background, or that neighbour's value itself when it never shows anything close (a subject
     that covers it throughout).
     """
-    from scipy import ndimage  # pylint: disable=g-import-not-at-top
     idx = np.linspace(0, len(frames) - 1, min(len(frames), self.background_frames)).round().astype(int)
     x = frames[idx].astype(np.float32)
     med = np.median(x, axis=0)
@@ -150,7 +149,6 @@ class MotionGrounder:
     return np.where(trusted[..., None], med, fill)
 
   def foreground(self, frames: np.ndarray) -> np.ndarray:
-    from scipy import ndimage  # pylint: disable=g-import-not-at-top
     bg = self.background(frames)
     fg = np.abs(frames.astype(np.float32) - bg).max(-1) > self.threshold
     st = ndimage.generate_binary_structure(2, 1)
@@ -162,7 +160,6 @@ class MotionGrounder:
     return out
 
   def __call__(self, frames: np.ndarray, phrases: Sequence[str] = ()) -> list[Track]:
-    from scipy import ndimage  # pylint: disable=g-import-not-at-top
     f, h, w = frames.shape[:3]
     fg = self.foreground(frames)
     comps = []

@@ -33,7 +33,7 @@ class TransformersGrounder:
     _require_dir(detector_dir, 'data.prepare.detector_dir')
     if segmenter_dir:
       _require_dir(segmenter_dir, 'data.prepare.segmenter_dir')
-    import transformers  # pylint: disable=g-import-not-at-top
+    import transformers  # lazy: optional dependency (torch / transformers, grounding=transformers)
     self.processor = transformers.AutoProcessor.from_pretrained(detector_dir)
     self.detector = transformers.AutoModelForZeroShotObjectDetection.from_pretrained(detector_dir).eval()
     self.dino = 'grounding' in self.detector.config.model_type
@@ -47,7 +47,7 @@ class TransformersGrounder:
 
   def detect(self, frame: np.ndarray, phrases: Sequence[str]) -> list[tuple[int, float, np.ndarray]]:
     """[(phrase index, score, box x0, y0, x1, y1 in pixels)] above the threshold in one frame."""
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch  # lazy: optional dependency (torch / transformers, grounding=transformers)
     h, w = frame.shape[:2]
     if self.dino:  # Grounding DINO: one lower-case text, phrases ended by '.'
       inputs = self.processor(images=frame, text='. '.join(p.lower() for p in phrases) + '.', return_tensors='pt')
@@ -91,7 +91,7 @@ class TransformersGrounder:
       for k, (x0, y0, x1, y1) in enumerate(boxes):
         out[k, int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = True
       return out
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch  # lazy: optional dependency (torch / transformers, grounding=transformers)
     inputs = self.sam_processor(images=frame, input_boxes=[[[float(v) for v in b] for b in boxes]],
                                 return_tensors='pt')
     with torch.no_grad():

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
 
 def build_index(clip_subjects: dict[str, Sequence[int]]) -> dict[int, list[str]]:
@@ -49,7 +50,6 @@ def far_frame(num_frames: int, window: tuple[int, int]) -> int:
 
 def augment_reference(ref: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """Fallback-reference augmentation: mirror, small rotation and scale on white (identity-safe geometry)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   h, w = ref.shape[:2]
   img = Image.fromarray(ref[:, ::-1] if rng.random() < 0.5 else ref)
   img = img.rotate(float(rng.uniform(-20, 20)), resample=Image.BILINEAR, fillcolor=(255, 255, 255))

@@ -39,6 +39,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from kaleido_jax.data import synthetic
+
 _BAD = {'count': 0}
 
 
@@ -69,10 +71,9 @@ class SkipBadRecords:
 
 def open_source(data_config: ml_collections.ConfigDict, split: str):
   if data_config.source == 'synthetic':
-    from kaleido_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     return synthetic.make_source(data_config, split)
   if data_config.source == 'tfds':
-    from kaleido_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+    from kaleido_jax.data import tfds_builder  # lazy: import cost (TFDS imports TensorFlow); the synthetic source needs none
     return tfds_builder.open_source(data_config.data_dir, split, data_config.dataset_name,
                                     data_config.local_data_dir)
   raise ValueError(f"unknown data.source {data_config.source!r}; use 'synthetic' | 'tfds'")
@@ -162,7 +163,7 @@ def make_dataset(data_config: ml_collections.ConfigDict, *, split: str, seed: in
   ds = ds.repeat(data_config.num_epochs or None)
   empty = None
   if empty_text and data_config.precomputed_latents:
-    from kaleido_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top  (imports TFDS)
+    from kaleido_jax.data import tfds_builder  # lazy: import cost (TFDS imports TensorFlow); the synthetic source needs none
     empty = tfds_builder.read_empty_text(data_config.data_dir, data_config.dataset_name)
   ds = ds.random_map(PairAndAugment(data_config, empty), seed=seed + 1)
   ds = ds.filter(lambda x: x is not None)

@@ -20,6 +20,7 @@ import os
 import warnings
 from typing import Any, Callable, Sequence, Union
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -246,5 +247,4 @@ def encode_references(vae_encode_fn: Callable[[Any], Any], images: Any, *,
 def _array_module(x: Any):
   if isinstance(x, np.ndarray):
     return np
-  import jax.numpy as jnp
   return jnp

@@ -17,11 +17,17 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import tempfile
 from typing import Any, Sequence
 
+import av
 import numpy as np
+import sentencepiece as spm
+from PIL import Image
 
 from kaleido_jax.data import pairing
+from kaleido_jax.data import synthesis
+from kaleido_jax.data import grounding as grounding_lib
 
 SHAPES = ('circle', 'square', 'triangle', 'star', 'ring', 'diamond', 'cross', 'hexagon')
 PATTERNS = ('plain', 'striped', 'checkered', 'dotted', 'banded')
@@ -249,8 +255,6 @@ def train_caption_tokenizer(path: str, *, vocab_size: int = 256, num_identities:
   """
   if os.path.exists(path):
     return path
-  import tempfile  # pylint: disable=g-import-not-at-top
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as tmp:
     prefix = os.path.join(tmp, 'spiece')
@@ -267,7 +271,6 @@ def cutout(frame: np.ndarray, mask: np.ndarray, size: tuple[int, int], margin: f
 
   Shared with the construction pipeline, so synthetic references and prepared references look alike.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   h, w = mask.shape
   out = np.full(frame.shape, 255, np.uint8)
   out[mask] = frame[mask]
@@ -417,7 +420,6 @@ class SyntheticSource:
         ref_frames.append(k)
     video, text, masks = clip['video'], clip['caption'], clip['masks']
     if self.synthesis:  # background disentanglement on the target only: references stay cut-outs on white
-      from kaleido_jax.data import synthesis  # pylint: disable=g-import-not-at-top
       out = synthesis.synthesize(clip, np.random.default_rng([s.seed, SPLITS[s.split], index, 0x5E]))
       video, text, masks = out['video'], out['caption'], out['masks']
     return dict(video=video, refs=np.stack(refs), ref_slots=np.asarray(slots, np.int32),
@@ -486,7 +488,6 @@ def export_clips(out_dir: str, *, num_clips: int, num_identities: int, heldout_i
 def _write_mp4(path: str, video: np.ndarray, fps: int) -> None:
   """H.264 yuv444p at crf 10 (near-lossless, full-resolution chroma), encoded in-process by PyAV: an ffmpeg
   subprocess started from a process that has run a Beam pipeline (gRPC threads) dies at random."""
-  import av  # pylint: disable=g-import-not-at-top
   f, h, w = video.shape[:3]
   with av.open(path, 'w') as container:
     stream = container.add_stream('libx264', rate=fps, options={'crf': '10'})
@@ -550,7 +551,6 @@ def grounding_accuracy(grounded: Sequence[dict[str, Any]], truth_path: str) -> d
   and same_id: of the true subjects seen in two shots of one video and matched (IoU >= 0.5) in both, the share
   whose grounded ids agree (what cross-pairing needs).
   """
-  from kaleido_jax.data import grounding as grounding_lib  # pylint: disable=g-import-not-at-top
   with open(truth_path) as f:
     truth = {t['video']: t for t in (json.loads(l) for l in f if l.strip())}
   ious, matched = [], {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import av
 import numpy as np
 
 from kaleido_jax import storage
@@ -62,7 +63,6 @@ def decode(path: str, fps: float = 0.0, *, short_side: int = 0, max_seconds: flo
 
 
 def _decode(path: str, fps: float, *, short_side: int, max_seconds: float) -> Decoded:
-  import av  # pylint: disable=g-import-not-at-top
   try:
     container = av.open(path)
   except (av.FFmpegError, OSError) as e:

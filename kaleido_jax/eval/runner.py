@@ -25,6 +25,11 @@ import numpy as np
 
 from kaleido_jax import storage
 from kaleido_jax import media
+from kaleido_jax import batch
+from kaleido_jax.data import synthetic
+from kaleido_jax.data import references as refs_lib
+from kaleido_jax.data import video as video_lib
+from kaleido_jax.diffusion import guidance
 from kaleido_jax.eval import metrics
 
 Generator = Callable[[Sequence[dict[str, Any]], Sequence[int]], np.ndarray]
@@ -38,7 +43,6 @@ def heldout_requests(config: ml_collections.ConfigDict, num_videos: int,
   `trained_seed`: the content seed the model was trained on, when it differs from `data.synthetic_seed`: the
   other seed's held-out identities that look like a training identity of that seed are left out.
   """
-  from kaleido_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   source = synthetic.make_source(config.data, 'heldout', exclude_seed=trained_seed)
   if num_videos > len(source):
     raise ValueError(f'eval.num_videos={num_videos} but the held-out split has {len(source)} clips '
@@ -67,7 +71,6 @@ def pipeline_generator(pipe: Any) -> Generator:
 
 
 def exported_generator(sampler: Any) -> Generator:
-  from kaleido_jax.diffusion import guidance  # pylint: disable=g-import-not-at-top
   s = sampler.signature['sample']
   # The exported program runs the plain sampler: every step, every guidance branch.
   calls = len(s.get('timesteps') or ()) or int(s['num_steps'])
@@ -162,9 +165,6 @@ def score_samples(config: ml_collections.ConfigDict, samples_dir: str, output_di
   """Scores a `--mode sample --prompts` output directory (kaleido_jax/batch.py): every done video of its
   manifest against its own reference images (fitted on white at the video's size). No ground truth: the
   metrics that need the synthetic truth (pose copy, motion adherence) and the target row are absent."""
-  from kaleido_jax import batch  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.data import references as refs_lib  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.data import video as video_lib  # pylint: disable=g-import-not-at-top
   path = storage.join(samples_dir, batch.MANIFEST)
   if not storage.exists(path):
     raise FileNotFoundError(f'eval.samples_dir={samples_dir!r} has no {batch.MANIFEST}: give the --out directory '

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import sentencepiece as spm
 from flax import nnx
 
 from kaleido_jax.model import quantization
@@ -201,7 +202,7 @@ def find_tokenizer_file(path: str, isfile=os.path.isfile, join=os.path.join) -> 
 def clean_prompt(text: str) -> str:
   """Wan's ``clean='whitespace'``: HTML unescaping (ftfy too when installed), then collapsed whitespace."""
   try:
-    import ftfy  # optional, as in Wan's tokenizers.py
+    import ftfy  # lazy: optional dependency (ftfy), as in Wan's tokenizers.py
     text = ftfy.fix_text(text)
   except ImportError:
     pass
@@ -213,7 +214,6 @@ class Tokenizer:
   """The umT5 sentencepiece tokenizer: ``ids + [EOS]``, trimmed to ``max_length`` (EOS kept last)."""
 
   def __init__(self, path: str, *, clean: bool = True):
-    import sentencepiece as spm
     self.path = find_tokenizer_file(path)
     self._sp = spm.SentencePieceProcessor()
     try:

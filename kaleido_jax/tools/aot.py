@@ -20,9 +20,33 @@ is only a compiler).
 from __future__ import annotations
 
 import os
-import re
-import time
-from typing import Any
+
+if __name__ == '__main__':  # the command compiles on the CPU host: set before JAX starts (cli/aot.py says why)
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+
+import re  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+
+from kaleido_jax import pipeline  # noqa: E402
+from kaleido_jax.diffusion import guidance  # noqa: E402
+from kaleido_jax.diffusion import sampler as sampler_lib  # noqa: E402
+from kaleido_jax.model import codec as codec_lib  # noqa: E402
+from kaleido_jax.model import quantization  # noqa: E402
+from kaleido_jax.model import text_encoder as te  # noqa: E402
+from kaleido_jax.parallel import mesh as mesh_lib  # noqa: E402
+from kaleido_jax.parallel import shardings as shardings_lib  # noqa: E402
+from kaleido_jax.train import flops as flops_lib  # noqa: E402
+from kaleido_jax.train import inputs  # noqa: E402
+from kaleido_jax.train import loop  # noqa: E402
+from kaleido_jax.train import state as state_lib  # noqa: E402
+from kaleido_jax.train import step as step_lib  # noqa: E402
 
 
 # HBM per chip in GiB (Cloud TPU documentation).
@@ -38,7 +62,6 @@ def topology_devices(topology: str, num_slices: int = 1):
   (each device's slice_index says which). One-chip slices (v6e:1x1, v5e:1x1, v5p:1x1x1) need
   chips_per_host_bounds=(1, 1, 1): without it libtpu assumes a full host's chips."""
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   dims = [int(d) for d in topology.split(':')[1].split('x')]
   extra = {'chips_per_host_bounds': (1, 1, 1)} if all(d == 1 for d in dims) else {}
   if num_slices > 1:
@@ -84,10 +107,6 @@ def analyse(config, topology: str, batch_size: int = 0, num_refs: int = -1, num_
   input yields (`train.inputs.batch_spec`: keys, shapes, dtypes); `batch_size` / `num_refs` (> 0 / >= 0)
   override `data.batch_size` / `data.max_refs` before validation.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.train import inputs, loop, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
 
   config = config.copy_and_resolve_references()
   if batch_size:
@@ -133,10 +152,6 @@ def census_flops(config, shapes) -> float:
   """Matmul FLOPs of one step as traced (`flops.matmul_census`: backward, remat recomputation and every scan
   iteration included), on one host device with the `xla` attention kernel, whose matmuls are visible to the
   trace (a Pallas kernel's are not). Tracing only: nothing is compiled or allocated."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.train import state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.model.attention = 'xla'
   config.mesh.update(data=1, fsdp=1, context=1, tensor=1)
@@ -149,8 +164,6 @@ def census_flops(config, shapes) -> float:
 
 def _abstract_with_shardings(state, mesh):
   """ShapeDtypeStructs of an abstract nnx State, each with the NamedSharding its logical names give."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.parallel import shardings as shardings_lib  # pylint: disable=g-import-not-at-top
   leaves, treedef = jax.tree.flatten(state)
   shardings = jax.tree.leaves(shardings_lib.state_shardings(state, mesh))
   return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
@@ -159,8 +172,6 @@ def _abstract_with_shardings(state, mesh):
 
 def _bytes_per_chip(abstract) -> float:
   """Per-chip bytes of sharded ShapeDtypeStructs (int4 packs two values a byte)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   total = 0.0
   for x in jax.tree.leaves(abstract):
     shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
@@ -177,14 +188,6 @@ def analyse_sample(config, topology: str, batch_size: int = 1, num_refs: int = -
   `config.sample`'s size, the umT5 encoder on (prompt, negative prompt) and one VAE decode chunk (`programs`
   picks which; the plans count only those); returns each program's per-chip HBM and the memory plans' peaks
   (see `format_sample_table`)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from kaleido_jax import pipeline  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.diffusion import guidance, sampler as sampler_lib  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.model import codec as codec_lib, quantization, text_encoder as te  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
 
   devices = topology_devices(topology)
   mesh = mesh_lib.make_mesh(config.mesh, devices)

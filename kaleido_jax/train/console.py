@@ -12,6 +12,8 @@ import contextlib
 import sys
 import time
 
+from absl import logging
+
 
 def _clock(seconds: float) -> str:
   seconds = max(0, int(round(seconds)))
@@ -65,7 +67,6 @@ def quiet_logs(enabled: bool = True):
   if not enabled:
     yield
     return
-  from absl import logging  # pylint: disable=g-import-not-at-top
   before = logging.get_verbosity()
   logging.set_verbosity(logging.WARNING)
   try:

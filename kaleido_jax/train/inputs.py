@@ -24,6 +24,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from kaleido_jax import config as kcfg
+from kaleido_jax import encoders
+from kaleido_jax.data import pipeline
 from kaleido_jax.model import codec as codec_lib
 from kaleido_jax.parallel import shardings
 
@@ -214,7 +216,6 @@ def make_input(config: ml_collections.ConfigDict, *, seed: int, shard: DataShard
   if config.train.input == 'synthetic_latents':  # example i is a function of (seed, i): no per-shard seed
     return SyntheticLatents(config, seed=seed, process_index=shard.index, process_count=shard.count)
   if config.train.input == 'pipeline':
-    from kaleido_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     try:
       data = pipeline.make_dataset(config.data, split=config.data.split, seed=shard_seed(seed, shard),
                                    process_index=shard.index, process_count=shard.count,
@@ -223,7 +224,6 @@ def make_input(config: ml_collections.ConfigDict, *, seed: int, shard: DataShard
       raise kcfg.ConfigError(str(e)) from e
     if config.data.precomputed_latents:
       return data
-    from kaleido_jax import encoders  # pylint: disable=g-import-not-at-top
     return EncodedBatches(data, encoders.Encoders.from_config(config, workdir=workdir))
   raise ValueError(f"unknown train.input {config.train.input!r}; use 'synthetic_latents' | 'pipeline'")
 

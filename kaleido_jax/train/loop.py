@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
 import time
 from typing import Any
 
@@ -27,9 +28,13 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from kaleido_jax import config as kcfg
 from kaleido_jax import storage
+from kaleido_jax import weights
+from kaleido_jax.convert import lora as lora_conv
+from kaleido_jax.model import lora as lora_lib
 from kaleido_jax.parallel import mesh as mesh_lib
 from kaleido_jax.train import checkpoint as ckpt_lib
 from kaleido_jax.train import console
@@ -93,7 +98,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if rank < 0:
     problems.append(f'train.lora.rank must be >= 0 (0 = full fine-tuning), got {rank}')
   if rank:
-    from kaleido_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
     try:
       lora_lib.resolve_targets(tuple(config.train.lora.targets))
     except ValueError as e:
@@ -111,7 +115,6 @@ def load_init_params(config: ml_collections.ConfigDict, target: dict) -> dict | 
   path = config.init_from.transformer
   if not path:
     return None
-  from kaleido_jax import weights  # pylint: disable=g-import-not-at-top
   try:
     pure, where = weights.load_transformer(path, target, model_cfg=config.model,
                                            fmt=config.init_from.transformer_format)
@@ -174,8 +177,6 @@ LORA_DIR = 'lora'
 
 def save_adapter(config: ml_collections.ConfigDict, spec: state_lib.StateSpec, state: dict, workdir: str) -> str:
   """The trained LoRA adapters as WORKDIR/lora/pytorch_lora_weights.safetensors (diffusers / PEFT layout)."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from kaleido_jax.convert import lora as lora_conv  # pylint: disable=g-import-not-at-top
   key = 'ema' if 'ema' in state else 'params'
   adapters = multihost_utils.process_allgather(state[key], tiled=True)  # every process: host copies of the factors
   out = storage.join(workdir, LORA_DIR)
@@ -184,7 +185,6 @@ def save_adapter(config: ml_collections.ConfigDict, spec: state_lib.StateSpec, s
     model = nnx.merge(spec.graphdef, _filled(spec.abstract_params, adapters), spec.abstract_frozen, spec.rest)
     alpha = float(config.train.lora.alpha or state_lib.lora_rank(config))
     if storage.is_remote(out):  # safetensors writes local files: written locally, then copied into the bucket
-      import tempfile  # pylint: disable=g-import-not-at-top
       with tempfile.TemporaryDirectory() as tmp:
         lora_conv.save_peft_lora(model, tmp, alpha=alpha)
         for f in os.listdir(tmp):
@@ -229,7 +229,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool,
            lock: storage.WorkdirLock | None) -> dict[str, Any]:
-  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top  (imports TF)
+  from clu import metric_writers, periodic_actions  # lazy: import cost (clu's writers import TensorFlow: seconds)
   mesh = mesh_lib.make_mesh(config.mesh)
   spec = state_lib.build_spec(config, mesh)
   shard = inputs_lib.data_shards(mesh, config.data.batch_size)[jax.process_index()]  # rows from the mesh

@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from kaleido_jax.model import lora as lora_lib
 from kaleido_jax.parallel import shardings as shardings_lib
 
 DEFAULT_MODEL_FACTORY = 'kaleido_jax.model.dit:KaleidoDiT'
@@ -40,7 +41,6 @@ def model_factory(config: ml_collections.ConfigDict) -> Callable[..., nnx.Module
   rank = lora_rank(config)
   if not rank:
     return base
-  from kaleido_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
   lc = config.train.lora
 
   def with_adapters(model_cfg, *, rngs):

@@ -12,3 +12,7 @@ from kaleido_jax.weights.loader import abstract_target, canonical, flat, load, n
 from kaleido_jax.weights.sources import HostSource, OrbaxSource, TorchSource, WeightsError, place
 from kaleido_jax.weights.transformer import (float_abstract, is_converted, load_transformer, lora_updates,
                                              open_source, training_checkpoint_dir)
+
+__all__ = ['HostSource', 'OrbaxSource', 'TorchSource', 'WeightsError', 'abstract_target', 'canonical', 'flat',
+           'float_abstract', 'is_converted', 'load', 'load_transformer', 'lora_updates', 'nested_like',
+           'open_source', 'place', 'training_checkpoint_dir']

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kaleido_jax.convert import common
@@ -76,7 +77,6 @@ class OrbaxSource:
   """
 
   def __init__(self, directory: str, *, prefix: str = '', scheme: str = 'none', where: str = ''):
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (imports tensorstore)
     self.directory, self.prefix, self.scheme = directory, prefix, scheme
     self.where = where or directory
     try:
@@ -136,7 +136,6 @@ class OrbaxSource:
 
   def _read(self, leaves: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
     """A partial restore of ``leaves`` (stored paths), each device reading only its shard."""
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     full = {(f'{self.prefix}/{k}' if self.prefix else k): v for k, v in leaves.items()}
     item = _nested(full)
     with ocp.PyTreeCheckpointer() as ckptr:

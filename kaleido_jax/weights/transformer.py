@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import ml_collections
+import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
@@ -63,7 +64,6 @@ class Opened:
 
 
 def _latest_step(root: str) -> int | None:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   with ocp.CheckpointManager(root, item_handlers={'state': ocp.StandardCheckpointHandler()}) as mngr:
     return mngr.latest_step()
 

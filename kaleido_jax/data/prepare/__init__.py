@@ -93,7 +93,7 @@ def prepare(data_cfg: ml_collections.ConfigDict, *, output_dir: str, input_dir: 
   annotations = annotations or cfg.annotations or storage.join(input_dir, 'annotations.jsonl')
   feats = latent_features(data_cfg, video_encoder, text_encoder)
   if cfg.engine == 'beam':
-    from kaleido_jax.data.prepare import beam  # pylint: disable=g-import-not-at-top  (apache-beam is an extra)
+    from kaleido_jax.data.prepare import beam  # lazy: optional dependency (apache-beam, the [beam] extra)
     run_engine = beam.run
   else:
     run_engine = local.run
@@ -134,7 +134,7 @@ def validate(data_cfg: ml_collections.ConfigDict) -> None:
     problems.append('data.prepare.grounding needs data.prepare.input_dir (a directory of raw videos)')
   if cfg.engine == 'beam':
     try:
-      from kaleido_jax.data.prepare import beam  # pylint: disable=g-import-not-at-top
+      from kaleido_jax.data.prepare import beam  # lazy: optional dependency (apache-beam, the [beam] extra)
     except ImportError:
       problems.append('data.prepare.engine=beam needs apache-beam: pip install -e ".[beam]" (on Dataflow also '
                       '"apache-beam[gcp]==2.77.0")')

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from kaleido_jax.data import filters
 from kaleido_jax.data import pairing
@@ -28,7 +29,6 @@ def _rng(seed: int, *keys: str) -> np.random.Generator:
 
 def _resize(video: np.ndarray, masks: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
   """Centre-crop to the target aspect, then resize (bilinear frames, nearest masks)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   f, h, w = video.shape[:3]
   if (h, w) == (height, width):
     return video, masks

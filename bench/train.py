@@ -123,6 +123,9 @@ AOT_ROWS = [
     ('  LoRA, int8 base, fsdp 4 x context 2 (ulysses)', 'configs/kaleido_14b.py', 'v5e:2x4', 0,
      {**_LORA, **_CP2, 'model.quantization': 'int8'}),
     ('14B full fine-tune 480p+3 refs, v5e-8 (no LoRA, for comparison)', 'configs/kaleido_14b.py', 'v5e:2x4', 8, {}),
+    # Multislice: two v5p-8 slices joined over DCN; data spans the slices (mesh.dcn_data=-1), fsdp stays in a slice.
+    ('14B 480p+3 refs, 2 x v5p-8 over DCN, data 2 x fsdp 4', 'configs/kaleido_14b.py', '2 x v5p:2x2x1', 8,
+     {'mesh.data': 2, 'mesh.fsdp': 4}),
 ]
 
 
@@ -146,8 +149,9 @@ def aot_table(args) -> None:
 
 def _aot_row(aot, config, name, topo, batch):
   from kaleido_jax.model import attention  # pylint: disable=g-import-not-at-top
+  slices, _, one = topo.rpartition(' x ')  # '2 x v5p:2x2x1': two slices of v5p:2x2x1 over DCN
   try:
-    r = aot.analyse(config, topo, batch)
+    r = aot.analyse(config, one, batch, num_slices=int(slices or 1))
   except Exception as e:  # pylint: disable=broad-except
     print(f'| {name} | {topo} | | | | | | | | | | | | | | | error: {type(e).__name__}: '
           f'{str(e).splitlines()[0][:120]} |', flush=True)

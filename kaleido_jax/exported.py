@@ -63,7 +63,7 @@ def _file(directory: str, name: str):
   """A file of the artifact: a pathlib.Path, or for a bucket (`gs://...`) an etils.epath.Path (what orbax and TFDS
   use; imported only then)."""
   if '://' in directory:
-    from etils import epath  # lazy: only for an artifact in a bucket (the file stays copyable: numpy, jax, sentencepiece, Pillow)
+    from etils import epath  # lazy: a bucket artifact only (keeps this file copyable)
     return epath.Path(directory) / name
   return pathlib.Path(directory) / name
 

@@ -7,9 +7,9 @@
 Stages: prompt -> umT5 (cached) | references -> fit-and-pad on white -> each VAE-encoded as a 1-frame video
 -> normalised latents in `max_refs` slots with a mask | seeded noise -> the jitted sampler (one lax.scan,
 text CFG with the same references in both branches, kaleido_jax/diffusion/sampler.py) -> VAE decode -> uint8.
-With a `mesh`, weights are placed by their logical axis names (model/sharding.py, parallel/shardings.py) and the batch over
-(data, fsdp), and the sampler runs under that mesh and its logical rules: guidance branches and prompts over
-(data, fsdp), the token sequence over `context` (the context-parallel attention), weights over fsdp / tensor.
+With a `mesh`, weights are placed by their logical axis names (model/sharding.py, parallel/shardings.py) and the
+batch over (data, fsdp), and the sampler runs under that mesh and its logical rules: guidance branches and prompts
+over (data, fsdp), the token sequence over `context` (the context-parallel attention), weights over fsdp / tensor.
 
 Weights (`checkpoint`): '' = the workdir's newest training checkpoint, else `config.init_from.transformer`;
 a path = a training checkpoint directory (WORKDIR, WORKDIR/checkpoints or one step directory), a directory

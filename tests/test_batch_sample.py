@@ -132,7 +132,6 @@ def test_exported_sampler_runs_the_same_batch_and_eval_scores_the_directory(tmp_
   from kaleido_jax import exported
   from kaleido_jax import pipeline
   from kaleido_jax.data.prepare import clips
-  from kaleido_jax.eval import runner
   prompts = _prompt_file(tmp_path)
   config = tiny_config(checkpoint='random', prompts=prompts, output=str(tmp_path / 'direct'))
   config.mesh.update(data=-1, fsdp=8)

@@ -1,4 +1,4 @@
-r"""``python -m kaleido_jax.tools.aot``: the AOT fit check's command line (the compiler work is kaleido_jax/tools/aot.py).
+r"""``python -m kaleido_jax.tools.aot``: the AOT fit check's command line (the compiling: kaleido_jax/tools/aot.py).
 
 Run as a command, tools/aot.py sets the environment before JAX starts: JAX_PLATFORMS=cpu (the host backend stays
 CPU; the TPU backend is only a compiler) and ALLOW_MULTIPLE_LIBTPU_LOAD=1 (compile-only use of libtpu takes no TPU

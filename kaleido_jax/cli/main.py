@@ -96,13 +96,14 @@ def user_errors(mode: str) -> tuple[type[BaseException], ...]:
 
   Every library error class for user input is here; a mode adds the OS errors its inputs raise (a missing file).
   """
-  from kaleido_jax import batch, config as kcfg, exported, storage  # lazy: on the error path only (the pipeline and the trainer take seconds to import)
-  from kaleido_jax.data import references  # lazy: on the error path only (the pipeline and the trainer take seconds to import)
-  from kaleido_jax.train import loop  # lazy: on the error path only (the pipeline and the trainer take seconds to import)
+  # Imported on the error path only: the trainer and the pipeline take seconds to import.
+  from kaleido_jax import batch, exported, storage  # lazy: the error path
+  from kaleido_jax.data import references  # lazy: the error path
+  from kaleido_jax.train import loop  # lazy: the error path
   errors = (kcfg.ConfigError, storage.StorageError, references.ReferenceImageError, batch.PromptSetError,
             exported.ExportedSamplerError, loop.TrainingDiverged)
   if mode != "train":  # the trainer never imports the sampling pipeline
-    from kaleido_jax import pipeline  # lazy: on the error path only (the pipeline and the trainer take seconds to import)
+    from kaleido_jax import pipeline  # lazy: the error path
     errors += (pipeline.UserInputError,)
   return errors + {"sample": (FileNotFoundError,), "eval": (FileNotFoundError,),
                    "export": (FileNotFoundError, ValueError)}.get(mode, ())
@@ -143,8 +144,8 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if _DRY_RUN.value:
-    print(f"dry run: --mode {mode} --workdir {_WORKDIR.value} with {config_flags.get_config_filename(flags.FLAGS['config'])}"
-          f" ({MODES[mode]})")
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+    print(f"dry run: --mode {mode} --workdir {_WORKDIR.value} with {config_file} ({MODES[mode]})")
     return
   with console.quiet_logs(config.train.get('console', 'log') == 'progress'):
     run_mode(mode, config, _WORKDIR.value)

@@ -30,7 +30,7 @@ def make_grounder(cfg: ml_collections.ConfigDict) -> grounding.Grounder:
     return grounding.MotionGrounder(threshold=cfg.motion_threshold, min_area=cfg.min_subject_area,
                                     max_tracks=cfg.max_tracks)
   if cfg.grounding == 'transformers':
-    from kaleido_jax.data import grounding_transformers  # lazy: optional dependency (torch / transformers, grounding=transformers)
+    from kaleido_jax.data import grounding_transformers  # lazy: optional (torch, transformers)
     return grounding_transformers.TransformersGrounder(cfg.detector_dir, cfg.segmenter_dir,
                                                        box_threshold=cfg.box_threshold, max_tracks=cfg.max_tracks)
   raise ValueError(f'data.prepare.grounding={cfg.grounding!r}; use one of {GROUNDINGS}')

@@ -73,7 +73,7 @@ def open_source(data_config: ml_collections.ConfigDict, split: str):
   if data_config.source == 'synthetic':
     return synthetic.make_source(data_config, split)
   if data_config.source == 'tfds':
-    from kaleido_jax.data import tfds_builder  # lazy: import cost (TFDS imports TensorFlow); the synthetic source needs none
+    from kaleido_jax.data import tfds_builder  # lazy: import cost (TFDS imports TF)
     return tfds_builder.open_source(data_config.data_dir, split, data_config.dataset_name,
                                     data_config.local_data_dir)
   raise ValueError(f"unknown data.source {data_config.source!r}; use 'synthetic' | 'tfds'")
@@ -163,7 +163,7 @@ def make_dataset(data_config: ml_collections.ConfigDict, *, split: str, seed: in
   ds = ds.repeat(data_config.num_epochs or None)
   empty = None
   if empty_text and data_config.precomputed_latents:
-    from kaleido_jax.data import tfds_builder  # lazy: import cost (TFDS imports TensorFlow); the synthetic source needs none
+    from kaleido_jax.data import tfds_builder  # lazy: import cost (TFDS imports TF)
     empty = tfds_builder.read_empty_text(data_config.data_dir, data_config.dataset_name)
   ds = ds.random_map(PairAndAugment(data_config, empty), seed=seed + 1)
   ds = ds.filter(lambda x: x is not None)

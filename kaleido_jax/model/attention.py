@@ -30,6 +30,8 @@ from typing import Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
 from kaleido_jax.model import cpu
@@ -378,7 +380,6 @@ def _clamp_block(block: int, length: int) -> int:
 
 def splash_block_sizes(lq: int, lk: int, blocks: Mapping[str, int] | None = None, generation: str | None = None):
   """Splash BlockSizes for per-device lengths (lq, lk): overrides, else the generation's defaults, clamped."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # lazy: the Pallas TPU kernel, imported when splash runs
   want = dict(SPLASH_BLOCK_DEFAULTS.get(generation or _generation(), SPLASH_BLOCK_DEFAULTS["default"]))
   want.update({k: int(v) for k, v in (blocks or {}).items() if v})
   unknown = set(want) - set(SPLASH_BLOCKS)
@@ -391,8 +392,6 @@ def splash_block_sizes(lq: int, lk: int, blocks: Mapping[str, int] | None = None
 
 
 def _splash_kernel(lq, lk, heads, blocks, save_residuals=False):
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # lazy: the Pallas TPU kernel, imported when splash runs
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm  # lazy: the Pallas TPU kernel, imported when splash runs
   return sk.make_splash_mha(mask=sm.MultiHeadMask([sm.FullMask((lq, lk))] * heads),
                             block_sizes=splash_block_sizes(lq, lk, blocks), head_shards=1, q_seq_shards=1,
                             save_residuals=save_residuals, interpret=SPLASH_INTERPRET)
@@ -400,7 +399,6 @@ def _splash_kernel(lq, lk, heads, blocks, save_residuals=False):
 
 def _segments(q, mask):
   """Splash segment ids: every query segment 0, masked keys segment 1 (they receive no weight)."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # lazy: the Pallas TPU kernel, imported when splash runs
   if mask is None:
     return None
   return sk.SegmentIds(q=jnp.zeros(q.shape[:2], jnp.int32), kv=jnp.where(mask, 0, 1).astype(jnp.int32))
@@ -459,7 +457,6 @@ def _splash_backward(q, k, v, mask, o, lse, do, blocks):
   So this calls jax's `_splash_attention_bwd` with the residuals it expects (q, k, v, segment ids, sinks, out,
   logsumexp, dq / dkv mask infos), pinned by setup.py's jax and exercised by the interpret-mode tests.
   """
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # lazy: the Pallas TPU kernel, imported when splash runs
   kernel = _splash_kernel(q.shape[1], k.shape[1], q.shape[2], blocks)
   kw = kernel.kwargs
   scale = q.shape[-1] ** -0.5

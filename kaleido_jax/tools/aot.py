@@ -129,7 +129,8 @@ def analyse(config, topology: str, batch_size: int = 0, num_refs: int = -1, num_
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=jax.sharding.NamedSharding(mesh, jax.P()))
   v_tok, r_tok = flops_lib.tokens((f, h, w), r, (h, w), config.model.patch_size)
   analytic = flops_lib.train_step_flops(config.model, b, v_tok, r_tok, text_len)
-  base = dict(topology=topology if num_slices == 1 else f'{num_slices} x {topology}', chips=len(devices), mesh=dict(mesh.shape), batch=b, refs=r,
+  base = dict(topology=topology if num_slices == 1 else f'{num_slices} x {topology}', chips=len(devices),
+              mesh=dict(mesh.shape), batch=b, refs=r,
               video_tokens=v_tok, ref_tokens=r_tok,
               params=state_lib.count_params(spec.abstract_state['params']),
               remat=config.model.get('remat_policy', 'none'), attention=config.model.get('attention', ''),

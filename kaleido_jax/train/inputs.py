@@ -80,9 +80,9 @@ class DataShard(NamedTuple):
 def data_shards(mesh: Mesh, global_batch: int) -> dict[int, DataShard]:
   """Every process's DataShard, computed from the mesh: the rows its devices hold under the batch sharding.
 
-  The batch is sharded over (data, fsdp) (`parallel.shardings.batch_sharding`). When `context` or `tensor` spans hosts, several
-  processes hold the same rows (each a different part of the sequence or of the heads): they form one group
-  that loads one shard. A layout where a process's rows are not one aligned block (a mesh whose device order
+  The batch is sharded over (data, fsdp) (`parallel.shardings.batch_sharding`). When `context` or `tensor` spans
+  hosts, several processes hold the same rows (each a different part of the sequence or of the heads): they form
+  one group that loads one shard. A layout where a process's rows are not one aligned block (a mesh whose device order
   interleaves hosts within data x fsdp) is refused: ConfigError naming the process and its rows.
   """
   sharding = shardings.batch_sharding(mesh, (global_batch,))

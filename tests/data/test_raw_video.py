@@ -3,7 +3,6 @@ subject identity across shots, caption lookup, and `prepare` with grounding='mot
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest

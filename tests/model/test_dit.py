@@ -8,7 +8,6 @@ from flax import nnx
 
 from kaleido_jax import config as kcfg
 from kaleido_jax.convert import transformer as convert_tf
-from kaleido_jax.model import attention as attention_lib
 from kaleido_jax.model import cpu
 from kaleido_jax.model.dit import KaleidoDiT, param_count
 from tests.model import dit_reference as ref

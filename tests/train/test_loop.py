@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from kaleido_jax.train import checkpoint as ckpt_lib, inputs, loop
+from kaleido_jax.train import inputs, loop
 from tests.train.common import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -102,7 +102,8 @@ def prepare(data_cfg: ml_collections.ConfigDict, *, output_dir: str, input_dir: 
     tfds_builder.write_empty_text(output_dir, text_encoder(''), data_cfg.dataset_name)
   dt = time.time() - t0
   dropped = counts.pop('dropped')
-  report = dict(input=counts.pop('input'), kept=counts['kept'], dropped=report_lib.counts(dropped), dropped_clips=dropped,
+  report = dict(input=counts.pop('input'), kept=counts['kept'], dropped=report_lib.counts(dropped),
+                dropped_clips=dropped,
                 errors=counts.pop('errors'), synthesised=counts['examples'] - counts.pop('kept'),
                 examples=counts.pop('examples'), references=counts.pop('references'),
                 resumed_clips=counts.pop('resumed'), seconds=round(dt, 2),

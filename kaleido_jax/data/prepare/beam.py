@@ -216,7 +216,8 @@ def run(data_cfg, input_dir, output_dir, annotations, work, seed, feats, video_e
   except ValueError as e:
     if 'number of generated examples is 0' not in str(e):
       raise
-    raise ValueError(f'no clip survived the filters: {report_lib.counts({**dropped, **clips_lib.cached_drops(work)})}') from None
+    drops = report_lib.counts({**dropped, **clips_lib.cached_drops(work)})
+    raise ValueError(f'no clip survived the filters: {drops}') from None
   parts = storage.read_json(parts_path)
   dropped.update(parts['dropped'])
   errors.update(parts['errors'])

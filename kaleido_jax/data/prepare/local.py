@@ -46,7 +46,8 @@ def _ground_stage(data_cfg, input_dir: str, output_dir: str, work: str):
     total += len(done['lines']) + len(done['drops'])
     shots += done['shots']
     all_lines += done['lines']
-  return clips, dropped, errors, resumed, total, report_lib.grounded_summary(data_cfg, output_dir, videos, shots, all_lines)
+  summary = report_lib.grounded_summary(data_cfg, output_dir, videos, shots, all_lines)
+  return clips, dropped, errors, resumed, total, summary
 
 
 def _merge_video(done, records, clips, dropped, errors) -> None:

@@ -27,7 +27,6 @@ from PIL import Image
 
 from kaleido_jax.data import pairing
 from kaleido_jax.data import synthesis
-from kaleido_jax.data import grounding as grounding_lib
 
 SHAPES = ('circle', 'square', 'triangle', 'star', 'ring', 'diamond', 'cross', 'hexagon')
 PATTERNS = ('plain', 'striped', 'checkered', 'dotted', 'banded')
@@ -551,6 +550,7 @@ def grounding_accuracy(grounded: Sequence[dict[str, Any]], truth_path: str) -> d
   and same_id: of the true subjects seen in two shots of one video and matched (IoU >= 0.5) in both, the share
   whose grounded ids agree (what cross-pairing needs).
   """
+  from kaleido_jax.data import grounding as grounding_lib  # lazy: import cost (scipy: 0.5 s of every trainer start)
   with open(truth_path) as f:
     truth = {t['video']: t for t in (json.loads(l) for l in f if l.strip())}
   ious, matched = [], {}

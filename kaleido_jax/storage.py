@@ -26,6 +26,7 @@ import atexit
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -292,8 +293,9 @@ class SyncedDir:
 class WorkdirLock:
   """One trainer per workdir, local or in a bucket: `WORKDIR/train.lock` names its holder.
 
-  Rule: a trainer takes the lock at start and refreshes it (`heartbeat`) every time it logs or saves; it removes
-  the lock when it ends (done, preempted or stopped by an error). A second trainer refuses while the lock is
+  Rule: a trainer takes the lock at start and a thread of its own refreshes it every `stale_after / 6` seconds
+  (at most every minute) while it holds it, whatever the step cadence (loading and compiling a 14B run take
+  longer than `stale_after`); it removes the lock when it ends (done, preempted or stopped by an error). A second trainer refuses while the lock is
   fresh (one line naming the holder: host, pid, since when). A lock not refreshed for `stale_after` seconds is
   a killed run's: it is taken over, with a warning; on the holder's own host a lock whose process no longer
   exists is stale at once. Taking the lock writes it and reads it back (the last writer wins a race; the other
@@ -308,6 +310,8 @@ class WorkdirLock:
     self.nonce = uuid.uuid4().hex
     self.info = {'host': socket.gethostname(), 'pid': os.getpid(), 'nonce': self.nonce}
     self.took_over: dict[str, Any] | None = None
+    self._stop = threading.Event()
+    self._beat: threading.Thread | None = None
 
   def _read(self) -> dict[str, Any] | None:
     try:
@@ -345,12 +349,30 @@ class WorkdirLock:
     time.sleep(0.05)
     if (self._read() or {}).get('nonce') != self.nonce:
       raise StorageError(f'workdir {str(self.file.parent)!r}: another trainer took the lock at the same moment')
+    self._stop.clear()
+    self._beat = threading.Thread(target=self._beating, name='workdir-lock-heartbeat', daemon=True)
+    self._beat.start()
     return self
+
+  @property
+  def interval(self) -> float:
+    return min(60.0, self.stale_after / 6)
+
+  def _beating(self) -> None:
+    while not self._stop.wait(self.interval):
+      try:
+        self.heartbeat()
+      except Exception as e:  # pylint: disable=broad-except  (a storage hiccup: the next beat tries again)
+        logging.warning('workdir lock heartbeat failed: %s', e)
 
   def heartbeat(self) -> None:
     self._write()
 
   def release(self) -> None:
+    self._stop.set()
+    if self._beat is not None:
+      self._beat.join()
+      self._beat = None
     held = self._read()
     if held and held.get('nonce') == self.nonce:
       self.file.unlink()

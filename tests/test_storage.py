@@ -117,6 +117,45 @@ def test_demo_trains_into_a_bucket_and_resumes_bitwise(gcs, tmp_path):
   assert not os.path.exists(tmp_path / 'gs:')
 
 
+def test_the_lock_stays_fresh_between_steps_on_its_own_heartbeat(tmp_path):
+  # A run that loads and compiles for longer than stale_after (no step, no log) keeps its lock: a thread
+  # refreshes it every stale_after / 6 s; released, the thread stops and the lock is gone.
+  lock = storage.WorkdirLock(str(tmp_path), stale_after=1.2).acquire()
+  first = json.loads((tmp_path / 'train.lock').read_text())['heartbeat']
+  time.sleep(2.5)
+  assert json.loads((tmp_path / 'train.lock').read_text())['heartbeat'] > first + 1.5
+  with pytest.raises(storage.StorageError, match='in use by a trainer'):
+    storage.WorkdirLock(str(tmp_path), stale_after=1.2).acquire()
+  lock.release()
+  assert not (tmp_path / 'train.lock').exists() and lock._beat is None
+  time.sleep(0.5)
+  assert not (tmp_path / 'train.lock').exists()  # no beat after the release writes it back
+
+
+def test_a_refused_lock_stops_every_process_of_a_multi_host_run_with_one_line(tmp_path):
+  # Process 0 takes the lock; the others learn its verdict before any other collective: both exit 2, one line
+  # each, no traceback and no hang in a collective the refused process 0 never enters.
+  from tests.train.test_loop import _free_port
+  busy = tmp_path / 'busy'
+  busy.mkdir()
+  (busy / 'train.lock').write_text(json.dumps({'host': 'elsewhere', 'pid': 1, 'nonce': 'n',
+                                               'heartbeat': time.time() + 600, 'started': time.time()}))
+  port = _free_port()
+  cmd = [sys.executable, '-m', 'kaleido_jax.main', '--config', os.path.join(REPO, 'configs', 'demo.py'), '--mode',
+         'train', '--workdir', str(busy), '--config.train.num_steps=2', '--config.mesh.data=2']
+  procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
+                            env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO,
+                                     XLA_FLAGS='--xla_force_host_platform_device_count=1',
+                                     JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+                                     JAX_PROCESS_ID=str(i))) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=180)
+    assert p.returncode == 2 and 'Traceback' not in err, err[-2000:]
+    lines = [l for l in err.splitlines() if l.startswith('error:')]
+    assert len(lines) == 1 and 'is in use by a trainer on elsewhere' in lines[0], err[-2000:]
+  assert json.loads((busy / 'train.lock').read_text())['host'] == 'elsewhere'  # the holder's lock untouched
+
+
 def test_bad_bucket_and_locked_workdir_are_one_line_exit_2(gcs, tmp_path):
   p = _train('gs://no-such-bucket-y/run', 2, gcs.env, str(tmp_path))
   assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-2000:]

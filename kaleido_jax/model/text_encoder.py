@@ -266,7 +266,10 @@ def encode_prompts(encoder: UMT5Encoder, tokenizer: Tokenizer, prompts: Sequence
   """(B, max_length, d_model): each prompt encoded with its mask, rows beyond its length set to zero.
 
   Always padded to ``max_length`` so one compiled program serves every batch of the same size;
-  ``batch_size`` splits long lists into equal jitted chunks (the last one padded and dropped).
+  ``batch_size`` encodes in chunks of exactly that many rows (the last one padded, its padding dropped), so a
+  prompt's embedding is the same bits whichever prompts share its chunk: XLA's reductions may round differently
+  for another batch shape (1.5e-6 on the demo's umT5, CPU), which a resumed run's prompt cache would otherwise
+  see when it encodes a caption next to other captions than the uninterrupted run did.
   """
   if isinstance(prompts, str):
     prompts = [prompts]
@@ -275,7 +278,7 @@ def encode_prompts(encoder: UMT5Encoder, tokenizer: Tokenizer, prompts: Sequence
     d_model = encoder.embed.features
     return jnp.zeros((0, max_length, d_model), encoder.embed.embedding[...].dtype)
   ids, mask = tokenizer(prompts, max_length)
-  if not batch_size or batch_size >= n:
+  if not batch_size:
     return _encode_masked(encoder, jnp.asarray(ids), jnp.asarray(mask))
   out = []
   for start in range(0, n, batch_size):
@@ -306,6 +309,9 @@ def pad_embedding(trimmed: np.ndarray, max_length: int = 512) -> np.ndarray:
 
 class PromptCache:
   """Prompt -> text embedding, computed once. Stores trimmed (len, D) float arrays; returns padded ones.
+
+  Misses are encoded in fixed chunks of ``batch_size`` (`encode_prompts`): an embedding does not depend on which
+  other prompts missed at the same time, so a run resumed with an empty cache feeds the same bits.
 
   Trimmed storage keeps a 100-token prompt at 100 x 4096 instead of 512 x 4096. ``save``/``load`` use a
   single ``.npz`` keyed by a hash of (prompt, max_length), so the training data can carry embeddings.

@@ -10,6 +10,7 @@ gradient reductions cross DCN by default).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any, Sequence
@@ -22,6 +23,8 @@ from jax.sharding import AxisType, Mesh
 
 MESH_AXES = ('data', 'fsdp', 'context', 'tensor')
 _AUTO = (AxisType.Auto,) * len(MESH_AXES)  # GSPMD propagation between the explicit constraints
+# jax.make_mesh's own choice (jax 0.10): v5e / v5 lite may split physical axes from the start, others may not.
+_SPLIT_FROM_THE_START = ('TPU v5 lite', 'TPU v5e')
 
 
 def _fill(sizes: list[int], total: int, what: str) -> tuple[int, ...]:
@@ -74,8 +77,29 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()  # Cloud TPU: hosts discovered from the slice's metadata
 
 
+def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+  """One slice's devices arranged as `shape`, following the ICI topology as `jax.make_mesh` arranges them.
+
+  The same call on a real slice (`jax.devices()`), in tools.aot (libtpu's abstract devices, listed in the same
+  order with the same `process_index`) and in tests. Where `jax.make_mesh` finds no assignment of the mesh axes
+  to whole physical axes (v6e-16 as fsdp 8 x context 2: NotImplementedError inside mesh_utils), a physical axis
+  is split between two mesh axes instead (`allow_split_physical_axes`), logged once. CPU / GPU devices: their
+  order, reshaped.
+  """
+  split = getattr(devices[0], 'device_kind', '') in _SPLIT_FROM_THE_START
+  try:
+    return mesh_utils.create_device_mesh(tuple(shape), list(devices), allow_split_physical_axes=split)
+  except (NotImplementedError, ValueError, AssertionError) as e:
+    if split:
+      raise
+    logging.info('mesh %s: no assignment to whole physical axes (%s); splitting a physical axis',
+                 tuple(shape), str(e).splitlines()[0])
+    return mesh_utils.create_device_mesh(tuple(shape), list(devices), allow_split_physical_axes=True)
+
+
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
-  """Mesh over `devices` (default: all global devices), hybrid ICI x DCN when they span several slices."""
+  """Mesh over `devices` (default: all global devices, as `jax.devices()` lists them), placed by the ICI
+  topology (`device_grid`), hybrid ICI x DCN when they span several slices."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))
   slices = num_slices(devices)
@@ -85,9 +109,7 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None
     grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
     return Mesh(grid, MESH_AXES, axis_types=_AUTO)
   dcn_shape(mesh_cfg, shape, 1)  # a dcn_* other than 1 / -1 on one slice is a config error
-  if devices == list(jax.devices()):
-    return jax.make_mesh(shape, MESH_AXES, axis_types=_AUTO)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=_AUTO)
+  return Mesh(device_grid(shape, devices), MESH_AXES, axis_types=_AUTO)
 
 
 def group_meshes(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any]) -> list[Mesh]:

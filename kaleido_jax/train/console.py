@@ -33,15 +33,18 @@ class ProgressLine:
     self.every = max(1, (total - start) // 10)
     self.shown = False
 
-  def line(self, step: int, loss: float) -> str:
-    """Rate and ETA count from the first finished step, so the first step's compilation does not skew them."""
+  def line(self, step: int, loss: float | None) -> str:
+    """Rate and ETA count from the first finished step, so the first step's compilation does not skew them. The
+    loss is the last one read from the device (the loop reads on its log / checkpoint cadence); none is shown
+    before the first read: a `nan` there would read as divergence."""
+    shown = '' if loss is None else f'  loss {loss:.4f}'
     if self.first is None or step <= self.first[0]:
-      return f'train step {step}/{self.total}  loss {loss:.4f}  (compiled; measuring speed)'
+      return f'train step {step}/{self.total}{shown}  (compiled; measuring speed)'
     rate = (step - self.first[0]) / max(time.time() - self.first[1], 1e-9)
-    return (f'train step {step}/{self.total}  {rate:.2f} steps/s  loss {loss:.4f}  '
+    return (f'train step {step}/{self.total}  {rate:.2f} steps/s{shown}  '
             f'ETA {_clock((self.total - step) / rate)}')
 
-  def __call__(self, step: int, loss: float) -> None:
+  def __call__(self, step: int, loss: float | None) -> None:
     now = time.time()
     if self.first is None:
       self.first = (step, now)

@@ -16,7 +16,7 @@ The trainer consumes `video_latents (B, F, H, W, C)`, `ref_latents (B, R, h, w, 
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import ml_collections
@@ -69,38 +69,41 @@ def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStr
 
 
 class DataShard(NamedTuple):
-  """The batch rows one process feeds: rows [start, stop) of every global batch, its loader's shard
-  `index` of `count` (processes whose devices hold the same rows load the same shard, with the same seeds)."""
+  """The batch rows one process feeds: `rows` of every global batch (sorted; the k-th example its loader yields
+  lands in row rows[k]), and its loader's shard `index` of `count` (processes whose devices hold the same rows
+  load the same shard, with the same seeds)."""
   index: int
   count: int
-  start: int
-  stop: int
+  rows: tuple[int, ...]
 
 
 def data_shards(mesh: Mesh, global_batch: int) -> dict[int, DataShard]:
   """Every process's DataShard, computed from the mesh: the rows its devices hold under the batch sharding.
 
-  The batch is sharded over (data, fsdp) (`parallel.shardings.batch_sharding`). When `context` or `tensor` spans
-  hosts, several processes hold the same rows (each a different part of the sequence or of the heads): they form
-  one group that loads one shard. A layout where a process's rows are not one aligned block (a mesh whose device order
-  interleaves hosts within data x fsdp) is refused: ConfigError naming the process and its rows.
+  The batch is sharded over (data, fsdp) (`parallel.shardings.batch_sharding`). On a real slice the mesh follows
+  the ICI topology (`parallel.mesh.make_mesh`), so a host's devices need not be neighbours on (data, fsdp): on
+  v5p-16 with fsdp 8 host 0 holds rows 0, 2, 4, 6. Any equal share is fine: a process loads as many examples as
+  it holds rows and places them there (`to_global`). When `context` or `tensor` spans hosts, several processes
+  hold the same rows (each a different part of the sequence or of the heads): they form one group that loads
+  one shard. Row sets of unequal size, or two processes sharing some rows but not all, are refused (ConfigError).
   """
   sharding = shardings.batch_sharding(mesh, (global_batch,))
-  rows: dict[int, set[int]] = {}
+  held: dict[int, set[int]] = {}
   for device, index in sharding.devices_indices_map((global_batch,)).items():
-    rows.setdefault(device.process_index, set()).update(range(*index[0].indices(global_batch)))
-  sizes = {len(r) for r in rows.values()}
-  out = {}
-  for p, r in sorted(rows.items()):
-    r = sorted(r)
-    n, start = len(r), r[0]
-    if len(sizes) > 1 or r != list(range(start, start + n)) or start % n:
-      raise kcfg.ConfigError(
-          f'the mesh {dict(mesh.shape)} gives process {p} batch rows {r[:8]}{"..." if n > 8 else ""} of '
-          f'{global_batch}, not one aligned block as large as every other process\'s: order the devices so that '
-          'each host holds whole (data, fsdp) groups (mesh axes that span hosts outermost)')
-    out[p] = DataShard(start // n, global_batch // n, start, start + n)
-  return out
+    held.setdefault(device.process_index, set()).update(range(*index[0].indices(global_batch)))
+  rows = {p: tuple(sorted(r)) for p, r in held.items()}
+  groups = list(dict.fromkeys(rows[p] for p in sorted(rows)))  # shard i: the i-th distinct row set by process
+  problem = None
+  if len({len(r) for r in groups}) > 1:
+    problem = 'row sets of different sizes'
+  elif sum(len(r) for r in groups) != len(set().union(*groups)):
+    problem = 'overlapping row sets'
+  if problem:
+    listing = '; '.join(f'process {p}: {list(r[:8])}{"..." if len(r) > 8 else ""}' for p, r in sorted(rows.items()))
+    raise kcfg.ConfigError(
+        f'the mesh {dict(mesh.shape)} gives the processes {problem} of a batch of {global_batch} ({listing}): '
+        'choose mesh sizes whose (data, fsdp) groups split evenly over the hosts')
+  return {p: DataShard(groups.index(r), len(groups), r) for p, r in sorted(rows.items())}
 
 
 def shard_seed(seed: int, shard: DataShard) -> int:
@@ -119,7 +122,7 @@ def check_batch(local: dict, spec: dict[str, jax.ShapeDtypeStruct], shard: DataS
       problems.append(f'{k} missing (the input yields {sorted(local)})')
       continue
     x = np.asarray(local[k])
-    shape = (shard.stop - shard.start,) + tuple(want.shape[1:])
+    shape = (len(shard.rows),) + tuple(want.shape[1:])
     if tuple(x.shape) != shape or x.dtype != want.dtype:
       problems.append(f'{k} is {x.dtype}{list(x.shape)}, the step was built for {np.dtype(want.dtype)}{list(shape)}')
   if problems:
@@ -151,15 +154,15 @@ class EncodedBatches:
 
 
 class SyntheticLatents:
-  """Deterministic, checkpointable iterator of process-local latent batches."""
+  """Deterministic, checkpointable iterator of process-local latent batches: row r of global batch s is example
+  s * batch_size + r, so any split of the rows over processes assembles the same global batch (default: all)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, *, seed: int, process_index: int = 0,
-               process_count: int = 1, text_len: int = SYNTHETIC_TEXT_LEN):
+  def __init__(self, config: ml_collections.ConfigDict, *, seed: int, rows: Sequence[int] | None = None,
+               text_len: int = SYNTHETIC_TEXT_LEN):
     b = config.data.batch_size
-    if b % process_count:
-      raise ValueError(f'global batch {b} not divisible by {process_count} processes')
-    self.local_batch = b // process_count
-    self.offset = process_index * self.local_batch
+    self.rows = tuple(range(b) if rows is None else rows)
+    if any(not 0 <= r < b for r in self.rows):
+      raise ValueError(f'rows {list(self.rows)} outside a global batch of {b}')
     self.global_batch = b
     self.shape = latent_shape(config)
     self.refs = config.data.max_refs
@@ -187,8 +190,8 @@ class SyntheticLatents:
     return self
 
   def __next__(self) -> dict:
-    start = self.index * self.global_batch + self.offset
-    ex = [self._example(start + k) for k in range(self.local_batch)]
+    start = self.index * self.global_batch
+    ex = [self._example(start + r) for r in self.rows]
     self.index += 1
     return {k: np.stack([e[k] for e in ex]) for k in ex[0]}
 
@@ -211,10 +214,10 @@ def make_input(config: ml_collections.ConfigDict, *, seed: int, shard: DataShard
   """The process-local training iterator named by `config.train.input` for this process's `shard` (default:
   one shard per process; the trainer passes `data_shards(mesh, ...)`'s); workdir: where encoders cache."""
   if shard is None:
-    b, pc = int(config.data.batch_size), jax.process_count()
-    shard = DataShard(jax.process_index(), pc, jax.process_index() * b // pc, (jax.process_index() + 1) * b // pc)
+    b, pc, pi = int(config.data.batch_size), jax.process_count(), jax.process_index()
+    shard = DataShard(pi, pc, tuple(range(pi * b // pc, (pi + 1) * b // pc)))
   if config.train.input == 'synthetic_latents':  # example i is a function of (seed, i): no per-shard seed
-    return SyntheticLatents(config, seed=seed, process_index=shard.index, process_count=shard.count)
+    return SyntheticLatents(config, seed=seed, rows=shard.rows)
   if config.train.input == 'pipeline':
     try:
       data = pipeline.make_dataset(config.data, split=config.data.split, seed=shard_seed(seed, shard),
@@ -229,20 +232,22 @@ def make_input(config: ml_collections.ConfigDict, *, seed: int, shard: DataShard
 
 
 def to_global(batch: dict, shardings: dict, global_batch: int, shard: DataShard) -> dict:
-  """Process-local rows (the `shard`'s) → global jax.Arrays with the step's input shardings.
+  """Process-local rows (the `shard`'s, in its order) → global jax.Arrays with the step's input shardings.
 
-  Each addressable device gets its block cut from the local rows, whatever else its sharding splits (the
+  Each addressable device gets its block gathered from the local rows, whatever else its sharding splits (the
   latent frames over `context`), so processes of one group (same rows) each place only their devices' parts.
   """
+  local = {r: k for k, r in enumerate(shard.rows)}
   out = {}
   for k, s in shardings.items():
     x = np.asarray(batch[k])
 
     def block(index, x=x):
-      lo, hi, _ = index[0].indices(global_batch)
-      if lo < shard.start or hi > shard.stop:
-        raise ValueError(f'a device of this process holds batch rows [{lo}, {hi}) outside its shard '
-                         f'[{shard.start}, {shard.stop})')
-      return x[(slice(lo - shard.start, hi - shard.start),) + tuple(index[1:])]
+      want = range(*index[0].indices(global_batch))
+      missing = [r for r in want if r not in local]
+      if missing:
+        raise ValueError(f'a device of this process holds batch rows {missing[:8]} outside its shard '
+                         f'{list(shard.rows[:8])}')
+      return x[(np.asarray([local[r] for r in want]),) + tuple(index[1:])]
     out[k] = jax.make_array_from_callback((global_batch,) + x.shape[1:], s, block)
   return out

@@ -202,8 +202,8 @@ def _filled(template, pure):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Train; returns the last step, its loss, the losses of this run's steps, whether preempted, the state and
-  this process's data shard."""
+  """Train; returns the last step, its loss, the losses of this run's steps, whether preempted, the state, this
+  process's data shard and the bytes in use per device after the first step."""
   if config.train.get('console', 'log') not in ('log', 'progress'):
     raise kcfg.ConfigError(f"train.console {config.train.console!r} not in log | progress")
   with console.quiet_logs(config.train.get('console', 'log') == 'progress'):
@@ -216,19 +216,37 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   storage.check_writable_dir(workdir)  # a local directory or a bucket prefix (kaleido_jax/storage.py)
   is_main = jax.process_index() == 0
   lock = storage.WorkdirLock(workdir, float(config.train.lock_stale_s)) if is_main else None
+  refused = ''
   if lock is not None:
-    lock.acquire()
-    if lock.took_over:
-      logging.warning('took over the lock of a dead run in %s: %s', workdir, lock.took_over)
+    try:
+      lock.acquire()
+    except storage.StorageError as e:
+      refused, lock = str(e), None
+    else:
+      if lock.took_over:
+        logging.warning('took over the lock of a dead run in %s: %s', workdir, lock.took_over)
+  refused = _from_process_0(refused)  # every host learns process 0's verdict before any other collective
+  if refused:
+    raise storage.StorageError(refused)
   try:
-    return _train(config, workdir, is_main, lock)
+    return _train(config, workdir, is_main)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool,
-           lock: storage.WorkdirLock | None) -> dict[str, Any]:
+def _from_process_0(text: str, size: int = 4096) -> str:
+  """Process 0's `text` on every process (one collective; nothing to do on one process)."""
+  if jax.process_count() == 1:
+    return text
+  buf = np.zeros(size, np.uint8)
+  raw = text.encode()[:size - 1]
+  buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+  got = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+  return bytes(got).rstrip(b'\0').decode(errors='replace')
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> dict[str, Any]:
   from clu import metric_writers, periodic_actions  # lazy: import cost (clu's writers import TensorFlow: seconds)
   mesh = mesh_lib.make_mesh(config.mesh)
   spec = state_lib.build_spec(config, mesh)
@@ -248,8 +266,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool,
   else:
     start = 0
     # LoRA: init_from gives the frozen base (never checkpointed); full fine-tuning: the initial trained weights.
-    init_params = load_init_params(config, spec.abstract_state['frozen' if lora else 'params'])
-    state = state_lib.init_state(config, spec, mesh, params=init_params)
+    # Passed straight in, never named here: init_state donates the loaded copy, so the run holds one set of
+    # weights (a name kept in this frame would hold a second copy for the whole run: ~13 GiB per v5p-8 chip).
+    state = state_lib.init_state(
+        config, spec, mesh, params=load_init_params(config, spec.abstract_state['frozen' if lora else 'params']))
 
   # TensorBoard events: TF's writer reaches a bucket only through TF's own GCS client, so a bucket workdir gets
   # them written locally and copied in with epath on every log (storage.SyncedDir).
@@ -275,11 +295,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool,
                                          config.train.peak_tflops_per_device)
   last_log_time, last_log_step = time.time(), start
   step = start
-  loss = float('nan')
+  loss = None  # the last loss read from the device (none before the first read)
   losses = []
+  live_bytes = None
   pending = []  # this run's per-step losses still on the device: read on the logging / checkpoint cadence
 
-  def sync_losses() -> float:
+  def sync_losses() -> float | None:
     """Reads the pending losses (one host sync); stops on a NaN before anything after it is saved."""
     nonlocal loss
     if pending:
@@ -313,6 +334,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool,
           state, metrics = train_step(state, batch, rng)
         step += 1
         pending.append(metrics['loss'])  # no host sync per step: the device runs ahead of the loop
+        if live_bytes is None:  # what the run holds between steps, beside tools.aot's figure for this step
+          live_bytes = live_bytes_per_device(state)
+          logging.info('memory after the first step: %.3f GiB per device in use (largest local device)',
+                       live_bytes / 2 ** 30)
         for h in hooks:
           h(step)
         log_now = step % config.train.log_every == 0 or step == config.train.num_steps
@@ -335,8 +360,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool,
           if events is not None:
             writer.flush()
             events.sync()
-          if lock is not None:
-            lock.heartbeat()
         if stop:
           ckpt.save(step, state_lib.checkpointed(state), data, config, force=True)
           if lora:
@@ -356,4 +379,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool,
       writer.flush()
       if events is not None:
         events.sync()
-  return {'step': step, 'loss': loss, 'losses': losses, 'preempted': preempted, 'state': state, 'shard': shard}
+  return {'step': step, 'loss': float('nan') if loss is None else loss, 'losses': losses, 'preempted': preempted, 'state': state, 'shard': shard,
+          'live_bytes_per_device': live_bytes}
+
+
+def live_bytes_per_device(wait_for: Any = None) -> int:
+  """Bytes in use on this process's fullest device: the allocator's count where the backend keeps one (TPU,
+  GPU: `memory_stats()['bytes_in_use']`), else the live jax.Arrays' shards on it (CPU)."""
+  jax.block_until_ready(wait_for)
+  stats = [d.memory_stats() for d in jax.local_devices()]
+  if all(s and 'bytes_in_use' in s for s in stats):
+    return max(int(s['bytes_in_use']) for s in stats)
+  used = {d: 0 for d in jax.local_devices()}
+  for a in jax.live_arrays():
+    for shard in a.addressable_shards:
+      if shard.device in used:
+        used[shard.device] += shard.data.nbytes
+  return max(used.values())

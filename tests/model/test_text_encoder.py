@@ -232,6 +232,17 @@ def test_prompt_cache_computes_once_and_round_trips(encoder, tokenizer, tmp_path
   assert PROMPTS[0] not in te.PromptCache(None, None, MAXLEN + 1).load(path)
 
 
+def test_a_cached_embedding_does_not_depend_on_which_prompts_missed_with_it(encoder, tokenizer):
+  # A run resumed from a checkpoint starts with an empty cache and meets each caption beside other captions than
+  # the uninterrupted run did: the embedding (what the trainer feeds) must be the same bits either way.
+  alone = te.PromptCache(encoder, tokenizer, MAXLEN, batch_size=4)
+  alone([PROMPTS[0]])
+  for partners in ([PROMPTS[1]], [PROMPTS[2], PROMPTS[1]], PROMPTS[1:] + ["A cat sleeps."]):
+    cache = te.PromptCache(encoder, tokenizer, MAXLEN, batch_size=4)
+    cache(partners + [PROMPTS[0]])
+    np.testing.assert_array_equal(cache.trimmed(PROMPTS[0]), alone.trimmed(PROMPTS[0]))
+
+
 def test_pad_embedding():
   x = np.ones((3, 4), np.float32)
   y = te.pad_embedding(x, 5)

@@ -40,3 +40,15 @@ def test_quiet_logs_restores_the_verbosity():
   assert logging.get_verbosity() == before
   with console.quiet_logs(False):
     assert logging.get_verbosity() == before
+
+
+def test_no_loss_is_shown_before_one_is_read():
+  # The loop reads losses on its log cadence: the steps before the first read show none (not `loss nan`).
+  out = io.StringIO()
+  p = console.ProgressLine(0, 4, stream=out)
+  p.every = 1
+  for step, loss in ((1, None), (2, None), (3, 0.5), (4, float('nan'))):
+    p(step, loss)
+  lines = out.getvalue().splitlines()
+  assert 'loss' not in lines[0] and 'loss' not in lines[1] and 'nan' not in ''.join(lines[:3])
+  assert 'loss 0.5000' in lines[2] and 'loss nan' in lines[3]  # a NaN read from the device is shown as it is

@@ -131,6 +131,51 @@ def test_kill9_then_resume_is_bitwise_identical(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+def _demo_train(workdir, steps, tmp_path):
+  """`python -m kaleido_jax.main --config configs/demo.py --mode train` as a user runs it: the demo's pipeline input
+  (synthetic clips, read_threads 2 as shipped, the pixel codec and umT5 encoding every batch in the input loop)
+  with 32 clips, so an epoch ends every 4 steps of batch 8."""
+  cmd = [sys.executable, '-m', 'kaleido_jax.main', '--config', os.path.join(ROOT, 'configs', 'demo.py'), '--mode',
+         'train', '--workdir', workdir, f'--config.train.num_steps={steps}', '--config.train.checkpoint_every=2',
+         '--config.train.log_every=2', '--config.data.num_clips=32', '--config.mesh.data=1',
+         '--config.model.num_layers=2']
+  return subprocess.Popen(cmd, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
+                                   XLA_FLAGS='--xla_force_host_platform_device_count=1'))
+
+
+def _kill_right_after(workdir, step, proc, timeout=300):
+  """SIGKILL the moment checkpoint `step` is committed (orbax renames the finished directory to its step)."""
+  t = time.time()
+  while step not in _steps(workdir):
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    assert time.time() - t < timeout, 'timed out waiting for a checkpoint'
+    time.sleep(0.01)
+  proc.kill()
+  proc.wait()
+
+
+@pytest.mark.slow
+def test_demo_killed_right_after_checkpoints_resumes_bitwise_across_epochs(tmp_path):
+  # Kills right after checkpoints 2 and 6; each resumed run crosses epoch boundaries (steps 4, 8) with the
+  # examples the killed run had already met: before #36 the prompt cache encoded a caption beside other captions
+  # after a resume than in the uninterrupted run, and the state parted by ~1 ulp after the first boundary.
+  ref, wd = str(tmp_path / 'ref'), str(tmp_path / 'killed')
+  p = _demo_train(ref, 12, tmp_path)
+  log = p.communicate(timeout=600)[0]
+  assert p.returncode == 0, log[-3000:]
+  for kill_after in (2, 6):
+    _kill_right_after(wd, kill_after, _demo_train(wd, 12, tmp_path))
+  p = _demo_train(wd, 12, tmp_path)
+  log = p.communicate(timeout=600)[0]
+  assert p.returncode == 0, log[-3000:]
+  assert 'loss nan' not in log  # the progress line shows no loss before the first is read
+  (s1, a), (s2, b) = _final_params(ref), _final_params(wd)
+  assert s1 == s2 == 12
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -158,6 +203,46 @@ def test_init_from_converted_transformer(tmp_path):
   config.model.num_layers = 3
   with pytest.raises(ValueError):
     loop.run(config, str(tmp_path / 'run2'))
+
+
+def test_a_fine_tune_from_init_from_holds_one_copy_of_the_weights(tmp_path):
+  # Live bytes per device after the first step of a full fine-tune from a converted checkpoint, through the
+  # trainer as `--mode train` runs it, against the compiled step's own argument bytes (the figure tools.aot
+  # reports per chip: state + batch + key) on the same mesh and shapes. A second copy of the initial weights
+  # (kept referenced by the loop before #36) is one more params-sized block: 1/4 of the state here (params,
+  # Adam's two moments, EMA), far outside the margin.
+  import gc
+  from flax import nnx
+  from kaleido_jax.cli import main as cli_main
+  from kaleido_jax.convert import common
+  from kaleido_jax.model.dit import KaleidoDiT
+  from kaleido_jax.parallel import mesh as mesh_lib
+  from kaleido_jax.train import inputs, state as state_lib, step as step_lib
+  config = tiny_config(real_dit=True, num_steps=1, checkpoint_every=1)
+  config.mesh.update(data=1, fsdp=-1)
+  config.train.ema_decay = 0.99
+  with nnx.use_eager_sharding(False):
+    model = KaleidoDiT(config.model, rngs=nnx.Rngs(123))
+  pure = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # copies: no device buffer kept
+  config.init_from.transformer = common.save_converted(str(tmp_path / 'conv'), pure, config.model,
+                                                       component='transformer')
+  del model
+  gc.collect()
+  before = loop.live_bytes_per_device()  # arrays other tests of this process left alive
+  out = cli_main.run_mode('train', config, str(tmp_path / 'run'))
+  live = out['live_bytes_per_device'] - before
+  mesh = mesh_lib.make_mesh(config.mesh)
+  spec = state_lib.build_spec(config, mesh)
+  shapes = inputs.batch_spec(config)
+  jitted, b_sh = step_lib.make_train_step(config, spec, mesh, shapes)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_sh[k]) for k, v in shapes.items()}
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=jax.sharding.NamedSharding(mesh, jax.P()))
+  with jax.set_mesh(mesh):
+    mem = jitted.lower(spec.abstract_state, batch, key).compile().memory_analysis()
+  params = sum(x.size * 4 for x in jax.tree.leaves(pure)) / len(mesh.devices.flat)
+  print(f'live {live / 2**20:.2f} MiB per device, compiled step arguments {mem.argument_size_in_bytes / 2**20:.2f} '
+        f'MiB, params {params / 2**20:.2f} MiB')
+  assert 0.9 * mem.argument_size_in_bytes <= live <= mem.argument_size_in_bytes + 0.25 * params
 
 
 def test_a_quantized_model_config_is_refused_for_training():

@@ -19,7 +19,7 @@ from tests.train.test_loop import _final_params, _free_port, _steps, _worker
 
 # 4 devices; 4 processes x 1 device: context spans processes. (A mesh whose tensor axis spans processes takes the
 # same path: data_shards groups processes by the batch rows their devices hold, whichever axis splits a row;
-# test_data_shards_on_pod_layouts checks tensor across hosts on pod layouts.)
+# tests/parallel/test_mesh.py checks tensor and context across hosts on pod layouts.)
 CONTEXT = dict(data=2, context=2)
 TRAIN = dict(num_steps=8, checkpoint_every=2, log_every=1)
 

@@ -103,7 +103,7 @@ def text_encoder_device(config: ml_collections.ConfigDict) -> Any:
   where = config.sample.get('text_encoder_device', 'accelerator')
   if where not in TEXT_ENCODER_DEVICES:
     raise ValueError(f'config.sample.text_encoder_device={where!r}; choose one of {TEXT_ENCODER_DEVICES}')
-  return jax.devices('cpu')[0] if where == 'host' else jax.local_devices()[0]
+  return jax.local_devices(backend='cpu')[0] if where == 'host' else jax.local_devices()[0]
 
 
 def load_text_encoder(config: ml_collections.ConfigDict) -> te.UMT5Encoder:

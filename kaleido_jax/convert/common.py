@@ -388,9 +388,12 @@ def save_converted(output_dir: str, pure_state: Mapping[str, Any], config: ml_co
   output_dir = storage.absolute(output_dir)
   if storage.exists(output_dir):
     raise FileExistsError(f"{output_dir!r} already exists; choose a new --output or remove it")
+  # Host numpy, not jax Arrays: orbax records an Array's device, and a process that lacks it (a TPU process
+  # reading what a CPU host converted, or another device count) then refuses a plain restore.
+  state = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), dict(pure_state))
   with storage.atomic_dir(output_dir) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, STATE_DIR), dict(pure_state))
+      ckptr.save(os.path.join(tmp, STATE_DIR), state)
       ckptr.wait_until_finished()
     with open(os.path.join(tmp, CONFIG_FILE), "w") as fh:
       json.dump({"component": component, "source": source, "config": config.to_dict()}, fh, indent=1,
@@ -412,8 +415,13 @@ def load_converted(path: str, *, component: str) -> tuple[dict[str, Any], ml_col
   meta = storage.read_json(cfg_file)
   if meta.get("component") != component:
     raise ConversionError(f"{path!r} holds a {meta.get('component')!r} checkpoint, not a {component!r}")
-  with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(storage.join(storage.absolute(path), STATE_DIR))
+  state_dir = storage.join(storage.absolute(path), STATE_DIR)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    # Restored as numpy whatever devices the writer had (directories written before #37 hold jax Arrays whose
+    # device this process may lack).
+    tree = ckptr.metadata(state_dir).item_metadata.tree
+    numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    state = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=numpy))
   return state, ml_collections.ConfigDict(_lists_to_tuples(meta["config"]))
 
 
@@ -433,6 +441,15 @@ def _lists_to_tuples(d: Any) -> Any:
 def saved_quantization(path: str) -> str:
   """The `quantization` a converted directory was written with ('none' for float weights)."""
   return storage.read_json(storage.join(path, CONFIG_FILE)).get("config", {}).get("quantization", "none") or "none"
+
+
+def host_device() -> Any:
+  """This process's host CPU device for conversion work: the default device when one is set and is a CPU device,
+  else the process's first local CPU device (never another process's, never an accelerator)."""
+  d = jax.config.jax_default_device
+  if d is not None and not isinstance(d, str) and d.platform == "cpu" and d.process_index == jax.process_index():
+    return d
+  return jax.local_devices(backend="cpu")[0]
 
 
 def module_from_state(build: Callable[[ml_collections.ConfigDict], Any], cfg: ml_collections.ConfigDict,
@@ -457,7 +474,7 @@ def module_from_state(build: Callable[[ml_collections.ConfigDict], Any], cfg: ml
   graphdef, state = nnx.split(nnx.eval_shape(lambda: build(load_cfg)))
   like = nnx.to_pure_dict(state)
   flat = flatten_paths(pure)
-  cpu = jax.devices("cpu")[0]
+  cpu = host_device()
   with jax.default_device(cpu):
     # Host copies are released one by one, so peak host memory stays near one model.
     cast = {k: jnp.asarray(flat.pop(k), dtype=v.dtype) for k, v in flatten_paths(like).items()}

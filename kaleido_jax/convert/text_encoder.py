@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from typing import Any
 
 import ml_collections
@@ -253,7 +252,6 @@ def convert(input_path: str, output_dir: str, format: str = "transformers",  # n
     pure = nnx.to_pure_dict(nnx.state(_module_from_state(cfg, pure, device=None), nnx.Param))
   out = common.save_converted(output_dir, pure, cfg, component=COMPONENT, source=os.path.abspath(input_path))
   tok = _find_tokenizer_near(input_path)
-  if tok:
-    os.makedirs(os.path.join(out, "tokenizer"), exist_ok=True)
-    shutil.copy(tok, os.path.join(out, "tokenizer", "spiece.model"))
+  if tok:  # local or a bucket, like the output
+    storage.upload(tok, storage.join(out, "tokenizer", "spiece.model"))
   return out

@@ -57,7 +57,7 @@ def load_transformer(path: str, format: str = "diffusers",  # noqa: A002 - the C
       config = config_from_checkpoint(resolved, format, common.CheckpointReader(resolved))
   with nnx.use_eager_sharding(False):
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(config)))
-  where = jax.devices()[0] if device == "default" else jax.devices("cpu")[0] if device is None else device
+  where = jax.local_devices()[0] if device == "default" else common.host_device() if device is None else device
   sharding = jax.sharding.SingleDeviceSharding(where)
   target = weights.abstract_target(nnx.to_pure_dict(abstract), jax.tree.map(lambda _: sharding,
                                                                            nnx.to_pure_dict(abstract)))

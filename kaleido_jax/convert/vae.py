@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import os
 
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from kaleido_jax import config as kcfg
@@ -124,9 +126,13 @@ def load_vae(path: str, format: str = "diffusers", config: ml_collections.Config
     config = saved if config is None else config
   else:
     state, config = convert_state(storage.fetched(path), format, config)  # PyTorch-side files are read locally
-  vae = WanVAE(config, rngs=nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(vae, nnx.Param, ...)
-  nnx.replace_by_pure_dict(params, state)
+  graphdef, params, rest = nnx.split(WanVAE(config, rngs=nnx.Rngs(0)), nnx.Param, ...)
+  # On the default device once, in the module's dtypes: every jitted encode / decode then takes device arrays
+  # (host numpy weights would cross to the device on each of the ~21 decode chunks of a video).
+  like = nnx.to_pure_dict(params)
+  flat = common.flatten_paths(state)
+  cast = {k: jnp.asarray(np.asarray(flat.pop(k)), a.dtype) for k, a in common.flatten_paths(like).items()}
+  nnx.replace_by_pure_dict(params, common.unflatten_paths(cast, like))
   return nnx.merge(graphdef, params, rest)
 
 

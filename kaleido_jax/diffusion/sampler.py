@@ -2,8 +2,8 @@
 
 The whole denoising loop is one `jax.lax.scan` inside one `jax.jit`: the model is traced once, whatever the
 number of steps, and the sigma grid / solver coefficients are *arguments* (computed in numpy by
-schedules.py), so changing the shift reuses the compiled sampler; only the step count (an array length) and
-the guidance branch count (a batch size) are static. Each step feeds the model timestep = 1000·σ
+schedules.py), so changing the shift or a guidance scale reuses the compiled sampler; only the step count (an
+array length) and the guidance branch count (a batch size) are static. Each step feeds the model timestep = 1000·σ
 (diffusers' grid: float for Euler, truncated to an integer for UniPC, see schedules.py) broadcast to (B,).
 
 The loop composes three parts that do not know each other: a solver (solvers.py: Euler on diffusers' or upstream
@@ -103,7 +103,8 @@ def _plain_call(denoise_fn: DenoiseFn, batch: int):
   return call
 
 
-def _guided_velocity(call, x, ts, s, cs, inputs, branches: int, text_scale: float, image_scale: float, p: dict):
+def _guided_velocity(call, x, ts, s, cs, inputs, branches: int, text_scale: jax.Array, image_scale: jax.Array,
+                     p: dict):
   """The guided velocity of one step from the model `call`: every guidance branch batched, or (CFG cache) the
   conditional branch alone with the others rebuilt from the differences kept on the last full step."""
   text_cond, text_uncond, refs, ref_mask = inputs
@@ -127,19 +128,22 @@ def _guided_velocity(call, x, ts, s, cs, inputs, branches: int, text_scale: floa
   return full(cs)
 
 
-def _loop(denoise_fn: DenoiseFn, solver: solvers.Euler | solvers.UniPC, text_scale: float, image_scale: float,
-          return_trajectory: bool, on_step: Callable[[Any], None] | None, steps: dict[str, jax.Array], noise,
-          text_cond, text_uncond, refs, ref_mask, *, static: caching.Static = caching.Static(),
-          model_fn: Callable[[], Any] | None = None, cache_params: dict[str, jax.Array] | None = None):
+def _loop(denoise_fn: DenoiseFn, solver: solvers.Euler | solvers.UniPC, branches: int,
+          return_trajectory: bool, on_step: Callable[[Any], None] | None, steps: dict[str, jax.Array],
+          scales: dict[str, jax.Array], noise, text_cond, text_uncond, refs, ref_mask, *,
+          static: caching.Static = caching.Static(), model_fn: Callable[[], Any] | None = None,
+          cache_params: dict[str, jax.Array] | None = None):
   """The scan over steps (traced once): the solver's state and the cache state are the carry; each step asks
-  guidance for a velocity (through the step cache when one is on) and hands it to the solver.
+  guidance for a velocity (through the step cache when one is on) and hands it to the solver. `branches` (1 | 2 |
+  3, a batch size) is static; the guidance `scales` ({'text', 'image'}) are traced values, so another scale
+  reuses the compiled sampler.
 
   Returns (x, trajectory or None, stats) with stats = {'model_calls': block passes per video, 'step_calls' (n,),
   and with static.calibrate the per-step statistics caching.fit_calibration takes}.
   """
   x0 = noise.astype(jnp.float32)
   b = x0.shape[0]
-  branches = guidance.num_branches(text_scale, image_scale)
+  text_scale, image_scale = scales['text'], scales['image']
   n = steps['index'].shape[0]
   if static.active and model_fn is None:
     if static.kind != 'none' or static.text_kv or static.calibrate:
@@ -192,10 +196,10 @@ def _finish(out, return_trajectory: bool, return_stats: bool):
   return result if len(result) > 1 else x
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
-def _jit_callable(denoise_fn, solver, text_scale, image_scale, return_trajectory, on_step, static, steps,
-                  cache_params, noise, text_cond, text_uncond, refs, ref_mask):
-  return _loop(denoise_fn, solver, text_scale, image_scale, return_trajectory, on_step, steps, noise, text_cond,
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _jit_callable(denoise_fn, solver, branches, return_trajectory, on_step, static, steps, cache_params, scales,
+                  noise, text_cond, text_uncond, refs, ref_mask):
+  return _loop(denoise_fn, solver, branches, return_trajectory, on_step, steps, scales, noise, text_cond,
                text_uncond, refs, ref_mask, static=static, cache_params=cache_params)
 
 
@@ -210,24 +214,26 @@ def nnx_denoise_fn(graphdef: nnx.GraphDef, state: nnx.State) -> DenoiseFn:
   return denoise_fn
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4, 5, 6, 7))
-def _jit_nnx(graphdef, state, solver, text_scale, image_scale, return_trajectory, on_step, static, steps,
-             cache_params, noise, text_cond, text_uncond, refs, ref_mask):
-  return _loop(nnx_denoise_fn(graphdef, state), solver, text_scale, image_scale, return_trajectory, on_step,
-               steps, noise, text_cond, text_uncond, refs, ref_mask, static=static,
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4, 5, 6))
+def _jit_nnx(graphdef, state, solver, branches, return_trajectory, on_step, static, steps, cache_params, scales,
+             noise, text_cond, text_uncond, refs, ref_mask):
+  return _loop(nnx_denoise_fn(graphdef, state), solver, branches, return_trajectory, on_step, steps, scales,
+               noise, text_cond, text_uncond, refs, ref_mask, static=static,
                model_fn=lambda: nnx.merge(graphdef, state), cache_params=cache_params)
 
 
 def sample_traced(denoise_fn: DenoiseFn, noise: jax.Array, text_cond: jax.Array, text_uncond: jax.Array | None,
                   refs: jax.Array | None, ref_mask: jax.Array | None, *, cfg: ml_collections.ConfigDict) -> jax.Array:
   """The denoising loop without its own jit, for callers that trace a bigger program (the exporter)."""
-  solver, g_t, g_i = _static(cfg)
-  return _loop(denoise_fn, solver, g_t, g_i, False, None, _solver_args(cfg), noise, text_cond, text_uncond,
+  solver, branches, scales = _static(cfg)
+  return _loop(denoise_fn, solver, branches, False, None, _solver_args(cfg), scales, noise, text_cond, text_uncond,
                refs, ref_mask)[0]
 
 
-def _static(cfg: ml_collections.ConfigDict) -> tuple[solvers.Euler | solvers.UniPC, float, float]:
-  return solvers.for_config(cfg), float(cfg.guidance_scale), float(cfg.get('image_guidance_scale', 0.0))
+def _static(cfg: ml_collections.ConfigDict) -> tuple[solvers.Euler | solvers.UniPC, int, dict[str, np.ndarray]]:
+  """The solver and the branch count (static), and the guidance scales (traced: no recompilation per scale)."""
+  g_t, g_i = float(cfg.guidance_scale), float(cfg.get('image_guidance_scale', 0.0))
+  return solvers.for_config(cfg), guidance.num_branches(g_t, g_i), {'text': np.float32(g_t), 'image': np.float32(g_i)}
 
 
 def _cache_args(cfg: ml_collections.ConfigDict, calibration: dict[str, Any] | None, calibrate: bool):
@@ -245,13 +251,13 @@ def sample_fn(denoise_fn: DenoiseFn, noise: jax.Array, text_cond: jax.Array, tex
 
   Of the caches only the CFG cache applies to a plain callable (the step caches need the model's parts).
   """
-  solver, g_t, g_i = _static(cfg)
+  solver, branches, scales = _static(cfg)
   if cfg.get('cache', 'none') != 'none' or cfg.get('text_kv_cache', False):
     raise caching.CacheError('sample.cache and sample.text_kv_cache need the NNX model sampler (sample(graphdef, '
                              'state, ...)); a plain denoise_fn only takes the CFG cache')
   static, steps, scalars = _cache_args(cfg, None, False)
-  out = _jit_callable(denoise_fn, solver, g_t, g_i, bool(return_trajectory), on_step, static, steps, scalars,
-                      noise, text_cond, text_uncond, refs, ref_mask)
+  out = _jit_callable(denoise_fn, solver, branches, bool(return_trajectory), on_step, static, steps, scalars,
+                      scales, noise, text_cond, text_uncond, refs, ref_mask)
   return _finish(out, return_trajectory, return_stats)
 
 
@@ -267,12 +273,12 @@ def sample(graphdef: nnx.GraphDef, state: nnx.State, noise: jax.Array, text_cond
   magcache / teacache need. `calibrate=True` runs uncached and returns the per-step statistics in the stats.
   `return_stats=True` adds a dict: model_calls (block passes per video), step_calls (per step) [, calibration].
   """
-  solver, g_t, g_i = _static(cfg)
+  solver, branches, scales = _static(cfg)
   if calibrate:
     cfg = cfg.copy_and_resolve_references()
     with cfg.unlocked():
       cfg.cache, cfg.cfg_cache = 'none', False
   static, steps, scalars = _cache_args(cfg, calibration, calibrate)
-  out = _jit_nnx(graphdef, state, solver, g_t, g_i, bool(return_trajectory), on_step, static, steps, scalars,
-                 noise, text_cond, text_uncond, refs, ref_mask)
+  out = _jit_nnx(graphdef, state, solver, branches, bool(return_trajectory), on_step, static, steps, scalars,
+                 scales, noise, text_cond, text_uncond, refs, ref_mask)
   return _finish(out, return_trajectory, return_stats or calibrate)

@@ -48,7 +48,7 @@ def abstract_target(abstract: Mapping[Any, Any], shardings: Any = None) -> dict:
   """A pure abstract tree with shardings: ``shardings`` a matching tree of shardings, or None for the default
   device."""
   if shardings is None:
-    device = SingleDeviceSharding(jax.devices()[0])
+    device = SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 

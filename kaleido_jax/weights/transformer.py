@@ -85,7 +85,7 @@ def open_source(path: str, *, fmt: str, model_cfg: ml_collections.ConfigDict, us
     prefix = 'ema' if use_ema and any(k.startswith('ema/') for k in probe.stored) else 'params'
     src = sources.OrbaxSource(state_dir, prefix=prefix, where=where)
     if src.stored and all(k.rsplit('/', 1)[-1] in ('lora_a', 'lora_b') for k in src.stored):
-      cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+      cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
       adapters = src._read({k: jax.ShapeDtypeStruct(s, d, sharding=cpu)  # pylint: disable=protected-access
                             for k, (s, d) in src.stored.items()})
       return Opened(None, where, sources._nested(adapters))  # pylint: disable=protected-access

@@ -129,6 +129,101 @@ def test_release_folder_converts_in_one_command_and_samples(tmp_path, parts):
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
 
 
+_WRITE_ON_DEVICE_1 = """
+import os, sys
+import jax, jax.numpy as jnp, orbax.checkpoint as ocp
+from kaleido_jax.convert import release
+from tests.convert.test_release import vae_cfg
+root, out, legacy = sys.argv[1:]
+assert len(jax.devices()) == 2
+with jax.default_device(jax.devices()[1]):  # the converting host's second device
+  release.convert_release(root, out, 'int8', vae=vae_cfg())
+# A directory as converters wrote them before #37: jax Arrays (int8 included) on the writer's device 1.
+with ocp.StandardCheckpointer() as c:
+  c.save(os.path.join(legacy, 'state'), {'w': jax.device_put(jnp.ones((4, 8), jnp.int8), jax.devices()[1]),
+                                         'b': jax.device_put(jnp.zeros((8,), jnp.bfloat16), jax.devices()[1])})
+  c.wait_until_finished()
+with open(os.path.join(legacy, 'config.json'), 'w') as f:
+  f.write('{"component": "text_encoder", "config": {}}')
+"""
+
+_READ_ON_ONE_DEVICE = """
+import os, sys
+import jax, numpy as np, orbax.checkpoint as ocp
+from kaleido_jax import pipeline
+from kaleido_jax.convert import common
+from tests.convert.test_release import _sample_config
+root, out, legacy, work = sys.argv[1:]
+assert len(jax.devices()) == 1
+for part in ('transformer', 'vae', 'text_encoder'):  # nothing device-specific written: a plain restore works
+  with ocp.StandardCheckpointer() as c:
+    c.restore(os.path.join(out, part, 'state'))
+state, _ = common.load_converted(legacy, component='text_encoder')
+assert state['w'].dtype == np.int8 and state['b'].shape == (8,)
+pipe = pipeline.S2VPipeline.from_config(_sample_config(root), workdir=work, checkpoint=out)
+video = pipe.generate([[np.full((16, 16, 3), 200, np.uint8)]], ['a red cat'], num_frames=5, height=16, width=16,
+                      seed=0)
+print('sampled', video.shape)
+"""
+
+
+def test_a_release_converted_on_device_1_loads_and_samples_where_that_device_does_not_exist(tmp_path, parts):
+  # A TPU process lacks the converting host's CPU device: orbax refused a plain restore of the jax Arrays the
+  # converters saved ("Topology mismatch detected"). Twin here: written by device 1 of a 2-device process (DiT,
+  # VAE and umT5, int8), read by a 1-device process; plus a directory holding device-1 Arrays as written before.
+  import subprocess
+  import sys
+  root = _release(str(tmp_path / 'Kaleido-14B-S2V'), parts)
+  out, legacy = str(tmp_path / 'converted'), str(tmp_path / 'legacy')
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+  def run(code, devices, *args):
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=repo,
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    p = subprocess.run([sys.executable, '-c', code, *args], env=env, cwd=str(tmp_path), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+  run(_WRITE_ON_DEVICE_1, 2, root, out, legacy)
+  assert 'sampled (1, 5, 16, 16, 3)' in run(_READ_ON_ONE_DEVICE, 1, root, out, legacy, str(tmp_path / 'w'))
+
+
+def test_a_second_generate_with_another_scale_seed_and_prompt_compiles_nothing_and_moves_no_weights(tmp_path, parts):
+  # The released model as --mode sample loads it (converted int8 DiT and umT5, the VAE): after one video, another
+  # with a new guidance scale, seed and prompt traces and compiles no program (the scales are traced values), and
+  # every weight (DiT, VAE, umT5) is a jax Array that stays on its device: the same buffers before and after, so
+  # no jitted call takes a host copy of one (before #37 the VAE's weights were host numpy, uploaded per call).
+  import collections
+  import jax
+  from flax import nnx
+  from kaleido_jax import pipeline
+  root = _release(str(tmp_path / 'Kaleido-14B-S2V'), parts)
+  out = release.convert_release(root, str(tmp_path / 'converted'), 'int8', vae=vae_cfg())
+  pipe = pipeline.S2VPipeline.from_config(_sample_config(root), workdir=str(tmp_path / 'w'), checkpoint=out)
+  ref = [[np.full((16, 16, 3), 200, np.uint8)]]
+  first = pipe.generate(ref, ['a red cat'], num_frames=5, height=16, width=16, seed=0)
+
+  def weights():
+    trees = {'dit': pipe.state, 'vae': nnx.state(pipe.encoders.codec, nnx.Param),
+             'umt5': nnx.state(pipe.encoders.text_encoder, nnx.Param)}
+    leaves = {k: jax.tree.leaves(v) for k, v in trees.items()}
+    assert all(len(v) > 4 for v in leaves.values()), {k: len(v) for k, v in leaves.items()}
+    bad = {k: [type(x).__name__ for x in v if not isinstance(x, jax.Array)] for k, v in leaves.items()}
+    assert not any(bad.values()), bad  # host numpy would cross to the device in every call
+    return {k: [x.unsafe_buffer_pointer() for x in v] for k, v in leaves.items()}
+  before = weights()
+  events = collections.Counter()
+  count = lambda name, secs, **kw: events.update([name]) if name.startswith('/jax/core/compile/') else None
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    second = pipe.generate(ref, ['a blue dog'], num_frames=5, height=16, width=16, seed=7, guidance_scale=3.0)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+  assert not events, dict(events)  # nothing traced, lowered or compiled
+  assert weights() == before
+  assert second.shape == first.shape and not np.array_equal(second, first)
+
+
 def test_unexpected_keys_are_named_and_known_extras_ignored(tmp_path, parts):
   import torch
   root = _release(str(tmp_path / 'rel'), parts, extra={'model.diffusion_model.image_embedding.proj.weight':

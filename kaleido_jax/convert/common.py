@@ -102,6 +102,18 @@ class CheckpointReader:
     with safe_open(self._where[key], framework="np") as f:
       return tuple(f.get_slice(key).get_shape())
 
+  def dtype(self, key: str) -> str:
+    """A tensor's dtype name ('bfloat16', 'float32', ...) from the file's metadata, without reading it."""
+    if self._torch_state is not None:
+      return str(self._torch_state[key].dtype).replace("torch.", "")
+    with safe_open(self._where[key], framework="np") as f:
+      return _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype(), "other")
+
+  def float_dtype(self) -> str:
+    """The dtype most of the checkpoint's floating tensors have: what a conversion keeps by default."""
+    counts = collections.Counter(d for d in map(self.dtype, self.keys()) if d in ("bfloat16", "float16", "float32"))
+    return counts.most_common(1)[0][0] if counts else "float32"
+
   def get(self, key: str) -> np.ndarray:
     """One tensor as a numpy array (bfloat16 stays bfloat16 through ml_dtypes)."""
     if key not in self._where:
@@ -116,6 +128,10 @@ class CheckpointReader:
     # chip); safetensors >= 0.7 gives bfloat16 as ml_dtypes.bfloat16.
     with safe_open(self._where[key], framework="np") as f:
       return np.asarray(f.get_tensor(key))
+
+
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8",
+                       "U8": "uint8", "I32": "int32", "I64": "int64", "BOOL": "bool"}
 
 
 def _safetensors_keys(file: str) -> list[str]:
@@ -282,6 +298,49 @@ def fill_from_plan(
           for name, target in targets.items()}
 
 
+def fill_quantized(
+    reader: CheckpointReader,
+    float_targets: Mapping[str, Any],
+    quantized_targets: Mapping[str, Any],
+    plan: Mapping[str, Source],
+    scheme: str,
+    *,
+    ignore_unused: Iterable[str] = (),
+    what: str = "checkpoint",
+) -> dict[str, np.ndarray]:
+  """`fill_from_plan` for a quantized module, leaf by leaf: every kernel that the quantized model holds as
+  ``qvalue`` / ``scale`` is quantized as it is read (a stacked one layer by layer, into the output's buffers) and
+  its float copy dropped; the rest is read as `fill_from_plan` reads it.
+
+  ``float_targets`` / ``quantized_targets``: the flat abstract states of the float and the quantized module (the
+  kernel is cast to its float target dtype, the scales take the quantized target's dtype, as
+  ``quantization.quantize`` of the float module gives them). Peak host memory: the output plus about one layer's
+  kernel (and its fp32 temporaries), never a float copy of the model.
+  """
+  check_plan(reader, float_targets, plan, ignore_unused=ignore_unused, what=what)
+  out: dict[str, np.ndarray] = {}
+  with jax.default_device(host_device()):
+    for name, target in float_targets.items():
+      base, _, leaf = name.rpartition("/")
+      if leaf != "kernel" or f"{base}/qvalue" not in quantized_targets:
+        out[name] = read_leaf(reader, plan[name], target, name=name, what=what)
+        continue
+      qv, sc = quantized_targets[f"{base}/qvalue"], quantized_targets[f"{base}/scale"]
+      src = plan[name]
+      if not src.stacked:
+        q = quantization.quantize_kernel(jnp.asarray(read_leaf(reader, src, target, name=name, what=what)),
+                                         scheme, sc.dtype)
+        out[f"{base}/qvalue"], out[f"{base}/scale"] = np.asarray(q.qvalue), np.asarray(q.scale)
+        continue
+      qvalue, scale = np.empty(qv.shape, qv.dtype), np.empty(sc.shape, sc.dtype)
+      for i, key in enumerate(src.keys):  # one layer at a time: its scales are its own (leading axes)
+        q = quantization.quantize_kernel(jnp.asarray(src.transform(reader.get(key)).astype(target.dtype)), scheme,
+                                         sc.dtype)
+        qvalue[i], scale[i] = np.asarray(q.qvalue), np.asarray(q.scale)
+      out[f"{base}/qvalue"], out[f"{base}/scale"] = qvalue, scale
+  return out
+
+
 def check_plan(reader: CheckpointReader, targets: Mapping[str, Any], plan: Mapping[str, Source], *,
                ignore_unused: Iterable[str] = (), what: str = "checkpoint") -> None:
   """ConversionError listing every missing / unexpected key and shape mismatch of a plan, from metadata only."""
@@ -378,6 +437,7 @@ def unflatten_paths(flat: Mapping[str, Any], like: Mapping[str, Any]) -> dict[st
 
 CONFIG_FILE = "config.json"
 STATE_DIR = "state"
+SAVE_CONCURRENT_GB = 1  # orbax's bytes in flight while writing (its default, 96 GB, lets a save copy the whole state)
 
 
 def save_converted(output_dir: str, pure_state: Mapping[str, Any], config: ml_collections.ConfigDict,
@@ -392,9 +452,8 @@ def save_converted(output_dir: str, pure_state: Mapping[str, Any], config: ml_co
   # reading what a CPU host converted, or another device count) then refuses a plain restore.
   state = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), dict(pure_state))
   with storage.atomic_dir(output_dir) as tmp:
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, STATE_DIR), state)
-      ckptr.wait_until_finished()
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB)) as ckptr:
+      ckptr.save(os.path.join(tmp, STATE_DIR), args=ocp.args.StandardSave(state))
     with open(os.path.join(tmp, CONFIG_FILE), "w") as fh:
       json.dump({"component": component, "source": source, "config": config.to_dict()}, fh, indent=1,
                 default=list)

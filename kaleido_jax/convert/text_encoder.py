@@ -245,11 +245,19 @@ def convert(input_path: str, output_dir: str, format: str = "transformers",  # n
   _check_format(format)
   reader = common.CheckpointReader(input_path)
   cfg = _with_dtype(resolve_config(reader, input_path, format, config), dtype)
-  pure = convert_state(reader, cfg, format)
-  if quantization and quantization != "none":
+  if quantization and quantization != "none":  # each kernel quantized as it is read (common.fill_quantized)
+    float_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    float_cfg.quantization = "none"
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.quantization = quantization
-    pure = nnx.to_pure_dict(nnx.state(_module_from_state(cfg, pure, device=None), nnx.Param))
+    float_like = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: _build(float_cfg))))
+    like = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: _build(cfg)), nnx.Param))
+    flat = common.fill_quantized(reader, common.flatten_paths(float_like), common.flatten_paths(like),
+                                 make_plan(cfg.num_layers, format, _embedding_key(reader, format)), quantization,
+                                 ignore_unused=_IGNORE[format], what=f"umT5 {format} checkpoint {reader.path!r}")
+    pure = common.unflatten_paths(flat, like)
+  else:
+    pure = convert_state(reader, cfg, format)
   out = common.save_converted(output_dir, pure, cfg, component=COMPONENT, source=os.path.abspath(input_path))
   tok = _find_tokenizer_near(input_path)
   if tok:  # local or a bucket, like the output

@@ -71,10 +71,33 @@ def load_transformer(path: str, format: str = "diffusers",  # noqa: A002 - the C
 
 def convert(input_path: str, output_dir: str, fmt: str, quantization: str = "none",
             config: ml_collections.ConfigDict | None = None) -> tuple[str, ml_collections.ConfigDict]:
-  """Converts and writes an orbax directory; returns (its path, the model config)."""
-  state, cfg = convert_state(input_path, fmt, config)
-  if quantization and quantization != "none":  # a Colab session then loads 14 GB of int8, not 57 GB of float32
+  """Converts and writes an orbax directory; returns (its path, the model config).
+
+  Within a host's RAM: without ``config`` the weights keep the checkpoint's dtype (a bf16 release stays bf16:
+  28 GB for the 14B model, not 57 GB of float32), and ``quantization`` quantizes each kernel as it is read
+  (`common.fill_quantized`): the host holds the output and about one layer's kernel, never a float model.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown transformer format {fmt!r}; choose one of {FORMATS}")
+  path = resolve_path(input_path, fmt)
+  reader = common.CheckpointReader(path)
+  if config is None:
+    config = config_from_checkpoint(path, fmt, reader)
+    config.param_dtype = "bfloat16" if reader.float_dtype() == "bfloat16" else "float32"
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  cfg.quantization = "none"
+  float_like = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build_model(cfg)), nnx.Param))
+  targets = common.flatten_paths(float_like)
+  what = f"{fmt} checkpoint {path!r}"
+  plan = make_plan(cfg, fmt)
+  if quantization and quantization != "none":  # a Colab session then loads 14 GB of int8, not 28 GB of bf16
     cfg.quantization = quantization
-    state = nnx.to_pure_dict(nnx.state(common.module_from_state(build_model, cfg, state, device=None), nnx.Param))
-  out = common.save_converted(output_dir, state, cfg, component=COMPONENT, source=f"{fmt}:{input_path}")
+    like = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build_model(cfg)), nnx.Param))
+    flat = common.fill_quantized(reader, targets, common.flatten_paths(like), plan, quantization,
+                                 ignore_unused=IGNORED_PREFIXES[fmt], what=what)
+  else:
+    like = float_like
+    flat = common.fill_from_plan(reader, targets, plan, ignore_unused=IGNORED_PREFIXES[fmt], what=what)
+  out = common.save_converted(output_dir, common.unflatten_paths(flat, like), cfg, component=COMPONENT,
+                              source=f"{fmt}:{input_path}")
   return out, cfg

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from typing import Any
 
 import jax
@@ -158,9 +159,11 @@ def export_sampler(pipe: Any, output_dir: str, *, weights: str = 'argument',
   with storage.atomic_dir(output_dir, replace=True) as tmp:  # a previous artifact goes once the new one is whole
     with open(os.path.join(tmp, exported_lib.PROGRAM_FILE), 'wb') as fh:
       fh.write(exp.serialize())
-    if not baked:
-      np.savez(os.path.join(tmp, exported_lib.WEIGHTS_FILE),
-               **{f'w{i:05d}': np.asarray(x) for i, x in enumerate(leaves)})
+    if not baked:  # an .npz (a zip of .npy members), written one leaf at a time: the host holds one leaf
+      with zipfile.ZipFile(os.path.join(tmp, exported_lib.WEIGHTS_FILE), 'w', allowZip64=True) as zf:
+        for i, x in enumerate(leaves):
+          with zf.open(f'w{i:05d}.npy', 'w', force_zip64=True) as member:
+            np.lib.format.write_array(member, np.asarray(jax.device_get(x)), allow_pickle=False)
     shutil.copyfile(pipe.encoders.tokenizer.path, os.path.join(tmp, 'spiece.model'))
     with open(os.path.join(tmp, exported_lib.SIGNATURE_FILE), 'w') as fh:
       json.dump(signature, fh, indent=2, ensure_ascii=False)

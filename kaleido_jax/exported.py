@@ -15,7 +15,6 @@ kaleido_jax/data/references.py, which stay the reference implementations.
 from __future__ import annotations
 
 import html
-import io
 import json
 import os
 import pathlib
@@ -83,13 +82,15 @@ class ExportedSampler:
                                  f'{sig.get("format_version")}; this loader reads {FORMAT!r} version '
                                  f'{FORMAT_VERSION}: re-export it with this kaleido_jax version')
     self.exported = jax.export.deserialize(bytearray(_file(directory, PROGRAM_FILE).read_bytes()))
-    self.weights: list[np.ndarray] = []
+    self.weights: list[jax.Array] = []
     if sig['weights'] == 'argument':
       # npz keeps bfloat16 / int4 / float8 (ml_dtypes) only as raw bytes ('V' dtypes): view them back as the
-      # program's own input types.
+      # program's own input types. Read one leaf at a time (the archive is opened, not read whole) and put on the
+      # device as it is read: the host holds one leaf, and calls pass device arrays (no upload per video).
       avals = self.exported.in_avals[:sig['num_weights']]
-      data = np.load(io.BytesIO(_file(directory, WEIGHTS_FILE).read_bytes()))
-      self.weights = [_as_dtype(data[f'w{i:05d}'], avals[i].dtype) for i in range(sig['num_weights'])]
+      with _file(directory, WEIGHTS_FILE).open('rb') as fh, np.load(fh) as data:
+        self.weights = [jax.device_put(_as_dtype(data[f'w{i:05d}'], avals[i].dtype))
+                        for i in range(sig['num_weights'])]
     self._sp = spm.SentencePieceProcessor()
     self._sp.LoadFromSerializedProto(_file(directory, sig['tokenizer']).read_bytes())
     self.video = sig['video']

@@ -93,6 +93,34 @@ def test_an_int4_sampler_exports_with_its_weights_as_an_argument(tmp_path):
   _same_video(got, q4.generate([[refs[0, 0]]], PROMPTS[:1], seed=[3]))
 
 
+def test_loaded_weights_live_on_the_device_and_a_second_call_compiles_nothing(pipe, tmp_path):
+  # weights='argument': the loader reads weights.npz leaf by leaf straight onto the device; calls pass those device
+  # arrays (no host copy crosses per video: the same buffers after a call), and a second call with other seeds
+  # and prompts traces, lowers and compiles nothing.
+  import collections
+  import jax
+  import zipfile
+  out = export.export_sampler(pipe, str(tmp_path / 'art'), weights='argument', platforms=('cpu',))
+  with zipfile.ZipFile(os.path.join(out, exported.WEIGHTS_FILE)) as zf:  # one .npy member per leaf
+    names = zf.namelist()
+  sampler = exported.ExportedSampler(out)
+  assert names == [f'w{i:05d}.npy' for i in range(len(sampler.weights))]
+  assert sampler.weights and all(isinstance(w, jax.Array) for w in sampler.weights)
+  before = [w.unsafe_buffer_pointer() for w in sampler.weights]
+  refs, mask = _refs()
+  first = sampler(PROMPTS[:1], ref_images=refs[:1], ref_mask=mask[:1], seeds=[1])
+  events = collections.Counter()
+  count = lambda name, secs, **kw: events.update([name]) if name.startswith('/jax/core/compile/') else None
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    second = sampler(PROMPTS[1:], ref_images=refs[1:], ref_mask=mask[1:], seeds=[9])
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+  assert not events, dict(events)
+  assert [w.unsafe_buffer_pointer() for w in sampler.weights] == before
+  assert second.shape == first.shape and not np.array_equal(second, first)
+
+
 def _record_rewrites(monkeypatch):
   """Every CPU rewrite of model/cpu.py called while tracing, with the platform the trace was for."""
   from kaleido_jax.model import cpu

@@ -309,26 +309,34 @@ def big_rows(args) -> str:
 # 480x832 before 2026-12-06), 3 refs, text CFG
 # [, programs compiled: default DiT call, umT5 and a VAE decode chunk]).
 _INT8_UMT5 = {'text_encoder.quantization': 'int8'}
+_SET = {'sample.layout': 'config'}  # rows that name their own mesh / tiles / umT5 device
 SAMPLE_AOT_ROWS = [
-    ('14B 512x896+3 refs, int8, v6e-1', 'v6e:1x1', {'model.quantization': 'int8', **_INT8_UMT5}),
+    # configs/kaleido_14b_sample.py as shipped (sample.layout='auto': mesh, VAE tiles and umT5's device from the
+    # chips, kaleido_jax/parallel/sampling_layout.py) with the weight format each chip takes.
+    ('shipped layout, v5e-1: int4, umT5 int8', 'v5e:1x1', {'model.quantization': 'int4', **_INT8_UMT5}),
+    ('shipped layout, v6e-1: int8, umT5 int8', 'v6e:1x1', {'model.quantization': 'int8', **_INT8_UMT5}),
+    ('shipped layout, v5p-1: bf16', 'v5p:1x1x1', {}),
+    ('shipped layout, v6e-8: bf16', 'v6e:2x4', {}),
+    ('shipped layout, v5p-8: bf16', 'v5p:2x2x1', {}),
+    ('14B 512x896+3 refs, int8, v6e-1', 'v6e:1x1', {'model.quantization': 'int8', **_INT8_UMT5, **_SET}),
     ('14B 512x896+3 refs, int4, v5e-1 (umT5 int8, VAE 512-px tiles)', 'v5e:1x1',
-     {'model.quantization': 'int4', **_INT8_UMT5, 'vae.tile_size': 512}),
-    ('14B 512x896+3 refs, bf16, v5p-1', 'v5p:1x1x1', {}),
+     {'model.quantization': 'int4', **_INT8_UMT5, 'vae.tile_size': 512, **_SET}),
+    ('14B 512x896+3 refs, bf16, v5p-1', 'v5p:1x1x1', {**_SET}),
     # The notebook's settings (S2VPipeline keeps its weights between videos: the resident plan must fit).
     ('notebook v6e-1: int8, umT5 int8 on the host, VAE 512-px tiles', 'v6e:1x1',
-     {'model.quantization': 'int8', **_INT8_UMT5, 'sample.text_encoder_device': 'host', 'vae.tile_size': 512}),
+     {'model.quantization': 'int8', **_INT8_UMT5, 'sample.text_encoder_device': 'host', 'vae.tile_size': 512, **_SET}),
     ('notebook v5e-1: int4, umT5 int8 on the host, VAE 256-px tiles', 'v5e:1x1',
-     {'model.quantization': 'int4', **_INT8_UMT5, 'sample.text_encoder_device': 'host', 'vae.tile_size': 256}),
+     {'model.quantization': 'int4', **_INT8_UMT5, 'sample.text_encoder_device': 'host', 'vae.tile_size': 256, **_SET}),
     ('14B 512x896+3 refs, int8 weights x int8 activations, v6e-1 (DiT only)', 'v6e:1x1',
-     {'model.quantization': 'int8', 'model.quantize_activations': True}, ('dit',)),
+     {'model.quantization': 'int8', 'model.quantize_activations': True, **_SET}, ('dit',)),
     ('14B 720p+3 refs, bf16, v6e-8, data 2 x context 4', 'v6e:2x4',
      {'sample.height': 720, 'sample.width': 1280, 'mesh.data': 2, 'mesh.context': 4,
-      'model.context_parallel': 'ulysses'}),
+      'model.context_parallel': 'ulysses', **_SET}),
     # The VAE runs replicated on every chip (its decode is not sharded): at 720p one chunk wants 30 GiB, so the
     # resident plan needs it in tiles.
     ('  same, VAE 512-px tiles', 'v6e:2x4',
      {'sample.height': 720, 'sample.width': 1280, 'mesh.data': 2, 'mesh.context': 4,
-      'model.context_parallel': 'ulysses', 'vae.tile_size': 512}),
+      'model.context_parallel': 'ulysses', 'vae.tile_size': 512, **_SET}),
 ]
 
 

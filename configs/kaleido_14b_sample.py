@@ -6,7 +6,9 @@ One TPU chip (the memory plan of `python -m kaleido_jax.tools.aot --step sample`
   v6e-1 (32 GiB)  --config.model.quantization=int8
   v5e-1 (16 GiB)  --config.model.quantization=int4 --config.text_encoder.quantization=int8
   v5p-1 (95 GiB)  as it is (bf16)
-Many chips: --config.mesh.data=2 --config.mesh.context=4 (guidance branches over data, tokens over context).
+The mesh, VAE tiles and umT5's device follow the chips the run has (`sample.layout='auto'`,
+kaleido_jax/parallel/sampling_layout.py): one chip: no mesh, 256-px tiles on v5e, 512-px on v6e, umT5 on the host on
+both; a host of n chips: guidance branches over data (2), tokens over context (n / 2).
 Weights: --config.init_from.transformer=DIR (a converted, possibly `--quantization int8`, directory) and
 init_from.vae / .text_encoder likewise; text_encoder.tokenizer_path for the umT5 sentencepiece model.
 """
@@ -22,7 +24,7 @@ def get_config():
   config.text_encoder.dtype = 'bfloat16'
   config.data.update(max_refs=3)
   config.vae.update(decode_chunk_frames=1)
-  config.mesh.update(data=-1, fsdp=1)  # one chip: 1; a host of n chips: set context (data fills the rest)
+  config.mesh.update(data=-1, fsdp=1)  # (sample.layout='auto' sets the mesh from the chips at run time)
   config.sample.update(solver='kaleido', num_steps=50, shift=7.0, guidance_scale=6.0, num_frames=81, height=512,
-                       width=896, negative_prompt=kcfg.KALEIDO_NEGATIVE_PROMPT)
+                       width=896, negative_prompt=kcfg.KALEIDO_NEGATIVE_PROMPT, layout='auto')
   return config

@@ -344,6 +344,8 @@ def sample_config(**overrides) -> ml_collections.ConfigDict:
       gif=True,                 # also write a GIF and a PNG strip next to the video
       text_encoder_device='accelerator',  # where umT5 lives and runs: accelerator | host (the host CPU; keeps the
                                 # 5.7B encoder out of HBM, prompts are encoded once each)
+      layout='config',          # config (mesh, VAE tiles, umT5 device as set) | auto (chosen from the chips the run
+                                # has: kaleido_jax/parallel/sampling_layout.py)
   ))
   cfg.update(overrides)
   return cfg

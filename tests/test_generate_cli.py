@@ -157,3 +157,34 @@ def test_int8_sampling_run_writes_the_video(tmp_path, capsys):
   out = cli_main.run_mode('sample', config, str(tmp_path / 'work'))
   assert out['frames'].shape == (5, 16, 16, 3) and os.path.exists(tmp_path / 'v.mp4')
   assert 'random weights' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_one_shot_sample_on_two_hosts_writes_one_video_equal_to_one_host(tmp_path):
+  # Two processes (jax.distributed on loopback, one device each) run `--mode sample` as the hosts of a slice would:
+  # the video spans both hosts' chips, its latents are gathered to every host to decode, and process 0 alone writes.
+  from tests.train.test_loop import _free_port
+  ref = write_reference(str(tmp_path / 'a.png'))
+
+  def cmd(out):
+    return [sys.executable, '-m', 'kaleido_jax.main', '--config', os.path.join(REPO, 'tests', 'sampling_config.py'),
+            '--workdir', str(tmp_path / 'w'), '--mode', 'sample', '--ref', ref, '--prompt', 'A red square moves right.',
+            '--out', str(out), '--checkpoint', 'random', '--steps', '2', '--guidance', '3', '--seed', '1',
+            '--frames', '5', '--size', '16x16']
+  base = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  one = subprocess.run(cmd(tmp_path / 'one.mp4'), capture_output=True, text=True, cwd=REPO, timeout=300,
+                       env=dict(base, XLA_FLAGS='--xla_force_host_platform_device_count=2'))
+  assert one.returncode == 0, one.stderr[-2000:]
+  port = _free_port()
+  procs = [subprocess.Popen(cmd(tmp_path / 'two.mp4'), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env=dict(base, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+                                               JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+                                               JAX_PROCESS_ID=str(i))) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (stdout, stderr) in zip(procs, outs):
+    assert p.returncode == 0, stderr[-2000:]
+  assert 'wrote' in outs[0][0] and 'wrote' not in outs[1][0]  # one writer
+  from kaleido_jax.data.prepare import clips
+  a, b = clips.read_video(str(tmp_path / 'one.mp4')), clips.read_video(str(tmp_path / 'two.mp4'))
+  assert a.shape == b.shape == (5, 16, 16, 3)
+  assert np.abs(a.astype(int) - b.astype(int)).max() <= 2  # the same video (video codec rounding aside)

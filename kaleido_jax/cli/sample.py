@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 import numpy as np
 from tqdm import tqdm
 
@@ -29,6 +30,8 @@ from kaleido_jax import storage
 from kaleido_jax.data import references as refs_lib
 from kaleido_jax.diffusion import sampler as sampler_lib
 from kaleido_jax.parallel import mesh as mesh_lib
+from kaleido_jax.parallel import sampling_layout
+
 
 class StepProgress:
   """A tqdm bar advanced from inside the jitted sampler (jax.debug.callback)."""
@@ -76,6 +79,13 @@ def view_scale(height: int) -> int:
   return max(1, 128 // max(height, 1))
 
 
+def layout(config: ml_collections.ConfigDict, devices: list[Any]) -> dict[str, Any]:
+  try:
+    return sampling_layout.apply(config, devices)
+  except ValueError as e:
+    raise pipe_lib.UserInputError(f'{e} (--config.sample.layout)') from e
+
+
 def device_groups(config: ml_collections.ConfigDict, devices: list[Any]) -> list[Any]:
   """This host's data-parallel groups for batch sampling: meshes of `fsdp x context x tensor` local chips each."""
   try:
@@ -94,6 +104,7 @@ def run_batch(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   requests = batch.read_requests(s.prompts, base_seed=int(s.seed), max_refs=int(config.model.max_refs),
                                  check_image=lambda path, j: refs_lib.load_reference(path, 8, 8, index=j))
   mesh_lib.initialize_distributed()
+  layout(config, list(jax.local_devices()))  # a host's chips: its groups
   groups = device_groups(config, list(jax.local_devices()))
   storage.path(out_dir).mkdir(parents=True, exist_ok=True)
   encoders = enc_lib.Encoders.from_config(config, workdir=workdir)  # shared by the host's groups
@@ -121,6 +132,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   s = config.sample
   if s.get('prompts', ''):
     return run_batch(config, workdir)
+  # Several hosts (a multi-host slice): one video over every chip; process 0 writes it.
+  mesh_lib.initialize_distributed()
+  writer = jax.process_index() == 0
+  chosen = layout(config, jax.devices())
+  if chosen and writer:
+    print(f'layout for {jax.device_count()} x {jax.devices()[0].device_kind}: {chosen}')
   paths = output_paths(s.output or storage.join(workdir, 'samples', 'sample.mp4'), bool(s.gif))
   if not s.prompt.strip():
     raise pipe_lib.UserInputError('the prompt is empty; describe the video to make (--prompt "...")')
@@ -148,9 +165,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     inputs = pipe.prepare(list(s.refs), s.prompt, seed=int(s.seed))
     latents = pipe.sample_latents(inputs, pipe.sample_config(), on_step=progress)
     pipe.release_weights()
+    if jax.process_count() > 1:  # the latents span hosts: every host gets them whole to decode on its own chips
+      latents = multihost_utils.process_allgather(latents, tiled=True)
     frames = enc_lib.to_uint8(pipe.encoders.decode(latents))[0]
   finally:
     progress.close()
+  if not writer:
+    return {'paths': {}, 'frames': frames}
   n = len(s.refs)
   write_sample(paths, frames, enc_lib.to_uint8(inputs['ref_images'][0, :n]), s.fps, view_scale(s.height))
   print(f'wrote {", ".join(paths.values())} ({frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]}, '

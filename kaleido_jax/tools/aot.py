@@ -41,6 +41,7 @@ from kaleido_jax.model import codec as codec_lib  # noqa: E402
 from kaleido_jax.model import quantization  # noqa: E402
 from kaleido_jax.model import text_encoder as te  # noqa: E402
 from kaleido_jax.parallel import mesh as mesh_lib  # noqa: E402
+from kaleido_jax.parallel import sampling_layout  # noqa: E402
 from kaleido_jax.parallel import shardings as shardings_lib  # noqa: E402
 from kaleido_jax.train import flops as flops_lib  # noqa: E402
 from kaleido_jax.train import inputs  # noqa: E402
@@ -191,6 +192,7 @@ def analyse_sample(config, topology: str, batch_size: int = 1, num_refs: int = -
   (see `format_sample_table`)."""
 
   devices = topology_devices(topology)
+  sampling_layout.apply(config, devices)  # sample.layout='auto': the mesh, tiles and umT5 device the run picks there
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   s = config.sample
   t_f, s_f, z = codec_lib.factors(config.vae)

@@ -188,3 +188,17 @@ def test_one_shot_sample_on_two_hosts_writes_one_video_equal_to_one_host(tmp_pat
   a, b = clips.read_video(str(tmp_path / 'one.mp4')), clips.read_video(str(tmp_path / 'two.mp4'))
   assert a.shape == b.shape == (5, 16, 16, 3)
   assert np.abs(a.astype(int) - b.astype(int)).max() <= 2  # the same video (video codec rounding aside)
+
+
+def test_a_cpu_run_without_jax_platforms_prints_no_libtpu_trace(tmp_path):
+  # libtpu is installed (the test extra) and this machine has no TPU: `--mode sample` with JAX_PLATFORMS unset must
+  # not print libtpu's initialisation trace, which a user reads as an error.
+  ref = write_reference(str(tmp_path / 'a.png'))
+  cmd = [sys.executable, '-m', 'kaleido_jax.main', '--config', os.path.join(REPO, 'tests', 'sampling_config.py'),
+         '--workdir', str(tmp_path / 'w'), '--mode', 'sample', '--ref', ref, '--prompt', 'A red square moves right.',
+         '--out', str(tmp_path / 'v.mp4'), '--checkpoint', 'random', '--steps', '1', '--frames', '5', '--size', '16x16']
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  p = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, PYTHONPATH=REPO), cwd=REPO, timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  for noise in ('libtpu_init_utils', 'InitGoogle', 'TPU_WORKER_HOSTNAMES', 'TPU accelerator type'):
+    assert noise not in p.stderr, p.stderr[-2000:]

@@ -20,6 +20,9 @@ def test_demo_mode_writes_samples_eval_and_logs(tmp_path, capsys):
   for gif, prompt in out['samples']:
     assert os.path.getsize(gif) > 0 and prompt
     assert os.path.exists(gif.replace('.gif', '.mp4')) and os.path.exists(gif.replace('.gif', '.png'))
+    # The request's inputs beside it (README's `--mode sample --ref samples/heldout_00_ref_0.png` example).
+    assert open(gif.replace('.gif', '.txt')).read().strip() == prompt
+    assert os.path.exists(gif.replace('.gif', '_ref_0.png'))
   for f in ('eval.json', 'eval.md', 'video_00.png'):
     assert os.path.exists(tmp_path / 'eval' / f)
   assert any(f.startswith('events') for f in os.listdir(tmp_path))

@@ -7,7 +7,8 @@
 2. Generate one video per held-out request (identities never seen in training, references cut from other
    clips) with the trained weights and, as the baseline, with untrained random weights.
 3. Score both and the real clips (kaleido_jax/eval/runner.py): WORKDIR/eval/eval.md, eval.json and strips.
-4. Write WORKDIR/samples/heldout_XX.mp4 (+ .gif and a .png strip: references above the frames).
+4. Write WORKDIR/samples/heldout_XX.mp4 (+ .gif and a .png strip: references above the frames), and beside it
+   the request's references (heldout_XX_ref_J.png) and prompt (heldout_XX.txt), the inputs `--mode sample` takes.
 Prints where everything is, the table, and the TensorBoard command for the training curves.
 """
 
@@ -17,8 +18,9 @@ from typing import Any
 
 import ml_collections
 
-from kaleido_jax import storage
+from kaleido_jax import media
 from kaleido_jax import pipeline as pipe_lib
+from kaleido_jax import storage
 from kaleido_jax.eval import metrics
 from kaleido_jax.cli import sample as sample_lib
 from kaleido_jax.eval import runner
@@ -55,6 +57,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                               width=d.width, seed=int(config.sample.seed) + i)[0]
     paths = sample_lib.output_paths(storage.join(samples, f'heldout_{i:02d}.mp4'), True)
     sample_lib.write_sample(paths, frames, r['refs'], float(config.sample.fps), sample_lib.view_scale(d.height))
+    # The request's references and prompt beside it: what `--mode sample --ref ...` takes (README's example).
+    for j, ref in enumerate(r['refs']):
+      media.write_image(storage.join(samples, f'heldout_{i:02d}_ref_{j}.png'), ref)
+    storage.write_bytes(storage.join(samples, f'heldout_{i:02d}.txt'), (r['prompt'] + '\n').encode())
     written.append((paths['gif'], r['prompt']))
   means = results['means']
   better = [k for k in means['trained'] if k.startswith('fidelity_')

@@ -18,14 +18,18 @@ from kaleido_jax.model.dit import KaleidoDiT
 COMPONENT = "transformer"
 
 
-def convert_state(path: str, fmt: str = "diffusers", config: ml_collections.ConfigDict | None = None):
-  """(pure nested state dict of numpy arrays, model config) from a PyTorch-side checkpoint."""
+def _open(path: str, fmt: str, config: ml_collections.ConfigDict | None):
+  """(resolved path, reader, model config: the given one, else the one the checkpoint's shapes give)."""
   if fmt not in FORMATS:
     raise ValueError(f"unknown transformer format {fmt!r}; choose one of {FORMATS}")
   path = resolve_path(path, fmt)
   reader = common.CheckpointReader(path)
-  if config is None:
-    config = config_from_checkpoint(path, fmt, reader)
+  return path, reader, config if config is not None else config_from_checkpoint(path, fmt, reader)
+
+
+def convert_state(path: str, fmt: str = "diffusers", config: ml_collections.ConfigDict | None = None):
+  """(pure nested state dict of numpy arrays, model config) from a PyTorch-side checkpoint."""
+  path, reader, config = _open(path, fmt, config)
   abstract = nnx.eval_shape(lambda: KaleidoDiT(config, rngs=nnx.Rngs(0)))
   like = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   targets = common.flatten_paths(like)
@@ -77,14 +81,10 @@ def convert(input_path: str, output_dir: str, fmt: str, quantization: str = "non
   28 GB for the 14B model, not 57 GB of float32), and ``quantization`` quantizes each kernel as it is read
   (`common.fill_quantized`): the host holds the output and about one layer's kernel, never a float model.
   """
-  if fmt not in FORMATS:
-    raise ValueError(f"unknown transformer format {fmt!r}; choose one of {FORMATS}")
-  path = resolve_path(input_path, fmt)
-  reader = common.CheckpointReader(path)
-  if config is None:
-    config = config_from_checkpoint(path, fmt, reader)
-    config.param_dtype = "bfloat16" if reader.float_dtype() == "bfloat16" else "float32"
-  cfg = ml_collections.ConfigDict(config.to_dict())
+  path, reader, inferred = _open(input_path, fmt, config)
+  cfg = ml_collections.ConfigDict(inferred.to_dict())
+  if config is None:  # the checkpoint's own dtype
+    cfg.param_dtype = "bfloat16" if reader.float_dtype() == "bfloat16" else "float32"
   cfg.quantization = "none"
   float_like = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build_model(cfg)), nnx.Param))
   targets = common.flatten_paths(float_like)

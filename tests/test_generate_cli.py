@@ -202,3 +202,20 @@ def test_a_cpu_run_without_jax_platforms_prints_no_libtpu_trace(tmp_path):
   assert p.returncode == 0, p.stderr[-2000:]
   for noise in ('libtpu_init_utils', 'InitGoogle', 'TPU_WORKER_HOSTNAMES', 'TPU accelerator type'):
     assert noise not in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize('body,expected', [
+    (None, "No such file or directory"),
+    ('import no_such_module_here\n', "ModuleNotFoundError: No module named 'no_such_module_here'"),
+    ('def get_config(:\n', 'SyntaxError: invalid syntax'),
+])
+def test_a_config_file_that_does_not_load_is_one_line_with_status_2(tmp_path, body, expected):
+  path = tmp_path / 'cfg.py'
+  if body is not None:
+    path.write_text(body)
+  p = subprocess.run([sys.executable, '-m', 'kaleido_jax.main', '--config', str(path), '--workdir',
+                      str(tmp_path / 'w'), '--dry_run'], capture_output=True, text=True, cwd=str(tmp_path),
+                     env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO), timeout=120)
+  lines = p.stderr.strip().splitlines()
+  assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith('error: the config file does not load') and expected in lines[0]

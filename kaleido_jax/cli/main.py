@@ -128,13 +128,23 @@ def parse_flags(argv):
     line = kcfg.unknown_override(argv, _CONFIG.default)
     print(line or f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}; see --help", file=sys.stderr)
     sys.exit(2)
+  except (ImportError, SyntaxError, OSError) as e:  # the config file itself does not load
+    where = f" ({e.filename}:{e.lineno})" if isinstance(e, SyntaxError) else ""
+    print(f"error: the config file does not load: {type(e).__name__}: {str(e).splitlines()[0]}{where}; fix it or "
+          "pass another --config", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  mode = _MODE.value or config.mode
+  try:
+    config = _CONFIG.value
+    mode = _MODE.value or config.mode
+  except OSError as e:  # ml_collections defers a config file it could not read until the config is used
+    detail = str(e).strip().splitlines()[-1].strip()
+    print(f"error: the config file does not load: {detail}; pass an existing --config file", file=sys.stderr)
+    sys.exit(2)
   if mode not in MODES:
     print(f"error: unknown mode {mode!r}; choose one of {sorted(MODES)}", file=sys.stderr)
     sys.exit(2)

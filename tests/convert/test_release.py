@@ -167,6 +167,7 @@ print('sampled', video.shape)
 """
 
 
+@pytest.mark.slow  # two subprocesses convert and sample (~60 s)
 def test_a_release_converted_on_device_1_loads_and_samples_where_that_device_does_not_exist(tmp_path, parts):
   # A TPU process lacks the converting host's CPU device: orbax refused a plain restore of the jax Arrays the
   # converters saved ("Topology mismatch detected"). Twin here: written by device 1 of a 2-device process (DiT,

@@ -191,8 +191,9 @@ def test_two_processes_share_a_bucket_workdir_through_kill_and_preemption(gcs, t
 
   ref, run = f'gs://{gcs.bucket}/two-ref', f'gs://{gcs.bucket}/two'
   _finish(_launch(ref, str(tmp_path / 'ref.json')))
-  # Each host feeds the batch rows its devices hold: (index, count, start, stop) of the global batch of 8.
-  assert [tuple(o['shard']) for o in _outs(str(tmp_path / 'ref.json'), 2)] == [(0, 2, 0, 4), (1, 2, 4, 8)]
+  # Each host feeds the batch rows its devices hold: (index, count, rows) of the global batch of 8.
+  assert [tuple(o['shard']) for o in _outs(str(tmp_path / 'ref.json'), 2)] == [(0, 2, [0, 1, 2, 3]),
+                                                                                 (1, 2, [4, 5, 6, 7])]
   # SIGKILL both processes at a random moment after the first checkpoint: no handler runs, no final save.
   out = str(tmp_path / 'run.json')
   procs = _launch(run, out, sleep=0.3)

@@ -189,40 +189,80 @@ def test_a_release_converted_on_device_1_loads_and_samples_where_that_device_doe
   assert 'sampled (1, 5, 16, 16, 3)' in run(_READ_ON_ONE_DEVICE, 1, root, out, legacy, str(tmp_path / 'w'))
 
 
+_SECOND_GENERATE = """
+import collections, json, os, sys
+import jax, numpy as np
+from flax import nnx
+from kaleido_jax import pipeline
+from tests.convert.test_release import _sample_config
+root, out, work = sys.argv[1:]
+pipe = pipeline.S2VPipeline.from_config(_sample_config(root), workdir=work, checkpoint=out)
+ref = [[np.full((16, 16, 3), 200, np.uint8)]]
+first = pipe.generate(ref, ['a red cat'], num_frames=5, height=16, width=16, seed=0)
+
+def weights():
+  trees = {'dit': pipe.state, 'vae': nnx.state(pipe.encoders.codec, nnx.Param),
+           'umt5': nnx.state(pipe.encoders.text_encoder, nnx.Param)}
+  leaves = {k: jax.tree.leaves(v) for k, v in trees.items()}
+  bad = {k: [type(x).__name__ for x in v if not isinstance(x, jax.Array)] for k, v in leaves.items()}
+  assert not any(bad.values()), bad  # host numpy would cross to the device in every call
+  return {k: [x.unsafe_buffer_pointer() for x in v] for k, v in leaves.items()}
+
+def transfers(tag):
+  # jax.transfer_guard 'log' writes a line to fd 2 for each implicit host -> device transfer; tagged here.
+  sys.stderr.flush()
+  os.write(2, f'<<{tag}\\n'.encode())
+  with jax.transfer_guard_host_to_device('log'):
+    video = pipe.generate(ref, ['a blue dog'], num_frames=5, height=16, width=16, seed=7, guidance_scale=3.0)
+  os.write(2, f'>>{tag}\\n'.encode())
+  return video
+
+before = weights()
+events = collections.Counter()
+count = lambda name, secs, **kw: events.update([name]) if name.startswith('/jax/core/compile/') else None
+jax.monitoring.register_event_duration_secs_listener(count)
+second = transfers('second')
+jax.monitoring.unregister_event_duration_listener(count)
+same = weights() == before
+transfers('cached_prompt')  # the same prompt again: umT5 does not run (the prompt cache)
+codec = pipe.encoders.codec  # the control: the VAE's weights as host numpy, as before #37
+nnx.update(codec, jax.tree.map(np.asarray, nnx.state(codec, nnx.Param)))
+transfers('numpy_vae')
+print(json.dumps(dict(events=dict(events), same_buffers=same, leaves={k: len(v) for k, v in before.items()},
+                      differs=bool(second.shape == first.shape and not np.array_equal(second, first)))))
+"""
+
+
 def test_a_second_generate_with_another_scale_seed_and_prompt_compiles_nothing_and_moves_no_weights(tmp_path, parts):
   # The released model as --mode sample loads it (converted int8 DiT and umT5, the VAE): after one video, another
   # with a new guidance scale, seed and prompt traces and compiles no program (the scales are traced values), and
-  # every weight (DiT, VAE, umT5) is a jax Array that stays on its device: the same buffers before and after, so
-  # no jitted call takes a host copy of one (before #37 the VAE's weights were host numpy, uploaded per call).
-  import collections
-  import jax
-  from flax import nnx
-  from kaleido_jax import pipeline
+  # every weight (DiT, VAE, umT5) is a jax Array that stays on its device (the same buffers before and after).
+  # Transfers are counted with jax.transfer_guard_host_to_device('log') in a subprocess (the suite silences C++
+  # logs: TF_CPP_MIN_LOG_LEVEL=3 in conftest).
+  import json
+  import re
+  import subprocess
+  import sys
   root = _release(str(tmp_path / 'Kaleido-14B-S2V'), parts)
   out = release.convert_release(root, str(tmp_path / 'converted'), 'int8', vae=vae_cfg())
-  pipe = pipeline.S2VPipeline.from_config(_sample_config(root), workdir=str(tmp_path / 'w'), checkpoint=out)
-  ref = [[np.full((16, 16, 3), 200, np.uint8)]]
-  first = pipe.generate(ref, ['a red cat'], num_frames=5, height=16, width=16, seed=0)
-
-  def weights():
-    trees = {'dit': pipe.state, 'vae': nnx.state(pipe.encoders.codec, nnx.Param),
-             'umt5': nnx.state(pipe.encoders.text_encoder, nnx.Param)}
-    leaves = {k: jax.tree.leaves(v) for k, v in trees.items()}
-    assert all(len(v) > 4 for v in leaves.values()), {k: len(v) for k, v in leaves.items()}
-    bad = {k: [type(x).__name__ for x in v if not isinstance(x, jax.Array)] for k, v in leaves.items()}
-    assert not any(bad.values()), bad  # host numpy would cross to the device in every call
-    return {k: [x.unsafe_buffer_pointer() for x in v] for k, v in leaves.items()}
-  before = weights()
-  events = collections.Counter()
-  count = lambda name, secs, **kw: events.update([name]) if name.startswith('/jax/core/compile/') else None
-  jax.monitoring.register_event_duration_secs_listener(count)
-  try:
-    second = pipe.generate(ref, ['a blue dog'], num_frames=5, height=16, width=16, seed=7, guidance_scale=3.0)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(count)
-  assert not events, dict(events)  # nothing traced, lowered or compiled
-  assert weights() == before
-  assert second.shape == first.shape and not np.array_equal(second, first)
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=repo, TF_CPP_MIN_LOG_LEVEL='0')
+  p = subprocess.run([sys.executable, '-c', _SECOND_GENERATE, root, out, str(tmp_path / 'w')], env=env,
+                     cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  got = json.loads(p.stdout.strip().splitlines()[-1])
+  moved = {tag: body.count('host-to-device transfer')
+           for tag, body in re.findall(r'<<(\w+)\n(.*?)>>\1', p.stderr, re.S)}
+  assert not got['events'], got['events']  # nothing traced, lowered or compiled
+  assert got['same_buffers'] and got['differs'], got
+  # What crosses is the call's own inputs and eager scalars (35 on 2026-12-07): fewer transfers than the DiT or the
+  # VAE has weight leaves (a weight passed as host numpy is one transfer per leaf per call), and umT5's run for the
+  # new prompt adds fewer than umT5 has (the same generate with the prompt cached: 30).
+  leaves = got['leaves']
+  assert 0 < moved['second'] < min(leaves['dit'], leaves['vae']), (moved, leaves)
+  assert 0 <= moved['second'] - moved['cached_prompt'] < leaves['umt5'], (moved, leaves)
+  # The count sees a weight upload: the VAE's weights as host numpy (what #37 found) add one per leaf per call.
+  assert moved['numpy_vae'] - moved['second'] >= got['leaves']['vae'], (moved, got['leaves'])
 
 
 def test_unexpected_keys_are_named_and_known_extras_ignored(tmp_path, parts):

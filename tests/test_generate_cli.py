@@ -190,17 +190,31 @@ def test_one_shot_sample_on_two_hosts_writes_one_video_equal_to_one_host(tmp_pat
   assert np.abs(a.astype(int) - b.astype(int)).max() <= 2  # the same video (video codec rounding aside)
 
 
-def test_a_cpu_run_without_jax_platforms_prints_no_libtpu_trace(tmp_path):
-  # libtpu is installed (the test extra) and this machine has no TPU: `--mode sample` with JAX_PLATFORMS unset must
-  # not print libtpu's initialisation trace, which a user reads as an error.
+def test_a_cpu_run_without_jax_platforms_is_quiet(tmp_path):
+  # libtpu is installed (the test extra) and this machine has no TPU: `--mode sample` with JAX_PLATFORMS unset and
+  # every log level at its default must not print libtpu's initialisation trace, nor orbax's "Metadata file does
+  # not exist" for a training checkpoint's weights (an item of a CheckpointManager step), nor TF's banners: a user
+  # reads them as errors. The weights: a step a CheckpointManager wrote, as the trainer writes them.
+  import jax
+  import orbax.checkpoint as ocp
+  from flax import nnx
+  from kaleido_jax import pipeline as pipe_lib
+  from tests.sampling_common import tiny_config
+  _, state = pipe_lib.random_weights(tiny_config().model, seed=0)
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+  with ocp.CheckpointManager(str(tmp_path / 'w' / 'checkpoints'),
+                             item_handlers={'state': ocp.StandardCheckpointHandler()}) as mngr:
+    mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave({'params': params})))
   ref = write_reference(str(tmp_path / 'a.png'))
   cmd = [sys.executable, '-m', 'kaleido_jax.main', '--config', os.path.join(REPO, 'tests', 'sampling_config.py'),
          '--workdir', str(tmp_path / 'w'), '--mode', 'sample', '--ref', ref, '--prompt', 'A red square moves right.',
-         '--out', str(tmp_path / 'v.mp4'), '--checkpoint', 'random', '--steps', '1', '--frames', '5', '--size', '16x16']
-  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+         '--out', str(tmp_path / 'v.mp4'), '--steps', '1', '--frames', '5', '--size', '16x16']
+  env = {k: v for k, v in os.environ.items() if k not in ('JAX_PLATFORMS', 'TF_CPP_MIN_LOG_LEVEL')}
   p = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, PYTHONPATH=REPO), cwd=REPO, timeout=300)
   assert p.returncode == 0, p.stderr[-2000:]
-  for noise in ('libtpu_init_utils', 'InitGoogle', 'TPU_WORKER_HOSTNAMES', 'TPU accelerator type'):
+  assert 'checkpoints step 3' in p.stdout, p.stdout[-2000:]  # the trainer-style checkpoint was what it loaded
+  for noise in ('libtpu_init_utils', 'InitGoogle', 'TPU_WORKER_HOSTNAMES', 'TPU accelerator type',
+                'Metadata file does not exist', 'oneDNN', 'cuda', 'Unable to register'):
     assert noise not in p.stderr, p.stderr[-2000:]
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import ml_dtypes
 import numpy as np
+from etils import epath
 import orbax.checkpoint as ocp
 from flax import nnx
 from safetensors import safe_open
@@ -475,13 +476,35 @@ def load_converted(path: str, *, component: str) -> tuple[dict[str, Any], ml_col
   if meta.get("component") != component:
     raise ConversionError(f"{path!r} holds a {meta.get('component')!r} checkpoint, not a {component!r}")
   state_dir = storage.join(storage.absolute(path), STATE_DIR)
-  with ocp.PyTreeCheckpointer() as ckptr:
-    # Restored as numpy whatever devices the writer had (directories written before #37 hold jax Arrays whose
-    # device this process may lack).
-    tree = ckptr.metadata(state_dir).item_metadata.tree
-    numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    state = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=numpy))
+  # Restored as numpy whatever devices the writer had (directories written before #37 hold jax Arrays whose
+  # device this process may lack).
+  numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), orbax_tree(state_dir))
+  state = orbax_restore(state_dir, ocp.args.PyTreeRestore(restore_args=numpy))
   return state, ml_collections.ConfigDict(_lists_to_tuples(meta["config"]))
+
+
+# An orbax pytree directory is read through its handler, not a Checkpointer: a Checkpointer also looks for the
+# step-level _CHECKPOINT_METADATA, which an item inside a CheckpointManager step (a training checkpoint's
+# `state`) does not have, and logs "Metadata file does not exist" for each read, which users take for an error.
+
+
+def orbax_tree(directory: str) -> Any:
+  """The stored tree (shapes, dtypes) of the orbax pytree at ``directory``."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    meta = handler.metadata(epath.Path(directory))
+  finally:
+    handler.close()
+  return meta.tree if hasattr(meta, "tree") else meta
+
+
+def orbax_restore(directory: str, args: Any) -> Any:
+  """``PyTreeRestore`` ``args`` from the orbax pytree at ``directory``."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return handler.restore(epath.Path(directory), args=args)
+  finally:
+    handler.close()
 
 
 def _lists_to_tuples(d: Any) -> Any:

@@ -8,6 +8,9 @@ quantized (``qvalue`` / ``scale`` pairs) and which are wrapped by a LoRA adapter
 Per leaf: read from the source into the sharding of its target (sources.py), add the LoRA updates that touch
 it, quantize it (a float source into a quantized target) or cast it, and keep it. What a device holds during
 the load is its shard of what has landed plus one leaf in flight: a 14B model never passes through one chip.
+A float kernel quantized on load is read to the host's CPU device and quantized there: only its quantized pair
+reaches the accelerator (a bf16 kernel is 2x its int8 pair, 4x int4), and the pair is bitwise what the offline
+converter (``--quantization``, also on the host) writes.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import SingleDeviceSharding
 
+from kaleido_jax.convert import common
 from kaleido_jax.model import lora as lora_lib
 from kaleido_jax.model import quantization
 from kaleido_jax.weights import sources as sources_lib
@@ -58,11 +63,12 @@ def _scheme_of_dtype(dtype: Any) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _quantizer(scheme: str, scale_dtype: Any, q_sharding: Any, s_sharding: Any) -> Callable:
+def _quantizer(scheme: str, scale_dtype: Any) -> Callable:
+  """Float kernel -> (qvalue, scale), run where the kernel is (the host's CPU device, see ``load``)."""
   def q(kernel):
     out = quantization.quantize_kernel(kernel, scheme, scale_dtype)
     return out.qvalue, out.scale
-  return jax.jit(q, out_shardings=(q_sharding, s_sharding))
+  return jax.jit(q)
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,6 +98,7 @@ def load(source: Any, target: Mapping[Any, Any], *, float_like: Mapping[Any, Any
                        'checkpoint again')
   requantize = source.scheme == 'none' and scheme != 'none'
   float_flat = flat(float_like) if float_like is not None else {}
+  host = SingleDeviceSharding(common.host_device())  # where float kernels are quantized on load
   wanted: dict[str, jax.ShapeDtypeStruct] = {}
   for c, p in by_canon.items():
     parent, _, name = c.rpartition('/')
@@ -100,8 +107,7 @@ def load(source: Any, target: Mapping[Any, Any], *, float_like: Mapping[Any, Any
         kernel = parent + '/kernel'
         if kernel not in float_flat:
           raise WeightsError(f'quantizing {source.where!r} on load needs the float model (float_like) for {kernel}')
-        t = targets[p]
-        wanted[kernel] = jax.ShapeDtypeStruct(t.shape, float_flat[kernel].dtype, sharding=t.sharding)
+        wanted[kernel] = jax.ShapeDtypeStruct(targets[p].shape, float_flat[kernel].dtype, sharding=host)
       continue
     wanted[c] = targets[p]
   try:
@@ -121,9 +127,12 @@ def load(source: Any, target: Mapping[Any, Any], *, float_like: Mapping[Any, Any
       if path in by_leaf:
         value = lora_lib.apply_updates(value, by_leaf[path], in_stack)
       qt, st = targets[by_canon[parent + '/qvalue']], targets[by_canon[parent + '/scale']]
-      qv, sc = _quantizer(scheme, jnp.dtype(st.dtype), qt.sharding, st.sharding)(value)
+      qv, sc = _quantizer(scheme, jnp.dtype(st.dtype))(value)
       del value
-      out[by_canon[parent + '/qvalue']], out[by_canon[parent + '/scale']] = qv, sc
+      # Each device receives its shard of the pair from this host (every process quantizes the leaf it read).
+      out[by_canon[parent + '/qvalue']] = sources_lib.place(np.asarray(qv), qt.sharding)
+      out[by_canon[parent + '/scale']] = sources_lib.place(np.asarray(sc), st.sharding)
+      del qv, sc
     elif parent + '/kernel' in by_leaf and name in ('qvalue', 'scale'):  # LoRA into stored quantized weights
       pair = pending_q.setdefault(parent, {})
       pair[name] = value

@@ -80,10 +80,9 @@ class OrbaxSource:
     self.directory, self.prefix, self.scheme = directory, prefix, scheme
     self.where = where or directory
     try:
-      meta = ocp.PyTreeCheckpointer().metadata(directory).item_metadata
+      tree = common.orbax_tree(directory)
     except (FileNotFoundError, ValueError) as e:
       raise WeightsError(f'{self.where!r} holds no readable orbax checkpoint ({e})') from e
-    tree = meta.tree if hasattr(meta, 'tree') else meta
     if prefix:
       if prefix not in tree:
         raise WeightsError(f'{self.where!r} has no {prefix!r} entry (it has {sorted(tree)})')
@@ -138,9 +137,8 @@ class OrbaxSource:
     """A partial restore of ``leaves`` (stored paths), each device reading only its shard."""
     full = {(f'{self.prefix}/{k}' if self.prefix else k): v for k, v in leaves.items()}
     item = _nested(full)
-    with ocp.PyTreeCheckpointer() as ckptr:
-      out = ckptr.restore(self.directory, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    out = common.orbax_restore(self.directory, ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
     flat = _flat(out)
     return {k: flat[f'{self.prefix}/{k}' if self.prefix else k] for k in leaves}
 

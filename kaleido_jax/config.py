@@ -244,6 +244,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
           min_motion=0.5,               # mean |frame diff| (0..255) below this = static
           max_shake=40.0,               # mean |frame diff| above this = shaky / cut
           min_subject_area=0.01, max_subject_area=0.8,
+          max_subject_box_area=0.9,     # a subject whose box covers more of the frame is the scene, not a subject
           max_border_touch=0.5,         # fraction of frames a subject box touches the border
           dedup_threshold=4,            # perceptual-hash Hamming distance for near-duplicates
           cutout_margin=0.1,
@@ -253,16 +254,21 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
           split='train',                # TFDS split name the prepared examples are written to
           fps=8,                        # frame rate clips are decoded at (raw videos) and exported at (synthetic)
           # Raw videos (data/ingest.py): grounding none = annotations given (annotations.jsonl);
-          #   motion = background subtraction (static camera, no weights); transformers = detector + SAM.
+          #   motion = background subtraction (static camera, no weights); people = people and faces (dlib,
+          #   OpenCV: models in wheels, the grounding extra); transformers = detector + SAM; auto = people, then
+          #   transformers where detector_dir is given, else motion.
           grounding='none',
           captions='',                  # captions jsonl ({"video", "caption", ["start", "end"], ["subjects"]})
           captioner='',                 # local transformers image-to-text model dir for videos without a caption
+          caption_from_subjects=False,  # a shot with no caption is captioned from its grounded subjects' phrases
+                                        #   ('A person.'), never silently: off unless asked
           decode_short_side=0,          # downscale while decoding so the short side is at most this (0: as is)
           shot_threshold=0.5,           # colour-histogram distance that is always a cut (video.shot_cuts)
           window_stride=0,              # training windows per shot: 0 = one centred, else every `stride` frames
           motion_threshold=30.0,        # motion grounder: |frame - background| (0..255) that is foreground
           max_tracks=4,                 # subjects kept per shot (largest first)
           identity_threshold=0.35,      # descriptor distance under which two shots' tracks are one subject
+          face_identity_threshold=0.6,  # face-embedding distance under which two people are one (dlib's 0.6)
           detector_dir='',              # transformers grounder: local OWLv2 / OWL-ViT / Grounding DINO directory
           segmenter_dir='',             # transformers grounder: local SAM directory ('' = box masks)
           box_threshold=0.2,            # transformers grounder: detection score threshold

@@ -105,6 +105,9 @@ def user_errors(mode: str) -> tuple[type[BaseException], ...]:
   if mode != "train":  # the trainer never imports the sampling pipeline
     from kaleido_jax import pipeline  # lazy: the error path
     errors += (pipeline.UserInputError,)
+  if mode == "prepare":
+    from kaleido_jax.data.prepare import report  # lazy: the error path
+    errors += (report.NothingSurvived,)
   return errors + {"sample": (FileNotFoundError,), "eval": (FileNotFoundError,),
                    "export": (FileNotFoundError, ValueError)}.get(mode, ())
 

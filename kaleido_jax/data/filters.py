@@ -48,13 +48,32 @@ def video_hash(video: np.ndarray) -> np.ndarray:
   return np.concatenate([phash(video[i]) for i in (0, len(video) // 2, len(video) - 1)])
 
 
+def box_area(masks: np.ndarray) -> np.ndarray:
+  """(F, S, H, W) masks -> (S,) the median over the frames a subject is present in of its bounding box's area as a
+  fraction of the frame (0 for a subject never present). A sparse mask spread over the frame (texture motion
+  merged into one component) has a small mask area but a box as large as the frame."""
+  f, s, h, w = masks.shape
+  rows, cols = masks.any(-1), masks.any(-2)  # (F, S, H), (F, S, W)
+  out = np.zeros(s)
+  for k in range(s):
+    present = rows[:, k].any(-1)
+    if not present.any():
+      continue
+    r, c = rows[present, k], cols[present, k]
+    height = h - r.argmax(-1) - r[:, ::-1].argmax(-1)
+    width = w - c.argmax(-1) - c[:, ::-1].argmax(-1)
+    out[k] = float(np.median(height * width)) / (h * w)
+  return out
+
+
 def subject_stats(masks: np.ndarray) -> dict[str, np.ndarray]:
-  """Per subject: mean area fraction over frames and fraction of frames whose box touches the border."""
+  """Per subject: mean area fraction over frames, median box area fraction (box_area) and fraction of frames
+  whose box touches the border."""
   f, s, h, w = masks.shape
   area = masks.reshape(f, s, -1).mean(-1).mean(0) if f else np.zeros(s)
   touch = (masks[:, :, 0].any(-1) | masks[:, :, -1].any(-1) | masks[:, :, :, 0].any(-1) |
            masks[:, :, :, -1].any(-1))
-  return dict(area=area, border=touch.mean(0))
+  return dict(area=area, box=box_area(masks), border=touch.mean(0))
 
 
 def check_clip(video: np.ndarray, masks: np.ndarray, cfg: Any) -> str | None:
@@ -76,7 +95,7 @@ def check_clip(video: np.ndarray, masks: np.ndarray, cfg: Any) -> str | None:
   st = subject_stats(masks)
   if (st['area'] < cfg.min_subject_area).any():
     return 'subject_too_small'
-  if (st['area'] > cfg.max_subject_area).any():
+  if (st['area'] > cfg.max_subject_area).any() or (st['box'] > cfg.max_subject_box_area).any():
     return 'subject_too_large'
   if (st['border'] > cfg.max_border_touch).any():
     return 'subject_truncated'

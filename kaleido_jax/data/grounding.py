@@ -25,12 +25,21 @@ from scipy import optimize
 
 @dataclasses.dataclass
 class Track:
-  """One subject through a shot: boxes (F, 4) x0, y0, x1, y1 in pixels (NaN where absent), masks (F, H, W)."""
+  """One subject through a shot: boxes (F, 4) x0, y0, x1, y1 in pixels (NaN where absent), masks (F, H, W).
+
+  grounder: which grounder made it ('motion', 'people', 'transformers'); face_boxes (F, 4) for a person whose
+  face was seen; embedding: an identity vector compared across shots by Euclidean distance under
+  `embedding_threshold` (a face embedding), where both tracks have one; else the cut-outs' descriptors.
+  """
   boxes: np.ndarray
   masks: np.ndarray
   phrase: str = ''
   score: float = 1.0
   subject_id: int = -1
+  grounder: str = ''
+  face_boxes: np.ndarray | None = None
+  embedding: np.ndarray | None = None
+  embedding_threshold: float = 0.0
 
   @property
   def presence(self) -> np.ndarray:
@@ -119,6 +128,7 @@ class MotionGrounder:
   min_presence: float = 0.5
   max_tracks: int = 4
   background_frames: int = 64
+  max_box_area: float = 0.9  # a track whose median box covers more of the frame is the scene moving, not a subject
 
   def background(self, frames: np.ndarray) -> np.ndarray:
     """(H, W, 3) float32 background of a static shot.
@@ -174,14 +184,42 @@ class MotionGrounder:
       masks = np.zeros((f, h, w), bool)
       for t, m in tr:
         masks[t] |= m
-      tracks.append(Track(boxes=np.stack([mask_box(m) for m in masks]), masks=masks,
-                          score=float(len(tr) / f)))
+      boxes = np.stack([mask_box(m) for m in masks])
+      area = np.nanmedian((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])) / (h * w)
+      if area > self.max_box_area:  # swaying grass, water or a camera move merged into one frame-wide component
+        continue
+      tracks.append(Track(boxes=boxes, masks=masks, score=float(len(tr) / f), grounder='motion'))
     tracks.sort(key=lambda tr: -tr.masks.sum())
     tracks = tracks[:self.max_tracks]
     # Phrases cannot be told apart by motion alone: only a single subject gets the single phrase.
     if len(tracks) == 1 and len(phrases) == 1:
       tracks[0].phrase = phrases[0]
     return tracks
+
+
+def mask_overlap(a: Track, b: Track) -> float:
+  """The fraction of ``a``'s mask pixels (over the shot) that ``b``'s masks also cover."""
+  n = a.masks.sum()
+  return float(np.logical_and(a.masks, b.masks).sum() / n) if n else 0.0
+
+
+@dataclasses.dataclass
+class CombinedGrounder:
+  """Several grounders in order of trust (grounding='auto': people, then what moves): a later grounder's track that
+  lies mostly (`overlap`) on an earlier one's is the same subject and dropped; phrases an earlier grounder gave
+  out are not offered to the next."""
+  grounders: Sequence[Grounder]
+  max_tracks: int = 4
+  overlap: float = 0.5
+
+  def __call__(self, frames: np.ndarray, phrases: Sequence[str] = ()) -> list[Track]:
+    out: list[Track] = []
+    for g in self.grounders:
+      given = {t.phrase for t in out}
+      for tr in g(frames, [p for p in phrases if p not in given]):
+        if not any(mask_overlap(tr, o) > self.overlap for o in out):
+          out.append(tr)
+    return out[:self.max_tracks]
 
 
 # ---------------------------------------------------------------------------------------------- phrases
@@ -256,23 +294,27 @@ def assign_identities(source: str, shots: Sequence[tuple[np.ndarray, Sequence[Tr
   """Subject ids for every track of every shot (frames, tracks) of one source video.
 
   A track whose descriptor (of its best frame's cut-out) is within `threshold` of a cluster's first member joins
-  the nearest such cluster, greedily in shot order; two tracks of one shot never share a cluster. Sets
+  the nearest such cluster, greedily in shot order; two tracks of one shot never share a cluster. Where both
+  carry an embedding (a face), the embedding's distance under its own threshold decides instead. Sets
   `track.subject_id` and returns the ids per shot.
   """
-  centres: list[np.ndarray] = []
+  centres: list[tuple[np.ndarray, np.ndarray | None, float]] = []  # (descriptor, embedding, its threshold)
   out = []
   for frames, tracks in shots:
     ids, taken = [], set()
     for tr in tracks:
       b = tr.best_frame()
       d = embed(frames[b], tr.masks[b])
-      best, best_d = -1, threshold
-      for k, c in enumerate(centres):
-        dist = descriptor_distance(d, c)
-        if k not in taken and dist < best_d:
-          best, best_d = k, dist
+      best, best_score = -1, 1.0  # score: distance / threshold (under 1 = the same subject)
+      for k, (c, emb, emb_threshold) in enumerate(centres):
+        if tr.embedding is not None and emb is not None:  # two faces: the face embedding decides
+          score = float(np.linalg.norm(tr.embedding - emb)) / emb_threshold
+        else:
+          score = descriptor_distance(d, c) / threshold
+        if k not in taken and score < best_score:
+          best, best_score = k, score
       if best < 0:
-        centres.append(d)
+        centres.append((d, tr.embedding, tr.embedding_threshold))
         best = len(centres) - 1
       taken.add(best)
       tr.subject_id = subject_id(source, best)

@@ -21,19 +21,33 @@ from kaleido_jax.data import captions as captions_lib
 from kaleido_jax.data import grounding
 from kaleido_jax.data import video as video_lib
 
-GROUNDINGS = ('none', 'motion', 'transformers')
+GROUNDINGS = ('none', 'motion', 'people', 'transformers', 'auto')
 
 
 def make_grounder(cfg: ml_collections.ConfigDict) -> grounding.Grounder:
-  """The grounder `data.prepare.grounding` names (not 'none')."""
+  """The grounder `data.prepare.grounding` names (not 'none'). 'auto': people and faces (offline models), then
+  the other subjects from the transformers detector where its directory is given, else from motion."""
   if cfg.grounding == 'motion':
     return grounding.MotionGrounder(threshold=cfg.motion_threshold, min_area=cfg.min_subject_area,
-                                    max_tracks=cfg.max_tracks)
+                                    max_tracks=cfg.max_tracks, max_box_area=cfg.max_subject_box_area)
+  if cfg.grounding == 'people':
+    from kaleido_jax.data import grounding_people  # lazy: optional (dlib, OpenCV; the grounding extra)
+    return grounding_people.PersonGrounder(max_tracks=cfg.max_tracks, identity=cfg.face_identity_threshold)
   if cfg.grounding == 'transformers':
     from kaleido_jax.data import grounding_transformers  # lazy: optional (torch, transformers)
     return grounding_transformers.TransformersGrounder(cfg.detector_dir, cfg.segmenter_dir,
                                                        box_threshold=cfg.box_threshold, max_tracks=cfg.max_tracks)
+  if cfg.grounding == 'auto':
+    others = make_grounder(dict_with(cfg, grounding='transformers' if cfg.detector_dir else 'motion'))
+    return grounding.CombinedGrounder([make_grounder(dict_with(cfg, grounding='people')), others],
+                                      max_tracks=cfg.max_tracks)
   raise ValueError(f'data.prepare.grounding={cfg.grounding!r}; use one of {GROUNDINGS}')
+
+
+def dict_with(cfg: ml_collections.ConfigDict, **changes: Any) -> ml_collections.ConfigDict:
+  out = cfg.copy_and_resolve_references()
+  out.update(changes)
+  return out
 
 
 def make_captions(cfg: ml_collections.ConfigDict, input_dir: str) -> captions_lib.Captions:
@@ -44,6 +58,16 @@ def make_captions(cfg: ml_collections.ConfigDict, input_dir: str) -> captions_li
 def source_name(rel: str) -> str:
   """A file-name-safe stem for a video path relative to the input directory."""
   return os.path.splitext(rel)[0].replace(os.sep, '__').replace(' ', '_')
+
+
+def caption_from_phrases(phrases: list[str]) -> str:
+  """['a person', 'a person'] -> 'A person and a person.' (data.prepare.caption_from_subjects)."""
+  text = ', '.join(phrases[:-1]) + (' and ' if len(phrases) > 1 else '') + phrases[-1]
+  return text[0].upper() + text[1:] + '.'
+
+
+def _boxes(boxes: np.ndarray) -> list:
+  return [None if np.isnan(bx).any() else [round(float(v), 1) for v in bx] for bx in boxes]
 
 
 def _pack(masks: np.ndarray) -> dict[str, np.ndarray]:
@@ -74,11 +98,19 @@ def ground_video(rel: str, input_dir: str, data_cfg: ml_collections.ConfigDict, 
       continue
     frames = d.frames[a:b]
     found = captions.lookup(rel, a / d.fps, b / d.fps, frames)
-    if found is None:
+    if found is None and not cfg.caption_from_subjects:
       drops[name] = 'no_caption'
       continue
-    text, phrases = found
-    tracks = grounder(frames, phrases or grounding.subject_phrases(text, data_cfg.max_subjects))
+    if found is None:  # asked for (caption_from_subjects): the grounded subjects' phrases make the caption
+      tracks = grounder(frames, [])
+      named = [t.phrase for t in tracks if t.phrase]
+      if not named:
+        drops[name] = 'no_caption'
+        continue
+      text = caption_from_phrases(named)
+    else:
+      text, phrases = found
+      tracks = grounder(frames, phrases or grounding.subject_phrases(text, data_cfg.max_subjects))
     shots.append((j, a, b, text, frames, tracks))
   grounding.assign_identities(stem, [(s[4], s[5]) for s in shots], threshold=cfg.identity_threshold)
   lines, windows = [], []
@@ -94,8 +126,9 @@ def ground_video(rel: str, input_dir: str, data_cfg: ml_collections.ConfigDict, 
       mpath = storage.join(masks_dir, f'{name}.masks.npz')
       storage.save_npz(mpath, compressed=True, **_pack(masks[s - a:e - a]))
       subjects = [dict(id=int(t.subject_id), index=k, phrase=t.phrase, score=round(float(t.score), 4),
-                       boxes=[None if np.isnan(bx).any() else [round(float(v), 1) for v in bx]
-                              for bx in t.boxes[s - a:e - a]]) for k, t in enumerate(present)]
+                       grounder=t.grounder, boxes=_boxes(t.boxes[s - a:e - a]),
+                       **({} if t.face_boxes is None else {'face_boxes': _boxes(t.face_boxes[s - a:e - a])}))
+                  for k, t in enumerate(present)]
       lines.append(dict(video=rel, fps=d.fps, start=s, end=e, caption=text, subjects=subjects,
                         masks=storage.absolute(mpath), clip=name))
       windows.append((name, frames, masks, (s - a, e - a)))

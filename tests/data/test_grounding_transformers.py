@@ -87,6 +87,7 @@ def test_prepare_with_transformers_grounding(models, tmp_path):
   p = c.prepare
   p.min_frames, p.min_height, p.min_width, p.synth_per_clip = 9, 40, 40, 0
   p.min_blur_var, p.min_subject_area, p.max_subject_area, p.max_border_touch = 0.0, 0.0, 1.0, 1.0
+  p.max_subject_box_area = 1.0  # random detector weights: boxes of any size
   p.grounding, p.captions, p.detector_dir, p.segmenter_dir, p.box_threshold = (
       'transformers', os.path.join(inp, 'captions.jsonl'), det, sam, 0.0)
   r = prepare.prepare(c, output_dir=str(tmp_path / 'out'), input_dir=inp, verbose=False)

@@ -165,12 +165,19 @@ def test_rerun_resumes(prepared):
   assert again['resumed'] == 'complete' and again['examples'] == r['examples']
   # An interrupted run (shards and report gone, per-clip cache kept) resumes from the cache.
   out2 = out + '_interrupted'
-  shutil.copytree(os.path.join(out, '_work'), os.path.join(out2, '_work'))
-  os.remove(os.path.join(out2, '_work', 'good3.npz'))
+  work = os.path.join('_work', prepare.settings_key(cfg))  # the caches of these settings
+  shutil.copytree(os.path.join(out, work), os.path.join(out2, work))
+  os.remove(os.path.join(out2, work, 'good3.npz'))
   r2 = prepare.prepare(cfg, output_dir=out2, input_dir=inp, seed=0, verbose=False)
   assert r2['resumed_clips'] == r['input'] - 2  # all but the deleted clip and the broken json line
   assert r2['dropped_clips'] == r['dropped_clips'] and r2['examples'] == r['examples']
-  assert not [f for f in os.listdir(os.path.join(out2, '_work')) if '.tmp' in f]
+  assert not [f for f in os.listdir(os.path.join(out2, work)) if '.tmp' in f]
+  # Other settings (a stricter blur filter) do not reuse these caches: every clip is made again.
+  stricter = cfg.copy_and_resolve_references()
+  stricter.prepare.min_blur_var += 1.0
+  out3 = out + '_stricter'
+  shutil.copytree(os.path.join(out, '_work'), os.path.join(out3, '_work'))
+  assert prepare.prepare(stricter, output_dir=out3, input_dir=inp, seed=0, verbose=False)['resumed_clips'] == 0
 
 
 def test_precomputed_latents_through_encoders(tmp_path, prepared):

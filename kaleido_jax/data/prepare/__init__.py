@@ -34,6 +34,8 @@ resumes where an interrupted one stopped; the shards themselves are written atom
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from typing import Any
@@ -88,7 +90,9 @@ def prepare(data_cfg: ml_collections.ConfigDict, *, output_dir: str, input_dir: 
                                heldout_identities=data_cfg.heldout_identities, split='train',
                                num_frames=data_cfg.num_frames, height=data_cfg.height, width=data_cfg.width,
                                seed=data_cfg.synthetic_seed, max_subjects=data_cfg.max_subjects, fps=cfg.fps)
-  work = storage.join(output_dir, '_work')
+  # The per-clip caches belong to the settings that made them: a rerun with other settings (the fix an error line
+  # named, another grounder) starts its own, one with the same settings resumes.
+  work = storage.join(output_dir, '_work', settings_key(data_cfg))
   storage.path(work).mkdir(parents=True, exist_ok=True)
   annotations = annotations or cfg.annotations or storage.join(input_dir, 'annotations.jsonl')
   feats = latent_features(data_cfg, video_encoder, text_encoder)
@@ -127,6 +131,12 @@ def validate(data_cfg: ml_collections.ConfigDict) -> None:
   if cfg.grounding == 'transformers' and not os.path.isdir(cfg.detector_dir or ''):
     problems.append(f'data.prepare.detector_dir={cfg.detector_dir!r} is not a directory; grounding=transformers '
                     'needs a local OWLv2 / OWL-ViT / Grounding DINO model directory (nothing is downloaded)')
+  if cfg.grounding in ('people', 'auto'):
+    from kaleido_jax.data import grounding_people  # lazy: optional (dlib, OpenCV; the grounding extra)
+    try:
+      grounding_people.check_installed()
+    except grounding_people.MissingModels as e:
+      problems.append(f'data.prepare.grounding={cfg.grounding}: {e}')
   for key in ('segmenter_dir', 'captioner', 'captions'):
     path = cfg.get(key, '')
     if path and not storage.exists(path):
@@ -143,6 +153,17 @@ def validate(data_cfg: ml_collections.ConfigDict) -> None:
       problems += beam.problems(cfg.beam_args)
   if problems:
     raise kcfg.ConfigError('invalid prepare config: ' + '; '.join(problems))
+
+
+# Settings that change how a run goes, not what a clip's cache holds.
+_NOT_IN_KEY = ('engine', 'beam_args', 'output_dir', 'shard_size', 'split')
+
+
+def settings_key(data_cfg: ml_collections.ConfigDict) -> str:
+  """A short hash of the data settings a clip's cached stages depend on."""
+  d = data_cfg.to_dict()
+  d['prepare'] = {k: v for k, v in d['prepare'].items() if k not in _NOT_IN_KEY}
+  return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -216,8 +216,7 @@ def run(data_cfg, input_dir, output_dir, annotations, work, seed, feats, video_e
   except ValueError as e:
     if 'number of generated examples is 0' not in str(e):
       raise
-    drops = report_lib.counts({**dropped, **clips_lib.cached_drops(work)})
-    raise ValueError(f'no clip survived the filters: {drops}') from None
+    raise report_lib.nothing_survived({**dropped, **clips_lib.cached_drops(work)}, errors) from None
   parts = storage.read_json(parts_path)
   dropped.update(parts['dropped'])
   errors.update(parts['errors'])

@@ -80,7 +80,7 @@ def run(data_cfg, input_dir, output_dir, annotations, work, seed, feats, video_e
   mates = stages.shot_mates(names)
   plan = stages.plan_examples(names, seed, cfg.synth_per_clip)
   if not plan:
-    raise ValueError(f'no clip survived the filters: {report_lib.counts(dropped)}')
+    raise report_lib.nothing_survived(dropped, errors)
   modes = {'cross': 0, 'far_frame': 0}
 
   def generate():

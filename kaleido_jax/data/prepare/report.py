@@ -9,6 +9,34 @@ from typing import Any
 from kaleido_jax import storage
 
 
+class NothingSurvived(ValueError):
+  """Every input was dropped: the message gives the drop counts and, per reason, the setting that fixes it."""
+
+
+FIXES = {
+    'no_caption': 'give captions (data.prepare.captions=FILE.jsonl) or a local captioner (data.prepare.captioner=DIR), '
+                  'or caption shots from their grounded subjects (data.prepare.caption_from_subjects=True)',
+    'too_short': 'lower data.num_frames / data.prepare.min_frames, or raise data.prepare.fps',
+    'no_subject': 'try another data.prepare.grounding (people, motion, auto) or lower data.prepare.min_subject_area',
+    'low_resolution': 'lower data.prepare.min_height / min_width',
+    'blurry': 'lower data.prepare.min_blur_var',
+    'static': 'lower data.prepare.min_motion',
+    'shaky': 'raise data.prepare.max_shake',
+    'subject_too_small': 'lower data.prepare.min_subject_area',
+    'subject_too_large': 'raise data.prepare.max_subject_area / max_subject_box_area',
+    'subject_truncated': 'raise data.prepare.max_border_touch',
+    'unreadable': 'check the videos decode (ffprobe FILE)',
+}
+
+
+def nothing_survived(dropped: dict[str, str], errors: dict[str, str] | None = None) -> NothingSurvived:
+  c = counts(dropped)
+  fixes = [f'{r}: {FIXES[r]}' for r in c if r in FIXES]
+  errs = f'; {len(errors)} unreadable ({sorted(errors)[:3]})' if errors else ''
+  return NothingSurvived(f'no clip survived the filters (dropped {c}{errs}); ' + ('; '.join(fixes) or
+                         'see report.json'))
+
+
 def counts(dropped: dict[str, str]) -> dict[str, int]:
   out: dict[str, int] = {}
   for r in dropped.values():

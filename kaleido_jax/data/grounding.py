@@ -165,22 +165,27 @@ class MotionGrounder:
     """'background' for a static camera over a clean background (the synthetic clips: exact there); 'flow' where
     the camera moves, or where too little of the frame stays still to complete a background from (swaying grass,
     water, a subject that covers its pixels the whole shot)."""
-    if self.method != 'auto':
-      return self.method
-    if len(frames) < 2:
-      return 'background'
-    affines, _ = camera_and_residual_flow(frames)
+    return self._decide(frames)[0]
+
+  def _decide(self, frames: np.ndarray) -> tuple[str, np.ndarray | None]:
+    """(method, the residual flow when it was computed)."""
+    if self.method == 'background' or len(frames) < 2:
+      return 'background', None
+    affines, residual = camera_and_residual_flow(frames)
+    if self.method == 'flow':
+      return 'flow', residual
     # A camera move lasts: the median over the shot's frame pairs (one pair's fit can lock onto a subject).
     if np.median(np.abs(affines[:, :, 2]).max(-1)) > self.camera_motion:
-      return 'flow'
-    return 'background' if self._background(frames)[1] >= self.min_trusted else 'flow'
+      return 'flow', residual
+    return ('background' if self._background(frames)[1] >= self.min_trusted else 'flow'), residual
 
-  def flow_foreground(self, frames: np.ndarray) -> np.ndarray:
+  def flow_foreground(self, frames: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
     """(F, H, W) pixels whose motion, after the camera's (a similarity fitted to the flow with RANSAC) is removed,
     adds up over `flow_window` frame pairs: an object moves one way for a while, grass and water sway back and
     forth and cancel (Farneback flow also smooths their fine texture away)."""
     f, h, w = frames.shape[:3]
-    _, residual = camera_and_residual_flow(frames)
+    if residual is None:
+      _, residual = camera_and_residual_flow(frames)
     csum = np.concatenate([np.zeros_like(residual[:1]), np.cumsum(residual, 0)])  # (F, H, W, 2)
     half = max(self.flow_window // 2, 1)
     threshold = self.flow_threshold * min(h, w) / 128
@@ -225,8 +230,9 @@ class MotionGrounder:
     return np.where(trusted[..., None], med, fill), float(trusted.mean())
 
   def foreground(self, frames: np.ndarray) -> np.ndarray:
-    if self.choose(frames) == 'flow':
-      return self.flow_foreground(frames)
+    method, residual = self._decide(frames)
+    if method == 'flow':
+      return self.flow_foreground(frames, residual)
     bg = self.background(frames)
     fg = np.abs(frames.astype(np.float32) - bg).max(-1) > self.threshold
     st = ndimage.generate_binary_structure(2, 1)

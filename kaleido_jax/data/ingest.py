@@ -19,6 +19,7 @@ import numpy as np
 from kaleido_jax import storage
 from kaleido_jax.data import captions as captions_lib
 from kaleido_jax.data import grounding
+from kaleido_jax.data import timing
 from kaleido_jax.data import video as video_lib
 
 GROUNDINGS = ('none', 'motion', 'people', 'transformers', 'auto')
@@ -86,8 +87,10 @@ def ground_video(rel: str, input_dir: str, data_cfg: ml_collections.ConfigDict, 
   """
   cfg = data_cfg.prepare
   stem = source_name(rel)
-  d = video_lib.decode(storage.join(input_dir, rel), cfg.fps, short_side=cfg.decode_short_side)
-  cuts = video_lib.shot_cuts(d.frames, threshold=cfg.shot_threshold)
+  with timing.stage('decode'):
+    d = video_lib.decode(storage.join(input_dir, rel), cfg.fps, short_side=cfg.decode_short_side)
+  with timing.stage('shots'):
+    cuts = video_lib.shot_cuts(d.frames, threshold=cfg.shot_threshold)
   drops: dict[str, str] = {}
   shots = []  # (index, start, end, caption, frames, tracks)
   ranges = video_lib.shots(len(d.frames), cuts)
@@ -97,12 +100,14 @@ def ground_video(rel: str, input_dir: str, data_cfg: ml_collections.ConfigDict, 
       drops[name] = 'too_short'
       continue
     frames = d.frames[a:b]
-    found = captions.lookup(rel, a / d.fps, b / d.fps, frames)
+    with timing.stage('captions'):
+      found = captions.lookup(rel, a / d.fps, b / d.fps, frames)
     if found is None and not cfg.caption_from_subjects:
       drops[name] = 'no_caption'
       continue
     if found is None:  # asked for (caption_from_subjects): the grounded subjects' phrases make the caption
-      tracks = grounder(frames, [])
+      with timing.stage('grounding'):
+        tracks = grounder(frames, [])
       named = [t.phrase for t in tracks if t.phrase]
       if not named:
         drops[name] = 'no_caption'
@@ -110,9 +115,11 @@ def ground_video(rel: str, input_dir: str, data_cfg: ml_collections.ConfigDict, 
       text = caption_from_phrases(named)
     else:
       text, phrases = found
-      tracks = grounder(frames, phrases or grounding.subject_phrases(text, data_cfg.max_subjects))
+      with timing.stage('grounding'):
+        tracks = grounder(frames, phrases or grounding.subject_phrases(text, data_cfg.max_subjects))
     shots.append((j, a, b, text, frames, tracks))
-  grounding.assign_identities(stem, [(s[4], s[5]) for s in shots], threshold=cfg.identity_threshold)
+  with timing.stage('identity'):
+    grounding.assign_identities(stem, [(s[4], s[5]) for s in shots], threshold=cfg.identity_threshold)
   lines, windows = [], []
   for j, a, b, text, frames, tracks in shots:
     for w, (s, e) in enumerate(video_lib.windows(a, b, data_cfg.num_frames, cfg.window_stride)):
@@ -124,7 +131,8 @@ def ground_video(rel: str, input_dir: str, data_cfg: ml_collections.ConfigDict, 
       masks = np.stack([t.masks for t in present], 1)
       storage.path(masks_dir).mkdir(parents=True, exist_ok=True)
       mpath = storage.join(masks_dir, f'{name}.masks.npz')
-      storage.save_npz(mpath, compressed=True, **_pack(masks[s - a:e - a]))
+      with timing.stage('write'):
+        storage.save_npz(mpath, compressed=True, **_pack(masks[s - a:e - a]))
       subjects = [dict(id=int(t.subject_id), index=k, phrase=t.phrase, score=round(float(t.score), 4),
                        grounder=t.grounder, boxes=_boxes(t.boxes[s - a:e - a]),
                        **({} if t.face_boxes is None else {'face_boxes': _boxes(t.face_boxes[s - a:e - a])}))

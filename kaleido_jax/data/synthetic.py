@@ -486,10 +486,14 @@ def export_clips(out_dir: str, *, num_clips: int, num_identities: int, heldout_i
 
 def _write_mp4(path: str, video: np.ndarray, fps: int) -> None:
   """H.264 yuv444p at crf 10 (near-lossless, full-resolution chroma), encoded in-process by PyAV: an ffmpeg
-  subprocess started from a process that has run a Beam pipeline (gRPC threads) dies at random."""
+  subprocess started from a process that has run a Beam pipeline (gRPC threads) dies at random.
+
+  One x264 thread: x264's output depends on its thread count, which it takes from the CPUs the process may use
+  (all 48 files differed between a 1-core and a 2-core run); with one thread the bytes are the same on any
+  machine, for the same seed."""
   f, h, w = video.shape[:3]
   with av.open(path, 'w') as container:
-    stream = container.add_stream('libx264', rate=fps, options={'crf': '10'})
+    stream = container.add_stream('libx264', rate=fps, options={'crf': '10', 'threads': '1'})
     stream.width, stream.height, stream.pix_fmt = w, h, 'yuv444p'
     for frame in video:
       for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format='rgb24')):

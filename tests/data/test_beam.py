@@ -19,7 +19,8 @@ pytest.importorskip('apache_beam')
 
 TWO_WORKERS = '--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing'
 # What may differ between engines: timings, where the files are, how TFDS cut the shards, which engine ran.
-RUN_ONLY = ('seconds', 'clips_per_s', 'dataset_dir', 'grounded', 'num_shards', 'engine', 'resumed_clips')
+RUN_ONLY = ('seconds', 'clips_per_s', 'stage_seconds', 'dataset_dir', 'grounded', 'num_shards', 'engine',
+            'resumed_clips')
 
 
 def _beam(cfg, beam_args=TWO_WORKERS):
@@ -95,6 +96,8 @@ def test_raw_videos_on_two_workers(tmp_path):
   b = prepare.prepare(_beam(cfg), output_dir=str(tmp_path / 'beam'), input_dir=inp, verbose=False)
   assert b['videos'] == 5 and b['dropped_clips']['broken'] == 'unreadable' and 'broken' in b['errors']
   _assert_same(str(tmp_path / 'local'), a, str(tmp_path / 'beam'), b)
+  # The workers' stage seconds reach the report (summed over workers; the TFDS write itself is Beam's).
+  assert {'decode', 'grounding', 'filters', 'cut-outs', 'synthesis', 'pairing'} <= set(b['stage_seconds']), b
   with open(a['grounded']) as f, open(b['grounded']) as g:  # the same lines, masks under each run's own dir
     assert f.read().replace(str(tmp_path / 'local'), 'OUT') == g.read().replace(str(tmp_path / 'beam'), 'OUT')
 

@@ -193,6 +193,11 @@ def test_prepare_grounds_raw_videos(raw):
   assert r['videos'] == 7 and r['shots'] == 12 and r['dropped_clips']['broken'] == 'unreadable'
   assert 'broken' in r['errors'] and r['input'] == r['kept'] + sum(r['dropped'].values())
   assert r['kept'] >= 8 and r['references']['cross'] > 0
+  # Where the time went, per stage (report.json): every stage ran, each measured inside the run.
+  st = r['stage_seconds']
+  assert {'decode', 'shots', 'captions', 'grounding', 'identity', 'filters', 'cut-outs', 'synthesis', 'pairing',
+          'write'} <= set(st), st
+  assert min(st.values()) >= 0 and sum(st.values()) <= r['seconds'] + 0.05, (st, r['seconds'])
   with open(os.path.join(out, 'grounded.jsonl')) as f:
     lines = [json.loads(l) for l in f]
   acc = synthetic.grounding_accuracy(lines, os.path.join(inp, 'truth.jsonl'))
@@ -236,9 +241,8 @@ def test_grounding_resumes_after_a_crash(raw, tmp_path, monkeypatch):
   monkeypatch.setattr(ingest, 'ground_video', real)
   r2 = prepare.prepare(cfg, output_dir=str(tmp_path), input_dir=inp, verbose=False)
   assert r2['resumed_clips'] == 3
-  assert {k: v for k, v in r2.items() if k not in ('seconds', 'clips_per_s', 'resumed_clips', 'dataset_dir',
-                                                    'grounded')} == \
-      {k: v for k, v in r.items() if k not in ('seconds', 'clips_per_s', 'resumed_clips', 'dataset_dir', 'grounded')}
+  timed = ('seconds', 'clips_per_s', 'stage_seconds', 'resumed_clips', 'dataset_dir', 'grounded')
+  assert {k: v for k, v in r2.items() if k not in timed} == {k: v for k, v in r.items() if k not in timed}
   a, b = tfds_builder.open_source(out, 'train'), tfds_builder.open_source(str(tmp_path), 'train')
   for i in range(len(a)):
     for k in ('video', 'refs', 'caption', 'pairing'):

@@ -164,6 +164,8 @@ def test_two_shots_of_one_person_cross_pair_through_prepare(tmp_path):
   assert set(ids['interview_s000']) & set(ids['interview_s002']), ids
   assert not set(ids['interview_s001']) & set(ids['interview_s000']), ids
   assert r['references']['cross'] > 0, r['references']
+  # Counted per grounder: every reference here is of a person the people grounder found.
+  assert set(r['references_by_grounder']) == {'people'} and r['references_by_grounder']['people']['cross'] > 0
 
 
 def test_no_captions_is_one_line_with_the_drop_counts_and_the_fix(tmp_path):
@@ -185,3 +187,27 @@ def test_no_captions_is_one_line_with_the_drop_counts_and_the_fix(tmp_path):
   assert p.returncode == 0, p.stderr[-2000:]
   lines = [json.loads(l) for l in open(tmp_path / 'w' / 'grounded.jsonl')]
   assert lines and all(l['caption'] == 'A person.' for l in lines), [l['caption'] for l in lines]
+
+
+def test_the_offline_models_come_with_the_install_and_their_absence_is_one_line(monkeypatch):
+  # What `pip install -e ".[test]"` (or ".[grounding]") brings: the model files inside the installed packages,
+  # nothing fetched at run time.
+  import cv2
+  for name in ('shape_predictor_5_face_landmarks.dat', 'dlib_face_recognition_resnet_model_v1.dat'):
+    path = grounding_people._model_file(name)  # pylint: disable=protected-access
+    assert os.path.getsize(path) > 1_000_000 and ('site-packages' in path or 'dist-packages' in path), path
+  assert cv2.HOGDescriptor_getDefaultPeopleDetector().shape == (3781,)  # 64x128 window: 3780 weights + bias
+  grounding_people.check_installed()
+  # Without face_recognition_models the config check names the install command.
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: None if name == 'face_recognition_models' else real(name, *a))
+  grounding_people._models.cache_clear()  # pylint: disable=protected-access
+  try:
+    cfg = config_lib.base_config().data
+    cfg.prepare.update(grounding='people', input_dir='/videos')
+    with pytest.raises(config_lib.ConfigError, match=r'pip install -e "\.\[grounding\]"'):
+      prepare.validate(cfg)
+  finally:
+    monkeypatch.undo()
+    grounding_people._models.cache_clear()  # pylint: disable=protected-access

@@ -158,3 +158,31 @@ def test_subject_weight_balances_subjects_and_pools_to_latents():
   np.testing.assert_allclose(pooled[0, 1, 0, 0], x[0, 1:5, :4, :4].mean())
   rec = _source()[0]
   assert rec['subject_weight'].shape == rec['video'].shape[:3] and rec['subject_weight'].max() > 0
+
+
+_EXPORT = """
+import sys
+from kaleido_jax.data import synthetic
+synthetic.export_clips(sys.argv[1], num_clips=6, num_identities=8, heldout_identities=1, split='train',
+                       num_frames=17, height=128, width=128, seed=0)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, 'sched_setaffinity') or len(os.sched_getaffinity(0)) < 2,
+                    reason='needs two CPUs to run the exporter on one and on two')
+def test_the_exported_files_are_the_same_bytes_on_one_cpu_and_on_two(tmp_path):
+  # x264 takes its thread count from the CPUs a process may use, and its output depends on it: before #38 every
+  # mp4 differed between a 1-CPU and a 2-CPU run of the same seed (at 128 px; x264 threads less on smaller frames).
+  # A process pinned to one CPU is the twin of a smaller machine.
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS='cpu')
+  one, two = tmp_path / 'one', tmp_path / 'two'
+  subprocess.run([sys.executable, '-c', _EXPORT, str(one)], env=env, check=True, timeout=300,
+                 preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
+  subprocess.run([sys.executable, '-c', _EXPORT, str(two)], env=env, check=True, timeout=300)
+  names = sorted(os.listdir(one))
+  assert names == sorted(os.listdir(two)) and sum(n.endswith('.mp4') for n in names) == 6
+  differ = [n for n in names if (one / n).read_bytes() != (two / n).read_bytes()]
+  assert not differ, differ

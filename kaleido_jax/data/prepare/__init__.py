@@ -90,11 +90,12 @@ def prepare(data_cfg: ml_collections.ConfigDict, *, output_dir: str, input_dir: 
                                heldout_identities=data_cfg.heldout_identities, split='train',
                                num_frames=data_cfg.num_frames, height=data_cfg.height, width=data_cfg.width,
                                seed=data_cfg.synthetic_seed, max_subjects=data_cfg.max_subjects, fps=cfg.fps)
+  annotations = annotations or cfg.annotations or storage.join(input_dir, 'annotations.jsonl')
+  data_cfg = resolve_grounding(data_cfg, annotations)
   # The per-clip caches belong to the settings that made them: a rerun with other settings (the fix an error line
   # named, another grounder) starts its own, one with the same settings resumes.
   work = storage.join(output_dir, '_work', settings_key(data_cfg))
   storage.path(work).mkdir(parents=True, exist_ok=True)
-  annotations = annotations or cfg.annotations or storage.join(input_dir, 'annotations.jsonl')
   feats = latent_features(data_cfg, video_encoder, text_encoder)
   if cfg.engine == 'beam':
     from kaleido_jax.data.prepare import beam  # lazy: optional dependency (apache-beam, the [beam] extra)
@@ -114,6 +115,8 @@ def prepare(data_cfg: ml_collections.ConfigDict, *, output_dir: str, input_dir: 
                 dataset_dir=ds_dir, split=cfg.split, num_shards=tfds_builder.num_shards(output_dir, cfg.split),
                 engine=cfg.engine, **counts)
   report['clips_per_s'] = round(report['input'] / max(dt, 1e-9), 3)
+  report['stage_seconds'] = {k: round(v, 3) for k, v in sorted(report.get('stage_seconds', {}).items(),
+                                                                key=lambda kv: -kv[1])}
   storage.write_json(report_path, report)
   if verbose:
     print(report_lib.format_report(report))
@@ -131,7 +134,7 @@ def validate(data_cfg: ml_collections.ConfigDict) -> None:
   if cfg.grounding == 'transformers' and not os.path.isdir(cfg.detector_dir or ''):
     problems.append(f'data.prepare.detector_dir={cfg.detector_dir!r} is not a directory; grounding=transformers '
                     'needs a local OWLv2 / OWL-ViT / Grounding DINO model directory (nothing is downloaded)')
-  if cfg.grounding in ('people', 'auto'):
+  if cfg.grounding == 'people':
     from kaleido_jax.data import grounding_people  # lazy: optional (dlib, OpenCV; the grounding extra)
     try:
       grounding_people.check_installed()
@@ -141,7 +144,7 @@ def validate(data_cfg: ml_collections.ConfigDict) -> None:
     path = cfg.get(key, '')
     if path and not storage.exists(path):
       problems.append(f'data.prepare.{key}={path!r} does not exist')
-  if cfg.grounding != 'none' and not cfg.input_dir:
+  if cfg.grounding not in ('none', 'auto') and not cfg.input_dir:
     problems.append('data.prepare.grounding needs data.prepare.input_dir (a directory of raw videos)')
   if cfg.engine == 'beam':
     try:
@@ -153,6 +156,25 @@ def validate(data_cfg: ml_collections.ConfigDict) -> None:
       problems += beam.problems(cfg.beam_args)
   if problems:
     raise kcfg.ConfigError('invalid prepare config: ' + '; '.join(problems))
+
+
+def resolve_grounding(data_cfg: ml_collections.ConfigDict, annotations: str) -> ml_collections.ConfigDict:
+  """grounding='auto' (the default): the annotations where they exist (grounding='none'), else raw videos grounded
+  by people and faces, then motion or the transformers detector (ingest.make_grounder)."""
+  cfg = data_cfg.prepare
+  if cfg.grounding != 'auto':
+    return data_cfg
+  if storage.exists(annotations):
+    data_cfg = data_cfg.copy_and_resolve_references()
+    data_cfg.prepare.grounding = 'none'
+    return data_cfg
+  from kaleido_jax.data import grounding_people  # lazy: optional (dlib, OpenCV; the grounding extra)
+  try:
+    grounding_people.check_installed()
+  except grounding_people.MissingModels as e:
+    raise kcfg.ConfigError(f'{annotations!r} does not exist, so the raw videos in data.prepare.input_dir are '
+                           f'grounded (data.prepare.grounding=auto), which needs the offline models: {e}') from None
+  return data_cfg
 
 
 # Settings that change how a run goes, not what a clip's cache holds.

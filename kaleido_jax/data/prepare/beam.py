@@ -39,6 +39,7 @@ import apache_beam as beam
 
 from kaleido_jax import storage
 from kaleido_jax.data import tfds_builder
+from kaleido_jax.data import timing
 from kaleido_jax.data import video as video_lib
 from kaleido_jax.data.prepare import clips as clips_lib
 from kaleido_jax.data.prepare import report as report_lib
@@ -78,6 +79,7 @@ class _Stage(beam.DoFn):
         yield ('drop', name, d['drop'], d.get('error', ''))
       else:  # the full record stays in its cache file: only the name, ids and hash travel
         yield ('clip', name, dict(subject_ids=d['subject_ids'], hash=d['hash']))
+    yield ('seconds', timing.take())  # this item's stages, measured in this worker
 
 
 def _kind(k):
@@ -89,7 +91,7 @@ class _Report(beam.CombineFn):
 
   def create_accumulator(self):
     return dict(dropped={}, errors={}, kept=0, examples=0, synthesised=0, cross=0, far_frame=0, resumed=0,
-                lines=[], shots=0, inputs=0)
+                lines=[], shots=0, inputs=0, seconds={}, by_subject={})
 
   def add_input(self, acc, x):
     kind = x[0]
@@ -102,10 +104,14 @@ class _Report(beam.CombineFn):
     elif kind == 'example':
       acc['examples'] += 1
       acc['synthesised'] += int('~' in x[1])
-      acc['cross'] += x[2]
-      acc['far_frame'] += x[3]
+      pairs = json.loads(x[2])
+      acc['cross'] += sum(p['mode'] == 'cross' for p in pairs)
+      acc['far_frame'] += sum(p['mode'] != 'cross' for p in pairs)
+      report_lib.count_modes(acc['by_subject'], pairs)
     elif kind == 'resumed':
       acc['resumed'] += 1
+    elif kind == 'seconds':
+      timing.add(acc['seconds'], x[1])
     elif kind == 'video':
       acc['lines'] += x[1]['lines']
       acc['shots'] += x[1]['shots']
@@ -116,7 +122,14 @@ class _Report(beam.CombineFn):
     out = self.create_accumulator()
     for a in accs:
       for k, v in a.items():
-        if isinstance(v, dict):
+        if k == 'seconds':
+          timing.add(out[k], v)
+        elif k == 'by_subject':
+          for sid, (cross, far) in v.items():
+            pair = out[k].setdefault(int(sid), [0, 0])
+            pair[0] += cross
+            pair[1] += far
+        elif isinstance(v, dict):
           out[k].update(v)
         else:
           out[k] += v
@@ -144,9 +157,11 @@ class _CachedClips(dict):
 
 
 def _example(entry, index, mates, work, data_cfg, seed, video_encoder, text_encoder):
+  timing.take()  # from zero: only this example's stages go with it
   ex = stages.make_example(entry, _CachedClips(work), index, mates.get(stages.shot_of(entry[1]), ()),
                             data_cfg, seed, video_encoder, text_encoder)
-  return entry[0], ex
+  yield entry[0], ex
+  yield beam.pvalue.TaggedOutput('seconds', ('seconds', timing.take()))
 
 
 class PrepareTransform(beam.PTransform):
@@ -176,25 +191,22 @@ class PrepareTransform(beam.PTransform):
              | 'GroupBySubject' >> beam.GroupByKey()
              | 'Index' >> beam.MapTuple(lambda sid, clips: (sid, sorted(clips))))
     # Plan, spread over the workers, then each example from its clips' cached records.
-    examples = (names | 'Plan' >> beam.FlatMap(stages.plan_examples, self.seed, cfg.synth_per_clip)
+    made = (names | 'Plan' >> beam.FlatMap(stages.plan_examples, self.seed, cfg.synth_per_clip)
                 | 'Spread' >> beam.Reshuffle()
-                | 'Example' >> beam.Map(lambda entry, index, names: _example(
+                | 'Example' >> beam.FlatMap(lambda entry, index, names: _example(
                     entry, index, stages.shot_mates(names), self.work, self.data_cfg, self.seed,
                     self.video_encoder, self.text_encoder),
-                    beam.pvalue.AsDict(index), beam.pvalue.AsSingleton(names)))
+                    beam.pvalue.AsDict(index), beam.pvalue.AsSingleton(names)).with_outputs('seconds', main='examples'))
+    examples, example_seconds = made.examples, made.seconds
     # The report: drops, duplicates, kept, example reference modes, resumed items, grounded lines.
-    tags = [staged | 'Drops' >> beam.Filter(lambda x: x[0] in ('drop', 'resumed', 'video')),
+    tags = [staged | 'Drops' >> beam.Filter(lambda x: x[0] in ('drop', 'resumed', 'video', 'seconds')),
+            example_seconds,
             dupes | 'DupeDrops' >> beam.FlatMap(lambda d: [('drop', k, v, '') for k, v in d.items()]),
             kept | 'Kept' >> beam.Map(lambda kv: ('kept',)),
-            examples | 'Modes' >> beam.Map(lambda kv: ('example', kv[0], *_modes(kv[1])))]
+            examples | 'Modes' >> beam.Map(lambda kv: ('example', kv[0], kv[1]['pairing']))]
     _ = (tags | 'ReportParts' >> beam.Flatten() | 'Report' >> beam.CombineGlobally(_Report())
          | 'WriteReport' >> beam.Map(_write_json, self.report_path))
     return examples
-
-
-def _modes(ex) -> tuple[int, int]:
-  prov = json.loads(ex['pairing'])
-  return sum(p['mode'] == 'cross' for p in prov), sum(p['mode'] == 'far_frame' for p in prov)
 
 
 def run(data_cfg, input_dir, output_dir, annotations, work, seed, feats, video_encoder, text_encoder):
@@ -222,9 +234,10 @@ def run(data_cfg, input_dir, output_dir, annotations, work, seed, feats, video_e
   errors.update(parts['errors'])
   out = dict(input=total + parts['inputs'], kept=parts['kept'], dropped=dropped, errors=errors,
              examples=parts['examples'], references=dict(cross=parts['cross'], far_frame=parts['far_frame']),
-             resumed=parts['resumed'])
+             resumed=parts['resumed'], stage_seconds=parts['seconds'])  # worker-seconds, summed over workers
   if mode == 'raw':
     out.update(report_lib.grounded_summary(data_cfg, output_dir, items, parts['shots'], parts['lines']))
+    out['references_by_grounder'] = report_lib.references_by_grounder(parts['by_subject'], parts['lines'])
   return out
 
 

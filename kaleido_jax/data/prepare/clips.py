@@ -15,6 +15,7 @@ import numpy as np
 
 from kaleido_jax import storage
 from kaleido_jax.data import ingest
+from kaleido_jax.data import timing
 from kaleido_jax.data import video as video_lib
 from kaleido_jax.data.prepare import stages
 
@@ -73,7 +74,8 @@ def read_line(line: dict[str, Any], input_dir: str) -> tuple[np.ndarray, np.ndar
 def process_clip(line: dict[str, Any], input_dir: str, data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """Stage 1 + 2 for one annotated clip: {'drop': reason} or the normalised window, masks, cut-outs and hash."""
   try:
-    video, masks, ids, caption = read_line(line, input_dir)
+    with timing.stage('decode'):
+      video, masks, ids, caption = read_line(line, input_dir)
   except Exception as e:  # pylint: disable=broad-except
     return dict(drop='unreadable', error=f'{type(e).__name__}: {e}'[:300])
   return stages.clip_record(video, masks, ids, caption, data_cfg)
@@ -98,10 +100,11 @@ def _cached_or(work: str, name: str, make: Callable[[], dict[str, Any]]) -> tupl
   if storage.exists(drop_json):
     return storage.read_json(drop_json), True
   d = make()
-  if 'drop' in d:
-    storage.write_json(drop_json, d)
-  else:
-    storage.save_npz(npz, **d)
+  with timing.stage('write'):
+    if 'drop' in d:
+      storage.write_json(drop_json, d)
+    else:
+      storage.save_npz(npz, **d)
   return d, False
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 
 from kaleido_jax.data import pairing
 from kaleido_jax.data import tfds_builder
+from kaleido_jax.data import timing
 from kaleido_jax.data import video as video_lib
 from kaleido_jax.data.prepare import clips as clips_lib
 from kaleido_jax.data.prepare import report as report_lib
@@ -47,6 +49,7 @@ def _ground_stage(data_cfg, input_dir: str, output_dir: str, work: str):
     shots += done['shots']
     all_lines += done['lines']
   summary = report_lib.grounded_summary(data_cfg, output_dir, videos, shots, all_lines)
+  summary['lines'] = all_lines  # for the references per grounder; not in the report
   return clips, dropped, errors, resumed, total, summary
 
 
@@ -65,6 +68,7 @@ def _merge_video(done, records, clips, dropped, errors) -> None:
 def run(data_cfg, input_dir, output_dir, annotations, work, seed, feats, video_encoder, text_encoder):
   """Every stage in this process, one clip at a time; the counts the report needs."""
   cfg = data_cfg.prepare
+  timing.take()  # from zero
   if cfg.grounding != 'none':
     clips, dropped, errors, resumed, total, extra = _ground_stage(data_cfg, input_dir, output_dir, work)
   else:
@@ -82,15 +86,25 @@ def run(data_cfg, input_dir, output_dir, annotations, work, seed, feats, video_e
   if not plan:
     raise report_lib.nothing_survived(dropped, errors)
   modes = {'cross': 0, 'far_frame': 0}
+  by_subject: dict[int, list[int]] = {}
 
   def generate():
     for p in plan:
       ex = stages.make_example(p, clips, index, mates.get(stages.shot_of(p[1]), ()), data_cfg, seed, video_encoder,
                         text_encoder)
-      for q in json.loads(ex['pairing']):
+      pairs = json.loads(ex['pairing'])
+      for q in pairs:
         modes[q['mode']] += 1
+      report_lib.count_modes(by_subject, pairs)
       yield p[0], ex
 
+  before = timing.take()
+  t = time.perf_counter()
   tfds_builder.write(output_dir, feats, {cfg.split: generate}, -(-len(plan) // cfg.shard_size))
+  inside = timing.take()  # synthesis, pairing, encode: the rest of the shard write's time is writing
+  seconds = timing.add(timing.add(before, inside), {'write': time.perf_counter() - t - sum(inside.values())})
+  lines = extra.pop('lines', None)
+  if lines is not None:
+    extra['references_by_grounder'] = report_lib.references_by_grounder(by_subject, lines)
   return dict(input=total, kept=len(clips), dropped=dropped, errors=errors, examples=len(plan), references=modes,
-              resumed=resumed, **extra)
+              resumed=resumed, stage_seconds=seconds, **extra)

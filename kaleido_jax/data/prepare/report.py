@@ -37,6 +37,25 @@ def nothing_survived(dropped: dict[str, str], errors: dict[str, str] | None = No
                          'see report.json'))
 
 
+def count_modes(by_subject: dict, pairing: list[dict]) -> None:
+  """Adds one example's references (its `pairing` provenance) to {subject id: [cross, far_frame]}."""
+  for q in pairing:
+    pair = by_subject.setdefault(int(q['subject_id']), [0, 0])
+    pair[q['mode'] != 'cross'] += 1
+
+
+def references_by_grounder(by_subject: dict, lines: list[dict]) -> dict[str, dict[str, int]]:
+  """{grounder: {'cross': n, 'far_frame': m}}: how each grounder's subjects got their references (a subject's
+  grounder from the grounded lines; 'annotations' for subjects no grounder made)."""
+  grounder = {int(s['id']): s.get('grounder') or 'annotations' for l in lines for s in l['subjects']}
+  out: dict[str, dict[str, int]] = {}
+  for sid, (cross, far) in by_subject.items():
+    d = out.setdefault(grounder.get(int(sid), 'annotations'), {'cross': 0, 'far_frame': 0})
+    d['cross'] += cross
+    d['far_frame'] += far
+  return dict(sorted(out.items()))
+
+
 def counts(dropped: dict[str, str]) -> dict[str, int]:
   out: dict[str, int] = {}
   for r in dropped.values():
@@ -56,7 +75,12 @@ def format_report(report: dict[str, Any]) -> str:
   rows += [(f'dropped: {k}', v) for k, v in report['dropped'].items()]
   rows += [('synthesised variants', report['synthesised']), ('examples written', report['examples']),
            ('refs cross-paired', report['references']['cross']),
-           ('refs far-frame fallback', report['references']['far_frame']),
-           ('clips/s', report['clips_per_s'])]
+           ('refs far-frame fallback', report['references']['far_frame'])]
+  rows += [(f'refs of {g} subjects', f"{d['cross']} cross-paired, {d['far_frame']} far-frame")
+           for g, d in (report.get('references_by_grounder') or {}).items()]
+  rows.append(('clips/s', report['clips_per_s']))
+  stages = report.get('stage_seconds') or {}
+  if stages:
+    rows.append(('seconds by stage', ', '.join(f'{k} {v:.2f}' for k, v in stages.items())))
   w = max(len(r[0]) for r in rows)
   return '\n'.join(f'{k:<{w}}  {v}' for k, v in rows)

@@ -18,6 +18,7 @@ from kaleido_jax.data import filters
 from kaleido_jax.data import pairing
 from kaleido_jax.data import synthesis
 from kaleido_jax.data import synthetic
+from kaleido_jax.data import timing
 
 VideoEncoder = Callable[[np.ndarray], np.ndarray]  # (F, H, W, 3) float32 [-1, 1] -> latents (f, h, w, c)
 TextEncoder = Callable[[str], np.ndarray]          # caption -> (L, D) float32
@@ -48,9 +49,16 @@ def clip_record(video: np.ndarray, masks: np.ndarray, ids: np.ndarray, caption: 
                 data_cfg: ml_collections.ConfigDict, window: tuple[int, int] | None = None) -> dict[str, Any]:
   """Filters, then the training window (centred unless given), its masks and the subjects' cut-outs."""
   cfg = data_cfg.prepare
-  reason = filters.check_clip(video, masks, cfg)
+  with timing.stage('filters'):
+    reason = filters.check_clip(video, masks, cfg)
   if reason:
     return dict(drop=reason)
+  with timing.stage('cut-outs'):
+    return _windowed_record(video, masks, ids, caption, data_cfg, window)
+
+
+def _windowed_record(video, masks, ids, caption, data_cfg, window):
+  cfg = data_cfg.prepare
   nf = data_cfg.num_frames
   if window is None:
     start = (len(video) - nf) // 2
@@ -144,19 +152,26 @@ def make_example(entry: tuple[str, str, int, str], clips: dict[str, dict], index
   exclude: tuple[str, ...] = ()
   if variant:
     o = dict(clips[other], caption=clips[other]['caption']) if other else None
-    ex = synthesis.synthesize(c, rng, o, max_subjects=data_cfg.max_subjects)
+    with timing.stage('synthesis'):
+      ex = synthesis.synthesize(c, rng, o, max_subjects=data_cfg.max_subjects)
     if 'compose' in ex['ops']:
       exclude = (other,)
   # Windows of one shot are one clip to cross-pairing: never each other's references.
   exclude += tuple(o for o in mates if o != name)
-  refs, prov = references(name, ex['subject_ids'], index, clips, rng, exclude, cfg.refs_per_subject)
+  with timing.stage('pairing'):
+    refs, prov = references(name, ex['subject_ids'], index, clips, rng, exclude, cfg.refs_per_subject)
   out = dict(video=ex['video'], refs=refs, ref_slots=np.asarray([p['slot'] for p in prov], np.int32),
              subject_ids=np.asarray(ex['subject_ids'], np.int32),
              caption=ex['caption'], clip_id=key, pairing=json.dumps(prov), synthesis=json.dumps(ex['ops']))
+  with timing.stage('encode'):
+    _encode(out, ex, refs, video_encoder, text_encoder)
+  return out
+
+
+def _encode(out, ex, refs, video_encoder, text_encoder):
   if video_encoder is not None:
     out['video_latents'] = np.asarray(video_encoder(ex['video'].astype(np.float32) / 127.5 - 1), np.float32)
     out['ref_latents'] = np.stack([np.asarray(video_encoder(r[None].astype(np.float32) / 127.5 - 1),
                                               np.float32)[0] for r in refs])
   if text_encoder is not None:
     out['text_embedding'] = np.asarray(text_encoder(ex['caption']), np.float32)
-  return out

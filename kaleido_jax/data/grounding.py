@@ -84,13 +84,16 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 def _split_merged(comps: list[np.ndarray], last: list[np.ndarray], share: float = 0.3) -> list[np.ndarray]:
   """A component covering `share` of two or more live tracks' last masks is two subjects that touched: each of
   its pixels goes to the nearest of those masks (so a track is not swallowed by its neighbour)."""
-  out = []
+  out, edt = [], {}  # each live mask's distance transform, once per frame
   for c in comps:
-    owners = [m for m in last if m.sum() and (c & m).sum() >= share * m.sum()]
+    owners = [k for k, m in enumerate(last) if m.sum() and (c & m).sum() >= share * m.sum()]
     if len(owners) < 2:
       out.append(c)
       continue
-    dist = np.stack([ndimage.distance_transform_edt(~m) for m in owners])
+    for k in owners:
+      if k not in edt:
+        edt[k] = ndimage.distance_transform_edt(~last[k])
+    dist = np.stack([edt[k] for k in owners])
     nearest = dist.argmin(0)
     out += [c & (nearest == k) for k in range(len(owners)) if (c & (nearest == k)).any()]
   return out
@@ -177,17 +180,20 @@ class MotionGrounder:
     water, a subject that covers its pixels the whole shot)."""
     return self._decide(frames)[0]
 
-  def _decide(self, frames: np.ndarray) -> tuple[str, np.ndarray | None]:
-    """(method, the residual flow when it was computed)."""
+  def _decide(self, frames: np.ndarray) -> tuple[str, np.ndarray | None, np.ndarray | None]:
+    """(method, the residual flow and the background where they were computed on the way)."""
     if self.method == 'background' or len(frames) < 2:
-      return 'background', None
+      return 'background', None, None
     affines, residual = camera_and_residual_flow(frames)
     if self.method == 'flow':
-      return 'flow', residual
+      return 'flow', residual, None
     # A camera move lasts: the median over the shot's frame pairs (one pair's fit can lock onto a subject).
     if np.median(np.abs(affines[:, :, 2]).max(-1)) > self.camera_motion:
-      return 'flow', residual
-    return ('background' if self._background(frames)[1] >= self.min_trusted else 'flow'), residual
+      return 'flow', residual, None
+    x, med, trusted = self._trusted(frames)
+    if trusted.mean() < self.min_trusted:  # too little clean background to complete one from
+      return 'flow', residual, None
+    return 'background', residual, self._completed(x, med, trusted)
 
   def flow_foreground(self, frames: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
     """(F, H, W) pixels whose motion, after the camera's (a similarity fitted to the flow with RANSAC) is removed,
@@ -222,6 +228,11 @@ class MotionGrounder:
     trusted pixel's background, or that neighbour's value itself when it never shows anything close (a subject
     that covers it throughout).
     """
+    x, med, trusted = self._trusted(frames)
+    return self._completed(x, med, trusted), float(trusted.mean())
+
+  def _trusted(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sampled frames, their median, the trusted pixels) of `_background`."""
     idx = np.linspace(0, len(frames) - 1, min(len(frames), self.background_frames)).round().astype(int)
     x = frames[idx].astype(np.float32)
     med = np.median(x, axis=0)
@@ -230,22 +241,25 @@ class MotionGrounder:
     # Only stable regions reaching the frame's border are trusted: a subject that shrinks or spins in place is
     # stable at its core too, but an island ringed by change.
     edge = np.unique(np.concatenate([stable[0], stable[-1], stable[:, 0], stable[:, -1]]))
-    trusted = np.isin(stable, edge[edge > 0])
+    return x, med, np.isin(stable, edge[edge > 0])
+
+  def _completed(self, x: np.ndarray, med: np.ndarray, trusted: np.ndarray) -> np.ndarray:
     if trusted.all() or not trusted.any():
-      return med, float(trusted.mean())
+      return med
     _, (iy, ix) = ndimage.distance_transform_edt(~trusted, return_indices=True)
     ref = med[iy, ix]
     dist = np.abs(x - ref).max(-1)
     best = dist.argmin(0)
     seen = np.take_along_axis(x, best[None, :, :, None], 0)[0]
     fill = np.where((dist.min(0) <= self.threshold)[..., None], seen, ref)
-    return np.where(trusted[..., None], med, fill), float(trusted.mean())
+    return np.where(trusted[..., None], med, fill)
 
   def foreground(self, frames: np.ndarray) -> np.ndarray:
-    method, residual = self._decide(frames)
+    method, residual, bg = self._decide(frames)
     if method == 'flow':
       return self.flow_foreground(frames, residual)
-    bg = self.background(frames)
+    if bg is None:
+      bg = self.background(frames)
     fg = np.abs(frames.astype(np.float32) - bg).max(-1) > self.threshold
     st = ndimage.generate_binary_structure(2, 1)
     out = np.empty_like(fg)

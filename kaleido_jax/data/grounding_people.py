@@ -7,7 +7,8 @@
 - Bodies: OpenCV's HOG people detector (Dalal-Triggs, 64x128 window, in `opencv-python-headless` 4.x; the 5.x
   wheels no longer carry it) for people seen whole; a face without a body detection (a head-and-shoulders shot)
   gets the upper-body box its size implies.
-- Masks: GrabCut (OpenCV) inside each person's box with the face as sure foreground.
+- Masks: GrabCut (OpenCV) inside each person's box with the face as sure foreground, on the frames the person
+  was detected in; in between, the nearest such mask moved with the interpolated box.
 
 Detections are linked across frames by box IoU (Hungarian); a track keeps its face boxes and the mean of its face
 embeddings, which `grounding.assign_identities` compares across shots. Why these and not others: dlib and OpenCV
@@ -129,6 +130,17 @@ class _GrabCut:
     return (gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)
 
 
+def _moved(mask: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+  """``mask`` (inside box ``src``) scaled and shifted onto box ``dst`` (nearest pixel)."""
+  h, w = mask.shape
+  sx = (src[2] - src[0]) / max(dst[2] - dst[0], 1e-6)
+  sy = (src[3] - src[1]) / max(dst[3] - dst[1], 1e-6)
+  xs = np.round(src[0] + (np.arange(w) + 0.5 - dst[0]) * sx - 0.5).astype(int)
+  ys = np.round(src[1] + (np.arange(h) + 0.5 - dst[1]) * sy - 0.5).astype(int)
+  inside = (ys[:, None] >= 0) & (ys[:, None] < h) & (xs[None] >= 0) & (xs[None] < w)
+  return mask[np.clip(ys, 0, h - 1)][:, np.clip(xs, 0, w - 1)] & inside
+
+
 def _interpolate(known: dict[int, np.ndarray], f: int) -> np.ndarray:
   """(F, 4) boxes: linear between the detected frames (`known`), NaN outside the first and last of them."""
   out = np.full((f, 4), np.nan, np.float32)
@@ -244,9 +256,13 @@ class PersonGrounder:
       faces = _interpolate({t: face for _, t, face in with_face}, f) if with_face else None
       cut = _GrabCut(self.grabcut_iterations)
       masks = np.zeros((f, h, w), bool)
-      for t in range(f):
-        if not np.isnan(boxes[t]).any():
-          masks[t] = cut(frames[t], boxes[t], None if faces is None else faces[t])
+      keys = [t for t, *_ in tr]
+      for t in keys:  # GrabCut where the person was detected ...
+        masks[t] = cut(frames[t], boxes[t], None if faces is None else faces[t])
+      for t in range(f):  # ... and the nearest of those masks moved with the box in between
+        if t not in keys and not np.isnan(boxes[t]).any():
+          k = min(keys, key=lambda k: abs(k - t))
+          masks[t] = _moved(masks[k], boxes[k], boxes[t])
       embedding = None
       if with_face:  # the mean embedding of the most confident faces
         best = sorted(with_face, key=lambda x: -x[0])[:self.embed_frames]

@@ -4,9 +4,12 @@ spread over every chip and host.
   python -m kaleido_jax.main --config C --workdir W --mode sample --prompts set.txt [--out DIR] [--checkpoint P]
 
 FILE is upstream Kaleido's `sample_video.py` format, one request per line, `prompt@@image1@@image2@@image3`
-(blank lines and `#` comments skipped), or a JSON manifest (OpenS2V-Eval style): a list of
-`{"prompt": ..., "refs": [...], "seed"?: int, "name"?: str}` (or `{"requests": [...]}`). Image paths are
-relative to FILE's directory.
+(blank lines and `#` comments skipped), a JSON manifest: a list of `{"prompt": ..., "refs": [...], "seed"?: int,
+"name"?: str}` (or `{"requests": [...]}`), or OpenS2V-Eval's own JSON as the benchmark ships it:
+`{"<id>": {"img_paths": [...], "prompt": ..., "class_label": [...], "synthesis_flag": ...}}` (each id's video is
+`<id>.mp4`, its `class_label` kept in its record). Image paths are relative to `root` (`sample.prompts_root`: the
+benchmark folder), by default FILE's directory; a benchmark image path that leads outside the root is that
+request's error.
 
 Each request becomes `DIR/NAME.mp4`: NAME is its `name` or its position (`00007`), its seed its `seed` or
 `sample.seed + position`, so a video depends on its request only, never on which chip or host made it. A video is
@@ -27,6 +30,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import posixpath
 import re
 import sys
 import threading
@@ -56,18 +60,31 @@ class Request:
   refs: list[str]
   seed: int
   error: str = ''
+  labels: list[str] | None = None  # OpenS2V-Eval's class_label
 
   def record(self, **extra: Any) -> dict[str, Any]:
-    return {'name': self.name, 'position': self.position, 'prompt': self.prompt, 'refs': self.refs,
-            'seed': self.seed, **extra}
+    out = {'name': self.name, 'position': self.position, 'prompt': self.prompt, 'refs': self.refs,
+           'seed': self.seed, **extra}
+    if self.labels is not None:
+      out['class_label'] = self.labels
+    return out
+
+
+def is_benchmark(data: Any) -> bool:
+  """OpenS2V-Eval's JSON: ids mapped to objects with `img_paths`."""
+  return (isinstance(data, dict) and bool(data) and 'requests' not in data and 'prompts' not in data
+          and all(isinstance(v, dict) and 'img_paths' in v for v in data.values()))
 
 
 def read_requests(path: str, *, base_seed: int = 0, max_refs: int = 3,
-                  check_image: Callable[[str, int], None] | None = None) -> list[Request]:
+                  check_image: Callable[[str, int], None] | None = None, root: str = '') -> list[Request]:
   """Every request of FILE, the bad ones with their `error` set (see the module docstring)."""
   if not storage.path(path).is_file():
     raise PromptSetError(f'--prompts {path!r}: no such file')
-  root = str(storage.path(path).parent) if storage.is_remote(path) else os.path.dirname(os.path.abspath(path))
+  if root and not storage.path(root).is_dir():
+    raise PromptSetError(f'sample.prompts_root {root!r}: no such directory')
+  root = root or (str(storage.path(path).parent) if storage.is_remote(path)
+                  else os.path.dirname(os.path.abspath(path)))
   text = storage.read_text(path)
   raw: list[dict[str, Any]] = []
   if path.lower().endswith('.json'):
@@ -75,6 +92,10 @@ def read_requests(path: str, *, base_seed: int = 0, max_refs: int = 3,
       data = json.loads(text)
     except json.JSONDecodeError as e:
       raise PromptSetError(f'--prompts {path!r} is not valid JSON ({e})') from e
+    if is_benchmark(data):
+      raw = [{'name': k, 'prompt': v.get('prompt', ''), 'refs': list(v.get('img_paths') or []),
+              'labels': [str(c) for c in v.get('class_label') or []], 'inside_root': True} for k, v in data.items()]
+      data = raw
     data = data.get('requests', data.get('prompts')) if isinstance(data, dict) else data
     if not isinstance(data, list):
       raise PromptSetError(f'--prompts {path!r}: expected a list of {{"prompt", "refs"}} objects')
@@ -87,15 +108,27 @@ def read_requests(path: str, *, base_seed: int = 0, max_refs: int = 3,
       raw.append({'prompt': prompt, 'refs': refs})
   requests, names = [], set()
   for i, d in enumerate(raw):
-    refs = [storage.resolve(root, str(r).strip()) for r in (d.get('refs') or []) if str(r).strip()]
+    given = [str(r).strip() for r in (d.get('refs') or []) if str(r).strip()]
+    refs = [storage.resolve(root, r) for r in given]
     name = _NAME_OK.sub('_', str(d['name'])).strip('._') if d.get('name') else f'{i:05d}'
     req = Request(i, name or f'{i:05d}', str(d.get('prompt', '')).strip(), refs,
-                  int(d['seed']) if d.get('seed') is not None else int(base_seed) + i, str(d.get('error', '')))
+                  int(d['seed']) if d.get('seed') is not None else int(base_seed) + i, str(d.get('error', '')),
+                  d.get('labels'))
+    outside = [g for g, r in zip(given, refs) if d.get('inside_root') and not _inside(root, r)]
+    if outside and not req.error:
+      req.error = f'image path {outside[0]!r} leads outside the benchmark root {root!r}'
     if not req.error:
       req.error = _problem(req, max_refs, names, check_image)
     names.add(req.name)
     requests.append(req)
   return requests
+
+
+def _inside(root: str, path: str) -> bool:
+  if storage.is_remote(root) or storage.is_remote(path):
+    norm = lambda p: p.split('://', 1)[0] + '://' + posixpath.normpath(p.split('://', 1)[1])
+    return storage.is_remote(path) and norm(path).startswith(norm(root).rstrip('/') + '/')
+  return os.path.commonpath([os.path.realpath(root), os.path.realpath(path)]) == os.path.realpath(root)
 
 
 def _problem(req: Request, max_refs: int, names: set[str], check_image) -> str:

@@ -340,6 +340,8 @@ def sample_config(**overrides) -> ml_collections.ConfigDict:
       seed=0,
       # What `--mode sample` generates (cli/main.py's --prompt / --ref / --out / --checkpoint set these).
       prompt='',
+      prompts_root='',          # the folder a prompt set's image paths are relative to ('' = the set's own folder;
+                                # OpenS2V-Eval: the benchmark folder)
       prompts='',               # a prompt set (Kaleido's prompt@@img lines or a JSON manifest): one video per request
                                 # in the output directory, resumable, over every chip and host (kaleido_jax/batch.py)
       refs=(),                  # reference image paths, one per subject (at most model.max_refs)

@@ -145,15 +145,16 @@ class ExportedSampler:
     return np.asarray(out)
 
 
-def run_prompt_set(sampler: ExportedSampler, prompts_file: str, output_dir: str, *, seed: int = 0) -> dict[str, Any]:
-  """The batch of `--mode sample --prompts` (kaleido_jax/batch.py: same names, seeds, records, manifest, resume)
-  made by an exported sampler. Unlike the rest of this module it needs the kaleido_jax package (imported here)."""
+def run_prompt_set(sampler: ExportedSampler, prompts_file: str, output_dir: str, *, seed: int = 0,
+                   root: str = '') -> dict[str, Any]:
+  """The batch of `--mode sample --prompts` (kaleido_jax/batch.py: same names, seeds, records, manifest, resume;
+  OpenS2V-Eval's JSON with `root` its benchmark folder) made by an exported sampler. Unlike the rest of this module it needs the kaleido_jax package (imported here)."""
   from kaleido_jax import batch  # lazy: the one helper here that needs the kaleido_jax package
 
   def make(req):
     return sampler([req.prompt], [req.refs], seeds=[req.seed])[0]  # ExportedSamplerError is a ValueError
   requests = batch.read_requests(prompts_file, base_seed=seed, max_refs=sampler.max_refs,
-                                 check_image=lambda path, _: fit_on_white(path, 8, 8))
+                                 check_image=lambda path, _: fit_on_white(path, 8, 8), root=root)
   stats = batch.run_requests(requests, output_dir, [make], fps=float(sampler.video.get('fps', 16)))
   return dict(stats, manifest=batch.write_manifest(output_dir, requests))
 

@@ -151,3 +151,53 @@ def test_exported_sampler_runs_the_same_batch_and_eval_scores_the_directory(tmp_
   assert res['num_videos'] == 3 and [r['name'] for r in res['per_video']] == ['00000', '00001', '00002']
   assert 0.0 <= res['means'][next(iter(res['means']))]['subject_presence'] <= 1.0
   assert (tmp_path / 'direct' / 'eval' / 'eval.json').exists()
+
+
+def opens2v_benchmark(root, prompts=None):
+  """A folder laid out as OpenS2V-Eval ships it: `Images/...` and an Open-Domain style JSON keyed by id."""
+  os.makedirs(os.path.join(root, 'Images', 'singleobject', 'cup'))
+  os.makedirs(os.path.join(root, 'Images', 'multiobject'))
+  write_reference(os.path.join(root, 'Images', 'singleobject', 'cup', '52.png'))
+  write_reference(os.path.join(root, 'Images', 'multiobject', '1.png'), colour=(30, 30, 200))
+  bench = {
+      'singleobj_1': {'img_paths': ['Images/singleobject/cup/52.png'], 'prompt': 'A red square moves right.',
+                      'synthesis_flag': 'wrong', 'class_label': ['Cup']},
+      'multiobject_1': {'img_paths': ['Images/singleobject/cup/52.png', 'Images/multiobject/1.png'],
+                        'prompt': 'Two squares meet.', 'synthesis_flag': 'wrong', 'class_label': ['Cup', 'Box']},
+      'singlehuman_1': {'img_paths': ['../outside.png'], 'prompt': 'A man walks.', 'class_label': ['Man']},
+      'multihuman_1': {'img_paths': ['Images/multiobject/1.png'] * 5, 'prompt': 'Five people.',
+                       'class_label': ['Man'] * 5},
+  }
+  if prompts:
+    bench = {k: dict(v, prompt=prompts.get(k, v['prompt'])) for k, v in bench.items()}
+  path = os.path.join(root, 'Open-Domain_Eval.json')
+  with open(path, 'w') as f:
+    json.dump(bench, f)
+  return path
+
+
+def test_opens2v_eval_json_as_the_benchmark_ships_it_makes_id_mp4s(tmp_path):
+  # The benchmark's own file: ids -> img_paths relative to the benchmark folder (given as sample.prompts_root, here
+  # the JSON sits elsewhere), up to 5 references; each id's video is <id>.mp4; a path leading outside the root and
+  # more references than the model takes are those ids' errors, the rest are made.
+  root = str(tmp_path / 'OpenS2V-Eval')
+  path = opens2v_benchmark(root)
+  moved = tmp_path / 'elsewhere' / 'Open-Domain_Eval.json'
+  moved.parent.mkdir()
+  os.replace(path, moved)
+  (tmp_path / 'outside.png').write_bytes(open(os.path.join(root, 'Images', 'multiobject', '1.png'), 'rb').read())
+  reqs = batch.read_requests(str(moved), max_refs=2, root=root)
+  assert [r.name for r in reqs] == ['singleobj_1', 'multiobject_1', 'singlehuman_1', 'multihuman_1']
+  assert reqs[1].refs[1] == os.path.join(root, 'Images', 'multiobject', '1.png') and reqs[1].labels == ['Cup', 'Box']
+  assert 'outside the benchmark root' in reqs[2].error and reqs[3].error.startswith('5 references, at most 2')
+  config = tiny_config(checkpoint='random', prompts=str(moved), output=str(tmp_path / 'out'))
+  config.sample.prompts_root = root
+  config.mesh.update(data=-1, fsdp=8)
+  out = cli_main.run_mode('sample', config, str(tmp_path / 'w'))
+  assert (out['stats']['made'], out['stats']['errors']) == (2, 2)
+  assert sorted(f for f in os.listdir(tmp_path / 'out') if f.endswith('.mp4')) == ['multiobject_1.mp4',
+                                                                                  'singleobj_1.mp4']
+  record = json.load(open(tmp_path / 'out' / 'records' / 'multiobject_1.json'))
+  assert record['class_label'] == ['Cup', 'Box'] and record['status'] == 'done'
+  with pytest.raises(batch.PromptSetError, match='no such directory'):
+    batch.read_requests(str(moved), root=str(tmp_path / 'missing'))

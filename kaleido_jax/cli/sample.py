@@ -102,7 +102,8 @@ def run_batch(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     raise pipe_lib.UserInputError(f'--out {out_dir!r}: with --prompts, --out is the directory of the videos')
   pipe_lib.check_request(config, ['x'], [0], int(s.num_frames), int(s.height), int(s.width))
   requests = batch.read_requests(s.prompts, base_seed=int(s.seed), max_refs=int(config.model.max_refs),
-                                 check_image=lambda path, j: refs_lib.load_reference(path, 8, 8, index=j))
+                                 check_image=lambda path, j: refs_lib.load_reference(path, 8, 8, index=j),
+                                 root=s.get('prompts_root', ''))
   mesh_lib.initialize_distributed()
   layout(config, list(jax.local_devices()))  # a host's chips: its groups
   groups = device_groups(config, list(jax.local_devices()))

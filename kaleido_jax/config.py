@@ -417,6 +417,11 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
       samples_dir='',           # score this `--mode sample --prompts` output directory instead (its manifest's
                                 # videos against their own references; no generation)
       output_dir='',            # '' = WORKDIR/eval
+      benchmark='',             # OpenS2V-Eval's JSON: score samples_dir's <id>.mp4 as the benchmark does
+                                # (kaleido_jax/eval/opens2v.py: its metric files, its Total, partial when a metric
+                                # is absent)
+      benchmark_root='',        # the benchmark folder its img_paths are relative to ('' = the JSON's folder)
+      benchmark_domain='',      # open | single | human (the Total's weights); '' = from the JSON's file name
       scorers=('lpips', 'histogram'),
       save_videos=4,            # write this many GIF strips of generated vs target
   ))

@@ -15,6 +15,23 @@ from kaleido_jax.eval import runner
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   e = config.eval
+  if e.get('benchmark', ''):  # OpenS2V-Eval on a folder of <id>.mp4
+    from kaleido_jax.eval import opens2v  # lazy: OpenCV, dlib
+    if not e.samples_dir:
+      raise pipe_lib.UserInputError('eval.benchmark needs eval.samples_dir: the folder of <id>.mp4 to score')
+    if not storage.exists(e.benchmark):
+      raise pipe_lib.UserInputError(f'eval.benchmark={e.benchmark!r} does not exist')
+    out = e.output_dir or storage.join(e.samples_dir, 'opens2v')
+    try:
+      report = opens2v.evaluate_folder(e.benchmark, e.samples_dir, out, root=e.benchmark_root,
+                                       domain=e.benchmark_domain)
+    except ValueError as err:
+      raise pipe_lib.UserInputError(str(err)) from err
+    print(opens2v.total_line(report['total']))
+    for vid, problem in sorted(report['problems'].items()):
+      print(f'{vid}: {problem}')
+    print(f'wrote the per-metric files and eval.md to {out}')
+    return report
   if e.get('samples_dir', ''):
     results = runner.score_samples(config, e.samples_dir, e.output_dir or storage.join(e.samples_dir, 'eval'))
     print(results['table'])

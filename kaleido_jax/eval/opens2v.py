@@ -48,12 +48,16 @@ class Metric:
 
 METRICS = {m.name: m for m in (
     Metric('Aesthetics', 'aesthetic_score.json', 'aes_score', 4.0, 7.0),
+    # The benchmark's public eval code (OpenS2V-Nexus b452831) ships no MotionSmoothness script: this file name is
+    # ours; every other name and key is the one its scripts and demo outputs use.
     Metric('MotionSmoothness', 'motion_smoothness.json', 'motion_smoothness', 0.0, 1.0),
     Metric('MotionAmplitude', 'motionscore.json', 'motion_fb', 0.0, 1.0),
     Metric('FaceSim-Cur', 'facesim.json', 'cur_score', 0.0, 1.0, faces_only=True),
     Metric('GmeScore', 'gmescore.json', 'gme_score', 0.0, 1.0),
-    Metric('NexusScore', 'nexusscore.json', 'nexus_score', 0.0, 0.05),
-    Metric('NaturalScore', 'naturalscore.json', 'natural_score', 1.0, 5.0),
+    Metric('NexusScore', 'nexusscore.json', 'retrieval_score', 0.0, 0.05),
+    # The judge's runs: naturalscore_1.json .. naturalscore_3.json (or one naturalscore.json), {id: "4"} each;
+    # an id's score is the mean over the runs.
+    Metric('NaturalScore', 'naturalscore.json', '', 1.0, 5.0),
 )}
 WEIGHTS = {
     'open': {'Aesthetics': 0.16, 'MotionSmoothness': 0.06, 'MotionAmplitude': 0.02, 'FaceSim-Cur': 0.20,
@@ -132,8 +136,8 @@ def write_metric_files(output_dir: str, scores: Mapping[str, Mapping[str, float]
   for name, per_id in scores.items():
     m = METRICS[name]
     path = storage.join(output_dir, m.file)
-    storage.write_bytes(path, json.dumps({k: {m.key: float(v)} for k, v in sorted(per_id.items())},
-                                         indent=4).encode())
+    body = {k: ({m.key: float(v)} if m.key else str(v)) for k, v in sorted(per_id.items())}
+    storage.write_bytes(path, json.dumps(body, indent=4).encode())
     paths.append(path)
   return paths
 
@@ -142,6 +146,14 @@ def read_metric_files(output_dir: str) -> dict[str, dict[str, float]]:
   """The per-metric files present in `output_dir` -> {metric name: {id: value}}."""
   out = {}
   for name, m in METRICS.items():
+    if not m.key:  # the judge's runs, averaged per id
+      runs = [storage.join(output_dir, f) for f in sorted(storage.listdir(output_dir))
+              if f == m.file or (f.startswith(m.file[:-len('.json')] + '_') and f.endswith('.json'))]
+      per_run = [storage.read_json(p) for p in runs]
+      ids = sorted({k for r in per_run for k in r})
+      if ids:
+        out[name] = {k: float(np.mean([float(r[k]) for r in per_run if k in r])) for k in ids}
+      continue
     path = storage.join(output_dir, m.file)
     if storage.exists(path):
       out[name] = {k: float(v[m.key]) for k, v in storage.read_json(path).items()}

@@ -72,12 +72,17 @@ def _merge(files_dir, domain):
   """The Total as the benchmark's merge rule states it, from the per-metric files alone (written apart from ours)."""
   ranges = {'aesthetic_score.json': ('aes_score', 4, 7), 'motion_smoothness.json': ('motion_smoothness', 0, 1),
             'motionscore.json': ('motion_fb', 0, 1), 'facesim.json': ('cur_score', 0, 1),
-            'gmescore.json': ('gme_score', 0, 1), 'nexusscore.json': ('nexus_score', 0, 0.05),
-            'naturalscore.json': ('natural_score', 1, 5)}
+            'gmescore.json': ('gme_score', 0, 1), 'nexusscore.json': ('retrieval_score', 0, 0.05),
+            'naturalscore_*.json': (None, 1, 5)}
   weights = {'open': [0.16, 0.06, 0.02, 0.20, 0.12, 0.20, 0.24], 'human': [0.18, 0.09, 0.03, 0.25, 0.15, 0, 0.30]}
   total = 0.0
   for (file, (key, lo, hi)), w in zip(ranges.items(), weights[domain]):
     if not w:
+      continue
+    if key is None:  # the judge's three runs, {id: "4"} each, averaged per id
+      runs = [json.load(open(os.path.join(files_dir, f'naturalscore_{r}.json'))) for r in (1, 2, 3)]
+      mean = np.mean([np.mean([float(r[k]) for r in runs]) for k in runs[0]])
+      total += w * (min(max(mean, lo), hi) - lo) / (hi - lo)
       continue
     with open(os.path.join(files_dir, file)) as f:
       per_id = json.load(f)
@@ -99,12 +104,18 @@ def test_metric_files_merge_to_our_total_and_a_missing_metric_is_a_partial_total
             'GmeScore': {k: rng.uniform(0.5, 0.8) for k in ids},
             'NexusScore': {k: rng.uniform(0, 0.08) for k in ids},
             'NaturalScore': {k: rng.uniform(1, 5) for k in ids}}
+  natural = scores.pop('NaturalScore')
   opens2v.write_metric_files(str(tmp_path), scores)
+  for r in (1, 2, 3):  # the judge's runs as the benchmark writes them: {id: "4"}
+    runs = {k: str(int(np.clip(round(v + (r - 2)), 1, 5))) for k, v in natural.items()}
+    (tmp_path / f'naturalscore_{r}.json').write_text(json.dumps(runs))
+  assert set(opens2v.read_metric_files(str(tmp_path))) == set(opens2v.METRICS)
   for domain in ('open', 'human'):
     t = opens2v.total(opens2v.read_metric_files(str(tmp_path)), domain)
     assert not t['partial'] and abs(t['total'] - _merge(str(tmp_path), domain)) < 1e-12, domain
   # NaturalScore absent (no judge): the Total over the rest, renormalised, and named partial.
-  os.remove(tmp_path / 'naturalscore.json')
+  for r in (1, 2, 3):
+    os.remove(tmp_path / f'naturalscore_{r}.json')
   t = opens2v.total(opens2v.read_metric_files(str(tmp_path)), 'open')
   assert t['partial'] and t['absent'] == ['NaturalScore']
   full = {n: m['normalised'] for n, m in t['metrics'].items()}

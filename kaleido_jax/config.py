@@ -422,6 +422,8 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
                                 # is absent)
       benchmark_root='',        # the benchmark folder its img_paths are relative to ('' = the JSON's folder)
       benchmark_domain='',      # open | single | human (the Total's weights); '' = from the JSON's file name
+      aesthetic_clip='',        # Aesthetics: a transformers CLIP directory (openai/clip-vit-large-patch14)
+      aesthetic_mlp='',         # Aesthetics: the benchmark's aesthetic-model.pth (LAION's MLP)
       scorers=('lpips', 'histogram'),
       save_videos=4,            # write this many GIF strips of generated vs target
   ))

@@ -24,7 +24,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     out = e.output_dir or storage.join(e.samples_dir, 'opens2v')
     try:
       report = opens2v.evaluate_folder(e.benchmark, e.samples_dir, out, root=e.benchmark_root,
-                                       domain=e.benchmark_domain)
+                                       domain=e.benchmark_domain, aesthetic_clip=e.aesthetic_clip,
+                                       aesthetic_mlp=e.aesthetic_mlp)
     except ValueError as err:
       raise pipe_lib.UserInputError(str(err)) from err
     print(opens2v.total_line(report['total']))

@@ -193,11 +193,13 @@ def total_line(t: Mapping[str, Any]) -> str:
 
 
 def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: str = '', domain: str = '',
+                    aesthetic_clip: str = '', aesthetic_mlp: str = '',
                     read_video: Callable[[str], np.ndarray] | None = None,
                     read_image: Callable[[str], np.ndarray] | None = None) -> dict[str, Any]:
-  """Every id of the benchmark JSON whose `<id>.mp4` is in `videos_dir`: the offline metrics, their files, the
-  Total (partial unless every metric's file is present in `output_dir`, e.g. written by the benchmark's own
-  scripts), `eval.md`. A missing video or reference is one line in `problems`; the rest go on."""
+  """Every id of the benchmark JSON whose `<id>.mp4` is in `videos_dir`: the offline metrics, Aesthetics when its
+  CLIP directory and MLP are given, their files, the Total (partial unless every metric's file is present in
+  `output_dir`, e.g. written by the benchmark's own scripts), `eval.md`. A missing video or reference, or a model
+  folder that is not there, is one line in `problems`; the rest go on."""
   from kaleido_jax import batch  # lazy: batch imports media and tqdm
   data = storage.read_json(benchmark)
   if not batch.is_benchmark(data):
@@ -208,7 +210,14 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
   read_video = read_video or _read_video
   read_image = read_image or _read_image
   problems: dict[str, str] = {}
-  amplitude, identity = {}, {}
+  amplitude, identity, aes = {}, {}, {}
+  scorer = None
+  if aesthetic_clip or aesthetic_mlp:
+    from kaleido_jax.eval import aesthetics  # lazy: the CLIP tower compiles on first use
+    try:
+      scorer = aesthetics.AestheticScorer(aesthetic_clip, aesthetic_mlp)
+    except (FileNotFoundError, ValueError) as e:
+      problems['Aesthetics'] = str(e).splitlines()[0]
   for vid, item in data.items():
     path = storage.join(videos_dir, f'{vid}.mp4')
     if not storage.exists(path):
@@ -220,6 +229,8 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
       problems[vid] = f'{path} cannot be decoded: {str(e).splitlines()[0]}'
       continue
     amplitude[vid] = motion_amplitude(frames)
+    if scorer is not None:
+      aes[vid] = scorer(frames)
     if category(vid) in FACE_CATEGORIES and item.get('img_paths'):
       ref = storage.resolve(root, item['img_paths'][0])
       if not storage.exists(ref):
@@ -227,7 +238,7 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
         continue
       identity[vid] = facesim_dlib(frames, read_image(ref))
   storage.path(output_dir).mkdir(parents=True, exist_ok=True)
-  write_metric_files(output_dir, {'MotionAmplitude': amplitude})
+  write_metric_files(output_dir, {'MotionAmplitude': amplitude, **({'Aesthetics': aes} if aes else {})})
   storage.write_bytes(storage.join(output_dir, 'facesim_dlib.json'), json.dumps(
       {k: {'dlib_score': v} for k, v in sorted(identity.items()) if v is not None}, indent=4).encode())
   scores = read_metric_files(output_dir)  # ours plus any the benchmark's own scripts wrote there

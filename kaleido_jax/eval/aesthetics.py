@@ -210,9 +210,18 @@ class AestheticScorer:
     for what, p in (('CLIP directory', clip_dir), ('aesthetic MLP', mlp_path)):
       if not p or not storage.exists(p):
         raise FileNotFoundError(f'Aesthetics needs the {what} {p!r}, which does not exist')
-    self.preprocess = Preprocess.from_dir(clip_dir)
-    self.batch_size = batch_size
-    tower, mlp = load_clip(clip_dir), load_mlp(mlp_path)
+    self._build(load_clip(clip_dir), load_mlp(mlp_path), Preprocess.from_dir(clip_dir), batch_size)
+
+  @classmethod
+  def from_modules(cls, tower: CLIPVisionTower, mlp: AestheticMLP, preprocess: Preprocess | None = None, *,
+                   batch_size: int = 8) -> 'AestheticScorer':
+    """A scorer of modules already built (bench/opens2v.py times ViT-L/14 on random weights this way)."""
+    scorer = cls.__new__(cls)
+    scorer._build(tower, mlp, preprocess or Preprocess(), batch_size)  # pylint: disable=protected-access
+    return scorer
+
+  def _build(self, tower: CLIPVisionTower, mlp: AestheticMLP, preprocess: Preprocess, batch_size: int) -> None:
+    self.preprocess, self.batch_size = preprocess, batch_size
     graph, state = nnx.split((tower, mlp))
 
     @jax.jit

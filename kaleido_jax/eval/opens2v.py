@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -194,6 +195,7 @@ def total_line(t: Mapping[str, Any]) -> str:
 
 def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: str = '', domain: str = '',
                     aesthetic_clip: str = '', aesthetic_mlp: str = '',
+                    aesthetic_scorer: Callable[[np.ndarray], float] | None = None, show_progress: bool = True,
                     read_video: Callable[[str], np.ndarray] | None = None,
                     read_image: Callable[[str], np.ndarray] | None = None) -> dict[str, Any]:
   """Every id of the benchmark JSON whose `<id>.mp4` is in `videos_dir`: the offline metrics, Aesthetics when its
@@ -211,40 +213,55 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
   read_image = read_image or _read_image
   problems: dict[str, str] = {}
   amplitude, identity, aes = {}, {}, {}
-  scorer = None
-  if aesthetic_clip or aesthetic_mlp:
+  seconds: dict[str, float] = {}
+
+  def timed(name, fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
+    return out
+  scorer = aesthetic_scorer  # or built from the folders
+  if scorer is None and (aesthetic_clip or aesthetic_mlp):
     from kaleido_jax.eval import aesthetics  # lazy: the CLIP tower compiles on first use
     try:
       scorer = aesthetics.AestheticScorer(aesthetic_clip, aesthetic_mlp)
     except (FileNotFoundError, ValueError) as e:
       problems['Aesthetics'] = str(e).splitlines()[0]
+  progress = batch.Progress(len(data)) if show_progress else None  # with the rate in videos per hour
   for vid, item in data.items():
+    if progress is not None:
+      progress.update()
     path = storage.join(videos_dir, f'{vid}.mp4')
     if not storage.exists(path):
       problems[vid] = f'no video {path}'
       continue
     try:
-      frames = read_video(path)
+      frames = timed('decode', read_video, path)
     except Exception as e:  # pylint: disable=broad-except  (an unreadable video is this id's problem)
       problems[vid] = f'{path} cannot be decoded: {str(e).splitlines()[0]}'
       continue
-    amplitude[vid] = motion_amplitude(frames)
+    amplitude[vid] = timed('MotionAmplitude', motion_amplitude, frames)
     if scorer is not None:
-      aes[vid] = scorer(frames)
+      aes[vid] = timed('Aesthetics', scorer, frames)
     if category(vid) in FACE_CATEGORIES and item.get('img_paths'):
       ref = storage.resolve(root, item['img_paths'][0])
       if not storage.exists(ref):
         problems[vid] = f'reference image {ref} does not exist'
         continue
-      identity[vid] = facesim_dlib(frames, read_image(ref))
+      identity[vid] = timed('facesim_dlib', facesim_dlib, frames, read_image(ref))
+  if progress is not None:
+    progress.close()
   storage.path(output_dir).mkdir(parents=True, exist_ok=True)
   write_metric_files(output_dir, {'MotionAmplitude': amplitude, **({'Aesthetics': aes} if aes else {})})
   storage.write_bytes(storage.join(output_dir, 'facesim_dlib.json'), json.dumps(
       {k: {'dlib_score': v} for k, v in sorted(identity.items()) if v is not None}, indent=4).encode())
   scores = read_metric_files(output_dir)  # ours plus any the benchmark's own scripts wrote there
   t = total(scores, domain)
+  counts = {'decode': len(amplitude), 'MotionAmplitude': len(amplitude), 'Aesthetics': len(aes),
+            'facesim_dlib': len(identity)}
   report = dict(total=t, problems=problems, videos=len(amplitude), facesim_dlib=identity,
-                per_category=per_category(scores, identity))
+                per_category=per_category(scores, identity),
+                seconds_per_video={k: v / max(counts.get(k, 1), 1) for k, v in seconds.items()})
   storage.write_bytes(storage.join(output_dir, 'eval.md'), markdown(report).encode())
   storage.write_bytes(storage.join(output_dir, 'opens2v.json'), json.dumps(report, indent=1, default=str).encode())
   return report
@@ -270,6 +287,8 @@ def markdown(report: Mapping[str, Any]) -> str:
   lines += ['', '| category | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
   lines += [f'| {c} | ' + ' | '.join(f'{d[n]:.4f}' if n in d else '' for n in names) + ' |' for c, d in cats.items()]
   lines += ['', 'facesim_dlib: dlib face-embedding cosine similarity (offline; not the benchmark\'s FaceSim-Cur).']
+  if report.get('seconds_per_video'):
+    lines += ['', 'seconds per video: ' + ', '.join(f'{k} {v:.2f}' for k, v in report['seconds_per_video'].items())]
   if report['problems']:
     lines += ['', 'problems:'] + [f'- {k}: {v}' for k, v in sorted(report['problems'].items())]
   return '\n'.join(lines) + '\n'

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -206,9 +205,9 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
   data = storage.read_json(benchmark)
   if not batch.is_benchmark(data):
     raise ValueError(f'{benchmark!r} is not an OpenS2V-Eval JSON (ids mapped to {{"img_paths", "prompt"}})')
-  root = root or os.path.dirname(os.path.abspath(benchmark))
-  domain = domain or ('human' if 'human' in os.path.basename(benchmark).lower() else
-                      'single' if 'single' in os.path.basename(benchmark).lower() else 'open')
+  root = root or str(storage.path(storage.absolute(benchmark)).parent)  # a bucket's JSON: its folder there
+  name = storage.path(benchmark).name.lower()
+  domain = domain or ('human' if 'human' in name else 'single' if 'single' in name else 'open')
   read_video = read_video or _read_video
   read_image = read_image or _read_image
   problems: dict[str, str] = {}

@@ -239,6 +239,8 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
     except Exception as e:  # pylint: disable=broad-except  (an unreadable video is this id's problem)
       problems[vid] = f'{path} cannot be decoded: {str(e).splitlines()[0]}'
       continue
+    _write_strip(storage.join(output_dir, 'strips', f'{vid}.png'), frames,
+                 [storage.resolve(root, p) for p in item.get('img_paths') or []], read_image)
     amplitude[vid] = timed('MotionAmplitude', motion_amplitude, frames)
     if scorer is not None:
       aes[vid] = timed('Aesthetics', scorer, frames)
@@ -260,7 +262,8 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
             'facesim_dlib': len(identity)}
   report = dict(total=t, problems=problems, videos=len(amplitude), facesim_dlib=identity,
                 per_category=per_category(scores, identity),
-                seconds_per_video={k: v / max(counts.get(k, 1), 1) for k, v in seconds.items()})
+                seconds_per_video={k: v / max(counts.get(k, 1), 1) for k, v in seconds.items()},
+                strips=sorted(amplitude))
   storage.write_bytes(storage.join(output_dir, 'eval.md'), markdown(report).encode())
   storage.write_bytes(storage.join(output_dir, 'opens2v.json'), json.dumps(report, indent=1, default=str).encode())
   return report
@@ -290,7 +293,31 @@ def markdown(report: Mapping[str, Any]) -> str:
     lines += ['', 'seconds per video: ' + ', '.join(f'{k} {v:.2f}' for k, v in report['seconds_per_video'].items())]
   if report['problems']:
     lines += ['', 'problems:'] + [f'- {k}: {v}' for k, v in sorted(report['problems'].items())]
+  if report.get('strips'):
+    lines += ['', '## Videos (references above, frames below)', '']
+    lines += [f'{vid}\n\n![{vid}](strips/{vid}.png)\n' for vid in report['strips']]
   return '\n'.join(lines) + '\n'
+
+
+STRIP_FRAMES = 6
+STRIP_HEIGHT = 96
+
+
+def _write_strip(path: str, frames: np.ndarray, refs: Sequence[str], read_image) -> None:
+  """One PNG per video for eval.md: its references (those that exist) above `STRIP_FRAMES` evenly spaced frames,
+  all scaled to `STRIP_HEIGHT` px high."""
+  from kaleido_jax import media  # lazy: mediapy
+  def fit(img):
+    img = Image.fromarray(np.asarray(img, np.uint8)[..., :3])
+    return np.asarray(img.resize((max(1, round(img.width * STRIP_HEIGHT / img.height)), STRIP_HEIGHT)))
+  idx = np.linspace(0, len(frames) - 1, min(STRIP_FRAMES, len(frames))).round().astype(int)
+  rows = [np.stack([fit(frames[i]) for i in idx])]
+  images = [fit(read_image(r)) for r in refs if storage.exists(r)]
+  if images:
+    width = max(x.shape[1] for x in images)
+    rows.insert(0, np.stack([np.pad(x, ((0, 0), (0, width - x.shape[1]), (0, 0)), constant_values=255)
+                             for x in images]))
+  media.write_image(path, media.strip(rows))
 
 
 def _read_video(path: str) -> np.ndarray:

@@ -156,3 +156,8 @@ def test_eval_mode_scores_a_folder_of_id_videos_and_names_what_is_missing(tmp_pa
   assert t['partial'] and 'FaceSim-Cur' in t['absent'] and 'MotionAmplitude' in t['metrics']
   md = open(tmp_path / 'out' / 'eval.md').read()
   assert 'partial Total' in md and 'singleface' in md and 'absent: needs' in md
+  # A strip per scored video: its references above its frames.
+  assert 'strips/singleface_1.png' in md and 'strips/singleobj_1.png' in md
+  from PIL import Image
+  strip = np.asarray(Image.open(tmp_path / 'out' / 'strips' / 'singleface_1.png'))
+  assert strip.shape[0] == 2 * opens2v.STRIP_HEIGHT + 2  # two rows: the reference, the frames

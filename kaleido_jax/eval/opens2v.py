@@ -22,6 +22,7 @@ the benchmark's FaceSim-Cur, and never enters its Total.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -101,11 +102,17 @@ def motion_amplitude(frames: np.ndarray) -> float:
 # ---------------------------------------------------------------------------------------------- identity (offline)
 
 
+@functools.lru_cache(maxsize=None)
+def _face_finder() -> Any:
+  """The people grounder's face detector, built (and its install checked) once per process, not per frame."""
+  from kaleido_jax.data import grounding_people  # lazy: optional (dlib, the grounding extra)
+  return grounding_people.PersonGrounder()
+
+
 def face_embedding_of_image(image: np.ndarray) -> np.ndarray | None:
   """dlib's 128-D embedding of the largest frontal face in an RGB image, None without a face."""
   from kaleido_jax.data import grounding_people  # lazy: optional (dlib, the grounding extra)
-  detector = grounding_people.PersonGrounder(min_presence=0.0)
-  faces = detector.faces(image)
+  faces = _face_finder().faces(image)
   if not faces:
     return None
   box = max(faces, key=lambda f: (f[0][2] - f[0][0]) * (f[0][3] - f[0][1]))[0]

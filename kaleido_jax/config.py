@@ -422,8 +422,14 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
                                 # is absent)
       benchmark_root='',        # the benchmark folder its img_paths are relative to ('' = the JSON's folder)
       benchmark_domain='',      # open | single | human (the Total's weights); '' = from the JSON's file name
+      benchmark_weights='',     # the benchmark's weight folder (OpenS2V-Weight): the three paths below default
+                                # to its aesthetic-model.pth, glint360k_curricular_face_r101_backbone.bin and
+                                # face_extractor/
       aesthetic_clip='',        # Aesthetics: a transformers CLIP directory (openai/clip-vit-large-patch14)
       aesthetic_mlp='',         # Aesthetics: the benchmark's aesthetic-model.pth (LAION's MLP)
+      facesim_model='',         # FaceSim-Cur: CurricularFace IR-101 glint360k_curricular_face_r101_backbone.bin
+      face_extractor='',        # FaceSim-Cur: insightface's face_extractor/ (needs insightface + onnxruntime);
+                                # without it faces are aligned by dlib, scored apart from the Total
       scorers=('lpips', 'histogram'),
       save_videos=4,            # write this many GIF strips of generated vs target
   ))

@@ -48,7 +48,7 @@ def is_person(phrase: str) -> bool:
   return any(w in PERSON_WORDS for w in words)
 
 
-def _model_file(name: str) -> str:
+def model_file(name: str) -> str:
   """A model file of `face_recognition_models`, found without importing it (its __init__ imports pkg_resources,
   which setuptools >= 81 no longer ships)."""
   spec = importlib.util.find_spec('face_recognition_models')
@@ -72,8 +72,8 @@ def _models():
     raise MissingModels(f'OpenCV {cv2.__version__} has no HOG people detector (gone in 5.x): {INSTALL_HINT}')
   hog = cv2.HOGDescriptor()
   hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
-  return (dlib.get_frontal_face_detector(), dlib.shape_predictor(_model_file('shape_predictor_5_face_landmarks.dat')),
-          dlib.face_recognition_model_v1(_model_file('dlib_face_recognition_resnet_model_v1.dat')), hog)
+  return (dlib.get_frontal_face_detector(), dlib.shape_predictor(model_file('shape_predictor_5_face_landmarks.dat')),
+          dlib.face_recognition_model_v1(model_file('dlib_face_recognition_resnet_model_v1.dat')), hog)
 
 
 def check_installed() -> None:

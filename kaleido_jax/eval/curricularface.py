@@ -153,12 +153,3 @@ def load(path: str) -> IRBackbone:
     raise ValueError(f'{path}: unexpected tensors {unused[:5]} (not a TFace IR backbone?)')
   return model
 
-
-def embed(model: IRBackbone, faces: np.ndarray) -> np.ndarray:
-  """Aligned RGB face crops (B, H, W, 3) uint8 -> unit-norm (B, 512), as the benchmark's `inference`: resized to
-  112 x 112 (cv2 bilinear), scaled to [-1, 1]."""
-  import cv2  # lazy: an optional dependency (the grounding extra)
-  x = np.stack([cv2.resize(np.ascontiguousarray(f), (112, 112)) for f in faces]).astype(np.float32)
-  graph, state = nnx.split(model)
-  out = np.asarray(jax.jit(lambda s, v: nnx.merge(graph, s)(v))(state, jnp.asarray(x / 255.0 * 2.0 - 1.0)))
-  return out / np.linalg.norm(out, axis=-1, keepdims=True)

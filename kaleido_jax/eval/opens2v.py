@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from kaleido_jax import storage
+from kaleido_jax.eval import facesim
 
 FACE_CATEGORIES = ('singlehuman', 'singleface', 'faceobj', 'humanobj')
 CATEGORIES = ('singleobj', 'singlehuman', 'singleface', 'multiobject', 'humanobj', 'faceobj', 'multiface',
@@ -199,15 +200,25 @@ def total_line(t: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- the run
 
 
+WEIGHT_FILES = dict(aesthetic_mlp='aesthetic-model.pth', facesim_model='glint360k_curricular_face_r101_backbone.bin',
+                    face_extractor='face_extractor')  # the benchmark's weight folder (OpenS2V-Weight) holds these
+
+
 def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: str = '', domain: str = '',
-                    aesthetic_clip: str = '', aesthetic_mlp: str = '',
-                    aesthetic_scorer: Callable[[np.ndarray], float] | None = None, show_progress: bool = True,
-                    read_video: Callable[[str], np.ndarray] | None = None,
+                    weights: str = '', aesthetic_clip: str = '', aesthetic_mlp: str = '', facesim_model: str = '',
+                    face_extractor: str = '', aesthetic_scorer: Callable[[np.ndarray], float] | None = None,
+                    show_progress: bool = True, read_video: Callable[[str], np.ndarray] | None = None,
                     read_image: Callable[[str], np.ndarray] | None = None) -> dict[str, Any]:
-  """Every id of the benchmark JSON whose `<id>.mp4` is in `videos_dir`: the offline metrics, Aesthetics when its
-  CLIP directory and MLP are given, their files, the Total (partial unless every metric's file is present in
-  `output_dir`, e.g. written by the benchmark's own scripts), `eval.md`. A missing video or reference, or a model
-  folder that is not there, is one line in `problems`; the rest go on."""
+  """Every id of the benchmark JSON whose `<id>.mp4` is in `videos_dir`: the offline metrics; Aesthetics when its
+  CLIP directory and MLP are given; FaceSim-Cur when the CurricularFace `.bin` is given (with `face_extractor/` and
+  insightface: the benchmark's; without: dlib alignment, named so, outside the Total); their files; the Total
+  (partial unless every metric's file is present in `output_dir`, e.g. written by the benchmark's own scripts);
+  `eval.md`. `weights` (the benchmark's OpenS2V-Weight folder) fills the model paths not given. A missing video or
+  reference, or a model folder that is not there, is one line in `problems`; the rest go on."""
+  if weights:
+    aesthetic_mlp = aesthetic_mlp or storage.join(weights, WEIGHT_FILES['aesthetic_mlp'])
+    facesim_model = facesim_model or storage.join(weights, WEIGHT_FILES['facesim_model'])
+    face_extractor = face_extractor or storage.join(weights, WEIGHT_FILES['face_extractor'])
   from kaleido_jax import batch  # lazy: batch imports media and tqdm
   data = storage.read_json(benchmark)
   if not batch.is_benchmark(data):
@@ -218,7 +229,7 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
   read_video = read_video or _read_video
   read_image = read_image or _read_image
   problems: dict[str, str] = {}
-  amplitude, identity, aes = {}, {}, {}
+  amplitude, identity, aes, cur = {}, {}, {}, {}
   seconds: dict[str, float] = {}
 
   def timed(name, fn, *args):
@@ -233,19 +244,25 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
       scorer = aesthetics.AestheticScorer(aesthetic_clip, aesthetic_mlp)
     except (FileNotFoundError, ValueError) as e:
       problems['Aesthetics'] = str(e).splitlines()[0]
+  faces = None  # (finder, embedder) of FaceSim-Cur
+  if facesim_model or face_extractor:
+    try:
+      faces = facesim.build(facesim_model, face_extractor)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+      problems['FaceSim-Cur'] = str(e).splitlines()[0]
+  cur_name = 'FaceSim-Cur' if faces is not None and faces[0].name == 'insightface' else facesim.DLIB_NAME
   progress = batch.Progress(len(data)) if show_progress else None  # with the rate in videos per hour
-  for vid, item in data.items():
-    if progress is not None:
-      progress.update()
+
+  def score_one(vid, item):
     path = storage.join(videos_dir, f'{vid}.mp4')
     if not storage.exists(path):
       problems[vid] = f'no video {path}'
-      continue
+      return
     try:
       frames = timed('decode', read_video, path)
     except Exception as e:  # pylint: disable=broad-except  (an unreadable video is this id's problem)
       problems[vid] = f'{path} cannot be decoded: {str(e).splitlines()[0]}'
-      continue
+      return
     _write_strip(storage.join(output_dir, 'strips', f'{vid}.png'), frames,
                  [storage.resolve(root, p) for p in item.get('img_paths') or []], read_image)
     amplitude[vid] = timed('MotionAmplitude', motion_amplitude, frames)
@@ -255,20 +272,39 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
       ref = storage.resolve(root, item['img_paths'][0])
       if not storage.exists(ref):
         problems[vid] = f'reference image {ref} does not exist'
-        continue
+        return
       identity[vid] = timed('facesim_dlib', facesim_dlib, frames, read_image(ref))
+      if faces is not None:
+        face_ref = facesim.reference_path(item['img_paths'])
+        if face_ref is None:
+          problems[vid] = f'no FaceSim-Cur reference under {"/".join(facesim.REFERENCE_FOLDERS)} in img_paths'
+        else:
+          got = timed(cur_name, facesim.facesim_cur, frames, read_image(storage.resolve(root, face_ref)), *faces)
+          if got is None:
+            problems[vid] = f'no face in the FaceSim-Cur reference {face_ref}'
+          else:
+            cur[vid] = got
+  for vid, item in data.items():
+    score_one(vid, item)
+    if progress is not None:
+      progress.update()  # after the video: the rate is of videos done
   if progress is not None:
     progress.close()
   storage.path(output_dir).mkdir(parents=True, exist_ok=True)
   write_metric_files(output_dir, {'MotionAmplitude': amplitude, **({'Aesthetics': aes} if aes else {})})
   storage.write_bytes(storage.join(output_dir, 'facesim_dlib.json'), json.dumps(
       {k: {'dlib_score': v} for k, v in sorted(identity.items()) if v is not None}, indent=4).encode())
+  if cur:  # the benchmark's file when its finder made them, else a file of our own name outside the Total
+    body = json.dumps(dict(sorted(cur.items())), indent=4).encode()
+    storage.write_bytes(storage.join(output_dir, METRICS['FaceSim-Cur'].file if cur_name == 'FaceSim-Cur' else
+                                     facesim.DLIB_FILE), body)
   scores = read_metric_files(output_dir)  # ours plus any the benchmark's own scripts wrote there
   t = total(scores, domain)
   counts = {'decode': len(amplitude), 'MotionAmplitude': len(amplitude), 'Aesthetics': len(aes),
-            'facesim_dlib': len(identity)}
+            'facesim_dlib': len(identity), cur_name: len(cur)}
+  dlib_cur = {k: v['cur_score'] for k, v in cur.items()} if cur_name != 'FaceSim-Cur' else {}
   report = dict(total=t, problems=problems, videos=len(amplitude), facesim_dlib=identity,
-                per_category=per_category(scores, identity),
+                facesim_cur_dlib=dlib_cur, per_category=per_category(scores, identity, dlib_cur),
                 seconds_per_video={k: v / max(counts.get(k, 1), 1) for k, v in seconds.items()},
                 strips=sorted(amplitude))
   storage.write_bytes(storage.join(output_dir, 'eval.md'), markdown(report).encode())
@@ -276,10 +312,12 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
   return report
 
 
-def per_category(scores: Mapping[str, Mapping[str, float]], identity: Mapping[str, float | None]
-                 ) -> dict[str, dict[str, float]]:
+def per_category(scores: Mapping[str, Mapping[str, float]], identity: Mapping[str, float | None],
+                 dlib_cur: Mapping[str, float] | None = None) -> dict[str, dict[str, float]]:
   rows: dict[str, dict[str, list]] = {}
-  for name, per_id in list(scores.items()) + [('facesim_dlib', {k: v for k, v in identity.items() if v is not None})]:
+  ours = [('facesim_dlib', {k: v for k, v in identity.items() if v is not None})]
+  ours += [(facesim.DLIB_NAME, dict(dlib_cur))] if dlib_cur else []
+  for name, per_id in list(scores.items()) + ours:
     for vid, v in per_id.items():
       rows.setdefault(category(vid), {}).setdefault(name, []).append(v)
   return {c: {n: float(np.mean(v)) for n, v in d.items()} for c, d in sorted(rows.items())}
@@ -296,6 +334,10 @@ def markdown(report: Mapping[str, Any]) -> str:
   lines += ['', '| category | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
   lines += [f'| {c} | ' + ' | '.join(f'{d[n]:.4f}' if n in d else '' for n in names) + ' |' for c, d in cats.items()]
   lines += ['', 'facesim_dlib: dlib face-embedding cosine similarity (offline; not the benchmark\'s FaceSim-Cur).']
+  if report.get('facesim_cur_dlib'):
+    v = list(report['facesim_cur_dlib'].values())
+    lines += [f'{facesim.DLIB_NAME}: CurricularFace IR-101 on faces aligned by dlib\'s landmarks, not insightface\'s '
+              f'(outside the Total): mean {np.mean(v):.4f} over {len(v)} videos.']
   if report.get('seconds_per_video'):
     lines += ['', 'seconds per video: ' + ', '.join(f'{k} {v:.2f}' for k, v in report['seconds_per_video'].items())]
   if report['problems']:

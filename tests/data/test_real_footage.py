@@ -194,7 +194,7 @@ def test_the_offline_models_come_with_the_install_and_their_absence_is_one_line(
   # nothing fetched at run time.
   import cv2
   for name in ('shape_predictor_5_face_landmarks.dat', 'dlib_face_recognition_resnet_model_v1.dat'):
-    path = grounding_people._model_file(name)  # pylint: disable=protected-access
+    path = grounding_people.model_file(name)
     assert os.path.getsize(path) > 1_000_000 and ('site-packages' in path or 'dist-packages' in path), path
   assert cv2.HOGDescriptor_getDefaultPeopleDetector().shape == (3781,)  # 64x128 window: 3780 weights + bias
   grounding_people.check_installed()

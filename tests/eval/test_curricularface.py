@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from kaleido_jax.eval import curricularface
+from kaleido_jax.eval import facesim
 
 torch = pytest.importorskip('torch')
 nn = torch.nn
@@ -72,10 +73,15 @@ def test_the_ir_backbone_matches_pytorch_and_loads_the_bin(tmp_path, num_layers)
   got = np.asarray(ours(x))
   # fp32: within 1e-5 of the output's scale (measured 2.1e-6 for IR-18, 1.9e-6 for IR-101).
   assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), np.abs(got - want).max() / np.abs(want).max()
-  # The benchmark's inference: a uint8 face crop resized to 112, [-1, 1], unit norm.
+  # The benchmark's inference: a uint8 face crop resized to 112 (cv2 bilinear), [-1, 1], unit norm.
+  cv2 = pytest.importorskip('cv2')
   faces = np.random.default_rng(1).integers(0, 256, size=(2, 224, 224, 3), dtype=np.uint8)
-  e = curricularface.embed(ours, faces)
-  assert e.shape == (2, 512) and np.allclose(np.linalg.norm(e, axis=-1), 1.0, atol=1e-5)
+  e = facesim.CurricularFaceEmbedder(ours)(faces)
+  small = np.stack([cv2.resize(f, (112, 112)) for f in faces]).transpose(0, 3, 1, 2)
+  with torch.no_grad():
+    want = model(torch.from_numpy(small).float().div(255).sub(0.5).div(0.5)).numpy()
+  want /= np.linalg.norm(want, axis=-1, keepdims=True)
+  assert e.shape == (2, 512) and np.abs(e - want).max() <= 1e-5, np.abs(e - want).max()
 
 
 def test_a_bin_of_another_network_is_refused_by_name(tmp_path):

@@ -231,6 +231,8 @@ class PersonGrounder:
     return out
 
   def __call__(self, frames: np.ndarray, phrases: Sequence[str] = ()) -> list[grounding.Track]:
+    if phrases and not any(is_person(p) for p in phrases):
+      return []  # the caption names its subjects and no person among them: no person is a subject here
     f, h, w = frames.shape[:3]
     step = max(1, self.detect_every)
     detect_at = sorted(set(range(0, f, step)) | {f - 1})

@@ -43,7 +43,8 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,w
 # (metric, True when lower is better) in table order.
 METRICS = (('fidelity_lpips', True), ('fidelity_histogram', True), ('subject_presence', False),
            ('subject_presence_min', False), ('binding_error', True), ('pose_copy_rate', True),
-           ('copy_paste_rate', True), ('background_leakage', True), ('motion_adherence', False))
+           ('copy_paste_rate', True), ('background_leakage', True), ('look_paste_rate', True),
+           ('halo_paste_rate', True), ('motion_adherence', False))
 P_SIGNIFICANT = 0.05
 
 

@@ -224,6 +224,9 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       background='procedural', # synthetic: procedural (panning waves + grain) | plain (flat colour) | grey
       occluder_prob=0.3,       # synthetic: chance of a passing grey bar in a clip
       subject_scale=1.0,       # synthetic: multiplies every subject's size
+      clip_nuisance=0.0,       # synthetic: strength (0..1) of each clip's own look, which a same-clip reference
+                               #   carries and a cross-clip one does not (grade and focus named in the caption,
+                               #   grain, the subjects' stretch, the cut-out halo; data/nuisance.py); 0 = none
       synthetic_seed=0,        # synthetic: content seed (the loader's `seed` only shuffles / augments)
       pairing='cross',         # synthetic: cross (references from other clips of the subject, Kaleido) |
                                #   same_clip (cut from the target clip itself: the non-cross-paired baseline)

@@ -25,6 +25,7 @@ import numpy as np
 import sentencepiece as spm
 from PIL import Image
 
+from kaleido_jax.data import nuisance
 from kaleido_jax.data import pairing
 from kaleido_jax.data import synthesis
 
@@ -73,14 +74,15 @@ def split_identities(num_identities: int, heldout: int, split: str) -> np.ndarra
 
 def clip_plan(seed: int, split: str, index: int, pool: np.ndarray, max_subjects: int, *,
               background: str = 'procedural', occluder_prob: float = 0.3,
-              subject_scale: float = 1.0) -> dict[str, Any]:
+              subject_scale: float = 1.0, clip_nuisance: float = 0.0) -> dict[str, Any]:
   """Everything random about one clip (cheap: no pixels), a pure function of (seed, split, index).
 
   `background`: 'procedural' (panning two-colour waves with grain), 'plain' (one flat random colour) or
   'grey' (the same flat light grey in every clip: the CPU demo's easiest setting, all capacity goes to the
   subjects); `occluder_prob`: chance of a passing grey bar; `subject_scale` multiplies every
-  subject's size. None of them changes the random draws, so the subjects and their motion are the same
-  whatever the style.
+  subject's size; `clip_nuisance` (0..1): the strength of the clip's own look (data/nuisance.py: grade, focus,
+  grain, the subjects' stretch, the cut-out halo; 0 = none, the world before it). None of them changes the random
+  draws, so the subjects and their motion are the same whatever the style.
   """
   if background not in BACKGROUNDS:
     raise ValueError(f'unknown background {background!r}; use one of {BACKGROUNDS}')
@@ -119,7 +121,8 @@ def clip_plan(seed: int, split: str, index: int, pool: np.ndarray, max_subjects:
   if rng.random() < occluder_prob:
     occluder = dict(x0=rng.uniform(-0.1, 0.2), x1=rng.uniform(0.8, 1.1), w=rng.uniform(0.06, 0.12),
                     grey=rng.uniform(90, 160))
-  return dict(index=index, split=split, ids=ids, subjects=subjects, bg=bg, occluder=occluder)
+  look = nuisance.clip_look(seed, SPLITS[split], index, n, clip_nuisance) if clip_nuisance > 0 else None
+  return dict(index=index, split=split, ids=ids, subjects=subjects, bg=bg, occluder=occluder, look=look)
 
 
 def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -171,8 +174,10 @@ def subject_pose(sub: dict[str, Any], t: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def render_plan(plan: dict[str, Any], table: Sequence[dict[str, Any]], num_frames: int, height: int,
-                width: int, frames: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-  """Pixels of a planned clip (optionally only some frames).
+                width: int, frames: Sequence[int] | None = None,
+                camera: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+  """Pixels of a planned clip (optionally only some frames; `camera`: another clip's look for the grade, focus
+  and grain, the subjects' shapes staying this clip's).
 
   Returns video (T, H, W, 3) uint8, masks (T, S, H, W) bool (visible part of each subject after occlusion),
   full_masks (T, S, H, W) bool (the whole subject), subject_ids (S,) int32.
@@ -194,11 +199,13 @@ def render_plan(plan: dict[str, Any], table: Sequence[dict[str, Any]], num_frame
   if bg.get('plain'):
     img = np.broadcast_to(c0, img.shape).copy()
   full = []
-  for sid, sub in zip(plan['ids'], plan['subjects']):
+  look = plan.get('look')
+  for k, (sid, sub) in enumerate(zip(plan['ids'], plan['subjects'])):
     ident = table[int(sid)]
+    stretch = f32(look['aspect'][k]) if look else f32(1.0)  # this clip's width-to-height of the subject
     x, y, sc, a = (f32(q) for q in subject_pose(sub, t))
     # Only the box the subject can reach over these frames (local radius <= 1.25) is evaluated.
-    ry, rx = 1.25 * sc.max(), 1.25 * sc.max() / aspect
+    ry, rx = 1.25 * sc.max() * max(1.0, 1 / stretch), 1.25 * sc.max() * max(1.0, stretch) / aspect
     y0, y1 = int(np.clip(np.floor((y.min() - ry) * height), 0, height)), int(np.clip(np.ceil((y.max() + ry) * height), 0, height))
     x0, x1 = int(np.clip(np.floor((x.min() - rx) * width), 0, width)), int(np.clip(np.ceil((x.max() + rx) * width), 0, width))
     m = np.zeros((len(fr), height, width), bool)
@@ -206,6 +213,7 @@ def render_plan(plan: dict[str, Any], table: Sequence[dict[str, Any]], num_frame
       dx, dy = (xx[:, :, x0:x1] - x) * f32(aspect) / sc, (yy[:, y0:y1] - y) / sc
       ca, sa = np.cos(a), np.sin(a)
       u, v = ca * dx + sa * dy, -sa * dx + ca * dy
+      u, v = u / np.sqrt(stretch), v * np.sqrt(stretch)  # stretched along its own axes, area kept
       mc = _shape_mask(ident['shape'], u, v)
       second = _pattern(ident['pattern'], u[mc], v[mc])
       crop = img[:, y0:y1, x0:x1]
@@ -222,7 +230,7 @@ def render_plan(plan: dict[str, Any], table: Sequence[dict[str, Any]], num_frame
     bar = np.broadcast_to(np.abs(xx - ox) <= occ['w'] / 2, (len(fr), height, width))
     img[bar] = np.float32(occ['grey'])
     vis &= ~bar[:, None]
-  video = np.clip(np.round(img), 0, 255).astype(np.uint8)
+  video = np.clip(np.round(nuisance.apply(img, camera or look)), 0, 255).astype(np.uint8)
   return dict(video=video, masks=vis, full_masks=full_masks, subject_ids=plan['ids'].astype(np.int32))
 
 
@@ -233,7 +241,7 @@ def caption(plan: dict[str, Any], table: Sequence[dict[str, Any]]) -> str:
   text = text[0].upper() + text[1:]
   if plan['occluder'] is not None:
     text += ', partly hidden by a passing grey bar'
-  return text + '.'
+  return text + nuisance.caption_suffix(plan.get('look')) + '.'
 
 
 def caption_corpus(num_identities: int = 64, seed: int = 0, count: int = 2000) -> list[str]:
@@ -294,7 +302,7 @@ class SyntheticSet:
   def __init__(self, *, num_clips: int, num_identities: int, heldout_identities: int, split: str,
                num_frames: int, height: int, width: int, seed: int = 0, max_subjects: int = 4,
                background: str = 'procedural', occluder_prob: float = 0.3, subject_scale: float = 1.0,
-               exclude_seed: int | None = None):
+               clip_nuisance: float = 0.0, exclude_seed: int | None = None):
     self.table = identity_table(num_identities, seed)
     self.pool = split_identities(num_identities, heldout_identities, split)
     if split == 'heldout' and exclude_seed is not None and exclude_seed != seed:
@@ -305,7 +313,8 @@ class SyntheticSet:
     self.split, self.seed = split, seed
     self.num_frames, self.height, self.width = num_frames, height, width
     self.plans = [clip_plan(seed, split, i, self.pool, max_subjects, background=background,
-                            occluder_prob=occluder_prob, subject_scale=subject_scale) for i in range(num_clips)]
+                            occluder_prob=occluder_prob, subject_scale=subject_scale, clip_nuisance=clip_nuisance)
+                  for i in range(num_clips)]
     self.clips_of: dict[int, list[int]] = {}
     for p in self.plans:
       for sid in p['ids']:
@@ -366,7 +375,8 @@ class SyntheticSource:
                num_frames: int, height: int, width: int, seed: int = 0, max_subjects: int = 4,
                cutout_margin: float = 0.1, probe_frames: int = 5, refs_per_subject: int = 2,
                background: str = 'procedural', occluder_prob: float = 0.3, subject_scale: float = 1.0,
-               pairing: str = 'cross', synthesis: bool = False, exclude_seed: int | None = None):
+               pairing: str = 'cross', synthesis: bool = False, clip_nuisance: float = 0.0,
+               exclude_seed: int | None = None):
     if pairing not in PAIRINGS:
       raise ValueError(f'unknown pairing {pairing!r}; use one of {PAIRINGS}')
     self.per_subject, self.pairing, self.synthesis = refs_per_subject, pairing, synthesis
@@ -374,7 +384,7 @@ class SyntheticSource:
                             heldout_identities=heldout_identities, split=split, num_frames=num_frames,
                             height=height, width=width, seed=seed, max_subjects=max_subjects,
                             background=background, occluder_prob=occluder_prob, subject_scale=subject_scale,
-                            exclude_seed=exclude_seed)
+                            clip_nuisance=clip_nuisance, exclude_seed=exclude_seed)
     self.margin, self.probe = cutout_margin, probe_frames
 
   def __len__(self) -> int:
@@ -386,6 +396,7 @@ class SyntheticSource:
     clip = s.clip(index)
     rng = np.random.default_rng([s.seed, SPLITS[s.split], index, 0xC2])
     refs, slots, ref_clips, ref_frames = [], [], [], []
+    halo = nuisance.halo_px(s.plans[index].get('look'), s.height)  # this clip's cut-outs keep its background
     for slot, sid in enumerate(clip['subject_ids']):
       others = [c for c in s.clips_of[int(sid)] if c != index]
       if self.pairing == 'same_clip':
@@ -394,8 +405,8 @@ class SyntheticSource:
         sub = dict(masks=clip['masks'][frames], full_masks=clip['full_masks'][frames])
         for k in np.unique([_best_frame(sub, slot)] + list(rng.choice(len(frames), self.per_subject - 1)))[
             :self.per_subject]:
-          refs.append(cutout(clip['video'][frames[k]], clip['masks'][frames[k], slot], (s.height, s.width),
-                             self.margin))
+          refs.append(cutout(clip['video'][frames[k]], nuisance.with_halo(clip['masks'][frames[k], slot], halo),
+                             (s.height, s.width), self.margin))
           slots.append(slot)
           ref_clips.append(index)
           ref_frames.append(int(frames[k]))
@@ -406,14 +417,17 @@ class SyntheticSource:
           r = render_plan(plan, s.table, s.num_frames, s.height, s.width, frames=frames)
           j = int(np.nonzero(plan['ids'] == sid)[0][0])
           k = _best_frame(r, j)
-          refs.append(cutout(r['video'][k], r['masks'][k, j], (s.height, s.width), self.margin))
+          src_halo = nuisance.halo_px(plan.get('look'), s.height)  # the source clip's segmenter, its background
+          refs.append(cutout(r['video'][k], nuisance.with_halo(r['masks'][k, j], src_halo), (s.height, s.width),
+                             self.margin))
           slots.append(slot)
           ref_clips.append(int(src))
           ref_frames.append(int(frames[k]))
       else:
         k = 0 if clip['masks'][0, slot].sum() >= clip['masks'][-1, slot].sum() else s.num_frames - 1
         refs.append(pairing.augment_reference(
-            cutout(clip['video'][k], clip['masks'][k, slot], (s.height, s.width), self.margin), rng))
+            cutout(clip['video'][k], nuisance.with_halo(clip['masks'][k, slot], halo), (s.height, s.width),
+                   self.margin), rng))
         slots.append(slot)
         ref_clips.append(-1)
         ref_frames.append(k)
@@ -436,6 +450,25 @@ def plan_truth(plan: dict[str, Any], table: Sequence[dict[str, Any]], num_frames
   poses = np.stack([np.stack(subject_pose(sub, t), -1) for sub in plan['subjects']], 1).astype(np.float32)
   return dict(target=r['video'], masks=r['masks'], motions=[sub['motion'] for sub in plan['subjects']],
               poses=poses)
+
+
+def pasted_look(s: SyntheticSet, index: int, ref_clips: Sequence[int]) -> dict[str, Any]:
+  """What copying the references' looks would make of clip `index` (slot i's reference cut from clip
+  ref_clips[i], -1 = none): `look_pasted` (F, H, W, 3) uint8, the target with each subject's pixels under its
+  reference's clip camera (grade, focus, grain); `halo_px` (S,) the width of each reference's halo. Empty when
+  the world has no per-clip looks."""
+  plan = s.plans[index]
+  if not plan.get('look'):
+    return {}
+  r = render_plan(plan, s.table, s.num_frames, s.height, s.width)
+  pasted, halos = r['video'].copy(), []
+  for slot, src in enumerate(ref_clips):
+    look = s.plans[int(src)]['look'] if src >= 0 else plan['look']
+    alt = render_plan(plan, s.table, s.num_frames, s.height, s.width, camera=look)['video']
+    m = r['masks'][:, slot]
+    pasted[m] = alt[m]
+    halos.append(nuisance.halo_px(look, s.height))
+  return dict(look_pasted=pasted, halo_px=np.asarray(halos, np.int32))
 
 
 def clip_truth(s: SyntheticSet, index: int) -> dict[str, Any]:
@@ -601,4 +634,4 @@ def make_source(data_config: Any, split: str, exclude_seed: int | None = None) -
                          subject_scale=data_config.get('subject_scale', 1.0),
                          pairing=data_config.get('pairing', 'cross') if split == 'train' else 'cross',
                          synthesis=bool(data_config.get('synthesis', False)) and split == 'train',
-                         exclude_seed=exclude_seed)
+                         clip_nuisance=float(data_config.get('clip_nuisance', 0.0)), exclude_seed=exclude_seed)

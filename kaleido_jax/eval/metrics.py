@@ -36,6 +36,13 @@ leakage) need metrics that a mean presence hides:
                        rather than the prompted one.
   motion_adherence     (synthetic truth) share of subjects whose tracked path follows the prompted motion
                        (tracking.py: centre and size from the subject's colours, rotation modulo its symmetry).
+  look_paste_rate      (synthetic truth, data.clip_nuisance > 0) how far the subjects' pixels moved from the
+                       clip's prompted look (grade, focus, grain) toward their references' clips' looks: the
+                       least-squares blend weight between the target and the target with every subject under its
+                       reference's camera (0 = the prompted look, 1 = the reference's pasted).
+  halo_paste_rate      (synthetic truth, data.clip_nuisance > 0) the same weight over the band around each
+                       subject that its reference's halo covers, between the target and that band filled with
+                       the colour of the reference's halo (the edge of another clip's background carried in).
 """
 
 from __future__ import annotations
@@ -380,6 +387,52 @@ def pose_copy_rate(frames: np.ndarray, refs: Sequence[np.ndarray], target: np.nd
   return copied / seen if seen else float('nan')
 
 
+def paste_fraction(frames: np.ndarray, target: np.ndarray, pasted: np.ndarray, region: np.ndarray) -> float:
+  """alpha in [0, 1] of the least-squares fit frames ~ (1 - alpha) target + alpha pasted over `region` (F, H, W):
+  0 for the target, 1 for the pasted counterfactual, alpha for their blend; NaN where the two do not differ."""
+  frames, target, pasted = _check_video(frames), _check_video(target), _check_video(pasted)
+  region = np.asarray(region, bool)
+  d, e = (pasted - target)[region], (frames - target)[region]
+  den = float((d * d).sum())
+  if den < 1e-6 * max(int(region.sum()), 1):
+    return float('nan')
+  return float(np.clip((e * d).sum() / den, 0.0, 1.0))
+
+
+def look_paste_rate(frames: np.ndarray, target: np.ndarray, look_pasted: np.ndarray, masks: np.ndarray) -> float:
+  """paste_fraction over the subjects' visible pixels (`masks` (F, S, H, W)) between the target and the target
+  under the references' cameras (synthetic.pasted_look)."""
+  return paste_fraction(frames, target, look_pasted, np.any(masks, axis=1))
+
+
+def _halo_colour(ref: np.ndarray, px: int) -> np.ndarray | None:
+  """Mean colour of a reference's outer band `px` wide (its cut-out's halo: the source clip's background)."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  solid = np.any(ref < 1.0 - WHITE_TOLERANCE, axis=-1)
+  band = solid & ~ndimage.binary_erosion(solid, iterations=px)
+  return ref[band].mean(0) if band.any() else None
+
+
+def halo_paste_rate(frames: np.ndarray, refs: Sequence[np.ndarray], target: np.ndarray, masks: np.ndarray,
+                    halo_px: Sequence[int]) -> float:
+  """paste_fraction over the band `halo_px[i]` wide around subject i (outside every subject) between the target
+  and that band filled with reference i's halo colour."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  frames, target = _check_video(frames), _check_video(target)
+  masks = np.asarray(masks, bool)
+  anyone = np.any(masks, axis=1)
+  pasted, region = target.copy(), np.zeros(anyone.shape, bool)
+  for i, (ref, px) in enumerate(zip(refs, halo_px)):
+    colour = _halo_colour(np.asarray(ref, np.float32), int(px)) if px > 0 else None
+    if colour is None:
+      continue
+    for f in range(len(frames)):
+      ring = ndimage.binary_dilation(masks[f, i], iterations=int(px)) & ~anyone[f]
+      pasted[f][ring] = colour
+      region[f] |= ring
+  return paste_fraction(frames, target, pasted, region) if region.any() else float('nan')
+
+
 # The prompted quantity of each synthetic motion, read from a track (tracking.py): a signed change over the clip
 # (x right, y down, log size; the known trajectory gives the direction), a path (circles) or a rotation (spins).
 _MOTION_AXES = {'moves right': 'x', 'moves left': 'x', 'moves down': 'y', 'moves up': 'y', 'zooms in': 'log_size',
@@ -487,6 +540,12 @@ def evaluate_video(frames: np.ndarray, refs: np.ndarray, ref_mask: np.ndarray | 
     out["motion_judged"] = judged
     if np.isfinite(adherence):
       out["motion_adherence"] = adherence
+    if "look_pasted" in truth:  # a world with per-clip looks (data.clip_nuisance)
+      for name, value in (("look_paste_rate", look_paste_rate(frames, truth["target"], truth["look_pasted"], masks)),
+                          ("halo_paste_rate", halo_paste_rate(frames, real, truth["target"], masks,
+                                                              np.asarray(truth["halo_px"])[:len(real)]))):
+        if np.isfinite(value):
+          out[name] = value
   out.update(temporal_smoothness(frames))
   if subjects is not None:
     subjects.extend({f"fidelity_{k}" if k in SCORERS else k: v for k, v in r.items()} for r in per_ref)

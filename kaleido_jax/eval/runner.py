@@ -55,6 +55,8 @@ def heldout_requests(config: ml_collections.ConfigDict, num_videos: int,
     truth = synthetic.clip_truth(source.set, i)
     truth['masks'], truth['poses'] = truth['masks'][:, :len(picks)], truth['poses'][:, :len(picks)]
     truth['motions'] = truth['motions'][:len(picks)]
+    # The world's per-clip looks (data.clip_nuisance): what pasting each reference's look would make of the clip.
+    truth.update(synthetic.pasted_look(source.set, i, [int(rec['ref_clip_ids'][p]) for p in picks]))
     out.append(dict(prompt=str(rec['caption']), refs=np.asarray(rec['refs'])[picks],
                     target=np.asarray(rec['video']), clip=int(rec['clip_id']), truth=truth))
   return out

@@ -73,3 +73,18 @@ def test_calibrate_then_eval_reports_model_calls_per_video(tmp_path, capsys):
   assert 'model_calls_per_video' in md and '—' in md
   saved = json.load(open(tmp_path / 'cached' / 'eval.json'))
   assert saved['means'][name]['model_calls_per_video'] < full
+
+
+def test_in_the_world_with_looks_a_generator_that_pastes_the_references_looks_scores_one(tmp_path):
+  # data.clip_nuisance: the held-out truth carries what pasting each reference's look would make of the clip; the
+  # target clips score 0 on the paste metrics, a generator that returns that counterfactual 1.
+  config = tiny_config()
+  config.data.update(clip_nuisance=1.0, height=32, width=32)
+  reqs = runner.heldout_requests(config, 4)
+  assert all('look_pasted' in r['truth'] for r in reqs)
+  assert all(r['prompt'].endswith(' focus.') for r in reqs)  # the prompt names the look the video must have
+  pasted = lambda batch, seeds: np.stack([r['truth']['look_pasted'] for r in batch])
+  res = runner.evaluate(config, {"pasted": pasted}, str(tmp_path), requests=reqs)
+  target, paste = res['means'][runner.TARGET], res['means']['pasted']
+  assert target['look_paste_rate'] == 0.0 and target['halo_paste_rate'] == 0.0
+  assert paste['look_paste_rate'] > 0.9, paste  # 1 where a reference's clip has another look (NaN where none)

@@ -131,23 +131,36 @@ def summarise(scores: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, 
   return {v: {m: mean_ci([r.get(m, float('nan')) for r in rows]) for m, _ in METRICS} for v, rows in scores.items()}
 
 
-def significant(scores: dict[str, list[dict[str, float]]]) -> list[str]:
-  """One line per (value, metric) differing from the first value at p < P_SIGNIFICANT (Welch's t-test)."""
+def welch(scores: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+  """{value: {metric: p}}: Welch's t-test of each later value against the first, per metric (NaN with fewer than
+  two seeds on either side; 0 or 1 when both sides are constant)."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
   values = list(scores)
-  base = values[0]
-  lines = []
+  out = {}
   for v in values[1:]:
-    for m, lower in METRICS:
-      a = [r[m] for r in scores[base] if m in r and np.isfinite(r[m])]
+    out[v] = {}
+    for m, _ in METRICS:
+      a = [r[m] for r in scores[values[0]] if m in r and np.isfinite(r[m])]
       b = [r[m] for r in scores[v] if m in r and np.isfinite(r[m])]
       if len(a) < 2 or len(b) < 2:
-        continue
-      if np.std(a) == 0 and np.std(b) == 0:
-        p = 0.0 if np.mean(a) != np.mean(b) else 1.0
+        out[v][m] = float('nan')
+      elif np.std(a) == 0 and np.std(b) == 0:
+        out[v][m] = 0.0 if np.mean(a) != np.mean(b) else 1.0
       else:
-        p = float(stats.ttest_ind(b, a, equal_var=False).pvalue)
-      if p < P_SIGNIFICANT:
+        out[v][m] = float(stats.ttest_ind(b, a, equal_var=False).pvalue)
+  return out
+
+
+def significant(scores: dict[str, list[dict[str, float]]]) -> list[str]:
+  """One line per (value, metric) differing from the first value at p < P_SIGNIFICANT (Welch's t-test)."""
+  base = list(scores)[0]
+  lines = []
+  for v, ps in welch(scores).items():
+    for m, lower in METRICS:
+      p = ps[m]
+      if np.isfinite(p) and p < P_SIGNIFICANT:
+        a = [r[m] for r in scores[base] if m in r and np.isfinite(r[m])]
+        b = [r[m] for r in scores[v] if m in r and np.isfinite(r[m])]
         better = (np.mean(b) < np.mean(a)) == lower
         lines.append(f'{v} vs {base}: {m} {np.mean(b):.4f} vs {np.mean(a):.4f} ({"better" if better else "worse"}, '
                      f'p = {p:.3f})')
@@ -166,6 +179,13 @@ def markdown(key: str, scores, summary, ceiling: dict[str, float], lines: list[s
       '—' if m not in ceiling else f'{ceiling[m]:.4f}' for m in cols) + ' |')
   out += ['', 'Mean ± 95% confidence half-width (Student t) over seeds; each seed\'s number is the mean over its '
           'evaluation videos (and evaluation sets).', '']
+  pvalues = welch(scores)
+  if pvalues:
+    out += [f'Welch\'s t-test against {list(scores)[0]}, p per metric:', '',
+            '| value | ' + ' | '.join(cols) + ' |', '|---|' + '---|' * len(cols)]
+    out += [f'| {v} | ' + ' | '.join('—' if not np.isfinite(ps[m]) else f'{ps[m]:.3f}' for m in cols) + ' |'
+            for v, ps in pvalues.items()]
+    out.append('')
   if lines:
     out += ['Significant differences from the first value (Welch\'s t-test, p < 0.05):', ''] + [f'- {l}' for l in lines]
   else:
@@ -179,7 +199,8 @@ def plot(path: str, key: str, summary) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   values = list(summary)
-  fig, axes = plt.subplots(3, 3, figsize=(12, 9))
+  rows = -(-len(METRICS) // 4)
+  fig, axes = plt.subplots(rows, 4, figsize=(16, 3 * rows))
   for ax, (m, lower) in zip(axes.ravel(), METRICS):
     means = [summary[v][m][0] for v in values]
     errs = [summary[v][m][1] if np.isfinite(summary[v][m][1]) else 0.0 for v in values]
@@ -187,6 +208,8 @@ def plot(path: str, key: str, summary) -> None:
            color=[f'C{i}' for i in range(len(values))])
     ax.set_xticks(range(len(values)), values, fontsize=8)
     ax.set_title(f'{m} ({"lower" if lower else "higher"} is better)', fontsize=9)
+  for ax in axes.ravel()[len(METRICS):]:
+    ax.axis('off')
   fig.suptitle(f'{key}: mean ± 95% CI over seeds')
   fig.tight_layout()
   fig.savefig(path + '.tmp.png', dpi=80)
@@ -222,7 +245,7 @@ def run(base, key: str, values: Sequence[str], seeds: int, steps: int, out: str,
   os.makedirs(out, exist_ok=True)
   result = dict(factor=key, values=list(values), seeds=seeds, steps=steps, eval_seeds=eval_seeds, runs=runs,
                 summary={v: {m: list(mc) for m, mc in row.items()} for v, row in summary.items()},
-                ceiling=ceiling, significant=lines)
+                ceiling=ceiling, significant=lines, welch_p=welch(scores))
   with open(os.path.join(out, 'ablation.json.tmp'), 'w') as fh:
     json.dump(result, fh, indent=2)
   os.replace(os.path.join(out, 'ablation.json.tmp'), os.path.join(out, 'ablation.json'))

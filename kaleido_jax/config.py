@@ -135,7 +135,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
       scan_unroll=1,           # layers per scan iteration (lax.scan unroll); >= num_layers is straight-line
                                # code over the same stacked parameters: faster steps on CPU, compile time
                                # grows with depth (configs/demo.py unrolls its 4 layers)
-      remat_policy='none',     # none | full | dots_no_batch | dots_and_attention | offload (model/dit.py)
+      remat_policy='none',     # none | full | dots_no_batch | dots_and_attention | offload | offload_attention
+                               # (model/dit.py)
       cpu_kernels='auto',      # CPU-only rewrites (model/cpu.py): auto (on iff compiled for the CPU) | on | off
       attention='auto',        # auto (splash on TPU, cudnn on GPU for bf16, else xla) | xla | cudnn | splash
       context_parallel='gather',  # self-attention over a sequence split on mesh.context (model/attention.py):

@@ -147,7 +147,7 @@ def test_bf16_matches_fp32_within_bf16_tolerance():
   assert rel < 5e-2, rel
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_no_batch", "dots_and_attention", "offload"])
+@pytest.mark.parametrize("policy", ["full", "dots_no_batch", "dots_and_attention", "offload", "offload_attention"])
 def test_remat_policies_give_the_same_gradients(policy):
   rng = np.random.default_rng(5)
   video, t, text = _inputs(rng, b=1)
@@ -173,6 +173,7 @@ def test_offload_policy_moves_block_inputs_to_host_memory():
     grad = jax.grad(lambda s: jnp.mean(nnx.merge(graphdef, s)(video, t, text) ** 2))
     return str(jax.make_jaxpr(grad)(state)).count("MemorySpace.Host")
   assert host_puts("full") == 0 and host_puts("offload") >= 1
+  assert host_puts("offload_attention") > host_puts("offload")  # the attention residuals go to host too
 
 
 def test_scan_unroll_gives_the_same_outputs_and_gradients_without_the_layer_loop(monkeypatch):
@@ -225,6 +226,8 @@ def test_dots_and_attention_policy_does_not_recompute_attention():
   # dots_no_batch drops the attention kernel's residuals (its dots have batch dims), so the backward re-runs
   # the forward softmax; dots_and_attention saves them by name like the un-rematerialised step does.
   assert _exp_count("dots_and_attention") == _exp_count("none") < _exp_count("dots_no_batch")
+  # offload_attention: the same residuals, kept in host memory (maxdiffusion's HIDDEN_STATE_WITH_OFFLOAD).
+  assert _exp_count("offload_attention") == _exp_count("none") < _exp_count("offload")
 
 
 def test_parameters_carry_logical_axis_names():

@@ -76,7 +76,8 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransf
   """Global-norm clip (if grad_clip > 0), then AdamW (Kaleido: betas 0.9/0.95, wd 1e-4).
 
   `train.moments_dtype='bfloat16'` keeps Adam's first moment in bf16 (optax's `mu_dtype`: 2 bytes per
-  parameter less, 7.1 GiB per chip for 14B on 4 chips); the second moment stays float32 (optax has no nu dtype).
+  parameter less, 7.1 GiB per chip for 14B on 4 chips); the second moment takes the parameters' dtype (optax has
+  no nu dtype): float32 unless `model.param_dtype='bfloat16'`.
   """
   moments = train_cfg.get('moments_dtype', 'float32')
   if moments not in MOMENTS_DTYPES:

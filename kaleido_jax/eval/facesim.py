@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Protocol, Sequence
 
 import jax
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kaleido_jax import storage
 from kaleido_jax.eval import curricularface
 
 NUM_FRAMES = 32
@@ -115,7 +115,7 @@ class InsightFaceFinder:
   name = 'insightface'
 
   def __init__(self, face_extractor: str):
-    if not os.path.isdir(face_extractor):
+    if not storage.exists(face_extractor):
       raise FileNotFoundError(f'no face_extractor folder {face_extractor!r} (OpenS2V-Weight/face_extractor)')
     try:
       import onnxruntime  # lazy: an optional runtime the user installs for the benchmark's detector
@@ -125,7 +125,7 @@ class InsightFaceFinder:
           f'face_extractor/ needs {e.name}: pip install insightface onnxruntime') from e
     providers = [p for p in ('CUDAExecutionProvider', 'CPUExecutionProvider')
                  if p in onnxruntime.get_available_providers()]
-    self.app = FaceAnalysis(root=face_extractor, providers=providers)
+    self.app = FaceAnalysis(root=storage.fetched(face_extractor), providers=providers)  # ONNX files read locally
     self.app.prepare(ctx_id=0, det_size=DET_SIZE)
 
   def __call__(self, rgb: np.ndarray) -> list[Face]:
@@ -238,7 +238,7 @@ def build(model: str, face_extractor: str = '') -> tuple[FaceFinder, CurricularF
   finder without it. A path that is not there raises FileNotFoundError naming it."""
   if not model:
     raise FileNotFoundError('needs glint360k_curricular_face_r101_backbone.bin (eval.facesim_model)')
-  if not os.path.exists(model):
+  if not storage.exists(model):
     raise FileNotFoundError(f'no CurricularFace weights at {model!r} (eval.facesim_model)')
   finder = InsightFaceFinder(face_extractor) if face_extractor else DlibFaceFinder()
-  return finder, CurricularFaceEmbedder(model)
+  return finder, CurricularFaceEmbedder(storage.fetched(model))  # torch.load reads a local file

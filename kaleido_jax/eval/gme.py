@@ -27,9 +27,7 @@ grouped-query attention with q / k / v bias and no o bias, SwiGLU MLP, causal.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from typing import Any, Sequence
 
 import jax
@@ -38,6 +36,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from kaleido_jax import storage
 from kaleido_jax.convert import common
 from kaleido_jax.eval import aesthetics
 
@@ -131,8 +130,7 @@ class Config:
   @classmethod
   def from_dir(cls, path: str) -> 'Config':
     """config.json as transformers 4 (flat) or 5 (`text_config`) writes it."""
-    with open(os.path.join(path, 'config.json')) as f:
-      cfg = json.load(f)
+    cfg = storage.read_json(storage.join(path, 'config.json'))
     text, vision = cfg.get('text_config') or cfg, cfg['vision_config']
     rope = text.get('rope_parameters') or {}
     if vision.get('hidden_act', 'quick_gelu') != 'quick_gelu':
@@ -298,10 +296,10 @@ def _prefixes(keys: Sequence[str]) -> tuple[str, str]:
 
 def load(path: str, dtype=jnp.float32) -> GME:
   """A GME / Qwen2-VL directory (config.json, safetensors shards) -> GME with its weights in `dtype`."""
-  if not os.path.exists(os.path.join(path, 'config.json')):
+  if not storage.exists(storage.join(path, 'config.json')):
     raise FileNotFoundError(f'{path!r} is not a GME-Qwen2-VL directory (no config.json)')
   cfg = Config.from_dir(path)
-  reader = common.CheckpointReader(path)
+  reader = common.CheckpointReader(storage.fetched(path))  # a bucket's shards are read from a local copy
   get = lambda k: np.asarray(reader.get(k), np.float32)
   vp, tp = _prefixes(reader.keys())
   model = nnx.eval_shape(lambda: GME(cfg, nnx.Rngs(0), dtype))  # no random init of 8B parameters: all are read
@@ -338,10 +336,10 @@ class Tokenizer:
 
   def __init__(self, path: str):
     from tokenizers import Tokenizer as HFTokenizer  # lazy: an optional dependency of the GME metric
-    file = os.path.join(path, 'tokenizer.json')
-    if not os.path.exists(file):
+    file = storage.join(path, 'tokenizer.json')
+    if not storage.exists(file):
       raise FileNotFoundError(f'{path!r} has no tokenizer.json')
-    self.tok = HFTokenizer.from_file(file)
+    self.tok = HFTokenizer.from_str(storage.read_text(file))
 
   def __call__(self, text: str) -> list[int]:
     return self.tok.encode(text, add_special_tokens=False).ids

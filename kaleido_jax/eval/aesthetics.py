@@ -22,6 +22,7 @@ from PIL import Image
 
 from kaleido_jax import storage
 from kaleido_jax.convert import common
+from kaleido_jax.eval import spread
 
 # LAION's MLP: Linear layers at these indices of its nn.Sequential (dropouts between them).
 MLP_LAYERS = (0, 2, 4, 6, 7)
@@ -226,12 +227,11 @@ class AestheticScorer:
     self.preprocess, self.batch_size = preprocess, batch_size
     graph, state = nnx.split((tower, mlp))
 
-    @jax.jit
     def score(state, pixels):
       tower, mlp = nnx.merge(graph, state)
       embed = tower(pixels)
       return mlp(embed / jnp.linalg.norm(embed, axis=-1, keepdims=True))
-    self._score = lambda pixels: score(state, pixels)
+    self._score = spread.OverDevices(score, state, num_batched=1)  # a batch over this host's devices
 
   def frame_scores(self, images: np.ndarray) -> np.ndarray:
     pixels = np.stack([self.preprocess(x) for x in images])

@@ -32,6 +32,7 @@ from flax import nnx
 
 from kaleido_jax import storage
 from kaleido_jax.eval import curricularface
+from kaleido_jax.eval import spread
 
 NUM_FRAMES = 32
 CROP_SIZE = 224           # norm_crop's image_size in get_facesim.py
@@ -174,13 +175,13 @@ class CurricularFaceEmbedder:
 
   def __init__(self, model: curricularface.IRBackbone | str):
     self.model = curricularface.load(model) if isinstance(model, str) else model
-    graph, self.state = nnx.split(self.model)
-    self._forward = jax.jit(lambda s, x: nnx.merge(graph, s)(x))
+    graph, state = nnx.split(self.model)
+    self._forward = spread.OverDevices(lambda s, x: nnx.merge(graph, s)(x), state, num_batched=1)
 
   def __call__(self, faces: Sequence[np.ndarray]) -> np.ndarray:
     import cv2  # lazy: an optional dependency (the grounding extra)
     x = np.stack([cv2.resize(np.ascontiguousarray(f), (112, 112)) for f in faces]).astype(np.float32)
-    out = np.asarray(self._forward(self.state, jnp.asarray(x / 255.0 * 2.0 - 1.0)))
+    out = self._forward(x / 255.0 * 2.0 - 1.0)
     return out / np.linalg.norm(out, axis=-1, keepdims=True)
 
 

@@ -39,6 +39,7 @@ from PIL import Image
 from kaleido_jax import storage
 from kaleido_jax.convert import common
 from kaleido_jax.eval import aesthetics
+from kaleido_jax.eval import spread
 
 NUM_FRAMES = 32
 FACTOR = 28                                   # patch 14 x merge 2
@@ -352,13 +353,15 @@ class GmeScorer:
   def __init__(self, path: str, dtype=jnp.float32, batch: int = 8, num_frames: int = NUM_FRAMES):
     self.model, self.tokenizer = load(path, dtype), Tokenizer(path)
     self.batch, self.num_frames = batch, num_frames
-    graph, self.state = nnx.split(self.model)
+    graph, state = nnx.split(self.model)
+    # One copy of the weights on every device of this host; the frames of a video split over them.
+    self._image = spread.OverDevices(lambda s, ids, p, grid: nnx.merge(graph, s).embed(ids, p, grid), state,
+                                     num_batched=2, static=1)
     self._text = jax.jit(lambda s, ids: nnx.merge(graph, s).embed(ids))
-    self._image = jax.jit(lambda s, ids, p, grid: nnx.merge(graph, s).embed(ids, p, grid), static_argnums=3)
 
   def text_embedding(self, prompt: str) -> np.ndarray:
     ids = np.asarray([self.tokenizer(chat(prompt, QUERY_INSTRUCTION))], np.int32)
-    return np.asarray(self._text(self.state, ids))[0]
+    return np.asarray(self._text(self._image.state, ids))[0]
 
   def frame_embeddings(self, frames: Sequence[np.ndarray]) -> np.ndarray:
     done = [preprocess(f) for f in frames]
@@ -369,7 +372,7 @@ class GmeScorer:
     out = []
     for i in range(0, len(done), self.batch):
       chunk = np.stack([p for p, _ in done[i:i + self.batch]])
-      out.append(np.asarray(self._image(self.state, np.tile(ids, (len(chunk), 1)), chunk, grid)))
+      out.append(self._image(np.tile(ids, (len(chunk), 1)), chunk, static=(grid,)))
     return np.concatenate(out)
 
   def __call__(self, frames: np.ndarray, prompt: str) -> float:

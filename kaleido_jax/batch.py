@@ -83,8 +83,7 @@ def read_requests(path: str, *, base_seed: int = 0, max_refs: int = 3,
     raise PromptSetError(f'--prompts {path!r}: no such file')
   if root and not storage.path(root).is_dir():
     raise PromptSetError(f'sample.prompts_root {root!r}: no such directory')
-  root = root or (str(storage.path(path).parent) if storage.is_remote(path)
-                  else os.path.dirname(os.path.abspath(path)))
+  root = root or str(storage.path(storage.absolute(path)).parent)  # the file's folder, local or in a bucket
   text = storage.read_text(path)
   raw: list[dict[str, Any]] = []
   if path.lower().endswith('.json'):

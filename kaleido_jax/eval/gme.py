@@ -82,7 +82,8 @@ def processor_size(height: int, width: int) -> tuple[int, int]:
   h, w = round(height / FACTOR) * FACTOR, round(width / FACTOR) * FACTOR
   if h * w > hi:
     beta = math.sqrt(height * width / hi)
-    h, w = max(FACTOR, math.floor(height / beta / FACTOR) * FACTOR), max(FACTOR, math.floor(width / beta / FACTOR) * FACTOR)
+    h = max(FACTOR, math.floor(height / beta / FACTOR) * FACTOR)
+    w = max(FACTOR, math.floor(width / beta / FACTOR) * FACTOR)
   elif h * w < lo:
     beta = math.sqrt(lo / (height * width))
     h, w = math.ceil(height * beta / FACTOR) * FACTOR, math.ceil(width * beta / FACTOR) * FACTOR
@@ -161,17 +162,6 @@ def _rope(x: jax.Array, angles: jax.Array) -> jax.Array:
   return (xf * cos + _rotate_half(xf) * sin).astype(x.dtype)
 
 
-def _attention(q, k, v, causal: bool) -> jax.Array:
-  """(B, N, heads, d) each (k / v may have fewer heads: repeated)."""
-  rep = q.shape[2] // k.shape[2]
-  k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32), k.astype(jnp.float32)) / math.sqrt(q.shape[-1])
-  if causal:
-    n = q.shape[1]
-    logits = jnp.where(jnp.tril(jnp.ones((n, n), bool)), logits, -jnp.inf)
-  return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(logits, axis=-1), v.astype(jnp.float32)).astype(q.dtype)
-
-
 class VisionBlock(nnx.Module):
   def __init__(self, dim: int, heads: int, mlp: int, rngs: nnx.Rngs, dtype):
     self.heads = heads
@@ -186,7 +176,7 @@ class VisionBlock(nnx.Module):
     b, n, d = x.shape
     q, k, v = jnp.split(self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads), 3, axis=2)
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-    x = x + self.proj(_attention(_rope(q, angles), _rope(k, angles), v, causal=False).reshape(b, n, d))
+    x = x + self.proj(jax.nn.dot_product_attention(_rope(q, angles), _rope(k, angles), v).reshape(b, n, d))
     h = self.fc1(self.norm2(x))
     return x + self.fc2(h * jax.nn.sigmoid(1.702 * h))  # quick_gelu
 
@@ -251,7 +241,8 @@ class DecoderLayer(nnx.Module):
     h = self.norm1(x)
     q = self.q(h).reshape(b, n, self.heads, -1)
     k, v = self.k(h).reshape(b, n, self.kv_heads, -1), self.v(h).reshape(b, n, self.kv_heads, -1)
-    x = x + self.o(_attention(_rope(q, angles), _rope(k, angles), v, causal=True).reshape(b, n, -1))
+    x = x + self.o(jax.nn.dot_product_attention(_rope(q, angles), _rope(k, angles), v,  # grouped-query
+                                                 is_causal=True).reshape(b, n, -1))
     h = self.norm2(x)
     return x + self.down(jax.nn.silu(self.gate(h)) * self.up(h))
 

@@ -51,6 +51,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 QUERY_INSTRUCTION = 'Find an image that matches the given text.'
 CORPUS_INSTRUCTION = 'You are a helpful assistant.'
 IMAGE_INPUT = '<|vision_start|><|image_pad|><|vision_end|>'
+PATCH_BUCKET = 256  # images are padded to a multiple of this many patches (64 merged tokens): one program a bucket
+TEXT_BUCKET = 32    # texts to a multiple of this many tokens
 
 
 def chat(text: str, instruction: str) -> str:
@@ -88,6 +90,12 @@ def processor_size(height: int, width: int) -> tuple[int, int]:
     beta = math.sqrt(lo / (height * width))
     h, w = math.ceil(height * beta / FACTOR) * FACTOR, math.ceil(width * beta / FACTOR) * FACTOR
   return h, w
+
+
+def grid_of(height: int, width: int, patch: int = 14) -> tuple[int, int, int]:
+  """The (1, gh, gw) patch grid `preprocess` gives an image of this size, without resizing it."""
+  h, w = processor_size(*fetch_size(height, width))
+  return 1, h // patch, w // patch
 
 
 def preprocess(rgb: np.ndarray, patch: int = 14, temporal: int = 2, merge: int = 2) -> tuple[np.ndarray, tuple]:
@@ -155,8 +163,8 @@ def _rotate_half(x: jax.Array) -> jax.Array:
 
 
 def _rope(x: jax.Array, angles: jax.Array) -> jax.Array:
-  """x (..., N, heads, d) rotated by angles (N, d / 2) (each angle on dims i and i + d / 2)."""
-  emb = jnp.concatenate([angles, angles], axis=-1)[:, None, :]
+  """x (..., N, heads, d) rotated by angles (N, d / 2) or (B, N, d / 2) (each angle on dims i and i + d / 2)."""
+  emb = jnp.concatenate([angles, angles], axis=-1)[..., None, :]
   cos, sin = jnp.cos(emb), jnp.sin(emb)
   xf = x.astype(jnp.float32)
   return (xf * cos + _rotate_half(xf) * sin).astype(x.dtype)
@@ -172,17 +180,29 @@ class VisionBlock(nnx.Module):
     self.fc1 = nnx.Linear(dim, mlp, rngs=rngs, param_dtype=dtype)
     self.fc2 = nnx.Linear(mlp, dim, rngs=rngs, param_dtype=dtype)
 
-  def __call__(self, x: jax.Array, angles: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, angles: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
     b, n, d = x.shape
     q, k, v = jnp.split(self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads), 3, axis=2)
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-    x = x + self.proj(jax.nn.dot_product_attention(_rope(q, angles), _rope(k, angles), v).reshape(b, n, d))
+    att = jax.nn.dot_product_attention(_rope(q, angles), _rope(k, angles), v, key_value_seq_lengths=lengths)
+    x = x + self.proj(att.reshape(b, n, d))
     h = self.fc1(self.norm2(x))
     return x + self.fc2(h * jax.nn.sigmoid(1.702 * h))  # quick_gelu
 
 
+def vision_angles(cfg: Config, gh: int, gw: int) -> np.ndarray:
+  """(gh * gw, head_dim / 2): row angles then column angles per patch (theta 10000), block-major like the
+  patches."""
+  hd, m = cfg.vision_dim // cfg.vision_heads, cfg.spatial_merge_size
+  inv = 1.0 / (10000.0 ** (np.arange(0, hd // 2, 2, dtype=np.float32) / (hd // 2)))
+  rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing='ij')
+  order = lambda a: a.reshape(gh // m, m, gw // m, m).transpose(0, 2, 1, 3).reshape(-1)
+  return np.concatenate([order(rows)[:, None] * inv, order(cols)[:, None] * inv], axis=-1).astype(np.float32)
+
+
 class Vision(nnx.Module):
-  """(B, N, 3 * 2 * 14^2) patches of B same-size images -> (B, N / 4, hidden_size)."""
+  """(B, N, 3 * 2 * 14^2) patches -> (B, N / 4, hidden_size); images of other sizes padded at the end to N patches,
+  their pads masked out of attention by `lengths` (B,)."""
 
   def __init__(self, cfg: Config, rngs: nnx.Rngs, dtype):
     d = cfg.vision_dim
@@ -196,19 +216,11 @@ class Vision(nnx.Module):
     self.merge1 = nnx.Linear(m, m, rngs=rngs, param_dtype=dtype)
     self.merge2 = nnx.Linear(m, cfg.hidden_size, rngs=rngs, param_dtype=dtype)
 
-  def angles(self, gh: int, gw: int) -> jax.Array:
-    """(N, head_dim / 2): row angles then column angles per patch, block-major like the patches."""
-    hd, m = self.cfg.vision_dim // self.cfg.vision_heads, self.cfg.spatial_merge_size
-    inv = 1.0 / (10000.0 ** (np.arange(0, hd // 2, 2, dtype=np.float32) / (hd // 2)))
-    rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing='ij')
-    order = lambda a: a.reshape(gh // m, m, gw // m, m).transpose(0, 2, 1, 3).reshape(-1)
-    return jnp.asarray(np.concatenate([order(rows)[:, None] * inv, order(cols)[:, None] * inv], axis=-1))
-
-  def __call__(self, patches: jax.Array, gh: int, gw: int) -> jax.Array:
+  def __call__(self, patches: jax.Array, angles: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
+    """angles: `vision_angles(cfg, gh, gw)`, (N, d) for one size or (B, N, d) padded like the patches."""
     x = self.patch(patches)
-    angles = self.angles(gh, gw)
     for block in self.blocks:
-      x = block(x, angles)
+      x = block(x, angles, lengths)
     b, n, d = x.shape
     x = self.ln_q(x).reshape(b, n // self.cfg.spatial_merge_size ** 2, -1)
     return self.merge2(jax.nn.gelu(self.merge1(x), approximate=False))
@@ -258,12 +270,15 @@ class GME(nnx.Module):
     self.layers = nnx.List([DecoderLayer(cfg, rngs, dtype) for _ in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-  def embed(self, ids: jax.Array, patches: jax.Array | None = None, grid: tuple[int, int] = (0, 0)) -> jax.Array:
-    """ids (B, L) of equal-length sequences; patches (B, N, P) of same-size images whose merged tokens fill the
-    image-pad positions of each sequence in order."""
+  def embed(self, ids: jax.Array, patches: jax.Array | None = None, angles: jax.Array | None = None,
+            lengths: jax.Array | None = None, last: jax.Array | None = None) -> jax.Array:
+    """ids (B, L); patches (B, N, P) whose merged tokens fill the image-pad positions of each sequence in order,
+    `angles` / `lengths` as Vision takes them; `last` (B,) the index of each sequence's final token (default L - 1).
+    Sequences shorter than L are padded after `last`: under causal attention no real token sees a pad, and the
+    positions of the real tokens are unchanged, so a padded sequence gives the same embedding."""
     x = self.embed_tokens(ids)
     if patches is not None:
-      feats = self.vision(patches, *grid).astype(x.dtype)  # (B, N / 4, D)
+      feats = self.vision(patches, angles, lengths).astype(x.dtype)  # (B, N / 4, D)
       slot = jnp.cumsum(ids == self.cfg.image_token_id, axis=1) - 1
       picked = jnp.take_along_axis(feats, jnp.clip(slot, 0, feats.shape[1] - 1)[..., None], axis=1)
       x = jnp.where((ids == self.cfg.image_token_id)[..., None], picked, x)
@@ -272,8 +287,10 @@ class GME(nnx.Module):
     angles = jnp.asarray(np.arange(ids.shape[1], dtype=np.float32)[:, None] * inv)  # 1-D positions (see above)
     for layer in self.layers:
       x = layer(x, angles)
-    last = self.norm(x)[:, -1].astype(jnp.float32)
-    return last / jnp.linalg.norm(last, axis=-1, keepdims=True)
+    x = self.norm(x)
+    final = x[:, -1] if last is None else jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    final = final.astype(jnp.float32)
+    return final / jnp.linalg.norm(final, axis=-1, keepdims=True)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -338,34 +355,61 @@ class Tokenizer:
 
 
 class GmeScorer:
-  """GmeScore of a video (F, H, W, 3) RGB uint8 and its prompt, one jitted call for the prompt and one per batch of
-  same-size frames."""
+  """GmeScore of a video (F, H, W, 3) RGB uint8 and its prompt; also the image and text embeddings NexusScore uses.
+
+  Images of any size share a few programs: their patches are padded to a multiple of `PATCH_BUCKET` (pads masked
+  out of the vision attention) and their token sequences to the bucket's length after the final token, in batches
+  of `batch`; texts are padded to a multiple of `TEXT_BUCKET`. The embeddings are those of the unpadded inputs
+  (GME.embed's docstring); without the buckets every crop size NexusScore meets would compile the 8B network anew."""
 
   def __init__(self, path: str, dtype=jnp.float32, batch: int = 8, num_frames: int = NUM_FRAMES):
     self.model, self.tokenizer = load(path, dtype), Tokenizer(path)
     self.batch, self.num_frames = batch, num_frames
     graph, state = nnx.split(self.model)
-    # One copy of the weights on every device of this host; the frames of a video split over them.
-    self._image = spread.OverDevices(lambda s, ids, p, grid: nnx.merge(graph, s).embed(ids, p, grid), state,
-                                     num_batched=2, static=1)
-    self._text = jax.jit(lambda s, ids: nnx.merge(graph, s).embed(ids))
+    # One copy of the weights on every device of this host; a batch split over them.
+    self._image = spread.OverDevices(lambda s, ids, p, a, n, last: nnx.merge(graph, s).embed(ids, p, a, n, last),
+                                     state, num_batched=5)
+    self._text = spread.OverDevices(lambda s, ids, last: nnx.merge(graph, s).embed(ids, last=last), state,
+                                    num_batched=2)
 
-  def text_embedding(self, prompt: str) -> np.ndarray:
-    ids = np.asarray([self.tokenizer(chat(prompt, QUERY_INSTRUCTION))], np.int32)
-    return np.asarray(self._text(self._image.state, ids))[0]
+  def text_embedding(self, text: str, instruction: str = QUERY_INSTRUCTION) -> np.ndarray:
+    ids = self.tokenizer(chat(text, instruction))
+    padded = np.zeros((1, -(-len(ids) // TEXT_BUCKET) * TEXT_BUCKET), np.int32)
+    padded[0, :len(ids)] = ids
+    return self._text(padded, np.asarray([len(ids) - 1], np.int32))[0]
 
-  def frame_embeddings(self, frames: Sequence[np.ndarray]) -> np.ndarray:
-    done = [preprocess(f) for f in frames]
-    grid = done[0][1][1:]
-    tokens = done[0][0].shape[0] // self.model.cfg.spatial_merge_size ** 2
-    text = chat(IMAGE_INPUT.replace('<|image_pad|>', '<|image_pad|>' * tokens), CORPUS_INSTRUCTION)
-    ids = np.asarray(self.tokenizer(text), np.int32)
-    out = []
-    for i in range(0, len(done), self.batch):
-      chunk = np.stack([p for p, _ in done[i:i + self.batch]])
-      out.append(self._image(np.tile(ids, (len(chunk), 1)), chunk, static=(grid,)))
-    return np.concatenate(out)
+  def image_embeddings(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    """RGB images of any sizes -> (N, hidden) corpus embeddings, in their order."""
+    cfg = self.model.cfg
+    merge = cfg.spatial_merge_size ** 2
+    out = np.zeros((len(images), cfg.hidden_size), np.float32)
+    buckets: dict[int, list[int]] = {}
+    for i, image in enumerate(images):  # grids from the sizes: the patches are made a batch at a time (memory)
+      _, gh, gw = grid_of(*np.shape(image)[:2])
+      buckets.setdefault(-(-gh * gw // PATCH_BUCKET) * PATCH_BUCKET, []).append(i)
+    overhead = len(self.tokenizer(chat(IMAGE_INPUT, CORPUS_INSTRUCTION))) - 1  # the text around the image tokens
+
+    def row(i, size):
+      patches, grid = preprocess(images[i])
+      n = patches.shape[0]
+      ids = self.tokenizer(chat(IMAGE_INPUT.replace('<|image_pad|>', '<|image_pad|>' * (n // merge)),
+                                CORPUS_INSTRUCTION))
+      return (ids, np.pad(patches, ((0, size - n), (0, 0))), np.pad(vision_angles(cfg, *grid[1:]),
+                                                                     ((0, size - n), (0, 0))), n)
+    for size, members in sorted(buckets.items()):
+      length = overhead + size // merge  # a full bucket's sequence
+      for j in range(0, len(members), self.batch):
+        part = [row(i, size) for i in members[j:j + self.batch]]
+        part = part + [part[-1]] * (self.batch - len(part))  # one program per bucket
+        ids = np.zeros((self.batch, length), np.int32)
+        for k, r in enumerate(part):
+          ids[k, :len(r[0])] = r[0]
+        got = self._image(ids, np.stack([r[1] for r in part]), np.stack([r[2] for r in part]),
+                          np.asarray([r[3] for r in part], np.int32),
+                          np.asarray([len(r[0]) - 1 for r in part], np.int32))
+        out[members[j:j + self.batch]] = got[:len(members[j:j + self.batch])]
+    return out
 
   def __call__(self, frames: np.ndarray, prompt: str) -> float:
     idx = np.linspace(0, len(frames) - 1, self.num_frames, dtype=int)
-    return float(np.mean(self.frame_embeddings([frames[i] for i in idx]) @ self.text_embedding(prompt)))
+    return float(np.mean(self.image_embeddings([frames[i] for i in idx]) @ self.text_embedding(prompt)))

@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 class OverDevices:
   """`fn(state, *batched, *static)` jitted with `state` replicated and the batched arrays' leading axis sharded
-  over this host's devices; call it as `(*batched, static=(...))`."""
+  over this host's devices; call it as `(*batched, static=(...))`; it returns numpy arrays (one or a tuple)."""
 
   def __init__(self, fn: Callable[..., Any], state: Any, num_batched: int, static: int = 0):
     self.devices = jax.local_devices()
@@ -30,4 +30,4 @@ class OverDevices:
     if pad:
       batched = tuple(np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) for x in batched)
     out = self.fn(self.state, *(jax.device_put(np.asarray(x), self.part) for x in batched), *static)
-    return np.asarray(out)[:b]
+    return jax.tree.map(lambda o: np.asarray(o)[:b], out)  # an array or a tuple of them

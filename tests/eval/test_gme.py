@@ -91,8 +91,33 @@ def test_gme_matches_transformers_qwen2_vl_and_its_processor(tmp_path):
   patches2, _ = gme.preprocess(frame2)
   want = np.concatenate([_reference(model, [img_ids], torch.from_numpy(p), torch.tensor([grid]))
                          for p in (patches, patches2)])
-  got = np.asarray(ours.embed(np.asarray([img_ids] * 2, np.int32), np.stack([patches, patches2]), grid[1:]))
+  got = np.asarray(ours.embed(np.asarray([img_ids] * 2, np.int32), np.stack([patches, patches2]),
+                              gme.vision_angles(ours.cfg, *grid[1:])))
   assert np.abs(got - want).max() < 1e-5, np.abs(got - want).max()
+
+
+def test_images_of_many_sizes_share_padded_programs_and_keep_their_embeddings(tmp_path):
+  # NexusScore's crops come in every size: padded to a bucket of patches (masked in the vision attention) and
+  # their sequences padded after the final token, each gives transformers' embedding of it alone.
+  model, _ = _model_dir(tmp_path)
+  scorer = gme.GmeScorer(str(tmp_path), batch=2)
+  tokenizer = gme.Tokenizer(str(tmp_path))
+  rng = np.random.default_rng(2)
+  shapes = [(500, 600), (530, 560), (520, 610), (560, 560), (40, 40), (120, 33)]
+  images = [rng.integers(0, 256, s + (3,), dtype=np.uint8) for s in shapes]
+  got = scorer.image_embeddings(images)
+  for img, g in zip(images, got):
+    patches, grid = gme.preprocess(img)
+    assert gme.grid_of(*img.shape[:2]) == grid
+    ids = tokenizer(gme.chat(gme.IMAGE_INPUT.replace('<|image_pad|>', '<|image_pad|>' * (patches.shape[0] // 4)),
+                             gme.CORPUS_INSTRUCTION))
+    want = _reference(model, [ids], torch.from_numpy(patches), torch.tensor([grid]))[0]
+    assert np.abs(g - want).max() < 1e-5, np.abs(g - want).max()
+  assert len({gme.preprocess(i)[1] for i in images}) == 6  # six patch grids ...
+  assert scorer._image.fn._cache_size() == 3  # ... in three buckets, three programs  # pylint: disable=protected-access
+  text = scorer.text_embedding('a cat', gme.QUERY_INSTRUCTION)
+  want = _reference(model, [tokenizer(gme.chat('a cat', gme.QUERY_INSTRUCTION))])[0]
+  assert np.abs(text - want).max() < 1e-5
 
 
 def test_the_gme_score_of_a_real_clip_is_the_mean_frame_query_product(tmp_path):
@@ -105,7 +130,7 @@ def test_the_gme_score_of_a_real_clip_is_the_mean_frame_query_product(tmp_path):
   idx = np.linspace(0, len(frames) - 1, 4, dtype=int)  # the benchmark's frames (truncated linspace)
   assert list(idx) == [0, 39, 79, 119]
   text = scorer.text_embedding('A man talks in a car.')
-  want = float(np.mean(scorer.frame_embeddings([frames[i] for i in idx]) @ text))
+  want = float(np.mean(scorer.image_embeddings([frames[i] for i in idx]) @ text))
   assert abs(score - want) < 1e-6 and -1.0 <= score <= 1.0
 
 

@@ -426,9 +426,9 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
                                 # is absent)
       benchmark_root='',        # the benchmark folder its img_paths are relative to ('' = the JSON's folder)
       benchmark_domain='',      # open | single | human (the Total's weights); '' = from the JSON's file name
-      benchmark_weights='',     # the benchmark's weight folder (OpenS2V-Weight): the three paths below default
-                                # to its aesthetic-model.pth, glint360k_curricular_face_r101_backbone.bin and
-                                # face_extractor/
+      benchmark_weights='',     # the benchmark's weight folder (OpenS2V-Weight): the paths below default to its
+                                # aesthetic-model.pth, glint360k_curricular_face_r101_backbone.bin, face_extractor/
+                                # and yolo_world_v2_l_image_prompt_adapter-719a7afb.pth
       aesthetic_clip='',        # Aesthetics: a transformers CLIP directory (openai/clip-vit-large-patch14)
       aesthetic_mlp='',         # Aesthetics: the benchmark's aesthetic-model.pth (LAION's MLP)
       facesim_model='',         # FaceSim-Cur: CurricularFace IR-101 glint360k_curricular_face_r101_backbone.bin
@@ -436,6 +436,10 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
                                 # without it faces are aligned by dlib, scored apart from the Total
       gme_model='',             # GmeScore: the gme-Qwen2-VL-7B-Instruct directory (safetensors, tokenizer.json)
       gme_dtype='bfloat16',     # GmeScore: the network's weights and activations (the benchmark runs float16)
+      yoloworld_model='',       # NexusScore: YOLO-World's yolo_world_v2_l_image_prompt_adapter-719a7afb.pth ('' = in
+                                # benchmark_weights); with gme_model
+      yoloworld_clip='',        # NexusScore: the CLIP ViT-B/32 directory its image prompts go through
+                                # (openai/clip-vit-base-patch32); NexusScore runs when this is given
       scorers=('lpips', 'histogram'),
       save_videos=4,            # write this many GIF strips of generated vs target
   ))

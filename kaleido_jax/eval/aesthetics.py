@@ -210,9 +210,12 @@ class AestheticScorer:
   """frames (F, H, W, 3) uint8 -> the benchmark's aes_score (module docstring)."""
 
   def __init__(self, clip_dir: str, mlp_path: str, *, batch_size: int = 8):
-    for what, p in (('CLIP directory', clip_dir), ('aesthetic MLP', mlp_path)):
-      if not p or not storage.exists(p):
-        raise FileNotFoundError(f'Aesthetics needs the {what} {p!r}, which does not exist')
+    for what, p, key in (('CLIP ViT-L/14 directory', clip_dir, 'aesthetic_clip'),
+                         ('aesthetic MLP', mlp_path, 'aesthetic_mlp')):
+      if not p:
+        raise FileNotFoundError(f'Aesthetics needs the {what}: give eval.{key}')
+      if not storage.exists(p):
+        raise FileNotFoundError(f'Aesthetics needs the {what} {p!r}, which does not exist (eval.{key})')
     self._build(load_clip(clip_dir), load_mlp(mlp_path), Preprocess.from_dir(clip_dir), batch_size)
 
   @classmethod

@@ -74,7 +74,8 @@ NEEDS = {
     'MotionSmoothness': 'Q-Align (one-align) from a local directory',
     'FaceSim-Cur': "insightface's face_extractor/ and glint360k_curricular_face_r101_backbone.bin",
     'GmeScore': 'GME-Qwen2-VL-7B from a local directory (eval.gme_model)',
-    'NexusScore': 'YOLO-World and GME-Qwen2-VL-7B from local directories',
+    'NexusScore': ('YOLO-World (yolo_world_v2_l_image_prompt_adapter-719a7afb.pth, eval.yoloworld_model), CLIP '
+                   'ViT-B/32 (eval.yoloworld_clip) and GME-Qwen2-VL-7B (eval.gme_model)'),
     'NaturalScore': 'a hosted judge (GPT-4o); supply its scores as naturalscore.json',
 }
 
@@ -201,12 +202,14 @@ def total_line(t: Mapping[str, Any]) -> str:
 
 
 WEIGHT_FILES = dict(aesthetic_mlp='aesthetic-model.pth', facesim_model='glint360k_curricular_face_r101_backbone.bin',
-                    face_extractor='face_extractor')  # the benchmark's weight folder (OpenS2V-Weight) holds these
+                    face_extractor='face_extractor',
+                    yoloworld_model='yolo_world_v2_l_image_prompt_adapter-719a7afb.pth')  # in OpenS2V-Weight
 
 
 def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: str = '', domain: str = '',
                     weights: str = '', aesthetic_clip: str = '', aesthetic_mlp: str = '', facesim_model: str = '',
                     face_extractor: str = '', gme_model: str = '', gme_dtype: str = 'bfloat16',
+                    yoloworld_model: str = '', yoloworld_clip: str = '',
                     aesthetic_scorer: Callable[[np.ndarray], float] | None = None,
                     show_progress: bool = True, read_video: Callable[[str], np.ndarray] | None = None,
                     read_image: Callable[[str], np.ndarray] | None = None) -> dict[str, Any]:
@@ -220,6 +223,7 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
     aesthetic_mlp = aesthetic_mlp or storage.join(weights, WEIGHT_FILES['aesthetic_mlp'])
     facesim_model = facesim_model or storage.join(weights, WEIGHT_FILES['facesim_model'])
     face_extractor = face_extractor or storage.join(weights, WEIGHT_FILES['face_extractor'])
+    yoloworld_model = yoloworld_model or storage.join(weights, WEIGHT_FILES['yoloworld_model'])
   from kaleido_jax import batch  # lazy: batch imports media and tqdm
   data = storage.read_json(benchmark)
   if not batch.is_benchmark(data):
@@ -230,7 +234,7 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
   read_video = read_video or _read_video
   read_image = read_image or _read_image
   problems: dict[str, str] = {}
-  amplitude, identity, aes, cur, gme_scores = {}, {}, {}, {}, {}
+  amplitude, identity, aes, cur, gme_scores, nexus_scores = {}, {}, {}, {}, {}, {}
   seconds: dict[str, float] = {}
 
   def timed(name, fn, *args):
@@ -252,6 +256,18 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
       gme_scorer = gme.GmeScorer(gme_model, dtype=gme_dtype)
     except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
       problems['GmeScore'] = str(e).splitlines()[0]
+  nexus_scorer = None
+  if yoloworld_clip:  # NexusScore: YOLO-World (its .pth and CLIP ViT-B/32) finds the references, GME compares
+    from kaleido_jax.eval import nexus, yoloworld  # lazy: builds the detector
+    try:
+      if gme_scorer is None:
+        raise ValueError('NexusScore compares crops with GME: give eval.gme_model too')
+      if not storage.exists(yoloworld_model):
+        raise FileNotFoundError(f'NexusScore needs the YOLO-World checkpoint {yoloworld_model!r}, which does not '
+                                'exist (eval.yoloworld_model, or eval.benchmark_weights holding it)')
+      nexus_scorer = nexus.NexusScorer(yoloworld.build(yoloworld_model, yoloworld_clip), gme_scorer)
+    except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
+      problems['NexusScore'] = str(e).splitlines()[0]
   faces = None  # (finder, embedder) of FaceSim-Cur
   if facesim_model or face_extractor:
     try:
@@ -278,6 +294,22 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
       aes[vid] = timed('Aesthetics', scorer, frames)
     if gme_scorer is not None:
       gme_scores[vid] = timed('GmeScore', gme_scorer, frames, str(item.get('prompt', '')))
+    if nexus_scorer is not None:
+      refs = [storage.resolve(root, p) for p in item.get('img_paths') or []]
+      missing = [r for r in refs if not storage.exists(r)]
+      if missing:
+        problems[vid] = f'reference image {missing[0]} does not exist'
+        return
+      try:
+        got = timed('NexusScore', nexus_scorer, vid, frames, [read_image(r) for r in refs],
+                    list(item.get('class_label') or []))
+      except nexus.BoxWithoutArea as e:
+        got, problems[vid] = None, f'NexusScore: {e}'
+      if got is not None:
+        nexus_scores[vid] = got
+      elif vid not in problems:
+        problems[vid] = ('NexusScore: no reference found in any frame (the benchmark\'s script fails on such a video '
+                         'and leaves the id out of nexusscore.json; so do we)')
     if category(vid) in FACE_CATEGORIES and item.get('img_paths'):
       ref = storage.resolve(root, item['img_paths'][0])
       if not storage.exists(ref):
@@ -302,7 +334,8 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
     progress.close()
   storage.path(output_dir).mkdir(parents=True, exist_ok=True)
   write_metric_files(output_dir, {'MotionAmplitude': amplitude, **({'Aesthetics': aes} if aes else {}),
-                                  **({'GmeScore': gme_scores} if gme_scores else {})})
+                                  **({'GmeScore': gme_scores} if gme_scores else {}),
+                                  **({'NexusScore': nexus_scores} if nexus_scores else {})})
   storage.write_bytes(storage.join(output_dir, 'facesim_dlib.json'), json.dumps(
       {k: {'dlib_score': v} for k, v in sorted(identity.items()) if v is not None}, indent=4).encode())
   if cur:  # the benchmark's file when its finder made them, else a file of our own name outside the Total
@@ -312,7 +345,7 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
   scores = read_metric_files(output_dir)  # ours plus any the benchmark's own scripts wrote there
   t = total(scores, domain)
   counts = {'decode': len(amplitude), 'MotionAmplitude': len(amplitude), 'Aesthetics': len(aes),
-            'GmeScore': len(gme_scores), 'facesim_dlib': len(identity), cur_name: len(cur)}
+            'GmeScore': len(gme_scores), 'NexusScore': len(nexus_scores), 'facesim_dlib': len(identity), cur_name: len(cur)}
   dlib_cur = {k: v['cur_score'] for k, v in cur.items()} if cur_name != 'FaceSim-Cur' else {}
   report = dict(total=t, problems=problems, videos=len(amplitude), facesim_dlib=identity,
                 facesim_cur_dlib=dlib_cur, per_category=per_category(scores, identity, dlib_cur),

@@ -237,7 +237,9 @@ class PersonGrounder:
     step = max(1, self.detect_every)
     detect_at = sorted(set(range(0, f, step)) | {f - 1})
     tracks: list[list[tuple[int, np.ndarray, np.ndarray | None, float]]] = []
-    for t in detect_at:
+    for i, t in enumerate(detect_at):
+      if not tracks and len(detect_at) - i < self.min_presence * len(detect_at):
+        break  # no one yet, and a track begun now could not reach min_presence: the rest would be discarded
       dets = self.people(frames[t])
       live = [k for k, tr in enumerate(tracks) if t - tr[-1][0] <= 2 * step]  # two missed detections survive
       used = set()

@@ -1,6 +1,7 @@
 """OpenS2V-Eval's NexusScore: is each reference subject in the video, and is it the same subject?
 
-As the benchmark's `eval/get_nexusscore.py` computes it (PKU-YuanGroup/OpenS2V-Nexus b452831):
+As the benchmark's `eval/get_nexusscore.py` computes it (PKU-YuanGroup/OpenS2V-Nexus b452831; v1.1, 8cb7427,
+changed only its bookkeeping):
 - 32 frames at `np.linspace(0, n - 1, 32, dtype=int)`;
 - the id's references are `zip(img_paths, class_label)`; in an id whose name holds "face" a reference labelled
   "Man" or "Woman" is skipped, in one whose name holds "human" such a label becomes "human";

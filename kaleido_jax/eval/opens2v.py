@@ -1,17 +1,23 @@
 """OpenS2V-Eval on a folder of `<id>.mp4` (ours or any model's): its metrics as the benchmark computes them, its
 per-metric files, its Total.
 
-Facts from the benchmark's public eval code (PKU-YuanGroup/OpenS2V-Nexus `eval/`):
-- MotionAmplitude (`get_motionscore.py`, `motion_fb`): every frame of the video as decoded (RGB), made grey with
+Facts from the benchmark's public eval code, OpenS2V-Eval v1.1 (PKU-YuanGroup/OpenS2V-Nexus `eval/`, commit 8cb7427
+"update opens2v-eval-v1.1", 2025-08-05, the version behind the v1.1 leaderboard):
+- MotionAmplitude (`get_motion_amplitude.py`, `motion_fb`): every frame of the video as decoded (RGB), made grey with
   `COLOR_BGR2GRAY` (the benchmark's quirk: RGB frames through the BGR conversion), Farneback flow between
   consecutive frames (pyr_scale 0.5, levels 3, winsize 15, iterations 3, poly_n 5, poly_sigma 1.2), each 2-channel
   map resized to 16 px wide (height in proportion, INTER_AREA), the maps averaged over time, the mean of the result
-  (both channels, signed), its absolute value. Written to `motionscore.json` as {id: {"motion_fb": x}}.
-- Total: each metric averaged over the videos, clipped to its range and scaled to [0, 1] (Aesthetics [4, 7],
-  NaturalScore [1, 5], NexusScore [0, 0.05], the rest [0, 1]), weighted: Open / Single domain 0.16 Aesthetics,
-  0.06 MotionSmoothness, 0.02 MotionAmplitude, 0.20 FaceSim-Cur, 0.12 GmeScore, 0.20 NexusScore, 0.24
-  NaturalScore; Human domain 0.18 / 0.09 / 0.03 / 0.25 / 0.15 / 0.30 (no NexusScore). FaceSim-Cur averages over the
-  ids of the face categories only (singlehuman, singleface, faceobj, humanobj).
+  (both channels, signed), its absolute value. Written to `motion_amplitude.json` as {id: {"motion_fb": x}} (v1.0
+  wrote `motionscore.json`, which is still read).
+- Total (`merge_result.py`): each video's value bounded first — Aesthetics to [4, 7], NaturalScore (the mean of the
+  judge's runs) to [1, 5], MotionAmplitude and MotionSmoothness as min(|x|, 1), FaceSim-Cur and GmeScore as
+  min(x, 1), NexusScore as min(x, 0.05) with the videos scoring exactly 0 left out — then averaged over the videos,
+  then scaled as (mean - low) / (high - low) (Aesthetics [4, 7], NaturalScore [1, 5], NexusScore [0, 0.05], the
+  rest [0, 1]) and weighted: Open / Single domain 0.16 Aesthetics, 0.06 MotionSmoothness, 0.02 MotionAmplitude,
+  0.20 FaceSim-Cur, 0.12 GmeScore, 0.20 NexusScore, 0.24 NaturalScore; Human domain 0.18 / 0.09 / 0.03 / 0.25 /
+  0.15 / 0.30 (no NexusScore). FaceSim-Cur's file holds the face categories' ids only (singlehuman, singleface,
+  faceobj, humanobj). The merge reads NexusScore as `nexus_score` (its demo file's key), while `get_nexusscore.py`
+  writes `retrieval_score`: we write `nexus_score` and read either.
 
 Metrics that need a model folder the user does not have are absent, and then the Total is over the metrics
 present, renormalised, and named partial: never the benchmark's Total. `facesim_dlib` (dlib's 128-D face
@@ -46,20 +52,23 @@ class Metric:
   low: float       # Total's normalisation range
   high: float
   faces_only: bool = False
+  bound: Callable[[float], float | None] = lambda x: min(x, 1.0)  # merge_result.py's per-video bound (None: out)
+  older: tuple[tuple[str, str], ...] = ()  # (file, key) other versions write, read when `file` is absent
 
 
 METRICS = {m.name: m for m in (
-    Metric('Aesthetics', 'aesthetic_score.json', 'aes_score', 4.0, 7.0),
-    # The benchmark's public eval code (OpenS2V-Nexus b452831) ships no MotionSmoothness script: this file name is
-    # ours; every other name and key is the one its scripts and demo outputs use.
-    Metric('MotionSmoothness', 'motion_smoothness.json', 'motion_smoothness', 0.0, 1.0),
-    Metric('MotionAmplitude', 'motionscore.json', 'motion_fb', 0.0, 1.0),
+    Metric('Aesthetics', 'aesthetic_score.json', 'aes_score', 4.0, 7.0, bound=lambda x: min(max(x, 4.0), 7.0)),
+    Metric('MotionSmoothness', 'motion_smoothness.json', 'motion_smoothness', 0.0, 1.0,
+           bound=lambda x: min(abs(x), 1.0)),
+    Metric('MotionAmplitude', 'motion_amplitude.json', 'motion_fb', 0.0, 1.0, bound=lambda x: min(abs(x), 1.0),
+           older=(('motionscore.json', 'motion_fb'),)),
     Metric('FaceSim-Cur', 'facesim.json', 'cur_score', 0.0, 1.0, faces_only=True),
     Metric('GmeScore', 'gmescore.json', 'gme_score', 0.0, 1.0),
-    Metric('NexusScore', 'nexusscore.json', 'retrieval_score', 0.0, 0.05),
+    Metric('NexusScore', 'nexusscore.json', 'nexus_score', 0.0, 0.05, bound=lambda x: min(x, 0.05) if x != 0 else None,
+           older=(('nexusscore.json', 'retrieval_score'),)),
     # The judge's runs: naturalscore_1.json .. naturalscore_3.json (or one naturalscore.json), {id: "4"} each;
     # an id's score is the mean over the runs.
-    Metric('NaturalScore', 'naturalscore.json', '', 1.0, 5.0),
+    Metric('NaturalScore', 'naturalscore.json', '', 1.0, 5.0, bound=lambda x: min(max(x, 1.0), 5.0)),
 )}
 WEIGHTS = {
     'open': {'Aesthetics': 0.16, 'MotionSmoothness': 0.06, 'MotionAmplitude': 0.02, 'FaceSim-Cur': 0.20,
@@ -163,15 +172,20 @@ def read_metric_files(output_dir: str) -> dict[str, dict[str, float]]:
       if ids:
         out[name] = {k: float(np.mean([float(r[k]) for r in per_run if k in r])) for k in ids}
       continue
-    path = storage.join(output_dir, m.file)
-    if storage.exists(path):
-      out[name] = {k: float(v[m.key]) for k, v in storage.read_json(path).items()}
+    for file, key in ((m.file, m.key),) + m.older:
+      path = storage.join(output_dir, file)
+      if storage.exists(path):
+        got = {k: float(v[key]) for k, v in storage.read_json(path).items() if key in v}
+        if got:
+          out[name] = got
+          break
   return out
 
 
 def total(scores: Mapping[str, Mapping[str, float]], domain: str = 'open') -> dict[str, Any]:
-  """The benchmark's Total from {metric: {id: value}}: {'total', 'partial', 'metrics' (normalised means),
-  'absent'}. With a metric absent the Total is over those present, weights renormalised, and `partial` is True."""
+  """The benchmark's Total from {metric: {id: value}} as merge_result.py makes it (module docstring): {'total',
+  'partial', 'metrics' (bounded means, normalised), 'absent'}. With a metric absent the Total is over those present,
+  weights renormalised, and `partial` is True."""
   if domain not in WEIGHTS:
     raise ValueError(f'domain {domain!r}; one of {sorted(WEIGHTS)}')
   weights = WEIGHTS[domain]
@@ -180,12 +194,13 @@ def total(scores: Mapping[str, Mapping[str, float]], domain: str = 'open') -> di
     per_id = dict(scores.get(name) or {})
     if METRICS[name].faces_only:
       per_id = {k: v for k, v in per_id.items() if category(k) in FACE_CATEGORIES}
-    if not per_id:
+    m = METRICS[name]
+    bounded = [b for b in (m.bound(float(v)) for v in per_id.values()) if b is not None]
+    if not bounded:
       absent.append(name)
       continue
-    m = METRICS[name]
-    mean = float(np.mean(list(per_id.values())))
-    means[name] = dict(mean=mean, normalised=float((np.clip(mean, m.low, m.high) - m.low) / (m.high - m.low)))
+    mean = float(np.mean(bounded))
+    means[name] = dict(mean=mean, normalised=(mean - m.low) / (m.high - m.low))
   present = sum(weights[n] for n in means)
   value = sum(weights[n] * means[n]['normalised'] for n in means) / present if present else float('nan')
   return dict(total=value, partial=bool(absent), metrics=means, absent=absent, domain=domain)
@@ -345,7 +360,8 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
   scores = read_metric_files(output_dir)  # ours plus any the benchmark's own scripts wrote there
   t = total(scores, domain)
   counts = {'decode': len(amplitude), 'MotionAmplitude': len(amplitude), 'Aesthetics': len(aes),
-            'GmeScore': len(gme_scores), 'NexusScore': len(nexus_scores), 'facesim_dlib': len(identity), cur_name: len(cur)}
+            'GmeScore': len(gme_scores), 'NexusScore': len(nexus_scores), 'facesim_dlib': len(identity),
+            cur_name: len(cur)}
   dlib_cur = {k: v['cur_score'] for k, v in cur.items()} if cur_name != 'FaceSim-Cur' else {}
   report = dict(total=t, problems=problems, videos=len(amplitude), facesim_dlib=identity,
                 facesim_cur_dlib=dlib_cur, per_category=per_category(scores, identity, dlib_cur),

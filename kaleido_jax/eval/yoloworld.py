@@ -3,7 +3,7 @@ loaded from the benchmark's `yolo_world_v2_l_image_prompt_adapter-719a7afb.pth` 
 
 Facts from the benchmark's `eval/get_nexusscore.py`, its config
 `utils/yoloworld/configs/yolo_world_v2_l_vlpan_bn_2e-4_80e_8gpus_image_prompt_demo.py` and the mmyolo / YOLO-World
-code it vendors (PKU-YuanGroup/OpenS2V-Nexus b452831):
+code it vendors (PKU-YuanGroup/OpenS2V-Nexus b452831; v1.1, 8cb7427, changed only its bookkeeping):
 - the network: mmyolo's YOLOv8-L (`YOLOv8CSPDarknet` P5, deepen 1.0, widen 1.0, last stage 512 channels; every
   ConvModule a bias-free conv, BatchNorm eps 1e-3, SiLU), YOLO-World's `YOLOWorldPAFPN` whose CSP layers end in a
   max-sigmoid attention to the prompt (`MaxSigmoidCSPLayerWithTwoConv`; embed channels (128, 256, 256), heads

@@ -174,5 +174,6 @@ def test_eval_mode_scores_facesim_cur_with_dlib_alignment_apart_from_the_total(t
   config.eval.update(facesim_model='', benchmark_weights=str(weights), output_dir=str(tmp_path / 'out2'))
   report = cli_main.run_mode('eval', config, str(tmp_path / 'w'))
   assert 'face_extractor' in report['problems']['FaceSim-Cur'] and report['videos'] == 1
-  assert 'CLIP ViT-L/14 directory' in report['problems']['Aesthetics']  # the MLP from the folder, the CLIP tower not given
+  # the MLP from the folder, the CLIP tower not given
+  assert 'CLIP ViT-L/14 directory' in report['problems']['Aesthetics']
   assert 'MotionAmplitude' in report['total']['metrics']

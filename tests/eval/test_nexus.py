@@ -155,7 +155,7 @@ def test_eval_mode_writes_nexusscore_json(tmp_path):
                                    gme_model=str(tmp_path / 'gme'), gme_dtype='float32',
                                    yoloworld_clip=str(tmp_path / 'clip'), show_progress=False)
   got = json.loads((tmp_path / 'out' / 'nexusscore.json').read_text())
-  assert set(got) == {'singleobj_1'} and 0.0 <= got['singleobj_1']['retrieval_score'] <= 1.0
+  assert set(got) == {'singleobj_1'} and 0.0 <= got['singleobj_1']['nexus_score'] <= 1.0
   assert 'NexusScore' in report['total']['metrics'] and 'NexusScore' in report['seconds_per_video']
   assert 'dog.png does not exist' in report['problems']['singleobj_2']  # one line; the other id went on
   # Without the checkpoint: one line naming it, the other metrics go on.

@@ -70,29 +70,45 @@ def test_the_offline_identity_measure_prefers_the_person_himself():
 
 
 def _merge(files_dir, domain):
-  """The Total as the benchmark's merge rule states it, from the per-metric files alone (written apart from ours)."""
-  ranges = {'aesthetic_score.json': ('aes_score', 4, 7), 'motion_smoothness.json': ('motion_smoothness', 0, 1),
-            'motionscore.json': ('motion_fb', 0, 1), 'facesim.json': ('cur_score', 0, 1),
-            'gmescore.json': ('gme_score', 0, 1), 'nexusscore.json': ('retrieval_score', 0, 0.05),
-            'naturalscore_*.json': (None, 1, 5)}
-  weights = {'open': [0.16, 0.06, 0.02, 0.20, 0.12, 0.20, 0.24], 'human': [0.18, 0.09, 0.03, 0.25, 0.15, 0, 0.30]}
-  total = 0.0
-  for (file, (key, lo, hi)), w in zip(ranges.items(), weights[domain]):
-    if not w:
-      continue
-    if key is None:  # the judge's three runs, {id: "4"} each, averaged per id
-      runs = [json.load(open(os.path.join(files_dir, f'naturalscore_{r}.json'))) for r in (1, 2, 3)]
-      mean = np.mean([np.mean([float(r[k]) for r in runs]) for k in runs[0]])
-      total += w * (min(max(mean, lo), hi) - lo) / (hi - lo)
-      continue
-    with open(os.path.join(files_dir, file)) as f:
-      per_id = json.load(f)
-    if file == 'facesim.json':
-      per_id = {k: v for k, v in per_id.items() if k.rsplit('_', 1)[0] in
-                ('singlehuman', 'singleface', 'faceobj', 'humanobj')}
-    mean = np.mean([v[key] for v in per_id.values()])
-    total += w * (min(max(mean, lo), hi) - lo) / (hi - lo)
-  return total
+  """The Total from the per-metric files alone, as OpenS2V-Eval v1.1's merge_result.py computes it (transcribed:
+  every file merged per id, each value bounded per video, zero NexusScores left out, averaged, scaled, weighted)."""
+  merged = {}
+  for name in os.listdir(files_dir):
+    if name.endswith('.json'):
+      for vid, v in json.load(open(os.path.join(files_dir, name))).items():
+        merged.setdefault(vid, {})[name[:-len('.json')]] = v
+  for scores in merged.values():
+    if 'aesthetic_score' in scores:
+      scores['aes_score'] = scores.pop('aesthetic_score')['aes_score']
+    if 'motion_amplitude' in scores:
+      scores['motion_amplitude'] = scores['motion_amplitude']['motion_fb']
+    if 'motion_smoothness' in scores:
+      scores['motion_smoothness'] = scores['motion_smoothness']['motion_smoothness']
+    if 'facesim' in scores:
+      scores['facesim_cur'] = scores.pop('facesim')['cur_score']
+    if 'gmescore' in scores:
+      scores['gme_score'] = scores.pop('gmescore')['gme_score']
+    if 'nexusscore' in scores:
+      scores['nexus_score'] = scores.pop('nexusscore')['nexus_score']
+    natural = [float(scores.pop(k)) for k in ('naturalscore_1', 'naturalscore_2', 'naturalscore_3') if k in scores]
+    if natural:
+      scores['natural_score'] = sum(natural) / len(natural)
+  bounds = {'aes_score': lambda x: max(min(x, 7), 4), 'motion_amplitude': lambda x: min(abs(x), 1),
+            'motion_smoothness': lambda x: min(abs(x), 1), 'facesim_cur': lambda x: min(x, 1),
+            'gme_score': lambda x: min(x, 1), 'nexus_score': lambda x: min(x, 0.05),
+            'natural_score': lambda x: max(min(x, 5), 1)}
+  ranges = {'aes_score': (4, 7), 'nexus_score': (0, 0.05), 'natural_score': (1, 5)}
+  norm = {}
+  for key, bound in bounds.items():
+    vals = [bound(v[key]) for v in merged.values() if key in v and not (key == 'nexus_score' and v[key] == 0)]
+    lo, hi = ranges.get(key, (0, 1))
+    norm[key] = ((sum(vals) / len(vals) if vals else 0) - lo) / (hi - lo)
+  if domain != 'human':
+    return (0.16 * norm['aes_score'] + 0.06 * norm['motion_smoothness'] + 0.02 * norm['motion_amplitude'] +
+            0.20 * norm['facesim_cur'] + 0.12 * norm['gme_score'] + 0.20 * norm['nexus_score'] +
+            0.24 * norm['natural_score'])
+  return (0.18 * norm['aes_score'] + 0.09 * norm['motion_smoothness'] + 0.03 * norm['motion_amplitude'] +
+          0.25 * norm['facesim_cur'] + 0.15 * norm['gme_score'] + 0.30 * norm['natural_score'])
 
 
 def test_metric_files_merge_to_our_total_and_a_missing_metric_is_a_partial_total(tmp_path):
@@ -101,9 +117,11 @@ def test_metric_files_merge_to_our_total_and_a_missing_metric_is_a_partial_total
   scores = {'Aesthetics': {k: rng.uniform(3.5, 7.5) for k in ids},
             'MotionSmoothness': {k: rng.uniform(0.8, 1.0) for k in ids},
             'MotionAmplitude': {k: rng.uniform(0, 0.5) for k in ids},
-            'FaceSim-Cur': {k: rng.uniform(0, 0.8) for k in ids},  # non-face ids must not count
+            # get_facesim.py writes the face categories' ids only
+            'FaceSim-Cur': {k: rng.uniform(0, 0.8) for k in ids if opens2v.category(k) in opens2v.FACE_CATEGORIES},
             'GmeScore': {k: rng.uniform(0.5, 0.8) for k in ids},
-            'NexusScore': {k: rng.uniform(0, 0.08) for k in ids},
+            # some above the 0.05 bound, some exactly 0 (the merge leaves those out)
+            'NexusScore': {k: (0.0 if i % 5 == 0 else rng.uniform(0, 0.08)) for i, k in enumerate(ids)},
             'NaturalScore': {k: rng.uniform(1, 5) for k in ids}}
   natural = scores.pop('NaturalScore')
   opens2v.write_metric_files(str(tmp_path), scores)
@@ -123,6 +141,13 @@ def test_metric_files_merge_to_our_total_and_a_missing_metric_is_a_partial_total
   w = opens2v.WEIGHTS['open']
   assert abs(t['total'] - sum(w[n] * v for n, v in full.items()) / (1 - w['NaturalScore'])) < 1e-12
   assert 'partial Total' in opens2v.total_line(t) and "not the benchmark's Total" in opens2v.total_line(t)
+  # Files of the other versions: v1.0's motionscore.json, get_nexusscore.py's own key.
+  old = tmp_path / 'v1.0'
+  old.mkdir()
+  (old / 'motionscore.json').write_text(json.dumps({'singleobj_1': {'motion_fb': 0.25}}))
+  (old / 'nexusscore.json').write_text(json.dumps({'singleobj_1': {'retrieval_score': 0.01}}))
+  assert opens2v.read_metric_files(str(old)) == {'MotionAmplitude': {'singleobj_1': 0.25},
+                                                  'NexusScore': {'singleobj_1': 0.01}}
 
 
 def test_eval_mode_scores_a_folder_of_id_videos_and_names_what_is_missing(tmp_path):
@@ -149,7 +174,7 @@ def test_eval_mode_scores_a_folder_of_id_videos_and_names_what_is_missing(tmp_pa
   report = cli_main.run_mode('eval', config, str(tmp_path / 'w'))
   assert report['videos'] == 2 and set(report['problems']) == {'multiobject_1', 'singlehuman_1', 'multihuman_1'}
   assert all(p.startswith('no video') for p in report['problems'].values())
-  motion = json.load(open(tmp_path / 'out' / 'motionscore.json'))
+  motion = json.load(open(tmp_path / 'out' / 'motion_amplitude.json'))
   assert set(motion) == {'singleface_1', 'singleobj_1'} and all('motion_fb' in v for v in motion.values())
   assert json.load(open(tmp_path / 'out' / 'facesim_dlib.json'))['singleface_1']['dlib_score'] > 0.9
   t = report['total']

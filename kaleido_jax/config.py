@@ -440,6 +440,9 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
                                 # benchmark_weights); with gme_model
       yoloworld_clip='',        # NexusScore: the CLIP ViT-B/32 directory its image prompts go through
                                 # (openai/clip-vit-base-patch32); NexusScore runs when this is given
+      qalign_model='',          # MotionSmoothness: the Q-Align q-future/one-align directory (config.json, shards,
+                                # tokenizer.model, preprocessor_config.json)
+      qalign_dtype='bfloat16',  # MotionSmoothness: the network's weights (the benchmark runs float16)
       scorers=('lpips', 'histogram'),
       save_videos=4,            # write this many GIF strips of generated vs target
   ))

@@ -28,7 +28,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                        aesthetic_clip=e.aesthetic_clip, aesthetic_mlp=e.aesthetic_mlp,
                                        facesim_model=e.facesim_model, face_extractor=e.face_extractor,
                                        gme_model=e.gme_model, gme_dtype=e.gme_dtype,
-                                       yoloworld_model=e.yoloworld_model, yoloworld_clip=e.yoloworld_clip)
+                                       yoloworld_model=e.yoloworld_model, yoloworld_clip=e.yoloworld_clip,
+                                       qalign_model=e.qalign_model, qalign_dtype=e.qalign_dtype)
     except ValueError as err:
       raise pipe_lib.UserInputError(str(err)) from err
     print(opens2v.total_line(report['total']))

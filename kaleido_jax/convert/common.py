@@ -42,8 +42,9 @@ class CheckpointReader:
   """Lazy access to the tensors of a PyTorch-side checkpoint.
 
   Accepts a single ``*.safetensors`` file, a directory holding a ``*.safetensors.index.json``
-  (sharded diffusers / transformers layout), a directory of ``*.safetensors`` shards, or a
-  ``*.pth`` / ``*.pt`` file (original Wan release; read with torch, which is then required).
+  (sharded diffusers / transformers layout), a directory of ``*.safetensors`` shards, a directory of
+  transformers' ``pytorch_model*.bin`` shards (with or without their index), or a ``*.pth`` / ``*.pt`` file
+  (original Wan release; read with torch, which is then required, as for the ``.bin`` shards).
   Tensors are read one at a time, on demand, as float32/bfloat16 numpy arrays.
   """
 
@@ -57,7 +58,14 @@ class CheckpointReader:
     path = storage.fetched(path)  # safetensors / torch read local files: a bucket's are downloaded first
     self._where: dict[str, str] = {}     # tensor name -> file
     self._torch_state: dict[str, Any] | None = None
-    if os.path.isdir(path):
+    if os.path.isdir(path) and self._pickles_in_dir(path):  # transformers' PyTorch shards, no safetensors
+      files, self._torch_state = [], {}
+      for f in self._pickles_in_dir(path):
+        for k, v in _torch_load(f).items():
+          if k in self._torch_state:
+            raise ConversionError(f"tensor {k!r} appears in two shards: {self._where[k]} and {f}")
+          self._torch_state[k], self._where[k] = v, f
+    elif os.path.isdir(path):
       files = self._shards_in_dir(path)
     elif path.endswith((".pth", ".pt", ".bin")):
       files = []
@@ -87,6 +95,17 @@ class CheckpointReader:
     if not files:
       raise FileNotFoundError(f"no .safetensors files (and no index json) in {path!r}")
     return files
+
+  @staticmethod
+  def _pickles_in_dir(path: str) -> list[str]:
+    """`pytorch_model*.bin` shards (their index's, or all of them) of a directory without safetensors."""
+    names = os.listdir(path)
+    if any(f.endswith(".safetensors") for f in names):
+      return []
+    if "pytorch_model.bin.index.json" in names:
+      with open(os.path.join(path, "pytorch_model.bin.index.json")) as fh:
+        return sorted({os.path.join(path, f) for f in json.load(fh)["weight_map"].values()})
+    return sorted(os.path.join(path, f) for f in names if f.startswith("pytorch_model") and f.endswith(".bin"))
 
   def keys(self) -> list[str]:
     return sorted(self._where)

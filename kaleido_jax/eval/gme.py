@@ -162,7 +162,7 @@ def _rotate_half(x: jax.Array) -> jax.Array:
   return jnp.concatenate([-b, a], axis=-1)
 
 
-def _rope(x: jax.Array, angles: jax.Array) -> jax.Array:
+def rotate(x: jax.Array, angles: jax.Array) -> jax.Array:
   """x (..., N, heads, d) rotated by angles (N, d / 2) or (B, N, d / 2) (each angle on dims i and i + d / 2)."""
   emb = jnp.concatenate([angles, angles], axis=-1)[..., None, :]
   cos, sin = jnp.cos(emb), jnp.sin(emb)
@@ -184,7 +184,7 @@ class VisionBlock(nnx.Module):
     b, n, d = x.shape
     q, k, v = jnp.split(self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads), 3, axis=2)
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-    att = jax.nn.dot_product_attention(_rope(q, angles), _rope(k, angles), v, key_value_seq_lengths=lengths)
+    att = jax.nn.dot_product_attention(rotate(q, angles), rotate(k, angles), v, key_value_seq_lengths=lengths)
     x = x + self.proj(att.reshape(b, n, d))
     h = self.fc1(self.norm2(x))
     return x + self.fc2(h * jax.nn.sigmoid(1.702 * h))  # quick_gelu
@@ -253,7 +253,7 @@ class DecoderLayer(nnx.Module):
     h = self.norm1(x)
     q = self.q(h).reshape(b, n, self.heads, -1)
     k, v = self.k(h).reshape(b, n, self.kv_heads, -1), self.v(h).reshape(b, n, self.kv_heads, -1)
-    x = x + self.o(jax.nn.dot_product_attention(_rope(q, angles), _rope(k, angles), v,  # grouped-query
+    x = x + self.o(jax.nn.dot_product_attention(rotate(q, angles), rotate(k, angles), v,  # grouped-query
                                                  is_causal=True).reshape(b, n, -1))
     h = self.norm2(x)
     return x + self.down(jax.nn.silu(self.gate(h)) * self.up(h))

@@ -80,7 +80,7 @@ WEIGHTS['single'] = WEIGHTS['open']
 # What each absent metric needs (reported beside the Total).
 NEEDS = {
     'Aesthetics': 'CLIP ViT-L/14 and the LAION aesthetic MLP (aesthetic-model.pth)',
-    'MotionSmoothness': 'Q-Align (one-align) from a local directory',
+    'MotionSmoothness': 'Q-Align (q-future/one-align) from a local directory (eval.qalign_model)',
     'FaceSim-Cur': "insightface's face_extractor/ and glint360k_curricular_face_r101_backbone.bin",
     'GmeScore': 'GME-Qwen2-VL-7B from a local directory (eval.gme_model)',
     'NexusScore': ('YOLO-World (yolo_world_v2_l_image_prompt_adapter-719a7afb.pth, eval.yoloworld_model), CLIP '
@@ -224,7 +224,8 @@ WEIGHT_FILES = dict(aesthetic_mlp='aesthetic-model.pth', facesim_model='glint360
 def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: str = '', domain: str = '',
                     weights: str = '', aesthetic_clip: str = '', aesthetic_mlp: str = '', facesim_model: str = '',
                     face_extractor: str = '', gme_model: str = '', gme_dtype: str = 'bfloat16',
-                    yoloworld_model: str = '', yoloworld_clip: str = '',
+                    yoloworld_model: str = '', yoloworld_clip: str = '', qalign_model: str = '',
+                    qalign_dtype: str = 'bfloat16',
                     aesthetic_scorer: Callable[[np.ndarray], float] | None = None,
                     show_progress: bool = True, read_video: Callable[[str], np.ndarray] | None = None,
                     read_image: Callable[[str], np.ndarray] | None = None) -> dict[str, Any]:
@@ -249,7 +250,7 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
   read_video = read_video or _read_video
   read_image = read_image or _read_image
   problems: dict[str, str] = {}
-  amplitude, identity, aes, cur, gme_scores, nexus_scores = {}, {}, {}, {}, {}, {}
+  amplitude, identity, aes, cur, gme_scores, nexus_scores, smooth = {}, {}, {}, {}, {}, {}, {}
   seconds: dict[str, float] = {}
 
   def timed(name, fn, *args):
@@ -271,6 +272,13 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
       gme_scorer = gme.GmeScorer(gme_model, dtype=gme_dtype)
     except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
       problems['GmeScore'] = str(e).splitlines()[0]
+  smooth_scorer = None
+  if qalign_model:  # MotionSmoothness: Q-Align's rating of every 3-frame window
+    from kaleido_jax.eval import qalign  # lazy: builds a 7B network
+    try:
+      smooth_scorer = qalign.MotionSmoothnessScorer(qalign_model, dtype=qalign_dtype)
+    except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
+      problems['MotionSmoothness'] = str(e).splitlines()[0]
   nexus_scorer = None
   if yoloworld_clip:  # NexusScore: YOLO-World (its .pth and CLIP ViT-B/32) finds the references, GME compares
     from kaleido_jax.eval import nexus, yoloworld  # lazy: builds the detector
@@ -305,6 +313,8 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
     _write_strip(storage.join(output_dir, 'strips', f'{vid}.png'), frames,
                  [storage.resolve(root, p) for p in item.get('img_paths') or []], read_image)
     amplitude[vid] = timed('MotionAmplitude', motion_amplitude, frames)
+    if smooth_scorer is not None:
+      smooth[vid] = timed('MotionSmoothness', smooth_scorer, frames)
     if scorer is not None:
       aes[vid] = timed('Aesthetics', scorer, frames)
     if gme_scorer is not None:
@@ -350,7 +360,8 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
   storage.path(output_dir).mkdir(parents=True, exist_ok=True)
   write_metric_files(output_dir, {'MotionAmplitude': amplitude, **({'Aesthetics': aes} if aes else {}),
                                   **({'GmeScore': gme_scores} if gme_scores else {}),
-                                  **({'NexusScore': nexus_scores} if nexus_scores else {})})
+                                  **({'NexusScore': nexus_scores} if nexus_scores else {}),
+                                  **({'MotionSmoothness': smooth} if smooth else {})})
   storage.write_bytes(storage.join(output_dir, 'facesim_dlib.json'), json.dumps(
       {k: {'dlib_score': v} for k, v in sorted(identity.items()) if v is not None}, indent=4).encode())
   if cur:  # the benchmark's file when its finder made them, else a file of our own name outside the Total
@@ -360,7 +371,8 @@ def evaluate_folder(benchmark: str, videos_dir: str, output_dir: str, *, root: s
   scores = read_metric_files(output_dir)  # ours plus any the benchmark's own scripts wrote there
   t = total(scores, domain)
   counts = {'decode': len(amplitude), 'MotionAmplitude': len(amplitude), 'Aesthetics': len(aes),
-            'GmeScore': len(gme_scores), 'NexusScore': len(nexus_scores), 'facesim_dlib': len(identity),
+            'GmeScore': len(gme_scores), 'NexusScore': len(nexus_scores), 'MotionSmoothness': len(smooth),
+            'facesim_dlib': len(identity),
             cur_name: len(cur)}
   dlib_cur = {k: v['cur_score'] for k, v in cur.items()} if cur_name != 'FaceSim-Cur' else {}
   report = dict(total=t, problems=problems, videos=len(amplitude), facesim_dlib=identity,

@@ -65,6 +65,22 @@ def test_a_person_on_real_footage_is_grounded_as_a_person_with_a_face(carphone_t
   assert man.embedding is not None and man.embedding.shape == (128,)
 
 
+def test_the_people_grounder_stops_searching_when_no_track_could_still_count(carphone_tracks):
+  # A person must be found in half the detection frames: past the middle with no one found, the rest is not
+  # searched. The man (carphone) is kept: his track starts on the first frame.
+  frames, tracks = carphone_tracks
+  grounder = grounding_people.PersonGrounder()
+  searched = []
+  people = grounder.people
+  object.__setattr__(grounder, 'people', lambda frame: searched.append(1) or people(frame))
+  empty = np.full((19,) + frames.shape[1:], 90, np.uint8)  # nobody: detection frames 0, 4, 8, 12, 16, 18
+  assert grounder(empty, ['a man']) == [] and len(searched) == 4  # 6 - 4 < 0.5 x 6 after the fourth
+  searched.clear()
+  again = grounder(frames, ['a man in a suit', 'a red bow tie'])
+  assert len(searched) == len(set(range(0, len(frames), 4)) | {len(frames) - 1}) and len(again) == len(tracks)
+  assert np.allclose(np.nan_to_num(again[0].boxes), np.nan_to_num(tracks[0].boxes))
+
+
 def test_the_face_embedding_tells_the_man_from_the_astronaut(carphone_tracks):
   skimage_data = pytest.importorskip('skimage.data')
   frames, tracks = carphone_tracks

@@ -117,6 +117,10 @@ def train_command_string(config: str, workdir: str, extra: list[str] | None = No
       f'mkdir -p {LOGS} && cd {REMOTE_DIR}',
       f'log={LOGS}/train-$(hostname).log',
       f'if {_ALIVE}; then echo "$(hostname): a run is going on (pid $pid); see launch/tpu.py status" >&2; exit 1; fi',
+      ': >> "$log"',  # the log exists when this returns (the run's own redirection happens in the child)
+      # The hangup of the SSH session, which can come the moment this script ends, must not reach the child before
+      # setsid has given it a session of its own: an ignored signal stays ignored across fork and exec.
+      "trap '' HUP",
       # setsid: a session of its own, so the SSH session's hangup does not reach it; stdin closed.
       f'{env} setsid nohup {run} >> "$log" 2>&1 < /dev/null &',
       f'echo $! > {LOGS}/train.pid',

@@ -69,7 +69,7 @@ def test_the_network_matches_its_pytorch_definition_on_real_photos(small):
     want_p = model_t.prompt(torch.from_numpy(clip)).numpy()
   prompts = np.asarray(model.prompt(clip))
   assert np.abs(prompts - want_p).max() < 1e-6
-  frames = _frames()
+  frames = _frames()  # two frames x two prompts: the backbone once per frame, its features repeated per prompt
   pixels = np.stack([yw.letterbox(f)[0] for f in frames])
   scores, boxes = model(pixels, np.stack([prompts] * len(frames)))  # the backbone once per frame
   for i, f in enumerate(frames):

@@ -482,7 +482,8 @@ def letterbox(rgb: np.ndarray, size: int = IMAGE_SIZE) -> tuple[np.ndarray, Lett
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
   """Greedy NMS (mmcv / torchvision: areas without the +1 offset, a box dropped when its IoU with a kept one exceeds
-  `iou`) -> kept indices by decreasing score."""
+  `iou`; two boxes of no area have IoU 0 / 0, which exceeds nothing, so both stay) -> kept indices by decreasing
+  score."""
   order = np.argsort(-scores, kind='stable')
   area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
   keep = []
@@ -491,7 +492,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     keep.append(i)
     wh = np.clip(np.minimum(boxes[i, 2:], boxes[rest, 2:]) - np.maximum(boxes[i, :2], boxes[rest, :2]), 0, None)
     inter = wh[:, 0] * wh[:, 1]
-    order = rest[inter / (area[i] + area[rest] - inter) <= iou]
+    with np.errstate(invalid='ignore', divide='ignore'):
+      order = rest[~(inter / (area[i] + area[rest] - inter) > iou)]
   return np.asarray(keep, np.int64)
 
 

@@ -58,6 +58,15 @@ def test_the_kept_boxes_are_predict_by_feats_and_the_scripts(seed):
   assert np.array_equal(got_s, want_s) and np.abs(got_b - want_b).max() < 1e-4
 
 
+def test_boxes_of_no_area_survive_nms_as_in_mmcv_and_torchvision():
+  # Boxes clamped to the frame's edge can have no area: IoU 0 / 0 exceeds no threshold, so NMS keeps both (and the
+  # script then fails on the empty crop, see eval/nexus.py).
+  boxes = np.asarray([[0, 0, 0, 50], [0, 0, 0, 50], [10, 10, 60, 60], [12, 12, 60, 60]], np.float32)
+  assert yw.nms(boxes, np.asarray([0.9, 0.8, 0.7, 0.6], np.float32), 0.7).tolist() == [0, 1, 2]
+  want = ref.nms(torch.from_numpy(boxes), torch.tensor([0.9, 0.8, 0.7, 0.6]), 0.7).tolist()
+  assert want == [0, 1, 2]
+
+
 def test_the_network_matches_its_pytorch_definition_on_real_photos(small):
   model_t, path = small
   model = yw.load(path)  # the variant from the checkpoint's shapes

@@ -350,7 +350,7 @@ def nms(boxes, scores, iou_threshold):
     inter = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
     area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
     iou = inter / (area(boxes[i]) + area(boxes[rest]) - inter)
-    order = rest[iou <= iou_threshold]
+    order = rest[~(iou > iou_threshold)]  # mmcv / torchvision: suppressed when IoU > threshold (NaN never is)
   return torch.tensor(keep, dtype=torch.long)
 
 
